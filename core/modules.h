@@ -1,0 +1,21 @@
+/* core/modules.h — the list of C core modules preloaded as factory.core.<name>.
+ * A new core/<name>.c adds its luaopen_ here and to CORE_MODULES in the Makefile. */
+#ifndef FACTORY_MODULES_H
+#define FACTORY_MODULES_H
+
+#include <lauxlib.h>
+
+int luaopen_factory_core_fiber(lua_State *L);
+int luaopen_factory_core_json(lua_State *L);
+int luaopen_factory_core_time(lua_State *L);
+int luaopen_factory_core_env(lua_State *L);
+
+static const luaL_Reg factory_core_modules[] = {
+    {"factory.core.fiber", luaopen_factory_core_fiber},
+    {"factory.core.json", luaopen_factory_core_json},
+    {"factory.core.time", luaopen_factory_core_time},
+    {"factory.core.env", luaopen_factory_core_env},
+    {NULL, NULL},
+};
+
+#endif

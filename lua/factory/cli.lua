@@ -1,0 +1,195 @@
+-- factory.cli: the command line. Command names, flags and exit codes are a
+-- contract that tests, later commands and users depend on:
+--   factory SCRIPT.lua [ARGS...]   run a script in a fiber (its `...` and `arg` are ARGS)
+--   factory -e CODE [ARGS...]      run CODE the same way
+--   factory repl                   interactive prompt with the engine loaded
+--   factory check [DIR]            validate definition files, print file:line errors
+--   factory version                print the version
+--   factory help | --help | -h     usage; `factory COMMAND --help` for each command
+-- Exit codes: 0 success, 1 the script or check failed, 2 usage error (unknown command
+-- or flag: one line on stderr). A script that returns an integer exits with it.
+local fiber = require "factory.fiber"
+local host = require "factory.core.host"
+
+local M = {}
+
+local USAGE = [[
+usage: factory COMMAND [OPTIONS]
+       factory SCRIPT.lua [ARGS...]
+       factory -e CODE [ARGS...]
+
+commands:
+  repl              interactive Lua prompt with the engine loaded (async calls work)
+  check [DIR]       validate the definition files under DIR (default .)
+  version           print the version
+  help              this text; `factory COMMAND --help` describes a command
+
+A script runs inside a fiber: it can call sleep, spawn processes, make HTTP
+requests and wait for them in straight-line code.
+]]
+
+local HELP = {
+  repl = [[
+usage: factory repl
+
+An interactive Lua prompt with the whole engine loaded. Expressions print their
+values; statements run as typed; an incomplete statement continues on the next
+line. Async calls (sleep(0.1), proc.run{...}, http.get(...)) work at the prompt.
+History is kept in ~/.factory_history. Ctrl-D exits.
+]],
+  check = [[
+usage: factory check [DIR]
+
+Loads and validates every definition file under DIR (default: the current
+directory): teams/*.lua, pipelines/*.lua and factory.lua. Prints one
+"file:line: message" per problem; exits 1 if there is any, 0 otherwise.
+]],
+  version = [[
+usage: factory version
+
+Prints the factory version and the versions of its libraries.
+]],
+}
+
+local function err_line(msg)
+  io.stderr:write("factory: ", msg, "\n")
+end
+
+local function usage_error(msg)
+  err_line(msg .. " (see 'factory --help')")
+  return 2
+end
+
+local function error_text(err)
+  if type(err) == "table" then
+    return tostring(err.code or "error") .. ": " .. tostring(err.message)
+  end
+  return tostring(err)
+end
+
+-- Runs chunk in the main fiber; prints file:line: message and a traceback on error.
+local function run_main(chunk, args)
+  local function exit_code(ok, err, tb, ...)
+    if not ok then
+      io.stderr:write(tb or error_text(err), "\n")
+      return 1
+    end
+    if type(err) == "number" and err == math.floor(err) then return err end
+    return 0
+  end
+  return exit_code(fiber.run(chunk, unpack(args, 1, args.n)))
+end
+
+local function script_args(argv, first)
+  local args = { n = 0 }
+  for i = first, #argv do
+    args.n = args.n + 1
+    args[args.n] = argv[i]
+  end
+  return args
+end
+
+local function set_arg(argv, script_index)
+  local a = {}
+  for i = 0, #argv do a[i - script_index] = argv[i] end
+  rawset(_G, "arg", a)
+end
+
+local function cmd_script(argv)
+  local path = argv[1]
+  local chunk, err = loadfile(path)
+  if not chunk then
+    err_line(err)
+    return 1
+  end
+  set_arg(argv, 1)
+  return run_main(chunk, script_args(argv, 2))
+end
+
+local function cmd_eval(argv)
+  local code = argv[2]
+  if not code then return usage_error("-e needs an argument: factory -e CODE") end
+  local chunk, err = loadstring(code, "=(command line)")
+  if not chunk then
+    err_line(err)
+    return 1
+  end
+  set_arg(argv, 2)
+  return run_main(chunk, script_args(argv, 3))
+end
+
+local function library_versions()
+  local parts = { jit and jit.version or _VERSION }
+  local ok, http = pcall(require, "factory.core.http_client")
+  if ok and http.versions then
+    for _, v in ipairs(http.versions()) do parts[#parts + 1] = v end
+  end
+  return table.concat(parts, ", ")
+end
+
+local function cmd_version()
+  io.stdout:write(("factory %s (%s)\n"):format(host.version, library_versions()))
+  return 0
+end
+
+local function no_extra(name, argv, max)
+  for i = 2, #argv do
+    local a = argv[i]
+    if a:sub(1, 1) == "-" then return usage_error(("unknown flag '%s' for '%s'"):format(a, name)) end
+  end
+  if #argv - 1 > max then return usage_error(("too many arguments for '%s'"):format(name)) end
+end
+
+local function cmd_check(argv)
+  local bad = no_extra("check", argv, 1)
+  if bad then return bad end
+  local defs = require "factory.defs"
+  local problems = defs.check(argv[2] or ".")
+  for _, p in ipairs(problems) do io.stderr:write(p, "\n") end
+  if #problems > 0 then return 1 end
+  io.stdout:write("check: ok\n")
+  return 0
+end
+
+local function cmd_repl(argv)
+  local bad = no_extra("repl", argv, 0)
+  if bad then return bad end
+  local repl = require "factory.repl"
+  return run_main(repl.main, { n = 0 })
+end
+
+local COMMANDS = {
+  version = cmd_version,
+  check = cmd_check,
+  repl = cmd_repl,
+  help = function()
+    io.stdout:write(USAGE)
+    return 0
+  end,
+}
+
+function M.main(argv)
+  local first = argv[1]
+  if first == nil then
+    io.stderr:write(USAGE)
+    return 2
+  end
+  if first == "-h" or first == "--help" then return COMMANDS.help() end
+  if first == "--version" then return cmd_version() end
+  if first == "-e" then return cmd_eval(argv) end
+  if first:sub(1, 1) == "-" then return usage_error(("unknown flag '%s'"):format(first)) end
+  local cmd = COMMANDS[first]
+  if cmd then
+    for i = 2, #argv do
+      if argv[i] == "--help" or argv[i] == "-h" then
+        io.stdout:write(HELP[first] or USAGE)
+        return 0
+      end
+    end
+    return cmd(argv)
+  end
+  if first:find("%.lua$") or first:find("/") then return cmd_script(argv) end
+  return usage_error(("unknown command '%s'"):format(first))
+end
+
+return M
