@@ -668,6 +668,8 @@ static const luaL_Reg fiber_functions[] = {
 };
 
 int luaopen_factory_core_fiber(lua_State *L) {
+    /* A new Lua state after a shutdown (the C tests make several) starts afresh. */
+    if (!rt.in_run) rt.closing = 0;
     if (luaL_newmetatable(L, FIBER_MT)) {
         lua_newtable(L);
         luaL_register(L, NULL, fiber_methods);

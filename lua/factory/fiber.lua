@@ -73,12 +73,25 @@ end
 function M.all(fibers, timeout)
   local self = me("fiber.all")
   local deadline = timeout and time.monotonic() + timeout
-  for i = 1, #fibers do
-    local f, targets = fibers[i], { fibers[i] }
-    while not finished(f) do
-      if not park_on(self, targets, deadline) and not finished(f) then return timeout_error(timeout) end
+  -- Subscribed to all at once, so a failure is seen as observed (not reported as
+  -- unhandled) even while an earlier fiber is still being waited for.
+  for i = 1, #fibers do fibers[i]:subscribe(self) end
+  local timed_out = false
+  local i = 1
+  while i <= #fibers and not timed_out do
+    if finished(fibers[i]) then
+      i = i + 1
+    else
+      local remaining = deadline and deadline - time.monotonic()
+      if remaining and remaining <= 0 then
+        timed_out = true
+      else
+        core.park(remaining)
+      end
     end
   end
+  for k = 1, #fibers do fibers[k]:unsubscribe(self) end
+  if timed_out then return timeout_error(timeout) end
   local outcomes, all_ok = {}, true
   for i = 1, #fibers do
     local r = { n = 0 }
