@@ -23,15 +23,15 @@ else
 endif
 
 # Core modules: core/<name>.c is factory.core.<name> (and listed in core/modules.h).
-CORE_MODULES := fiber json time env
+CORE_MODULES := fiber json time env fs
 CORE_OBJS := $(CORE_MODULES:%=$(BUILD)/%.o)
 
 # Recursive (=) so pkg-config runs after `make deps` has installed the packages.
-PKG_CFLAGS = $(shell pkg-config --cflags luajit libuv libcurl)
-PKG_LIBS = $(shell pkg-config --libs luajit libuv libcurl)
+PKG_CFLAGS = $(shell pkg-config --cflags luajit libuv libcurl sqlite3 libpq libcrypto)
+PKG_LIBS = $(shell pkg-config --libs luajit libuv libcurl sqlite3 libpq libcrypto)
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE -g $(OPT) -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
 	-DFACTORY_VERSION='"$(VERSION)"' -DFACTORY_DATADIR='"$(DATADIR)"' $(PKG_CFLAGS) $(CFLAGS)
-LIBS_ALL = $(PKG_LIBS) -l:liblua5.1-cjson.a -ledit -lm $(LDLIBS)
+LIBS_ALL = $(PKG_LIBS) -l:liblua5.1-cjson.a -lhttp_parser -ledit -lm $(LDLIBS)
 LDFLAGS_ALL = $(OPT) -rdynamic $(LDFLAGS)
 
 .PHONY: all deps build test demo bench bench-smoke install clean help

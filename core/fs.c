@@ -1,0 +1,714 @@
+/* core/fs.c — factory.core.fs: files and directories, and a directory watcher.
+ *
+ * Every operation is a job of plain POSIX calls. Inside a fiber the job runs on
+ * libuv's thread pool and the fiber waits; outside one (start-up code, `factory
+ * check`) it runs inline, so the same module serves both. A job owns copies of its
+ * inputs (the fiber may be gone when it finishes) and is freed where it ends: by the
+ * caller when inline, by the after-work callback otherwise, which delivers nothing
+ * to a fiber that gave up.
+ *
+ * Failures: nil, "ENOENT: no such file or directory: PATH", "ENOENT".
+ */
+#include "fiber.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <lauxlib.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define WATCHER_MT "factory.watcher"
+
+enum { OP_READ, OP_WRITE, OP_APPEND, OP_LIST, OP_STAT, OP_EXISTS, OP_MKDIR_P, OP_REMOVE, OP_RENAME, OP_REALPATH };
+
+typedef struct {
+    uv_work_t req;
+    fb_fiber *fiber;        /* waiting for the result; NULL inline or once abandoned */
+    int op;
+    int flag;               /* stat: follow links; remove: recursive */
+    unsigned mode;          /* mkdir_p */
+    char *path, *path2;
+    char *buf;              /* data to write, bytes read, or the resolved path */
+    size_t len;
+    char **names;
+    size_t nnames;
+    struct stat st;
+    int found;
+    int err;                /* errno of the failure, 0 on success */
+    char *errpath;          /* what the failure concerns when it is not path */
+} fs_job;
+
+/* ---- errors -------------------------------------------------------------- */
+
+/* Not fb_push_error: its fixed-size buffer would cut long paths. */
+static int fs_push_error(lua_State *L, int uverr, const char *what) {
+    char name[64], msg[256];
+    uv_err_name_r(uverr, name, sizeof name);
+    uv_strerror_r(uverr, msg, sizeof msg);
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s: %s", name, msg, what);
+    lua_pushstring(L, name);
+    return 3;
+}
+
+/* Records errno as the job's failure, concerning `what` (default: the job's path),
+ * unless an earlier failure is already recorded: that one is the cause. Returns -1. */
+static int fs_fail(fs_job *j, const char *what) {
+    if (j->err) return -1;
+    j->err = errno ? errno : EIO;
+    if (what) j->errpath = strdup(what);
+    return -1;
+}
+
+/* ---- the jobs (run on a worker thread: no Lua here) ----------------------- */
+
+static char *fs_join(const char *dir, const char *name) {
+    size_t a = strlen(dir), b = strlen(name);
+    char *p = malloc(a + b + 2);
+    if (!p) return NULL;
+    memcpy(p, dir, a);
+    p[a] = '/';
+    memcpy(p + a + 1, name, b + 1);
+    return p;
+}
+
+static int fs_write_all(int fd, const char *p, size_t n) {
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Reads to EOF rather than trusting st_size, which is wrong for growing files and
+ * for /proc. */
+static void fs_do_read(fs_job *j) {
+    int fd = open(j->path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        fs_fail(j, NULL);
+        return;
+    }
+    struct stat st;
+    size_t cap = (fstat(fd, &st) == 0 && st.st_size > 0) ? (size_t)st.st_size + 1 : 4096;
+    j->buf = malloc(cap);
+    j->len = 0;
+    while (j->buf) {
+        if (j->len == cap) {
+            char *nb = realloc(j->buf, cap * 2);
+            if (!nb) break;
+            j->buf = nb;
+            cap *= 2;
+        }
+        ssize_t r = read(fd, j->buf + j->len, cap - j->len);
+        if (r == 0) break;
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            fs_fail(j, NULL);
+            break;
+        }
+        j->len += (size_t)r;
+    }
+    if (!j->err && (!j->buf || j->len == cap)) {
+        errno = ENOMEM;
+        fs_fail(j, NULL);
+    }
+    close(fd);
+}
+
+static atomic_uint fs_tmp_seq;
+
+/* Atomic replace: readers see the old file or the new one, never a mix, and after
+ * a crash the file is one or the other (fsync the data, then the directory entry).
+ * The new file keeps the old one's permissions; a symlink at path is replaced by
+ * the file, not followed. */
+static void fs_do_write(fs_job *j) {
+    const char *slash = strrchr(j->path, '/');
+    size_t dirlen = slash ? (size_t)(slash - j->path) + 1 : 0;
+    const char *base = j->path + dirlen;
+    size_t tmpcap = strlen(j->path) + 48;
+    char *tmp = malloc(tmpcap);
+    if (!tmp) {
+        errno = ENOMEM;
+        fs_fail(j, j->path);
+        return;
+    }
+    int fd = -1;
+    for (int tries = 0; fd < 0 && tries < 100; tries++) {
+        snprintf(tmp, tmpcap, "%.*s.%s.tmp-%ld-%u", (int)dirlen, j->path, base, (long)getpid(),
+                 atomic_fetch_add(&fs_tmp_seq, 1));
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        if (fd < 0 && errno != EEXIST) break;
+    }
+    if (fd < 0) {
+        fs_fail(j, j->path);
+        free(tmp);
+        return;
+    }
+    struct stat old;
+    if (stat(j->path, &old) == 0 && S_ISREG(old.st_mode)) fchmod(fd, old.st_mode & 07777);
+    if (fs_write_all(fd, j->buf, j->len) != 0 || fsync(fd) != 0) fs_fail(j, j->path);
+    if (close(fd) != 0) fs_fail(j, j->path);
+    if (!j->err && rename(tmp, j->path) != 0) fs_fail(j, j->path);
+    if (j->err) unlink(tmp);
+    free(tmp);
+    if (j->err) return;
+    char *dir = dirlen ? strndup(j->path, dirlen) : strdup(".");
+    int dfd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    /* Some file systems cannot fsync a directory (EINVAL); the rename stands. */
+    if (dfd >= 0 && fsync(dfd) != 0 && errno != EINVAL) fs_fail(j, dir);
+    if (dfd >= 0) close(dfd);
+    free(dir);
+}
+
+static void fs_do_append(fs_job *j) {
+    int fd = open(j->path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0666);
+    if (fd < 0) {
+        fs_fail(j, NULL);
+        return;
+    }
+    if (fs_write_all(fd, j->buf, j->len) != 0) fs_fail(j, NULL);
+    if (close(fd) != 0) fs_fail(j, NULL);
+}
+
+static int fs_name_cmp(const void *a, const void *b) {
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void fs_do_list(fs_job *j) {
+    DIR *d = opendir(j->path);
+    if (!d) {
+        fs_fail(j, NULL);
+        return;
+    }
+    size_t cap = 0;
+    struct dirent *e;
+    for (errno = 0; (e = readdir(d)); errno = 0) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        if (j->nnames == cap) {
+            cap = cap ? cap * 2 : 16;
+            char **nn = realloc(j->names, cap * sizeof *nn);
+            if (!nn) break;
+            j->names = nn;
+        }
+        if (!(j->names[j->nnames] = strdup(e->d_name))) break;
+        j->nnames++;
+    }
+    if (errno) fs_fail(j, NULL);
+    closedir(d);
+    if (j->nnames) qsort(j->names, j->nnames, sizeof *j->names, fs_name_cmp);
+}
+
+static void fs_do_exists(fs_job *j) {
+    if (lstat(j->path, &j->st) == 0) j->found = 1;
+    else if (errno != ENOENT && errno != ENOTDIR) fs_fail(j, NULL);
+}
+
+static void fs_do_mkdir_p(fs_job *j) {
+    char *p = j->path;
+    for (char *s = strchr(p + 1, '/'); s; s = strchr(s + 1, '/')) {
+        *s = '\0';
+        int rc = mkdir(p, (mode_t)j->mode);
+        if (rc != 0 && errno != EEXIST) fs_fail(j, p);
+        *s = '/';
+        if (j->err) return;
+    }
+    if (mkdir(p, (mode_t)j->mode) == 0) return;
+    struct stat st;
+    if (errno != EEXIST) fs_fail(j, NULL);
+    else if (stat(p, &st) != 0 || !S_ISDIR(st.st_mode)) errno = ENOTDIR, fs_fail(j, NULL);
+}
+
+/* Removes name (relative to dirfd) and everything under it. Directories are opened
+ * with O_NOFOLLOW and entries examined with lstat semantics, so a symlink is removed
+ * as a link and what it points to is never touched. `full` names it in errors. */
+static int fs_remove_at(fs_job *j, int dirfd, const char *name, const char *full) {
+    struct stat st;
+    if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) return fs_fail(j, full);
+    if (!S_ISDIR(st.st_mode)) return unlinkat(dirfd, name, 0) == 0 ? 0 : fs_fail(j, full);
+    int fd = openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) return fs_fail(j, full);
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return fs_fail(j, full);
+    }
+    int rc = 0;
+    struct dirent *e;
+    while (rc == 0 && (errno = 0, e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        char *child = fs_join(full, e->d_name);
+        if (!child) {
+            errno = ENOMEM;
+            rc = fs_fail(j, full);
+            break;
+        }
+        rc = fs_remove_at(j, fd, e->d_name, child);
+        free(child);
+    }
+    if (rc == 0 && errno) rc = fs_fail(j, full);
+    closedir(d);
+    if (rc == 0 && unlinkat(dirfd, name, AT_REMOVEDIR) != 0) rc = fs_fail(j, full);
+    return rc;
+}
+
+static void fs_do_remove(fs_job *j) {
+    if (j->flag) {
+        fs_remove_at(j, AT_FDCWD, j->path, j->path);
+        return;
+    }
+    struct stat st;
+    if (lstat(j->path, &st) != 0) fs_fail(j, NULL);
+    else if ((S_ISDIR(st.st_mode) ? rmdir(j->path) : unlink(j->path)) != 0) fs_fail(j, NULL);
+}
+
+static void fs_job_run(fs_job *j) {
+    switch (j->op) {
+    case OP_READ: fs_do_read(j); break;
+    case OP_WRITE: fs_do_write(j); break;
+    case OP_APPEND: fs_do_append(j); break;
+    case OP_LIST: fs_do_list(j); break;
+    case OP_STAT:
+        if ((j->flag ? stat(j->path, &j->st) : lstat(j->path, &j->st)) != 0) fs_fail(j, NULL);
+        break;
+    case OP_EXISTS: fs_do_exists(j); break;
+    case OP_MKDIR_P: fs_do_mkdir_p(j); break;
+    case OP_REMOVE: fs_do_remove(j); break;
+    case OP_RENAME:
+        if (rename(j->path, j->path2) != 0) {
+            fs_fail(j, NULL);
+            size_t n = strlen(j->path) + strlen(j->path2) + 5;
+            if ((j->errpath = malloc(n))) snprintf(j->errpath, n, "%s -> %s", j->path, j->path2);
+        }
+        break;
+    case OP_REALPATH:
+        if (!(j->buf = realpath(j->path, NULL))) fs_fail(j, NULL);
+        else j->len = strlen(j->buf);
+        break;
+    }
+}
+
+/* ---- running a job -------------------------------------------------------- */
+
+static void fs_job_free(fs_job *j) {
+    for (size_t i = 0; i < j->nnames; i++) free(j->names[i]);
+    free(j->names);
+    free(j->path);
+    free(j->path2);
+    free(j->buf);
+    free(j->errpath);
+    free(j);
+}
+
+static const char *fs_type_name(mode_t m) {
+    if (S_ISREG(m)) return "file";
+    if (S_ISDIR(m)) return "directory";
+    if (S_ISLNK(m)) return "link";
+    return "other";
+}
+
+/* Pushes the job's results (or its failure) onto L. */
+static int fs_job_push(lua_State *L, fs_job *j) {
+    if (j->err) return fs_push_error(L, uv_translate_sys_error(j->err), j->errpath ? j->errpath : j->path);
+    switch (j->op) {
+    case OP_READ:
+    case OP_REALPATH:
+        lua_pushlstring(L, j->buf, j->len);
+        break;
+    case OP_LIST:
+        lua_createtable(L, (int)j->nnames, 0);
+        for (size_t i = 0; i < j->nnames; i++) {
+            lua_pushstring(L, j->names[i]);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        break;
+    case OP_STAT:
+        lua_createtable(L, 0, 4);
+        lua_pushstring(L, fs_type_name(j->st.st_mode));
+        lua_setfield(L, -2, "type");
+        lua_pushnumber(L, (lua_Number)j->st.st_size);
+        lua_setfield(L, -2, "size");
+        lua_pushnumber(L, (lua_Number)j->st.st_mtim.tv_sec + (lua_Number)j->st.st_mtim.tv_nsec / 1e9);
+        lua_setfield(L, -2, "mtime");
+        lua_pushinteger(L, (lua_Integer)(j->st.st_mode & 07777));
+        lua_setfield(L, -2, "mode");
+        break;
+    case OP_EXISTS:
+        lua_pushboolean(L, j->found);
+        break;
+    default:
+        lua_pushboolean(L, 1);
+        break;
+    }
+    return 1;
+}
+
+static void fs_work_cb(uv_work_t *req) { fs_job_run((fs_job *)req->data); }
+
+static void fs_after_cb(uv_work_t *req, int status) {
+    fs_job *j = (fs_job *)req->data;
+    fb_fiber *f = j->fiber;
+    if (!f) {
+        fs_job_free(j);
+        return;
+    }
+    lua_State *co = fb_co(f);
+    lua_checkstack(co, 4);
+    int n = status < 0 ? fs_push_error(co, status, j->path) : fs_job_push(co, j);
+    fs_job_free(j);
+    fb_wake(f, n);
+}
+
+static void fs_job_abort(void *op) { ((fs_job *)op)->fiber = NULL; }
+
+/* Runs j inline outside a fiber, on the thread pool inside one; frees j. */
+static int fs_job_start(lua_State *L, fs_job *j) {
+    fb_fiber *f = fb_current(L);
+    j->req.data = j;
+    if (f && !fb_closing()) {
+        j->fiber = f;
+        if (uv_queue_work(fb_loop(), &j->req, fs_work_cb, fs_after_cb) == 0)
+            return fb_await(L, f, fs_job_abort, j, 0);
+        j->fiber = NULL;
+    }
+    fs_job_run(j);
+    int n = fs_job_push(L, j);
+    fs_job_free(j);
+    return n;
+}
+
+static const char *fs_check_path(lua_State *L, int idx) {
+    size_t len;
+    const char *p = luaL_checklstring(L, idx, &len);
+    if (len == 0) luaL_argerror(L, idx, "empty path");
+    if (strlen(p) != len) luaL_argerror(L, idx, "path contains a NUL byte");
+    return p;
+}
+
+/* A job for op on the path at argument 1. Raises, allocating nothing, on a bad
+ * path or out of memory. */
+static fs_job *fs_job_new(lua_State *L, int op) {
+    const char *path = fs_check_path(L, 1);
+    fs_job *j = calloc(1, sizeof *j);
+    if (j && !(j->path = strdup(path))) {
+        free(j);
+        j = NULL;
+    }
+    if (!j) luaL_error(L, "fs: out of memory");
+    j->op = op;
+    return j;
+}
+
+/* ---- Lua functions ---------------------------------------------------------- */
+
+static int fs_read(lua_State *L) { return fs_job_start(L, fs_job_new(L, OP_READ)); }
+static int fs_list(lua_State *L) { return fs_job_start(L, fs_job_new(L, OP_LIST)); }
+static int fs_exists(lua_State *L) { return fs_job_start(L, fs_job_new(L, OP_EXISTS)); }
+static int fs_realpath(lua_State *L) { return fs_job_start(L, fs_job_new(L, OP_REALPATH)); }
+
+/* Arguments are checked before anything is allocated: a raise must not leak. */
+static int fs_put(lua_State *L, int op) {
+    fs_check_path(L, 1);
+    size_t len;
+    const char *data = luaL_checklstring(L, 2, &len);
+    fs_job *j = fs_job_new(L, op);
+    if (!(j->buf = malloc(len ? len : 1))) {
+        fs_job_free(j);
+        return luaL_error(L, "fs: out of memory");
+    }
+    memcpy(j->buf, data, len);
+    j->len = len;
+    return fs_job_start(L, j);
+}
+
+static int fs_write(lua_State *L) { return fs_put(L, OP_WRITE); }
+static int fs_append(lua_State *L) { return fs_put(L, OP_APPEND); }
+
+static int fs_stat(lua_State *L) {
+    int follow = lua_toboolean(L, 2);
+    fs_job *j = fs_job_new(L, OP_STAT);
+    j->flag = follow;
+    return fs_job_start(L, j);
+}
+
+static int fs_mkdir_p(lua_State *L) {
+    lua_Integer mode = luaL_optinteger(L, 2, 0777);
+    luaL_argcheck(L, mode >= 0 && mode <= 07777, 2, "mode must be between 0 and 07777");
+    fs_job *j = fs_job_new(L, OP_MKDIR_P);
+    j->mode = (unsigned)mode;
+    return fs_job_start(L, j);
+}
+
+static int fs_remove(lua_State *L) {
+    int recursive = 0;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        lua_getfield(L, 2, "recursive");
+        recursive = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
+    fs_job *j = fs_job_new(L, OP_REMOVE);
+    j->flag = recursive;
+    return fs_job_start(L, j);
+}
+
+static int fs_rename(lua_State *L) {
+    fs_check_path(L, 1);
+    const char *to = fs_check_path(L, 2);
+    fs_job *j = fs_job_new(L, OP_RENAME);
+    if (!(j->path2 = strdup(to))) {
+        fs_job_free(j);
+        return luaL_error(L, "fs: out of memory");
+    }
+    return fs_job_start(L, j);
+}
+
+/* ---- the watcher --------------------------------------------------------------
+ *
+ * A uv_fs_event on the directory collects the names that changed; a debounce timer
+ * closes the batch once no event came for `debounce` seconds (or a second after its
+ * first event, so a file written continuously cannot starve the reader). Batches
+ * accumulate while nobody waits, so no change is lost between two next() calls.
+ * The handles keep the loop alive only while a fiber waits in next(): a forgotten
+ * watcher does not stop the process from exiting.
+ */
+
+#define WATCH_MAX_BATCH_MS 1000
+
+typedef struct {
+    uv_fs_event_t event;
+    uv_timer_t timer;
+    fb_fiber *fiber;        /* waiting in next() */
+    char **names;           /* distinct names changed in the current batch */
+    size_t n, cap;
+    uint64_t debounce_ms;
+    uint64_t batch_start;   /* loop time of the batch's first event */
+    int err;                /* a libuv error from the event handle, not yet reported */
+    int open_handles;
+} fs_watcher;
+
+static void watch_free_names(fs_watcher *w) {
+    for (size_t i = 0; i < w->n; i++) free(w->names[i]);
+    w->n = 0;
+}
+
+static void watch_handle_closed(uv_handle_t *h) {
+    fs_watcher *w = (fs_watcher *)h->data;
+    if (--w->open_handles > 0) return;
+    watch_free_names(w);
+    free(w->names);
+    free(w);
+}
+
+static void watch_close_handles(fs_watcher *w) {
+    uv_fs_event_stop(&w->event);
+    uv_close((uv_handle_t *)&w->event, watch_handle_closed);
+    uv_close((uv_handle_t *)&w->timer, watch_handle_closed);
+}
+
+static void watch_stop_waiting(fs_watcher *w) {
+    w->fiber = NULL;
+    uv_unref((uv_handle_t *)&w->event);
+}
+
+/* Pushes the batch as a sorted list and starts a new one. */
+static void watch_push_batch(lua_State *L, fs_watcher *w) {
+    if (w->n) qsort(w->names, w->n, sizeof *w->names, fs_name_cmp);
+    lua_createtable(L, (int)w->n, 0);
+    for (size_t i = 0; i < w->n; i++) {
+        lua_pushstring(L, w->names[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    watch_free_names(w);
+}
+
+/* Hands the batch, or the pending error, to the waiting fiber if there is one. */
+static void watch_deliver(fs_watcher *w) {
+    fb_fiber *f = w->fiber;
+    if (!f) return;
+    lua_State *co = fb_co(f);
+    lua_checkstack(co, 4);
+    int n = 1;
+    if (w->err) {
+        n = fs_push_error(co, w->err, "watcher");
+        w->err = 0;
+    } else {
+        watch_push_batch(co, w);
+    }
+    watch_stop_waiting(w);
+    fb_wake(f, n);
+}
+
+static void watch_timer_cb(uv_timer_t *t) { watch_deliver((fs_watcher *)t->data); }
+
+static void watch_event_cb(uv_fs_event_t *h, const char *filename, int events, int status) {
+    fs_watcher *w = (fs_watcher *)h->data;
+    if (status < 0) {
+        w->err = status;
+        watch_deliver(w);
+        return;
+    }
+    const char *name = filename ? filename : "";
+    size_t i = 0;
+    while (i < w->n && strcmp(w->names[i], name) != 0) i++;
+    if (i == w->n) {
+        if (w->n == w->cap) {
+            size_t cap = w->cap ? w->cap * 2 : 8;
+            char **nn = realloc(w->names, cap * sizeof *nn);
+            if (!nn) return;
+            w->names = nn;
+            w->cap = cap;
+        }
+        if (!(w->names[w->n] = strdup(name))) return;
+        if (w->n++ == 0) w->batch_start = uv_now(fb_loop());
+    }
+    uint64_t now = uv_now(fb_loop());
+    uint64_t limit = w->batch_start + (w->debounce_ms > WATCH_MAX_BATCH_MS ? w->debounce_ms : WATCH_MAX_BATCH_MS);
+    uint64_t delay = w->debounce_ms;
+    if (now + delay > limit) delay = limit > now ? limit - now : 0;
+    uv_timer_start(&w->timer, watch_timer_cb, delay, 0);
+}
+
+static fs_watcher **watch_check(lua_State *L) {
+    fs_watcher **ud = (fs_watcher **)luaL_checkudata(L, 1, WATCHER_MT);
+    if (!*ud) luaL_argerror(L, 1, "the watcher is closed");
+    return ud;
+}
+
+/* fs.watch(dir [, { debounce = seconds }]) -> watcher | nil, err, code */
+static int fs_watch(lua_State *L) {
+    const char *dir = fs_check_path(L, 1);
+    double debounce = 0.05;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        lua_getfield(L, 2, "debounce");
+        if (!lua_isnil(L, -1)) debounce = luaL_checknumber(L, -1);
+        lua_pop(L, 1);
+        luaL_argcheck(L, debounce >= 0 && debounce < 3600, 2, "debounce must be between 0 and 3600 seconds");
+    }
+    fs_watcher **ud = (fs_watcher **)lua_newuserdata(L, sizeof *ud);
+    *ud = NULL;
+    fs_watcher *w = calloc(1, sizeof *w);
+    if (!w) return luaL_error(L, "fs.watch: out of memory");
+    w->debounce_ms = (uint64_t)(debounce * 1000.0 + 0.5);
+    uv_fs_event_init(fb_loop(), &w->event);
+    uv_timer_init(fb_loop(), &w->timer);
+    w->event.data = w->timer.data = w;
+    w->open_handles = 2;
+    uv_unref((uv_handle_t *)&w->event);
+    uv_unref((uv_handle_t *)&w->timer);
+    int rc = uv_fs_event_start(&w->event, watch_event_cb, dir, 0);
+    if (rc != 0) {
+        watch_close_handles(w);
+        return fs_push_error(L, rc, dir);
+    }
+    *ud = w;
+    luaL_getmetatable(L, WATCHER_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static void watch_abort(void *op) { watch_stop_waiting((fs_watcher *)op); }
+
+/* w:next([timeout]) -> sorted list of changed names | nil, err, code */
+static int watch_next(lua_State *L) {
+    fs_watcher *w = *watch_check(L);
+    double timeout = luaL_optnumber(L, 2, 0);
+    fb_fiber *f = fb_check_current(L, "watcher:next");
+    if (w->fiber) return luaL_error(L, "watcher:next: another fiber is already waiting on this watcher");
+    if (w->err) {
+        int err = w->err;
+        w->err = 0;
+        return fs_push_error(L, err, "watcher");
+    }
+    if (w->n > 0 && !uv_is_active((uv_handle_t *)&w->timer)) {
+        watch_push_batch(L, w);
+        return 1;
+    }
+    w->fiber = f;
+    uv_ref((uv_handle_t *)&w->event);
+    return fb_await(L, f, watch_abort, w, timeout);
+}
+
+/* Idempotent. A fiber waiting in next() gets nil, "ECANCELED: ...". */
+static int watch_close(lua_State *L) {
+    fs_watcher **ud = (fs_watcher **)luaL_checkudata(L, 1, WATCHER_MT);
+    fs_watcher *w = *ud;
+    if (!w) return 0;
+    *ud = NULL;
+    fb_fiber *f = w->fiber;
+    watch_stop_waiting(w);
+    watch_close_handles(w);
+    if (f) {
+        lua_State *co = fb_co(f);
+        lua_checkstack(co, 3);
+        fb_wake(f, fb_push_error(co, "ECANCELED", "the watcher was closed"));
+    }
+    return 0;
+}
+
+/* Only reached when nothing refers to the watcher, so no fiber is waiting on it,
+ * except while lua_close collects everything: then waking one is not allowed, and
+ * the fiber's own collection aborts its wait. */
+static int watch_gc(lua_State *L) {
+    fs_watcher **ud = (fs_watcher **)luaL_checkudata(L, 1, WATCHER_MT);
+    if (*ud) {
+        (*ud)->fiber = NULL;
+        watch_close_handles(*ud);
+        *ud = NULL;
+    }
+    return 0;
+}
+
+static int watch_tostring(lua_State *L) {
+    fs_watcher **ud = (fs_watcher **)luaL_checkudata(L, 1, WATCHER_MT);
+    lua_pushfstring(L, "watcher (%s)", *ud ? "open" : "closed");
+    return 1;
+}
+
+static const luaL_Reg watcher_methods[] = {
+    {"next",  watch_next},
+    {"close", watch_close},
+    {NULL, NULL},
+};
+
+static const luaL_Reg fs_functions[] = {
+    {"read",     fs_read},
+    {"write",    fs_write},
+    {"append",   fs_append},
+    {"list",     fs_list},
+    {"stat",     fs_stat},
+    {"exists",   fs_exists},
+    {"mkdir_p",  fs_mkdir_p},
+    {"remove",   fs_remove},
+    {"rename",   fs_rename},
+    {"realpath", fs_realpath},
+    {"watch",    fs_watch},
+    {NULL, NULL},
+};
+
+int luaopen_factory_core_fs(lua_State *L) {
+    if (luaL_newmetatable(L, WATCHER_MT)) {
+        lua_newtable(L);
+        luaL_register(L, NULL, watcher_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, watch_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, watch_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, fs_functions);
+    return 1;
+}
