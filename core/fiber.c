@@ -354,6 +354,9 @@ static void start_wait(fb_fiber *f, int kind, fb_abort_fn abort, void *op, doubl
             uv_timer_init(fb_loop(), f->timer);
         }
         f->timer->data = f;
+        /* The loop's cached clock may be stale after a long turn; a timer measured
+         * from it would fire early. */
+        uv_update_time(fb_loop());
         double ms = timeout * 1000.0;
         uint64_t ims = ms > 9.0e15 ? (uint64_t)9.0e15 : (uint64_t)ms;
         if ((double)ims < ms) ims++;

@@ -10,6 +10,7 @@ int luaopen_factory_core_json(lua_State *L);
 int luaopen_factory_core_time(lua_State *L);
 int luaopen_factory_core_env(lua_State *L);
 int luaopen_factory_core_fs(lua_State *L);
+int luaopen_factory_core_repl(lua_State *L);
 
 static const luaL_Reg factory_core_modules[] = {
     {"factory.core.fiber", luaopen_factory_core_fiber},
@@ -17,6 +18,7 @@ static const luaL_Reg factory_core_modules[] = {
     {"factory.core.time", luaopen_factory_core_time},
     {"factory.core.env", luaopen_factory_core_env},
     {"factory.core.fs", luaopen_factory_core_fs},
+    {"factory.core.repl", luaopen_factory_core_repl},
     {NULL, NULL},
 };
 

@@ -38,6 +38,13 @@ specs=$(find tests -name '*_spec.lua' -not -path 'tests/bench/*' | sort)
 "$BIN" tests/run.lua $specs >"$log" 2>&1; rc=$?
 cat "$log"; tally "Lua specs" $rc
 
+for t in tests/cli/*_test.py; do
+    [ -f "$t" ] || continue
+    echo "== $t"
+    python3 "$t" >"$log" 2>&1; rc=$?
+    cat "$log"; tally "$t" $rc
+done
+
 if [ "${SKIP_BENCH:-0}" != 1 ] && [ -f tests/bench/run.sh ]; then
     echo "== benchmarks (smoke size)"
     BENCH_SIZE=tiny sh tests/bench/run.sh >"$log" 2>&1; rc=$?
