@@ -23,7 +23,7 @@ else
 endif
 
 # Core modules: core/<name>.c is factory.core.<name> (and listed in core/modules.h).
-CORE_MODULES := fiber json time env fs repl
+CORE_MODULES := fiber json time env fs repl proc http_client http_server
 CORE_OBJS := $(CORE_MODULES:%=$(BUILD)/%.o)
 
 # Recursive (=) so pkg-config runs after `make deps` has installed the packages.

@@ -9,16 +9,22 @@ int luaopen_factory_core_fiber(lua_State *L);
 int luaopen_factory_core_json(lua_State *L);
 int luaopen_factory_core_time(lua_State *L);
 int luaopen_factory_core_env(lua_State *L);
+int luaopen_factory_core_proc(lua_State *L);
+int luaopen_factory_core_http_client(lua_State *L);
 int luaopen_factory_core_fs(lua_State *L);
 int luaopen_factory_core_repl(lua_State *L);
+int luaopen_factory_core_http_server(lua_State *L);
 
 static const luaL_Reg factory_core_modules[] = {
     {"factory.core.fiber", luaopen_factory_core_fiber},
     {"factory.core.json", luaopen_factory_core_json},
     {"factory.core.time", luaopen_factory_core_time},
     {"factory.core.env", luaopen_factory_core_env},
+    {"factory.core.proc", luaopen_factory_core_proc},
+    {"factory.core.http_client", luaopen_factory_core_http_client},
     {"factory.core.fs", luaopen_factory_core_fs},
     {"factory.core.repl", luaopen_factory_core_repl},
+    {"factory.core.http_server", luaopen_factory_core_http_server},
     {NULL, NULL},
 };
 

@@ -4,7 +4,7 @@
 set -eu
 PACKAGES="gcc make pkg-config ca-certificates git procps
 libluajit-5.1-dev libuv1-dev libcurl4-openssl-dev lua-cjson-dev libpq-dev libgit2-dev
-libsqlite3-dev libedit-dev libssl-dev libhttp-parser-dev curl
+libsqlite3-dev libedit-dev libssl-dev libhttp-parser-dev curl openssl
 nginx-light wrk postgresql python3"
 
 missing=""
