@@ -27,6 +27,7 @@
  * __gc/abort, which lua_close runs in any order.
  */
 #include "fiber.h"
+#include "http_client.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -73,6 +74,9 @@ struct req {
     buf body;                   /* the whole body, or the unread part of a stream */
     buf head;                   /* "lowercase-name:value\n" lines of the last response */
     char errbuf[CURL_ERROR_SIZE];
+    const hc_callbacks *cb;     /* a request from C (http_client.h), else NULL */
+    void *cb_ud;
+    int head_sent, delivering, cancelled;
     req *prev, *next;           /* every live request, for teardown */
     req *qprev, *qnext;         /* queued for delivery */
 };
@@ -124,7 +128,7 @@ static int buf_append(buf *b, const char *p, size_t n) {
 /* ---- request lifetime ------------------------------------------------------------ */
 
 static void enqueue(req *r) {
-    if (r->queued || !r->fiber) return;
+    if (r->queued || (!r->fiber && !r->cb)) return;
     r->queued = 1;
     r->qnext = NULL;
     r->qprev = hc.qtail;
@@ -291,7 +295,7 @@ static size_t write_cb(char *p, size_t size, size_t n, void *ud) {
         headers_complete(r, code);
     }
     if (r->stream) {
-        if (r->body.len >= STREAM_HIGH_WATER) {
+        if (r->body.len >= STREAM_HIGH_WATER && !r->cb) {
             r->paused = 1;
             return CURL_WRITEFUNC_PAUSE;
         }
@@ -481,8 +485,38 @@ static int take_chunk(lua_State *L, req *r) {
     return push_transfer_error(L, r);
 }
 
+static void c_release(req *r);
+
+/* Runs a C request's callbacks for what has happened since the last delivery; a
+ * callback may cancel r, which then only takes effect (frees r) afterwards. */
+static void deliver_c(req *r) {
+    r->delivering = 1;
+    if (r->headers_done && !r->head_sent) {
+        r->head_sent = 1;
+        r->cb->on_head(r->cb_ud, r->status, r->head.data, r->head.len);
+    }
+    if (r->body.len > 0 && !r->cancelled) {
+        size_t n = r->body.len;
+        hc.buffered -= n;
+        r->body.len = 0;
+        r->cb->on_data(r->cb_ud, r->body.data, n);
+    }
+    if (r->done && !r->cancelled) {
+        r->cancelled = 1;
+        if (r->result == CURLE_OK) r->cb->on_done(r->cb_ud, NULL, NULL);
+        else if (r->result == CURLE_FILESIZE_EXCEEDED) r->cb->on_done(r->cb_ud, "EHTTP", "response too large");
+        else r->cb->on_done(r->cb_ud, error_code(r->result), r->errbuf[0] ? r->errbuf : curl_easy_strerror(r->result));
+    }
+    r->delivering = 0;
+    if (r->cancelled) c_release(r);
+}
+
 /* Wakes r's fiber if what it waits for has happened. r may be freed here. */
 static void deliver(req *r) {
+    if (r->cb) {
+        deliver_c(r);
+        return;
+    }
     fb_fiber *f = r->fiber;
     if (!f) return;
     lua_State *co = fb_co(f);
@@ -645,6 +679,25 @@ oom:
     return NULL;
 }
 
+static void easy_setup(CURL *e, req *r, const char *url, long timeout, long connect_timeout) {
+    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)r);
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "factory/" FACTORY_VERSION);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
+    /* Proxy CONNECT responses would look like the final response headers. */
+    curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
+}
+
 /* request{ method, url, headers, body, timeout, connect_timeout, stream, max_body,
  * ca_file, follow } -> response | nil, "ECODE: message", "ECODE" */
 static int hc_request(lua_State *L) {
@@ -695,22 +748,7 @@ static int hc_request(lua_State *L) {
     if (hc.live) hc.live->prev = r;
     hc.live = r;
 
-    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)r);
-    curl_easy_setopt(e, CURLOPT_URL, url);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "factory/" FACTORY_VERSION);
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
-    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
-    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
-    /* Proxy CONNECT responses would look like the final response headers. */
-    curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout);
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
+    easy_setup(e, r, url, timeout, connect_timeout);
     if (!stream && max_body < (size_t)INT64_MAX)
         curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)max_body);
     if (ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, ca_file);
@@ -738,6 +776,66 @@ static int hc_request(lua_State *L) {
     hc.running++;
     wait_on(r, f, WAIT_RESPONSE);
     return fb_await(L, f, req_abort, r, 0);
+}
+
+/* ---- the C API (http_client.h) --------------------------------------------------------- */
+
+/* A C request in flight keeps the loop alive, like a waiting fiber. */
+static void c_release(req *r) {
+    if (--hc.waiting == 0 && !hc.closed) uv_unref((uv_handle_t *)&hc.keep);
+    req_free(r);
+}
+
+hc_req *hc_start(const hc_options *rq, const hc_callbacks *cb, void *ud) {
+    if (hc.closed || fb_closing()) return NULL;
+    if (!hc.multi && !multi_init()) return NULL;
+    req *r = (req *)calloc(1, sizeof *r);
+    CURL *e = hc.npool > 0 ? hc.pool[--hc.npool] : curl_easy_init();
+    struct curl_slist *list = NULL;
+    int ok = r && e;
+    for (const char *const *h = rq->headers; ok && h && *h; h++) {
+        struct curl_slist *next = curl_slist_append(list, *h);
+        if (next) list = next; else ok = 0;
+    }
+    if (ok && rq->body) {
+        struct curl_slist *next = curl_slist_append(list, "Expect:");
+        if (next) list = next; else ok = 0;
+    }
+    if (!ok) {
+        curl_slist_free_all(list);
+        free(r);
+        if (e) curl_easy_cleanup(e);
+        return NULL;
+    }
+    r->headers = list;
+    r->stream = 1;
+    r->cb = cb;
+    r->cb_ud = ud;
+    r->next = hc.live;
+    if (hc.live) hc.live->prev = r;
+    hc.live = r;
+    easy_setup(e, r, rq->url, rq->timeout_ms, rq->connect_timeout_ms);
+    if (rq->body) {
+        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)rq->body_len);
+        curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, rq->body);
+        if (strcmp(rq->method, "POST") != 0) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, rq->method);
+    } else if (strcmp(rq->method, "GET") != 0) {
+        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, rq->method);
+    }
+    if (curl_multi_add_handle(hc.multi, e) != CURLM_OK) {
+        curl_easy_cleanup(e);
+        req_free(r);
+        return NULL;
+    }
+    r->easy = e;
+    hc.running++;
+    if (hc.waiting++ == 0) uv_ref((uv_handle_t *)&hc.keep);
+    return r;
+}
+
+void hc_cancel(hc_req *r) {
+    if (r->delivering) r->cancelled = 1;
+    else c_release(r);
 }
 
 /* ---- streamed responses -------------------------------------------------------------- */

@@ -13,7 +13,10 @@ int luaopen_factory_core_proc(lua_State *L);
 int luaopen_factory_core_http_client(lua_State *L);
 int luaopen_factory_core_fs(lua_State *L);
 int luaopen_factory_core_repl(lua_State *L);
+int luaopen_factory_core_db_sqlite(lua_State *L);
+int luaopen_factory_core_db_pg(lua_State *L);
 int luaopen_factory_core_http_server(lua_State *L);
+int luaopen_factory_core_router(lua_State *L);
 
 static const luaL_Reg factory_core_modules[] = {
     {"factory.core.fiber", luaopen_factory_core_fiber},
@@ -24,7 +27,10 @@ static const luaL_Reg factory_core_modules[] = {
     {"factory.core.http_client", luaopen_factory_core_http_client},
     {"factory.core.fs", luaopen_factory_core_fs},
     {"factory.core.repl", luaopen_factory_core_repl},
+    {"factory.core.db_sqlite", luaopen_factory_core_db_sqlite},
+    {"factory.core.db_pg", luaopen_factory_core_db_pg},
     {"factory.core.http_server", luaopen_factory_core_http_server},
+    {"factory.core.router", luaopen_factory_core_router},
     {NULL, NULL},
 };
 

@@ -4,8 +4,11 @@
 set -eu
 PACKAGES="gcc make pkg-config ca-certificates git procps
 libluajit-5.1-dev libuv1-dev libcurl4-openssl-dev lua-cjson-dev libpq-dev libgit2-dev
-libsqlite3-dev libedit-dev libssl-dev libhttp-parser-dev curl openssl
+libsqlite3-dev libedit-dev libssl-dev libhttp-parser-dev libjansson-dev curl openssl
 nginx-light wrk postgresql python3"
+
+# The SDK tests need Node.js 18+ and npm; use the machine's if it has them.
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || PACKAGES="$PACKAGES nodejs npm"
 
 missing=""
 for p in $PACKAGES; do

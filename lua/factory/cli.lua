@@ -4,6 +4,9 @@
 --   factory -e CODE [ARGS...]      run CODE the same way
 --   factory repl                   interactive prompt with the engine loaded
 --   factory check [DIR]            validate definition files, print file:line errors
+--   factory db migrate|status [--db URL]   apply or show the schema migrations
+--   factory serve [--host H] [--port N] [--config FILE] [--db URL] [--token T]
+--                                  the model proxy; prints the URL it listens on
 --   factory version                print the version
 --   factory help | --help | -h     usage; `factory COMMAND --help` for each command
 -- Exit codes: 0 success, 1 the script or check failed, 2 usage error (unknown command
@@ -21,6 +24,8 @@ usage: factory COMMAND [OPTIONS]
 commands:
   repl              interactive Lua prompt with the engine loaded (async calls work)
   check [DIR]       validate the definition files under DIR (default .)
+  db migrate|status apply or show the database schema migrations (--db URL)
+  serve             the OpenAI-compatible model proxy (default 127.0.0.1:8420)
   version           print the version
   help              this text; `factory COMMAND --help` describes a command
 
@@ -43,6 +48,16 @@ usage: factory check [DIR]
 Loads and validates every definition file under DIR (default: the current
 directory): teams/*.lua, pipelines/*.lua and factory.lua. Prints one
 "file:line: message" per problem; exits 1 if there is any, 0 otherwise.
+]],
+  serve = [[
+usage: factory serve [--host H] [--port N] [--config FILE] [--db URL] [--token T]
+
+Serves the OpenAI-compatible model proxy: POST /v1/chat/completions (streamed or
+not), POST /v1/embeddings and GET /v1/models, routed through the aliases,
+fallbacks, rate limits and budgets of factory.lua (./factory.lua, or --config).
+Listens on 127.0.0.1:8420 unless told otherwise and prints its URL. Any host but
+loopback needs a token (--token or $FACTORY_TOKEN) that every client must send as
+its bearer key. With --db, every model call is recorded in the store.
 ]],
   version = [[
 usage: factory version
@@ -158,10 +173,52 @@ local function cmd_repl(argv)
   return run_main(repl.main, { n = 0 })
 end
 
+local SERVE_FLAGS = { ["--host"] = "host", ["--port"] = "port", ["--config"] = "config", ["--db"] = "db",
+                      ["--token"] = "token" }
+
+local function cmd_serve(argv)
+  local opts = {}
+  local i = 2
+  while i <= #argv do
+    local name = SERVE_FLAGS[argv[i]]
+    if not name then
+      if argv[i]:sub(1, 1) == "-" then return usage_error(("unknown flag '%s' for 'serve'"):format(argv[i])) end
+      return usage_error(("unexpected argument '%s' for 'serve'"):format(argv[i]))
+    end
+    if argv[i + 1] == nil then return usage_error(("%s needs a value"):format(argv[i])) end
+    opts[name] = argv[i + 1]
+    i = i + 2
+  end
+  if opts.port then
+    opts.port = tonumber(opts.port)
+    if not opts.port or opts.port ~= math.floor(opts.port) or opts.port < 0 or opts.port > 65535 then
+      return usage_error("--port needs a port number")
+    end
+  end
+  opts.token = opts.token or os.getenv("FACTORY_TOKEN")
+  return run_main(function()
+    local srv, err = require("factory.serve").start(opts)
+    if not srv then
+      err_line(err)
+      return 1
+    end
+    io.stdout:write("factory serve: listening on ", srv:url(), "\n")
+    io.stdout:flush()
+    fiber.cond():wait()
+  end, { n = 0 })
+end
+
+local function cmd_db(argv)
+  local dbcli = require "factory.db.cli"
+  return run_main(function() return dbcli.run({ unpack(argv, 2) }) end, { n = 0 })
+end
+
 local COMMANDS = {
+  db = cmd_db,
   version = cmd_version,
   check = cmd_check,
   repl = cmd_repl,
+  serve = cmd_serve,
   help = function()
     io.stdout:write(USAGE)
     return 0
@@ -180,6 +237,7 @@ function M.main(argv)
   if first:sub(1, 1) == "-" then return usage_error(("unknown flag '%s'"):format(first)) end
   local cmd = COMMANDS[first]
   if cmd then
+    if first == "db" then HELP.db = require("factory.db.cli").USAGE end
     for i = 2, #argv do
       if argv[i] == "--help" or argv[i] == "-h" then
         io.stdout:write(HELP[first] or USAGE)

@@ -1,0 +1,669 @@
+/* core/db_sqlite.c — factory.core.db_sqlite: SQLite connections for lua/factory/db.lua.
+ *
+ *   open(path [, {create_dir=, busy_timeout_ms=}]) -> conn | nil, err, code
+ *   conn:run(sql, params, n)  -> rows, {changes=, last_id=, json={col...}} | nil, err, code
+ *   conn:script(sql)          -> true | nil, err, code   (several statements, no parameters)
+ *   conn:close()              -> true
+ *
+ * Every SQLite call runs on libuv's thread pool: a statement may wait up to the busy
+ * timeout for another process's lock, and a commit waits for fsync, neither of which
+ * may stall the event loop. A connection runs one job at a time and queues the rest,
+ * so the sqlite3 handle is only ever used by one thread at once (hence NOMUTEX).
+ * Outside a fiber (nothing could wait) the job runs inline on the calling thread.
+ *
+ * Durability: WAL with synchronous=FULL. In WAL mode NORMAL already survives a
+ * process crash, but a power loss can drop the last commits; FULL syncs the WAL on
+ * every commit, so a stage result or queue completion that was reported committed is
+ * never lost. The price is one fsync per transaction.
+ *
+ * Values: INTEGER -> integer, REAL -> number, TEXT and BLOB -> string, NULL -> key
+ * absent; a column declared BOOLEAN -> boolean. Columns declared JSON/JSONB come back
+ * as strings and are listed in meta.json for the Lua layer to decode.
+ *
+ * Lifetimes: the userdata holds a pointer to the C-owned connection. Closing (or
+ * __gc) queues a close job behind any running one, so a worker thread never sees
+ * the handle freed; the connection is freed when that job completes.
+ */
+#include "fiber.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <math.h>
+#include <sqlite3.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+
+#define CONN_MT "factory.sqlite"
+
+enum { JOB_OPEN, JOB_RUN, JOB_SCRIPT, JOB_CLOSE };
+enum { COL_PLAIN, COL_BOOL, COL_JSON };
+
+typedef struct {
+    int type; /* SQLITE_INTEGER, SQLITE_FLOAT, SQLITE_TEXT, SQLITE_BLOB, SQLITE_NULL */
+    sqlite3_int64 i;
+    double d;
+    char *s;
+    size_t n;
+} sq_value;
+
+typedef struct sq_conn sq_conn;
+
+typedef struct sq_job {
+    uv_work_t req;
+    sq_conn *conn;
+    struct sq_job *next;
+    fb_fiber *fiber;
+    int kind;
+    char *sql;
+    sq_value *params;
+    int nparams;
+    /* results, filled on the worker thread */
+    int ncols;
+    char **names;
+    unsigned char *colkind;
+    sq_value *cells;
+    size_t ncells, cap;
+    sqlite3_int64 changes, last_id;
+    int has_last_id;
+    const char *code; /* NULL on success */
+    char *msg;
+} sq_job;
+
+struct sq_conn {
+    sqlite3 *db;
+    char *path;
+    int create_dir, busy_ms;
+    sq_job *head, *tail; /* head is the running job */
+};
+
+/* ---- errors ------------------------------------------------------------------ */
+
+static const char *code_for(int rc) {
+    switch (rc & 0xff) {
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED: return "EBUSY";
+    case SQLITE_CONSTRAINT: return "ECONSTRAINT";
+    case SQLITE_NOTADB: return "ENOTDB";
+    case SQLITE_CORRUPT: return "ECORRUPT";
+    case SQLITE_FULL: return "ENOSPC";
+    case SQLITE_READONLY: return "EROFS";
+    case SQLITE_CANTOPEN: return "ECANTOPEN";
+    default: return "ESQL";
+    }
+}
+
+static void job_fail(sq_job *j, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void job_fail(sq_job *j, const char *code, const char *fmt, ...) {
+    char buf[600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    j->code = code;
+    free(j->msg);
+    j->msg = strdup(buf);
+}
+
+static void job_fail_db(sq_job *j, int rc) {
+    job_fail(j, code_for(rc), "%s", j->conn->db ? sqlite3_errmsg(j->conn->db) : sqlite3_errstr(rc));
+}
+
+/* ---- values -------------------------------------------------------------------- */
+
+static void value_free(sq_value *v) {
+    free(v->s);
+    v->s = NULL;
+}
+
+static char *dup_bytes(const void *p, size_t n) {
+    char *s = (char *)malloc(n + 1);
+    if (!s) return NULL;
+    if (n) memcpy(s, p, n);
+    s[n] = '\0';
+    return s;
+}
+
+static int add_cell(sq_job *j, sqlite3_stmt *st, int col) {
+    if (j->ncells == j->cap) {
+        size_t cap = j->cap ? j->cap * 2 : 64;
+        sq_value *cells = (sq_value *)realloc(j->cells, cap * sizeof *cells);
+        if (!cells) return 0;
+        j->cells = cells;
+        j->cap = cap;
+    }
+    sq_value *v = &j->cells[j->ncells++];
+    memset(v, 0, sizeof *v);
+    v->type = sqlite3_column_type(st, col);
+    switch (v->type) {
+    case SQLITE_INTEGER: v->i = sqlite3_column_int64(st, col); break;
+    case SQLITE_FLOAT: v->d = sqlite3_column_double(st, col); break;
+    case SQLITE_TEXT:
+    case SQLITE_BLOB: {
+        const void *p = v->type == SQLITE_TEXT ? (const void *)sqlite3_column_text(st, col)
+                                               : sqlite3_column_blob(st, col);
+        v->n = (size_t)sqlite3_column_bytes(st, col);
+        v->s = dup_bytes(p ? p : "", v->n);
+        if (!v->s) return 0;
+        break;
+    }
+    default: break;
+    }
+    return 1;
+}
+
+static int decl_kind(const char *decl) {
+    if (!decl) return COL_PLAIN;
+    if (!strcasecmp(decl, "JSON") || !strcasecmp(decl, "JSONB")) return COL_JSON;
+    if (!strcasecmp(decl, "BOOLEAN") || !strcasecmp(decl, "BOOL")) return COL_BOOL;
+    return COL_PLAIN;
+}
+
+static int bind_value(sqlite3_stmt *st, int i, const sq_value *v) {
+    switch (v->type) {
+    case SQLITE_INTEGER: return sqlite3_bind_int64(st, i, v->i);
+    case SQLITE_FLOAT: return sqlite3_bind_double(st, i, v->d);
+    case SQLITE_TEXT: return sqlite3_bind_text(st, i, v->s, (int)v->n, SQLITE_STATIC);
+    default: return sqlite3_bind_null(st, i);
+    }
+}
+
+/* ---- the work, on a pool thread (or inline) ------------------------------------ */
+
+static int dir_missing(const char *path) {
+    const char *slash = strrchr(path, '/');
+    if (!slash || slash == path) return 0;
+    char *dir = dup_bytes(path, (size_t)(slash - path));
+    struct stat sb;
+    int missing = dir && stat(dir, &sb) != 0 && errno == ENOENT;
+    free(dir);
+    return missing;
+}
+
+/* Creates the one directory the database file lives in (the default .factory/). */
+static void make_parent(const char *path) {
+    const char *slash = strrchr(path, '/');
+    if (!slash || slash == path) return;
+    char *dir = dup_bytes(path, (size_t)(slash - path));
+    if (dir) mkdir(dir, 0700);
+    free(dir);
+}
+
+static void do_open(sq_job *j) {
+    sq_conn *c = j->conn;
+    if (c->create_dir) make_parent(c->path);
+    int rc = sqlite3_open_v2(c->path, &c->db,
+                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc == SQLITE_OK) {
+        sqlite3_extended_result_codes(c->db, 1);
+        sqlite3_busy_timeout(c->db, c->busy_ms);
+        /* journal_mode is the first statement that reads the file: a file that is
+         * not a database fails here. */
+        rc = sqlite3_exec(c->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
+                                 " PRAGMA foreign_keys=ON;", NULL, NULL, NULL);
+    }
+    if (rc == SQLITE_OK) return;
+    if ((rc & 0xff) == SQLITE_CANTOPEN && dir_missing(c->path))
+        job_fail(j, "ENOENT", "%s: the directory does not exist", c->path);
+    else if ((rc & 0xff) == SQLITE_NOTADB)
+        job_fail(j, "ENOTDB", "%s: the file is not a SQLite database", c->path);
+    else
+        job_fail(j, code_for(rc), "%s: %s", c->path, c->db ? sqlite3_errmsg(c->db) : sqlite3_errstr(rc));
+    sqlite3_close_v2(c->db);
+    c->db = NULL;
+}
+
+static int only_space(const char *s) {
+    for (; *s; s++)
+        if (!strchr(" \t\r\n;", *s)) return 0;
+    return 1;
+}
+
+/* Whether the statement is an INSERT or REPLACE (after blanks and comments): only
+ * then is last_insert_rowid about this statement. */
+static int is_insert(const char *sql) {
+    for (;;) {
+        while (*sql && strchr(" \t\r\n", *sql)) sql++;
+        if (sql[0] == '-' && sql[1] == '-') {
+            while (*sql && *sql != '\n') sql++;
+        } else if (sql[0] == '/' && sql[1] == '*') {
+            const char *end = strstr(sql + 2, "*/");
+            if (!end) return 0;
+            sql = end + 2;
+        } else {
+            break;
+        }
+    }
+    return !strncasecmp(sql, "INSERT", 6) || !strncasecmp(sql, "REPLACE", 7);
+}
+
+static void do_run(sq_job *j) {
+    sqlite3 *db = j->conn->db;
+    sqlite3_stmt *st = NULL;
+    const char *tail = NULL;
+    int rc = sqlite3_prepare_v2(db, j->sql, -1, &st, &tail);
+    if (rc != SQLITE_OK) {
+        job_fail_db(j, rc);
+        return;
+    }
+    if (!st) return; /* only whitespace or comments */
+    if (tail && !only_space(tail)) {
+        job_fail(j, "ESQL", "one statement per call (several statements: use a script)");
+        goto done;
+    }
+    if (sqlite3_bind_parameter_count(st) != j->nparams) {
+        job_fail(j, "ESQL", "the statement has %d parameter(s), %d given",
+                 sqlite3_bind_parameter_count(st), j->nparams);
+        goto done;
+    }
+    for (int i = 0; i < j->nparams; i++) {
+        if ((rc = bind_value(st, i + 1, &j->params[i])) != SQLITE_OK) {
+            job_fail_db(j, rc);
+            goto done;
+        }
+    }
+    j->ncols = sqlite3_column_count(st);
+    if (j->ncols > 0) {
+        j->names = (char **)calloc((size_t)j->ncols, sizeof *j->names);
+        j->colkind = (unsigned char *)calloc((size_t)j->ncols, 1);
+        if (!j->names || !j->colkind) goto oom;
+        for (int i = 0; i < j->ncols; i++) {
+            const char *name = sqlite3_column_name(st, i);
+            if (!(j->names[i] = strdup(name ? name : "?"))) goto oom;
+            j->colkind[i] = (unsigned char)decl_kind(sqlite3_column_decltype(st, i));
+        }
+    }
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+        for (int i = 0; i < j->ncols; i++)
+            if (!add_cell(j, st, i)) goto oom;
+    if (rc != SQLITE_DONE) {
+        job_fail_db(j, rc);
+        goto done;
+    }
+    j->changes = sqlite3_stmt_readonly(st) ? 0 : sqlite3_changes(db);
+    if (j->changes > 0 && is_insert(j->sql)) {
+        j->last_id = sqlite3_last_insert_rowid(db);
+        j->has_last_id = 1;
+    }
+    goto done;
+oom:
+    job_fail(j, "ENOMEM", "out of memory reading the result");
+done:
+    sqlite3_finalize(st);
+}
+
+static void do_script(sq_job *j) {
+    char *err = NULL;
+    int rc = sqlite3_exec(j->conn->db, j->sql, NULL, NULL, &err);
+    if (rc != SQLITE_OK) job_fail(j, code_for(rc), "%s", err ? err : sqlite3_errstr(rc));
+    sqlite3_free(err);
+}
+
+static void do_job(sq_job *j) {
+    switch (j->kind) {
+    case JOB_OPEN: do_open(j); break;
+    case JOB_RUN: do_run(j); break;
+    case JOB_SCRIPT: do_script(j); break;
+    case JOB_CLOSE:
+        sqlite3_close_v2(j->conn->db);
+        j->conn->db = NULL;
+        break;
+    }
+}
+
+static void work_cb(uv_work_t *req) { do_job((sq_job *)req->data); }
+
+/* ---- jobs and connections on the loop thread ------------------------------------ */
+
+static void job_free(sq_job *j) {
+    free(j->sql);
+    for (int i = 0; i < j->nparams; i++) value_free(&j->params[i]);
+    free(j->params);
+    for (int i = 0; j->names && i < j->ncols; i++) free(j->names[i]);
+    free(j->names);
+    free(j->colkind);
+    for (size_t i = 0; i < j->ncells; i++) value_free(&j->cells[i]);
+    free(j->cells);
+    free(j->msg);
+    free(j);
+}
+
+static void conn_free(sq_conn *c) {
+    free(c->path);
+    free(c);
+}
+
+static sq_job *job_new(sq_conn *c, int kind) {
+    sq_job *j = (sq_job *)calloc(1, sizeof *j);
+    if (!j) return NULL;
+    j->conn = c;
+    j->kind = kind;
+    j->req.data = j;
+    return j;
+}
+
+static void after_work_cb(uv_work_t *req, int status);
+
+static void start(sq_conn *c) {
+    /* A statement whose fiber gave up before it started is dropped, not run. */
+    while (c->head && !c->head->fiber && (c->head->kind == JOB_RUN || c->head->kind == JOB_SCRIPT)) {
+        sq_job *j = c->head;
+        c->head = j->next;
+        if (!c->head) c->tail = NULL;
+        job_free(j);
+    }
+    if (c->head) uv_queue_work(fb_loop(), &c->head->req, work_cb, after_work_cb);
+}
+
+static void enqueue(sq_conn *c, sq_job *j) {
+    if (c->tail) c->tail->next = j; else c->head = j;
+    c->tail = j;
+    if (c->head == j) start(c);
+}
+
+static void abort_job(void *op) { ((sq_job *)op)->fiber = NULL; }
+
+static void push_conn(lua_State *L, sq_conn *c) {
+    sq_conn **box = (sq_conn **)lua_newuserdata(L, sizeof *box);
+    *box = c;
+    luaL_getmetatable(L, CONN_MT);
+    lua_setmetatable(L, -2);
+}
+
+static void push_value(lua_State *L, const sq_value *v, int kind) {
+    switch (v->type) {
+    case SQLITE_INTEGER:
+        if (kind == COL_BOOL) lua_pushboolean(L, v->i != 0);
+        else lua_pushnumber(L, (lua_Number)v->i);
+        break;
+    case SQLITE_FLOAT: lua_pushnumber(L, v->d); break;
+    default: lua_pushlstring(L, v->s, v->n); break;
+    }
+}
+
+/* Pushes what a finished run/script job returns. */
+static int push_results(lua_State *L, sq_job *j) {
+    lua_checkstack(L, 8);
+    if (j->code) return fb_push_error(L, j->code, "%s", j->msg);
+    if (j->kind == JOB_SCRIPT) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    size_t nrows = j->ncols ? j->ncells / (size_t)j->ncols : 0;
+    lua_createtable(L, (int)nrows, 0);
+    for (size_t r = 0; r < nrows; r++) {
+        lua_createtable(L, 0, j->ncols);
+        for (int c = 0; c < j->ncols; c++) {
+            const sq_value *v = &j->cells[r * (size_t)j->ncols + (size_t)c];
+            if (v->type == SQLITE_NULL) continue;
+            push_value(L, v, j->colkind[c]);
+            lua_setfield(L, -2, j->names[c]);
+        }
+        lua_rawseti(L, -2, (int)r + 1);
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushnumber(L, (lua_Number)j->changes);
+    lua_setfield(L, -2, "changes");
+    if (j->has_last_id) {
+        lua_pushnumber(L, (lua_Number)j->last_id);
+        lua_setfield(L, -2, "last_id");
+    }
+    int njson = 0;
+    for (int c = 0; c < j->ncols; c++) {
+        if (j->colkind[c] != COL_JSON) continue;
+        if (!njson) {
+            lua_newtable(L);
+            lua_pushvalue(L, -1);
+            lua_setfield(L, -3, "json");
+        }
+        lua_pushstring(L, j->names[c]);
+        lua_rawseti(L, -2, ++njson);
+    }
+    if (njson) lua_pop(L, 1);
+    return 2;
+}
+
+/* All bookkeeping happens before fb_wake: the woken fiber runs at once and may
+ * queue more jobs or drop the connection. */
+static void after_work_cb(uv_work_t *req, int status) {
+    (void)status;
+    sq_job *j = (sq_job *)req->data;
+    sq_conn *c = j->conn;
+    fb_fiber *f = j->fiber;
+    c->head = j->next;
+    if (!c->head) c->tail = NULL;
+    if (j->kind == JOB_CLOSE || (j->kind == JOB_OPEN && j->code)) {
+        conn_free(c);
+    } else if (j->kind == JOB_OPEN && !f) {
+        /* The opener gave up: nobody will ever own this connection. */
+        sq_job *close = job_new(c, JOB_CLOSE);
+        if (close) enqueue(c, close);
+        else {
+            sqlite3_close_v2(c->db);
+            conn_free(c);
+        }
+    } else {
+        start(c);
+    }
+    if (!f) {
+        job_free(j);
+        return;
+    }
+    lua_State *co = fb_co(f);
+    int n;
+    if (j->kind == JOB_OPEN) n = j->code ? fb_push_error(co, j->code, "%s", j->msg) : (push_conn(co, c), 1);
+    else if (j->kind == JOB_CLOSE) n = (lua_pushboolean(co, 1), 1);
+    else n = push_results(co, j);
+    job_free(j);
+    fb_wake(f, n);
+}
+
+/* Runs j now if nothing can wait, else queues it and suspends the fiber. */
+static int submit(lua_State *L, sq_job *j) {
+    sq_conn *c = j->conn;
+    fb_fiber *f = fb_current(L);
+    if (f) {
+        j->fiber = f;
+        enqueue(c, j);
+        return fb_await(L, f, abort_job, j, 0);
+    }
+    if (c->head) {
+        job_free(j);
+        return luaL_error(L, "sqlite: the connection is busy with a fiber's job; call it from a fiber");
+    }
+    do_job(j);
+    int n;
+    if (j->kind == JOB_OPEN) {
+        n = j->code ? fb_push_error(L, j->code, "%s", j->msg) : (push_conn(L, c), 1);
+        if (j->code) conn_free(c);
+    } else if (j->kind == JOB_CLOSE) {
+        conn_free(c);
+        n = (lua_pushboolean(L, 1), 1);
+    } else {
+        n = push_results(L, j);
+    }
+    job_free(j);
+    return n;
+}
+
+/* ---- Lua functions ----------------------------------------------------------------- */
+
+static sq_conn *check_conn(lua_State *L) {
+    sq_conn **box = (sq_conn **)luaL_checkudata(L, 1, CONN_MT);
+    if (!*box) luaL_error(L, "sqlite: the connection is closed");
+    return *box;
+}
+
+static int sq_open(lua_State *L) {
+    size_t len;
+    const char *path = luaL_checklstring(L, 1, &len);
+    if (!len || strlen(path) != len) return luaL_argerror(L, 1, "expected a file path");
+    int create_dir = 0, busy_ms = 5000;
+    if (lua_istable(L, 2)) {
+        lua_getfield(L, 2, "create_dir");
+        create_dir = lua_toboolean(L, -1);
+        lua_getfield(L, 2, "busy_timeout_ms");
+        if (lua_isnumber(L, -1)) busy_ms = (int)lua_tointeger(L, -1);
+        lua_pop(L, 2);
+    }
+    sq_conn *c = (sq_conn *)calloc(1, sizeof *c);
+    sq_job *j = c ? job_new(c, JOB_OPEN) : NULL;
+    if (!j || !(c->path = strdup(path))) {
+        free(j);
+        if (c) conn_free(c);
+        return luaL_error(L, "sqlite.open: out of memory");
+    }
+    c->create_dir = create_dir;
+    c->busy_ms = busy_ms;
+    return submit(L, j);
+}
+
+/* Raises (misuse) on a parameter SQLite cannot take, before anything is allocated. */
+static void check_params(lua_State *L, int idx, int n) {
+    if (n <= 0) return;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    for (int i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, i);
+        int t = lua_type(L, -1);
+        if (t != LUA_TNIL && t != LUA_TBOOLEAN && t != LUA_TNUMBER && t != LUA_TSTRING)
+            luaL_error(L, "sqlite: parameter %d is a %s (expected nil, boolean, number or string)",
+                       i, lua_typename(L, t));
+        lua_pop(L, 1);
+    }
+}
+
+/* Copies the parameters into C memory: the job outlives this call's stack. */
+static int read_params(lua_State *L, int idx, int n, sq_job *j) {
+    if (n <= 0) return 1;
+    j->params = (sq_value *)calloc((size_t)n, sizeof *j->params);
+    if (!j->params) return 0;
+    j->nparams = n;
+    for (int i = 0; i < n; i++) {
+        sq_value *v = &j->params[i];
+        lua_rawgeti(L, idx, i + 1);
+        switch (lua_type(L, -1)) {
+        case LUA_TBOOLEAN:
+            v->type = SQLITE_INTEGER;
+            v->i = lua_toboolean(L, -1);
+            break;
+        case LUA_TNUMBER: {
+            double d = lua_tonumber(L, -1);
+            if (d == floor(d) && fabs(d) < 9.2e18) {
+                v->type = SQLITE_INTEGER;
+                v->i = (sqlite3_int64)d;
+            } else {
+                v->type = SQLITE_FLOAT;
+                v->d = d;
+            }
+            break;
+        }
+        case LUA_TSTRING: {
+            size_t len;
+            const char *s = lua_tolstring(L, -1, &len);
+            v->type = SQLITE_TEXT;
+            v->n = len;
+            if (!(v->s = dup_bytes(s, len))) return 0;
+            break;
+        }
+        default: v->type = SQLITE_NULL; break;
+        }
+        lua_pop(L, 1);
+    }
+    return 1;
+}
+
+static int sq_run(lua_State *L) {
+    sq_conn *c = check_conn(L);
+    const char *sql = luaL_checkstring(L, 2);
+    int n = (int)luaL_optinteger(L, 4, 0);
+    check_params(L, 3, n);
+    sq_job *j = job_new(c, JOB_RUN);
+    if (!j || !(j->sql = strdup(sql)) || !read_params(L, 3, n, j)) {
+        if (j) job_free(j);
+        return luaL_error(L, "sqlite: out of memory");
+    }
+    return submit(L, j);
+}
+
+static int sq_script(lua_State *L) {
+    sq_conn *c = check_conn(L);
+    const char *sql = luaL_checkstring(L, 2);
+    sq_job *j = job_new(c, JOB_SCRIPT);
+    if (!j || !(j->sql = strdup(sql))) {
+        free(j);
+        return luaL_error(L, "sqlite: out of memory");
+    }
+    return submit(L, j);
+}
+
+/* Queues the close behind the jobs already queued; a fiber waits for it. */
+static int sq_close(lua_State *L) {
+    sq_conn **box = (sq_conn **)luaL_checkudata(L, 1, CONN_MT);
+    sq_conn *c = *box;
+    if (!c) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    *box = NULL;
+    sq_job *j = job_new(c, JOB_CLOSE);
+    if (!j) return luaL_error(L, "sqlite: out of memory");
+    if (!fb_current(L) && c->head) {
+        enqueue(c, j); /* nothing can wait: it closes once the running job ends */
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    return submit(L, j);
+}
+
+/* Never waits: runs when the fiber that used the connection is gone, or at exit. */
+static int sq_gc(lua_State *L) {
+    sq_conn **box = (sq_conn **)luaL_checkudata(L, 1, CONN_MT);
+    sq_conn *c = *box;
+    if (!c) return 0;
+    *box = NULL;
+    sq_job *j = job_new(c, JOB_CLOSE);
+    if (j) enqueue(c, j);
+    return 0;
+}
+
+static int sq_tostring(lua_State *L) {
+    sq_conn **box = (sq_conn **)luaL_checkudata(L, 1, CONN_MT);
+    if (*box) lua_pushfstring(L, "sqlite connection (%s)", (*box)->path);
+    else lua_pushliteral(L, "sqlite connection (closed)");
+    return 1;
+}
+
+static const luaL_Reg conn_methods[] = {
+    {"run",    sq_run},
+    {"script", sq_script},
+    {"close",  sq_close},
+    {NULL, NULL},
+};
+
+static const luaL_Reg sqlite_functions[] = {
+    {"open", sq_open},
+    {NULL, NULL},
+};
+
+int luaopen_factory_core_db_sqlite(lua_State *L) {
+    if (luaL_newmetatable(L, CONN_MT)) {
+        lua_newtable(L);
+        luaL_register(L, NULL, conn_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, sq_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, sq_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, sqlite_functions);
+    lua_pushstring(L, sqlite3_libversion());
+    lua_setfield(L, -2, "version");
+    return 1;
+}

@@ -1,0 +1,1700 @@
+/* core/router.c — factory.core.router: model routing for fibers. The documented Lua
+ * API is lua/factory/router.lua; this is its mechanism.
+ *
+ *   configure(config_json) -> true | nil, "EINVAL: ...", "EINVAL"
+ *       { providers = { NAME = { kind = "openai"|"anthropic", base_url, api_key,
+ *                                rpm, tpm, max_concurrency } },
+ *         models = { ALIAS = { "provider/model", ... } },
+ *         prices = { ["provider/model" or "model"] = { input =, output = } } (USD per 1M tokens),
+ *         budgets = { teams = { NAME = { usd_per_day =, tokens_per_day = } },
+ *                     run = { usd =, tokens = } },
+ *         limits = { retries, backoff, backoff_max, retry_after_max, breaker_failures,
+ *                    breaker_cooldown, connect_timeout, timeout, first_token_timeout,
+ *                    idle_timeout, default_max_tokens } }
+ *   chat(request_json, team, run, stream) -> body_json | stream | nil, err, code
+ *       stream nil: as the request's "stream" says
+ *   embeddings(request_json, team, run)   -> body_json | nil, err, code
+ *   stream:read([timeout]) -> chunk_json | nil (end) | nil, err, code;  stream:close()
+ *   set_budget("team"|"run", name, usd, tokens)   overrides the configured limits
+ *   models(), stats() -> JSON text;  record(on);  records() -> JSON array text | nil
+ *
+ * A call reserves its estimated cost against every budget that applies (team per
+ * day, run) before anything is sent and settles with the real usage when it ends:
+ * concurrent calls can only overspend by what an estimate undercounts. The estimate
+ * is body bytes / 4 prompt tokens plus max_tokens (or default_max_tokens), priced at
+ * the dearest entry of the chain.
+ *
+ * Each chain entry is tried up to 1 + retries times: 429, 5xx, connection errors,
+ * timeouts and unusable responses (malformed JSON, wrong content type, a stream cut
+ * before its first token) are retried after exponential backoff with jitter, or
+ * after Retry-After when the provider says so (longer than retry_after_max: fall
+ * back at once); other 4xx are not retried. Then the next entry is tried. A provider
+ * whose breaker is open (breaker_failures failures in a row) is skipped until
+ * breaker_cooldown has passed; then one trial call decides.
+ * Rate limits (rpm, tpm, max_concurrency) queue callers in order, never fail them.
+ * A stream commits at its first chunk: before, failures retry and fall back; after,
+ * they reach the reader. first_token_timeout bounds the wait for the first chunk,
+ * idle_timeout each gap after it, timeout (curl) the whole transfer.
+ *
+ * API keys live only in the provider structs and the request headers; every error
+ * text is scrubbed of them.
+ *
+ * Lifetimes: a configuration is refcounted, and each call holds the one it started
+ * with, so a reload never pulls providers from under a call. A call is owned by the
+ * fiber waiting on it and, for a stream, by the "factory.router_stream" userdata;
+ * it is freed (through its timer's close callback) when it has finished and neither
+ * is left. Budget accounts outlive configurations: a reload keeps what was spent.
+ */
+#include "fiber.h"
+#include "http_client.h"
+
+#include <jansson.h>
+#include <lauxlib.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#define STREAM_MT "factory.router_stream"
+#define STATE_MT "factory.router"
+#define MAX_ERR 480
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+} buf;
+
+enum { K_OPENAI, K_ANTHROPIC };
+enum { OP_CHAT, OP_EMBED };
+enum { T_NONE, T_BACKOFF, T_FIRST, T_IDLE };
+
+typedef struct call call;
+typedef struct config config;
+
+typedef struct {
+    char *name, *chat_url, *embed_url, *auth, *api_key;
+    int kind;
+    double rpm, tpm;            /* 0: no limit */
+    int max_conc;
+    double req_bucket, tok_bucket, refilled_at;
+    int inflight;
+    call *qhead, *qtail;        /* callers waiting for the rate limits */
+    uv_timer_t *timer;          /* wakes the queue once the buckets have refilled */
+    int failures, trial;        /* breaker: failures in a row; a half-open trial is out */
+    double open_until;
+    long requests, errors;
+    config *cfg;
+} provider;
+
+typedef struct {
+    provider *p;
+    char *model;
+    double price_in, price_out; /* USD per token */
+} target;
+
+typedef struct {
+    char *name;
+    target *t;
+    int n;
+} alias;
+
+struct config {
+    int refs;
+    provider *providers;
+    int nproviders;
+    alias *aliases;
+    int naliases;
+    json_t *budgets, *prices;
+    int retries, breaker_failures, default_max_tokens;
+    double backoff, backoff_max, retry_after_max, breaker_cooldown;
+    double connect_timeout, timeout, first_token_timeout, idle_timeout;
+};
+
+typedef struct account {
+    char *key;                  /* "team:NAME" or "run:ID" */
+    double usd, tokens;         /* spent (today, for a team) */
+    double r_usd, r_tokens;     /* reserved by calls in flight */
+    double lim_usd, lim_tokens; /* set_budget overrides; < 0: from the configuration */
+    long day;
+    struct account *next;
+} account;
+
+typedef struct chunk {
+    struct chunk *next;
+    size_t len;
+    char data[];
+} chunk;
+
+struct call {
+    uv_timer_t timer;           /* first: the call is freed in its close callback */
+    config *cfg;
+    int op, stream, include_usage;
+    json_t *req;
+    char *alias_name, *team, *run;
+    alias direct;               /* a "provider/model" model names its own chain */
+    target direct_t;
+    alias *al;
+    int entry, tries, timer_kind;
+    account *acc[2];
+    int nacc;
+    double est_tokens, est_usd, est_prompt;
+    double started, attempt_started, first_at;
+    /* the attempt in flight */
+    target *tgt;
+    hc_req *http;
+    int slot, queued;
+    call *qprev, *qnext;
+    long status;
+    int is_sse, is_json, ended_ok;
+    double retry_after;         /* seconds, -1: none */
+    buf body, line, data;       /* response body; SSE: the partial line, event data */
+    /* the result */
+    int committed, done, cancelled, has_handle, released;
+    long prompt_tokens, completion_tokens;
+    int have_usage;
+    size_t content_chars;
+    char *out_id, *out_model;
+    int ntools, cur_tool;
+    char *finish_reason;
+    chunk *head, *tail;
+    char *result;               /* non-stream body */
+    size_t result_len;
+    char err_code[16];
+    char err[MAX_ERR];
+    json_t *attempts;
+    fb_fiber *fiber;            /* waiting in chat() or stream:read() */
+    call *prev, *next;          /* live calls */
+};
+
+typedef struct {
+    call *c;
+} stream_ud;
+
+static struct {
+    config *cfg;
+    account *accounts;
+    call *live;
+    json_t *records;            /* finished calls, while recording is on */
+    int recording, closed;
+} R;
+
+/* ---- small helpers ----------------------------------------------------------------- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static int buf_add(buf *b, const char *p, size_t n) {
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n + 1) cap *= 2;
+        char *d = (char *)realloc(b->data, cap);
+        if (!d) return 0;
+        b->data = d;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    b->data[b->len] = 0;
+    return 1;
+}
+
+static char *dup_str(const char *s) { return s ? strdup(s) : NULL; }
+
+static const char *jstr(json_t *o, const char *k) { return json_string_value(json_object_get(o, k)); }
+
+static double jnum(json_t *o, const char *k, double def) {
+    json_t *v = json_object_get(o, k);
+    return json_is_number(v) ? json_number_value(v) : def;
+}
+
+/* Every API key of cfg in s becomes [REDACTED], in place (s is NUL-terminated). */
+static void scrub(config *cfg, char *s) {
+    for (int i = 0; cfg && i < cfg->nproviders; i++) {
+        const char *key = cfg->providers[i].api_key;
+        size_t kl = key ? strlen(key) : 0;
+        if (kl < 4) continue;
+        char *hit;
+        while ((hit = strstr(s, key))) {
+            const char *red = "[REDACTED]";
+            size_t rl = strlen(red), tail = strlen(hit + kl);
+            if (rl <= kl) {
+                memcpy(hit, red, rl);
+                memmove(hit + rl, hit + kl, tail + 1);
+            } else {
+                memcpy(hit, red, kl);   /* a short key: as many bytes of the marker */
+            }
+        }
+    }
+}
+
+/* ---- configuration ------------------------------------------------------------------- */
+
+static void cfg_timer_closed(uv_handle_t *h) { free(h); }
+
+static void cfg_unref(config *cfg) {
+    if (!cfg || --cfg->refs > 0) return;
+    for (int i = 0; i < cfg->nproviders; i++) {
+        provider *p = &cfg->providers[i];
+        free(p->name);
+        free(p->chat_url);
+        free(p->embed_url);
+        free(p->auth);
+        free(p->api_key);
+        if (p->timer) uv_close((uv_handle_t *)p->timer, cfg_timer_closed);
+    }
+    for (int i = 0; i < cfg->naliases; i++) {
+        for (int k = 0; k < cfg->aliases[i].n; k++) free(cfg->aliases[i].t[k].model);
+        free(cfg->aliases[i].t);
+        free(cfg->aliases[i].name);
+    }
+    free(cfg->providers);
+    free(cfg->aliases);
+    json_decref(cfg->budgets);
+    json_decref(cfg->prices);
+    free(cfg);
+}
+
+static provider *find_provider(config *cfg, const char *name, size_t len) {
+    for (int i = 0; i < cfg->nproviders; i++)
+        if (strlen(cfg->providers[i].name) == len && memcmp(cfg->providers[i].name, name, len) == 0)
+            return &cfg->providers[i];
+    return NULL;
+}
+
+/* Fills t from "provider/model"; 0 if the provider is unknown. */
+static int set_target(config *cfg, target *t, const char *spec) {
+    const char *slash = strchr(spec, '/');
+    if (!slash || !slash[1]) return 0;
+    provider *p = find_provider(cfg, spec, (size_t)(slash - spec));
+    if (!p) return 0;
+    t->p = p;
+    t->model = strdup(slash + 1);
+    json_t *price = json_object_get(cfg->prices, spec);
+    if (!price) price = json_object_get(cfg->prices, slash + 1);
+    t->price_in = jnum(price, "input", 0) / 1e6;
+    t->price_out = jnum(price, "output", 0) / 1e6;
+    return t->model != NULL;
+}
+
+static char *join_url(const char *base, const char *path) {
+    size_t bl = strlen(base);
+    while (bl > 0 && base[bl - 1] == '/') bl--;
+    char *s = (char *)malloc(bl + strlen(path) + 1);
+    if (s) {
+        memcpy(s, base, bl);
+        strcpy(s + bl, path);
+    }
+    return s;
+}
+
+static int cfg_error(char *err, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, MAX_ERR, fmt, ap);
+    va_end(ap);
+    return 0;
+}
+
+static int load_provider(config *cfg, provider *p, const char *name, json_t *o, char *err) {
+    p->cfg = cfg;
+    p->name = strdup(name);
+    const char *kind = jstr(o, "kind");
+    if (!kind || strcmp(kind, "openai") == 0) p->kind = K_OPENAI;
+    else if (strcmp(kind, "anthropic") == 0) p->kind = K_ANTHROPIC;
+    else return cfg_error(err, "provider '%s': kind must be \"openai\" or \"anthropic\"", name);
+    const char *base = jstr(o, "base_url");
+    if (!base) return cfg_error(err, "provider '%s': base_url is required", name);
+    const char *key = jstr(o, "api_key");
+    p->api_key = dup_str(key);
+    if (p->kind == K_ANTHROPIC) {
+        p->chat_url = join_url(base, "/v1/messages");
+        if (key && asprintf(&p->auth, "x-api-key: %s", key) < 0) p->auth = NULL;
+    } else {
+        p->chat_url = join_url(base, "/chat/completions");
+        p->embed_url = join_url(base, "/embeddings");
+        if (key && asprintf(&p->auth, "Authorization: Bearer %s", key) < 0) p->auth = NULL;
+    }
+    p->rpm = jnum(o, "rpm", 0);
+    p->tpm = jnum(o, "tpm", 0);
+    p->max_conc = (int)jnum(o, "max_concurrency", 0);
+    p->req_bucket = p->rpm;
+    p->tok_bucket = p->tpm;
+    p->refilled_at = now_s();
+    if (p->rpm > 0 || p->tpm > 0) {
+        p->timer = (uv_timer_t *)malloc(sizeof *p->timer);
+        if (!p->timer) return cfg_error(err, "out of memory");
+        uv_timer_init(fb_loop(), p->timer);
+        p->timer->data = p;
+    }
+    return 1;
+}
+
+static config *cfg_load(const char *text, size_t len, char *err) {
+    json_error_t je;
+    json_t *root = json_loadb(text, len, 0, &je);
+    if (!json_is_object(root)) {
+        json_decref(root);
+        cfg_error(err, "configuration is not a JSON object");
+        return NULL;
+    }
+    config *cfg = (config *)calloc(1, sizeof *cfg);
+    json_t *provs = json_object_get(root, "providers"), *models = json_object_get(root, "models");
+    json_t *limits = json_object_get(root, "limits");
+    cfg->refs = 1;
+    cfg->budgets = json_incref(json_object_get(root, "budgets"));
+    cfg->prices = json_incref(json_object_get(root, "prices"));
+    cfg->retries = (int)jnum(limits, "retries", 2);
+    cfg->backoff = jnum(limits, "backoff", 0.5);
+    cfg->backoff_max = jnum(limits, "backoff_max", 8);
+    cfg->retry_after_max = jnum(limits, "retry_after_max", 60);
+    cfg->breaker_failures = (int)jnum(limits, "breaker_failures", 5);
+    cfg->breaker_cooldown = jnum(limits, "breaker_cooldown", 30);
+    cfg->connect_timeout = jnum(limits, "connect_timeout", 10);
+    cfg->timeout = jnum(limits, "timeout", 600);
+    cfg->first_token_timeout = jnum(limits, "first_token_timeout", 60);
+    cfg->idle_timeout = jnum(limits, "idle_timeout", 60);
+    cfg->default_max_tokens = (int)jnum(limits, "default_max_tokens", 4096);
+    size_t np = json_object_size(provs), na = json_object_size(models);
+    cfg->providers = (provider *)calloc(np ? np : 1, sizeof *cfg->providers);
+    cfg->aliases = (alias *)calloc(na ? na : 1, sizeof *cfg->aliases);
+    const char *name;
+    json_t *v;
+    int ok = 1;
+    json_object_foreach(provs, name, v) {
+        if (!ok) break;
+        ok = load_provider(cfg, &cfg->providers[cfg->nproviders++], name, v, err);
+    }
+    json_object_foreach(models, name, v) {
+        if (!ok) break;
+        alias *a = &cfg->aliases[cfg->naliases++];
+        a->name = strdup(name);
+        size_t n = json_array_size(v);
+        if (n == 0) {
+            ok = cfg_error(err, "model '%s': expected a list of \"provider/model\"", name);
+            break;
+        }
+        a->t = (target *)calloc(n, sizeof *a->t);
+        for (size_t i = 0; ok && i < n; i++) {
+            const char *spec = json_string_value(json_array_get(v, i));
+            if (!spec || !set_target(cfg, &a->t[a->n++], spec))
+                ok = cfg_error(err, "model '%s': '%s' does not name a configured provider", name,
+                               spec ? spec : "?");
+        }
+    }
+    json_decref(root);
+    if (!ok) {
+        cfg_unref(cfg);
+        return NULL;
+    }
+    return cfg;
+}
+
+static alias *find_alias(config *cfg, const char *name) {
+    for (int i = 0; i < cfg->naliases; i++)
+        if (strcmp(cfg->aliases[i].name, name) == 0) return &cfg->aliases[i];
+    return NULL;
+}
+
+/* ---- budgets ------------------------------------------------------------------------- */
+
+static long today(void) { return (long)(time(NULL) / 86400); }
+
+static account *get_account(const char *kind, const char *name) {
+    char key[256];
+    snprintf(key, sizeof key, "%s:%s", kind, name);
+    for (account *a = R.accounts; a; a = a->next)
+        if (strcmp(a->key, key) == 0) return a;
+    account *a = (account *)calloc(1, sizeof *a);
+    if (!a || !(a->key = strdup(key))) {
+        free(a);
+        return NULL;
+    }
+    a->lim_usd = a->lim_tokens = -1;
+    a->day = today();
+    a->next = R.accounts;
+    R.accounts = a;
+    return a;
+}
+
+/* A team's spending starts afresh each UTC day; reservations carry over. */
+static void roll_day(account *a) {
+    long d = today();
+    if (a->key[0] == 't' && a->day != d) {
+        a->usd = a->tokens = 0;
+        a->day = d;
+    }
+}
+
+static void limits_of(config *cfg, account *a, double *usd, double *tokens) {
+    json_t *b;
+    if (a->key[0] == 't') {
+        b = json_object_get(json_object_get(cfg->budgets, "teams"), a->key + 5);
+        *usd = jnum(b, "usd_per_day", -1);
+        *tokens = jnum(b, "tokens_per_day", -1);
+    } else {
+        b = json_object_get(cfg->budgets, "run");
+        *usd = jnum(b, "usd", -1);
+        *tokens = jnum(b, "tokens", -1);
+    }
+    if (a->lim_usd >= 0) *usd = a->lim_usd;
+    if (a->lim_tokens >= 0) *tokens = a->lim_tokens;
+}
+
+/* Reserves the call's estimate on every account that applies, or none of them. */
+static int reserve(call *c) {
+    const char *kinds[2] = {"team", "run"}, *names[2] = {c->team, c->run};
+    for (int i = 0; i < 2; i++) {
+        if (!names[i]) continue;
+        account *a = get_account(kinds[i], names[i]);
+        if (!a) return cfg_error(c->err, "out of memory");
+        roll_day(a);
+        double lu, lt;
+        limits_of(c->cfg, a, &lu, &lt);
+        if (lu >= 0 && a->usd + a->r_usd + c->est_usd > lu + 1e-12)
+            return cfg_error(c->err, "budget exhausted: %s %s has %.4f of %.4f USD left, this call may cost %.4f",
+                             kinds[i], names[i], fmax(0, lu - a->usd - a->r_usd), lu, c->est_usd);
+        if (lt >= 0 && a->tokens + a->r_tokens + c->est_tokens > lt)
+            return cfg_error(c->err, "budget exhausted: %s %s has %.0f of %.0f tokens left, this call may use %.0f",
+                             kinds[i], names[i], fmax(0, lt - a->tokens - a->r_tokens), lt, c->est_tokens);
+        c->acc[c->nacc++] = a;
+    }
+    for (int i = 0; i < c->nacc; i++) {
+        c->acc[i]->r_usd += c->est_usd;
+        c->acc[i]->r_tokens += c->est_tokens;
+    }
+    return 1;
+}
+
+static double call_cost(call *c) {
+    if (!c->tgt) return 0;
+    return c->prompt_tokens * c->tgt->price_in + c->completion_tokens * c->tgt->price_out;
+}
+
+static void settle(call *c) {
+    double usd = call_cost(c), tokens = (double)(c->prompt_tokens + c->completion_tokens);
+    for (int i = 0; i < c->nacc; i++) {
+        account *a = c->acc[i];
+        a->r_usd -= c->est_usd;
+        a->r_tokens -= c->est_tokens;
+        roll_day(a);
+        a->usd += usd;
+        a->tokens += tokens;
+    }
+    c->nacc = 0;
+}
+
+/* ---- calls: lifetime ------------------------------------------------------------------- */
+
+static void call_closed(uv_handle_t *h) {
+    call *c = (call *)h;
+    json_decref(c->req);
+    json_decref(c->attempts);
+    free(c->alias_name);
+    free(c->team);
+    free(c->run);
+    free(c->direct_t.model);
+    free(c->body.data);
+    free(c->line.data);
+    free(c->data.data);
+    free(c->out_id);
+    free(c->out_model);
+    free(c->finish_reason);
+    free(c->result);
+    for (chunk *k = c->head, *n; k; k = n) {
+        n = k->next;
+        free(k);
+    }
+    cfg_unref(c->cfg);
+    free(c);
+}
+
+static void release(call *c) {
+    if (!c->done || c->fiber || c->has_handle || c->released) return;
+    c->released = 1;
+    if (c->prev) c->prev->next = c->next; else R.live = c->next;
+    if (c->next) c->next->prev = c->prev;
+    uv_close((uv_handle_t *)&c->timer, call_closed);
+}
+
+/* ---- provider queues and limits -------------------------------------------------------- */
+
+static void send_attempt(call *c);
+
+static void refill(provider *p) {
+    double t = now_s(), dt = t - p->refilled_at;
+    p->refilled_at = t;
+    if (p->rpm > 0) p->req_bucket = fmin(p->rpm, p->req_bucket + dt * p->rpm / 60);
+    if (p->tpm > 0) p->tok_bucket = fmin(p->tpm, p->tok_bucket + dt * p->tpm / 60);
+}
+
+/* Seconds until c may be sent to p: 0 now, < 0 when waiting for a slot (not time). */
+static double wait_for(provider *p, call *c) {
+    if (p->max_conc > 0 && p->inflight >= p->max_conc) return -1;
+    refill(p);
+    double w = 0;
+    if (p->rpm > 0 && p->req_bucket < 1) w = (1 - p->req_bucket) * 60 / p->rpm;
+    /* A call bigger than the whole bucket goes once the bucket is full. */
+    double need = fmin(c->est_tokens, p->tpm);
+    if (p->tpm > 0 && p->tok_bucket < need) w = fmax(w, (need - p->tok_bucket) * 60 / p->tpm);
+    return w;
+}
+
+static void unqueue(call *c) {
+    if (!c->queued) return;
+    provider *p = c->tgt->p;
+    if (c->qprev) c->qprev->qnext = c->qnext; else p->qhead = c->qnext;
+    if (c->qnext) c->qnext->qprev = c->qprev; else p->qtail = c->qprev;
+    c->queued = 0;
+    c->qprev = c->qnext = NULL;
+}
+
+static void pump(provider *p);
+
+static void on_provider_timer(uv_timer_t *t) { pump((provider *)t->data); }
+
+/* Sends the queued calls of p that the limits allow now, in order. */
+static void pump(provider *p) {
+    while (p->qhead && !R.closed) {
+        call *c = p->qhead;
+        double w = wait_for(p, c);
+        if (w != 0) {
+            if (w > 0 && p->timer) uv_timer_start(p->timer, on_provider_timer, (uint64_t)(w * 1000) + 1, 0);
+            return;
+        }
+        unqueue(c);
+        send_attempt(c);
+    }
+}
+
+static void take_slot(call *c) {
+    provider *p = c->tgt->p;
+    if (p->rpm > 0) p->req_bucket -= 1;
+    if (p->tpm > 0) p->tok_bucket -= c->est_tokens;
+    p->inflight++;
+    p->requests++;
+    c->slot = 1;
+}
+
+/* Ends the attempt in flight: the request, the timer, the queue place, the slot. */
+static void end_attempt(call *c) {
+    if (c->http) {
+        hc_cancel(c->http);
+        c->http = NULL;
+    }
+    uv_timer_stop(&c->timer);
+    c->timer_kind = T_NONE;
+    unqueue(c);
+    if (c->slot) {
+        provider *p = c->tgt->p;
+        c->slot = 0;
+        p->inflight--;
+        /* What the estimate took from the token bucket beyond the real use comes back. */
+        if (p->tpm > 0 && c->have_usage)
+            p->tok_bucket = fmin(p->tpm, p->tok_bucket + c->est_tokens - (double)(c->prompt_tokens + c->completion_tokens));
+        pump(p);
+    }
+}
+
+/* ---- finishing ------------------------------------------------------------------------- */
+
+static void push_record(call *c, const char *status) {
+    if (!R.recording || R.closed) return;
+    json_t *r = json_object();
+    json_object_set_new(r, "kind", json_string(c->op == OP_CHAT ? "chat" : "embeddings"));
+    json_object_set_new(r, "alias", json_string(c->alias_name ? c->alias_name : ""));
+    json_object_set_new(r, "provider", json_string(c->tgt ? c->tgt->p->name : ""));
+    json_object_set_new(r, "model", json_string(c->tgt ? c->tgt->model : ""));
+    if (c->team) json_object_set_new(r, "team", json_string(c->team));
+    if (c->run) json_object_set_new(r, "run", json_string(c->run));
+    json_object_set_new(r, "stream", json_boolean(c->stream));
+    json_object_set_new(r, "prompt_tokens", json_integer(c->prompt_tokens));
+    json_object_set_new(r, "completion_tokens", json_integer(c->completion_tokens));
+    json_object_set_new(r, "cost_usd", json_real(call_cost(c)));
+    json_object_set_new(r, "latency_ms", json_real((now_s() - c->started) * 1000));
+    if (c->first_at > 0) json_object_set_new(r, "first_token_ms", json_real((c->first_at - c->started) * 1000));
+    json_object_set_new(r, "status", json_string(status));
+    if (c->err_code[0]) {
+        json_object_set_new(r, "code", json_string(c->err_code));
+        json_object_set_new(r, "error", json_string(c->err));
+    }
+    json_object_set_new(r, "attempts", json_incref(c->attempts));
+    json_array_append_new(R.records, r);
+}
+
+static void set_error(call *c, const char *code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    va_end(ap);
+    snprintf(c->err_code, sizeof c->err_code, "%s", code);
+    scrub(c->cfg, c->err);
+}
+
+static int push_err(lua_State *L, call *c) { return fb_push_error(L, c->err_code, "%s", c->err); }
+
+static void stream_wake(call *c);
+
+/* The call is over (c->err_code says how): settle, record, tell the waiting fiber. */
+static void finish(call *c) {
+    if (c->done) return;
+    end_attempt(c);
+    c->done = 1;
+    if (!c->have_usage && c->tgt) {
+        c->prompt_tokens = (long)c->est_prompt;
+        c->completion_tokens = (long)((c->content_chars + 3) / 4);
+    }
+    if (c->err_code[0] && !c->committed && !c->have_usage) c->prompt_tokens = c->completion_tokens = 0;
+    if (c->tgt) c->tgt->p->trial = 0;
+    settle(c);
+    push_record(c, c->cancelled ? "cancelled" : c->err_code[0] ? "error" : "ok");
+    /* At lua_close the fiber is being collected: its abort will let go of c. */
+    fb_fiber *f = R.closed ? NULL : c->fiber;
+    if (f && c->committed) {
+        stream_wake(c);
+    } else if (f) {
+        c->fiber = NULL;
+        lua_State *co = fb_co(f);
+        int n = 1;
+        if (c->err_code[0]) n = push_err(co, c);
+        else lua_pushlstring(co, c->result, c->result_len);
+        fb_wake(f, n);
+    }
+    release(c);
+}
+
+/* ---- attempts -------------------------------------------------------------------------- */
+
+static int breaker_open(config *cfg, provider *p) {
+    if (p->failures < cfg->breaker_failures) return 0;
+    if (now_s() < p->open_until || p->trial) return 1;
+    p->trial = 1;   /* half-open: this call is the trial */
+    return 0;
+}
+
+static void log_attempt(call *c, const char *outcome) {
+    json_t *a = json_object();
+    json_object_set_new(a, "provider", json_string(c->tgt->p->name));
+    json_object_set_new(a, "model", json_string(c->tgt->model));
+    if (c->status) json_object_set_new(a, "status", json_integer(c->status));
+    json_object_set_new(a, "outcome", json_string(outcome));
+    if (c->attempt_started > 0) json_object_set_new(a, "ms", json_real((now_s() - c->attempt_started) * 1000));
+    json_array_append_new(c->attempts, a);
+}
+
+static void next_target(call *c);
+
+static void dispatch(call *c) {
+    provider *p = c->tgt->p;
+    if (!p->qhead && wait_for(p, c) == 0) {
+        send_attempt(c);
+        return;
+    }
+    c->queued = 1;
+    c->qprev = p->qtail;
+    if (p->qtail) p->qtail->qnext = c; else p->qhead = c;
+    p->qtail = c;
+    pump(p);
+}
+
+static void on_call_timer(uv_timer_t *t);
+
+/* The attempt failed with c->err/err_code. retryable: 429, 5xx, transport, timeout,
+ * unusable response. */
+static void attempt_failed(call *c, int retryable) {
+    provider *p = c->tgt->p;
+    config *cfg = c->cfg;
+    int counts = retryable && c->status != 429;
+    p->errors++;
+    if (counts) {
+        if (++p->failures >= cfg->breaker_failures) p->open_until = now_s() + cfg->breaker_cooldown;
+    } else if (c->status != 429) {
+        p->failures = 0;    /* it answered: the provider works */
+    }
+    p->trial = 0;
+    log_attempt(c, c->err);
+    end_attempt(c);
+    if (c->committed) {
+        finish(c);
+        return;
+    }
+    if (retryable && c->tries <= cfg->retries && c->retry_after <= cfg->retry_after_max &&
+        !breaker_open(cfg, p)) {
+        double d = fmin(cfg->backoff_max, cfg->backoff * pow(2, c->tries - 1));
+        d = d / 2 + d / 2 * ((double)rand() / RAND_MAX);
+        if (c->retry_after > d) d = c->retry_after;
+        c->timer_kind = T_BACKOFF;
+        uv_timer_start(&c->timer, on_call_timer, (uint64_t)(d * 1000), 0);
+        return;
+    }
+    c->entry++;
+    c->tries = 0;
+    next_target(c);
+}
+
+static void next_target(call *c) {
+    for (; c->entry < c->al->n; c->entry++) {
+        target *t = &c->al->t[c->entry];
+        if (c->op == OP_EMBED && t->p->kind != K_OPENAI) continue;
+        if (breaker_open(c->cfg, t->p)) {
+            json_t *a = json_object();
+            json_object_set_new(a, "provider", json_string(t->p->name));
+            json_object_set_new(a, "model", json_string(t->model));
+            json_object_set_new(a, "outcome", json_string("skipped: circuit open"));
+            json_array_append_new(c->attempts, a);
+            if (!c->err_code[0]) set_error(c, "EUNAVAILABLE", "provider %s: circuit open after repeated failures", t->p->name);
+            continue;
+        }
+        c->tgt = t;
+        dispatch(c);
+        return;
+    }
+    if (!c->err_code[0])
+        set_error(c, "EUNAVAILABLE", "no provider of '%s' can serve %s", c->alias_name,
+                  c->op == OP_EMBED ? "embeddings" : "this call");
+    finish(c);
+}
+
+/* ---- translation: OpenAI -> Anthropic request --------------------------------------- */
+
+static void add_text(buf *b, json_t *content) {
+    if (json_is_string(content)) {
+        if (b->len) buf_add(b, "\n\n", 2);
+        buf_add(b, json_string_value(content), json_string_length(content));
+        return;
+    }
+    size_t i;
+    json_t *part;
+    json_array_foreach(content, i, part) add_text(b, json_object_get(part, "text"));
+}
+
+static json_t *anth_blocks(json_t *content) {
+    json_t *out = json_array();
+    if (json_is_string(content)) {
+        if (json_string_length(content))
+            json_array_append_new(out, json_pack("{s:s,s:O}", "type", "text", "text", content));
+        return out;
+    }
+    size_t i;
+    json_t *part;
+    json_array_foreach(content, i, part) {
+        const char *type = jstr(part, "type");
+        if (type && strcmp(type, "text") == 0) {
+            json_array_append_new(out, json_pack("{s:s,s:O}", "type", "text", "text", json_object_get(part, "text")));
+        } else if (type && strcmp(type, "image_url") == 0) {
+            const char *url = jstr(json_object_get(part, "image_url"), "url");
+            if (!url) continue;
+            const char *semi = strchr(url, ';'), *comma = strchr(url, ',');
+            if (strncmp(url, "data:", 5) == 0 && semi && comma && semi < comma) {
+                json_array_append_new(out, json_pack("{s:s,s:{s:s,s:s%,s:s}}", "type", "image", "source", "type",
+                                                     "base64", "media_type", url + 5, (size_t)(semi - url - 5),
+                                                     "data", comma + 1));
+            } else {
+                json_array_append_new(out, json_pack("{s:s,s:{s:s,s:s}}", "type", "image", "source", "type", "url", "url", url));
+            }
+        }
+    }
+    return out;
+}
+
+/* Appends a message, merging into the previous one of the same role (the Messages
+ * API wants user and assistant turns to alternate). */
+static void anth_push(json_t *msgs, const char *role, json_t *blocks) {
+    json_t *last = json_array_get(msgs, json_array_size(msgs) - 1);
+    if (json_array_size(blocks) == 0) {
+        json_decref(blocks);
+        return;
+    }
+    if (last && strcmp(jstr(last, "role"), role) == 0) {
+        json_array_extend(json_object_get(last, "content"), blocks);
+        json_decref(blocks);
+        return;
+    }
+    json_array_append_new(msgs, json_pack("{s:s,s:o}", "role", role, "content", blocks));
+}
+
+static json_t *to_anthropic(call *c, const char *model) {
+    json_t *req = c->req, *out = json_object(), *msgs = json_array();
+    buf system = {0};
+    size_t i;
+    json_t *m;
+    json_array_foreach(json_object_get(req, "messages"), i, m) {
+        const char *role = jstr(m, "role");
+        json_t *content = json_object_get(m, "content");
+        if (!role) continue;
+        if (strcmp(role, "system") == 0 || strcmp(role, "developer") == 0) {
+            add_text(&system, content);
+        } else if (strcmp(role, "tool") == 0) {
+            buf text = {0};
+            add_text(&text, content);
+            json_t *b = json_pack("{s:s,s:s,s:s}", "type", "tool_result", "tool_use_id",
+                                  jstr(m, "tool_call_id") ? jstr(m, "tool_call_id") : "", "content", text.data ? text.data : "");
+            free(text.data);
+            anth_push(msgs, "user", json_pack("[o]", b));
+        } else {
+            int assistant = strcmp(role, "assistant") == 0;
+            json_t *blocks = anth_blocks(content);
+            size_t k;
+            json_t *tc;
+            json_array_foreach(json_object_get(m, "tool_calls"), k, tc) {
+                json_t *fn = json_object_get(tc, "function");
+                const char *args = jstr(fn, "arguments");
+                json_t *input = args ? json_loads(args, 0, NULL) : NULL;
+                if (!json_is_object(input)) {
+                    json_decref(input);
+                    input = json_object();
+                }
+                json_array_append_new(blocks, json_pack("{s:s,s:s,s:s,s:o}", "type", "tool_use", "id",
+                                                        jstr(tc, "id") ? jstr(tc, "id") : "", "name",
+                                                        jstr(fn, "name") ? jstr(fn, "name") : "", "input", input));
+            }
+            anth_push(msgs, assistant ? "assistant" : "user", blocks);
+        }
+    }
+    json_object_set_new(out, "model", json_string(model));
+    if (system.len) json_object_set_new(out, "system", json_string(system.data));
+    free(system.data);
+    json_object_set_new(out, "messages", msgs);
+    json_t *mt = json_object_get(req, "max_completion_tokens");
+    if (!mt) mt = json_object_get(req, "max_tokens");
+    json_object_set_new(out, "max_tokens", mt ? json_incref(mt) : json_integer(c->cfg->default_max_tokens));
+    json_object_set_new(out, "stream", json_boolean(c->stream));
+    const char *copy[] = {"temperature", "top_p", NULL};
+    for (int k = 0; copy[k]; k++)
+        if (json_object_get(req, copy[k])) json_object_set(out, copy[k], json_object_get(req, copy[k]));
+    json_t *stop = json_object_get(req, "stop");
+    if (json_is_string(stop)) json_object_set_new(out, "stop_sequences", json_pack("[O]", stop));
+    else if (json_is_array(stop)) json_object_set(out, "stop_sequences", stop);
+    json_t *tools = json_object_get(req, "tools");
+    if (json_array_size(tools)) {
+        json_t *at = json_array();
+        json_t *t;
+        json_array_foreach(tools, i, t) {
+            json_t *fn = json_object_get(t, "function");
+            json_t *tool = json_pack("{s:O?,s:O?}", "name", json_object_get(fn, "name"), "input_schema",
+                                     json_object_get(fn, "parameters"));
+            if (!json_object_get(tool, "input_schema"))
+                json_object_set_new(tool, "input_schema", json_pack("{s:s}", "type", "object"));
+            if (json_object_get(fn, "description")) json_object_set(tool, "description", json_object_get(fn, "description"));
+            json_array_append_new(at, tool);
+        }
+        json_object_set_new(out, "tools", at);
+    }
+    json_t *choice = json_object_get(req, "tool_choice");
+    const char *cs = json_string_value(choice);
+    if (cs && strcmp(cs, "required") == 0) json_object_set_new(out, "tool_choice", json_pack("{s:s}", "type", "any"));
+    else if (cs && strcmp(cs, "none") == 0) json_object_set_new(out, "tool_choice", json_pack("{s:s}", "type", "none"));
+    else if (cs) json_object_set_new(out, "tool_choice", json_pack("{s:s}", "type", "auto"));
+    else if (json_is_object(choice))
+        json_object_set_new(out, "tool_choice", json_pack("{s:s,s:O?}", "type", "tool", "name",
+                                                          json_object_get(json_object_get(choice, "function"), "name")));
+    return out;
+}
+
+/* ---- translation: Anthropic -> OpenAI response ---------------------------------------- */
+
+static const char *finish_of(const char *stop_reason) {
+    if (!stop_reason) return NULL;
+    if (strcmp(stop_reason, "max_tokens") == 0) return "length";
+    if (strcmp(stop_reason, "tool_use") == 0) return "tool_calls";
+    if (strcmp(stop_reason, "refusal") == 0) return "content_filter";
+    return "stop";
+}
+
+static long anth_input_tokens(json_t *u) {
+    return (long)(jnum(u, "input_tokens", 0) + jnum(u, "cache_creation_input_tokens", 0) +
+                  jnum(u, "cache_read_input_tokens", 0));
+}
+
+static json_t *usage_json(call *c) {
+    return json_pack("{s:I,s:I,s:I}", "prompt_tokens", (json_int_t)c->prompt_tokens, "completion_tokens",
+                     (json_int_t)c->completion_tokens, "total_tokens",
+                     (json_int_t)(c->prompt_tokens + c->completion_tokens));
+}
+
+static json_t *from_anthropic(call *c, json_t *resp) {
+    buf text = {0};
+    json_t *calls = json_array();
+    size_t i;
+    json_t *b;
+    json_array_foreach(json_object_get(resp, "content"), i, b) {
+        const char *type = jstr(b, "type");
+        if (!type) continue;
+        if (strcmp(type, "text") == 0) {
+            const char *t = jstr(b, "text");
+            if (t) buf_add(&text, t, strlen(t));
+        } else if (strcmp(type, "tool_use") == 0) {
+            char *args = json_dumps(json_object_get(b, "input"), JSON_COMPACT | JSON_ENCODE_ANY);
+            json_array_append_new(calls, json_pack("{s:O?,s:s,s:{s:O?,s:s}}", "id", json_object_get(b, "id"), "type",
+                                                   "function", "function", "name", json_object_get(b, "name"),
+                                                   "arguments", args ? args : "{}"));
+            free(args);
+        }
+    }
+    json_t *u = json_object_get(resp, "usage");
+    c->prompt_tokens = anth_input_tokens(u);
+    c->completion_tokens = (long)jnum(u, "output_tokens", 0);
+    c->have_usage = 1;
+    json_t *msg = json_pack("{s:s,s:s?}", "role", "assistant", "content", text.data);
+    free(text.data);
+    if (json_array_size(calls)) json_object_set(msg, "tool_calls", calls);
+    json_decref(calls);
+    const char *fr = finish_of(jstr(resp, "stop_reason"));
+    return json_pack("{s:O?,s:s,s:I,s:O?,s:[{s:i,s:o,s:s?}],s:o}", "id", json_object_get(resp, "id"), "object",
+                     "chat.completion", "created", (json_int_t)time(NULL), "model", json_object_get(resp, "model"),
+                     "choices", "index", 0, "message", msg, "finish_reason", fr ? fr : "stop", "usage", usage_json(c));
+}
+
+/* ---- responses ----------------------------------------------------------------------- */
+
+static int emit(call *c, json_t *obj);
+
+/* The message of an error body in OpenAI's or Anthropic's shape, or its start. */
+static void upstream_message(call *c, char *out, size_t size) {
+    json_t *doc = json_loadb(c->body.data ? c->body.data : "", c->body.len, 0, NULL);
+    json_t *e = json_object_get(doc, "error");
+    const char *msg = json_is_string(e) ? json_string_value(e) : jstr(e, "message");
+    if (msg) snprintf(out, size, "%s", msg);
+    else snprintf(out, size, "%.200s", c->body.len ? c->body.data : "(empty body)");
+    json_decref(doc);
+}
+
+static void succeed(call *c) {
+    c->tgt->p->failures = 0;
+    c->tgt->p->trial = 0;
+    log_attempt(c, "ok");
+    c->err_code[0] = 0;
+    c->err[0] = 0;
+    finish(c);
+}
+
+static void complete_json(call *c) {
+    json_error_t je;
+    json_t *doc = json_loadb(c->body.data ? c->body.data : "", c->body.len, 0, &je);
+    if (!json_is_object(doc) || json_object_get(doc, "error") ||
+        (c->op == OP_CHAT && !json_is_array(json_object_get(doc, c->tgt->p->kind == K_ANTHROPIC ? "content" : "choices"))) ||
+        (c->op == OP_EMBED && !json_is_array(json_object_get(doc, "data")))) {
+        if (doc && json_object_get(doc, "error")) {
+            char msg[256];
+            upstream_message(c, msg, sizeof msg);
+            set_error(c, "EUPSTREAM", "%s/%s: %s", c->tgt->p->name, c->tgt->model, msg);
+        } else {
+            set_error(c, "EUPSTREAM", "%s/%s: malformed response body (%s)", c->tgt->p->name, c->tgt->model,
+                      doc ? "not a completion" : je.text);
+        }
+        json_decref(doc);
+        attempt_failed(c, 1);
+        return;
+    }
+    if (c->tgt->p->kind == K_ANTHROPIC) {
+        json_t *o = from_anthropic(c, doc);
+        c->result = json_dumps(o, JSON_COMPACT);
+        c->result_len = c->result ? strlen(c->result) : 0;
+        json_decref(o);
+    } else {
+        json_t *u = json_object_get(doc, "usage");
+        if (u) {
+            c->prompt_tokens = (long)jnum(u, "prompt_tokens", 0);
+            c->completion_tokens = (long)jnum(u, "completion_tokens", 0);
+            c->have_usage = 1;
+        }
+        c->result = (char *)malloc(c->body.len + 1);
+        if (c->result) memcpy(c->result, c->body.data, c->body.len + 1);
+        c->result_len = c->body.len;
+    }
+    json_decref(doc);
+    c->first_at = now_s();
+    if (!c->result) {
+        set_error(c, "ENOMEM", "out of memory");
+        finish(c);
+        return;
+    }
+    succeed(c);
+}
+
+/* ---- streams --------------------------------------------------------------------------- */
+
+static void stream_wake(call *c);
+
+static int push_chunk(lua_State *L, call *c) {
+    chunk *k = c->head;
+    if (!k) {
+        if (c->err_code[0]) return push_err(L, c);
+        lua_pushnil(L);
+        return 1;
+    }
+    c->head = k->next;
+    if (!c->head) c->tail = NULL;
+    lua_pushlstring(L, k->data, k->len);
+    free(k);
+    return 1;
+}
+
+/* Wakes the fiber reading c if there is something for it. */
+static void stream_wake(call *c) {
+    fb_fiber *f = c->fiber;
+    if (!f || (!c->head && !c->done)) return;
+    c->fiber = NULL;
+    fb_wake(f, push_chunk(fb_co(f), c));
+}
+
+static void on_call_timer(uv_timer_t *t);
+
+static void arm(call *c, int kind, double secs) {
+    c->timer_kind = kind;
+    if (secs > 0) uv_timer_start(&c->timer, on_call_timer, (uint64_t)(secs * 1000) + 1, 0);
+}
+
+/* Queues one chunk for the reader; the first commits the call to this attempt and
+ * hands the caller its stream. */
+static int emit_raw(call *c, const char *data, size_t len) {
+    chunk *k = (chunk *)malloc(sizeof *k + len);
+    if (!k) return 0;
+    k->next = NULL;
+    k->len = len;
+    memcpy(k->data, data, len);
+    if (c->tail) c->tail->next = k; else c->head = k;
+    c->tail = k;
+    arm(c, T_IDLE, c->cfg->idle_timeout);
+    if (!c->committed) {
+        c->committed = 1;
+        c->first_at = now_s();
+        fb_fiber *f = c->fiber;
+        if (f) {
+            c->fiber = NULL;
+            lua_State *co = fb_co(f);
+            stream_ud *s = (stream_ud *)lua_newuserdata(co, sizeof *s);
+            s->c = c;
+            c->has_handle = 1;
+            luaL_getmetatable(co, STREAM_MT);
+            lua_setmetatable(co, -2);
+            fb_wake(f, 1);
+        }
+        return 1;
+    }
+    stream_wake(c);
+    return 1;
+}
+
+static int emit(call *c, json_t *obj) {
+    char *s = json_dumps(obj, JSON_COMPACT);
+    json_decref(obj);
+    int ok = s && emit_raw(c, s, strlen(s));
+    free(s);
+    return ok;
+}
+
+static json_t *chunk_of(call *c, json_t *delta, const char *finish_reason) {
+    return json_pack("{s:s,s:s,s:I,s:s,s:[{s:i,s:o,s:s?}]}", "id", c->out_id ? c->out_id : "", "object",
+                     "chat.completion.chunk", "created", (json_int_t)time(NULL), "model",
+                     c->out_model ? c->out_model : c->tgt->model, "choices", "index", 0, "delta", delta,
+                     "finish_reason", finish_reason);
+}
+
+static void stream_failed(call *c, const char *fmt, const char *detail) {
+    set_error(c, "EUPSTREAM", fmt, c->tgt->p->name, c->tgt->model, detail);
+    attempt_failed(c, 1);
+}
+
+/* One event of an Anthropic Messages stream, as OpenAI chunks. */
+static void anthropic_event(call *c, json_t *ev) {
+    const char *type = jstr(ev, "type");
+    if (!type) return;
+    if (strcmp(type, "message_start") == 0) {
+        json_t *m = json_object_get(ev, "message");
+        free(c->out_id);
+        free(c->out_model);
+        c->out_id = dup_str(jstr(m, "id"));
+        c->out_model = dup_str(jstr(m, "model"));
+        c->prompt_tokens = anth_input_tokens(json_object_get(m, "usage"));
+        c->have_usage = 1;
+        emit(c, chunk_of(c, json_pack("{s:s,s:s}", "role", "assistant", "content", ""), NULL));
+    } else if (strcmp(type, "content_block_start") == 0) {
+        json_t *b = json_object_get(ev, "content_block");
+        const char *bt = jstr(b, "type");
+        if (bt && strcmp(bt, "tool_use") == 0) {
+            c->cur_tool = c->ntools++;
+            emit(c, chunk_of(c, json_pack("{s:[{s:i,s:O?,s:s,s:{s:O?,s:s}}]}", "tool_calls", "index", c->cur_tool, "id",
+                                          json_object_get(b, "id"), "type", "function", "function", "name",
+                                          json_object_get(b, "name"), "arguments", ""), NULL));
+        } else if (bt && strcmp(bt, "text") == 0 && jstr(b, "text") && *jstr(b, "text")) {
+            c->content_chars += strlen(jstr(b, "text"));
+            emit(c, chunk_of(c, json_pack("{s:O}", "content", json_object_get(b, "text")), NULL));
+        }
+    } else if (strcmp(type, "content_block_delta") == 0) {
+        json_t *d = json_object_get(ev, "delta");
+        const char *dt = jstr(d, "type");
+        if (dt && strcmp(dt, "text_delta") == 0 && jstr(d, "text")) {
+            c->content_chars += strlen(jstr(d, "text"));
+            emit(c, chunk_of(c, json_pack("{s:O}", "content", json_object_get(d, "text")), NULL));
+        } else if (dt && strcmp(dt, "input_json_delta") == 0 && jstr(d, "partial_json")) {
+            c->content_chars += strlen(jstr(d, "partial_json"));
+            emit(c, chunk_of(c, json_pack("{s:[{s:i,s:{s:O}}]}", "tool_calls", "index", c->cur_tool, "function",
+                                          "arguments", json_object_get(d, "partial_json")), NULL));
+        }
+    } else if (strcmp(type, "message_delta") == 0) {
+        json_t *u = json_object_get(ev, "usage");
+        if (json_object_get(u, "output_tokens")) c->completion_tokens = (long)jnum(u, "output_tokens", 0);
+        if (json_object_get(u, "input_tokens")) c->prompt_tokens = anth_input_tokens(u);
+        const char *fr = finish_of(jstr(json_object_get(ev, "delta"), "stop_reason"));
+        emit(c, chunk_of(c, json_object(), fr ? fr : "stop"));
+    } else if (strcmp(type, "message_stop") == 0) {
+        c->ended_ok = 1;
+        if (c->include_usage) {
+            json_t *k = chunk_of(c, json_object(), NULL);
+            json_object_set_new(k, "choices", json_array());
+            json_object_set_new(k, "usage", usage_json(c));
+            emit(c, k);
+        }
+    } else if (strcmp(type, "error") == 0) {
+        char msg[256];
+        json_t *e = json_object_get(ev, "error");
+        snprintf(msg, sizeof msg, "%s", jstr(e, "message") ? jstr(e, "message") : "error event");
+        stream_failed(c, "%s/%s: %s", msg);
+    }
+}
+
+/* One event of an OpenAI stream: passed through as it came, after a look at it. */
+static void openai_event(call *c, const char *data, size_t len) {
+    if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
+        c->ended_ok = 1;
+        return;
+    }
+    json_error_t je;
+    json_t *ev = json_loadb(data, len, 0, &je);
+    if (!json_is_object(ev)) {
+        json_decref(ev);
+        stream_failed(c, "%s/%s: malformed stream event (%s)", je.text);
+        return;
+    }
+    json_t *e = json_object_get(ev, "error");
+    if (e) {
+        const char *m = json_is_string(e) ? json_string_value(e) : jstr(e, "message");
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s", m ? m : "error event");
+        json_decref(ev);
+        stream_failed(c, "%s/%s: %s", msg);
+        return;
+    }
+    json_t *u = json_object_get(ev, "usage");
+    if (json_is_object(u)) {
+        c->prompt_tokens = (long)jnum(u, "prompt_tokens", 0);
+        c->completion_tokens = (long)jnum(u, "completion_tokens", 0);
+        c->have_usage = 1;
+    }
+    json_t *choices = json_object_get(ev, "choices");
+    size_t i;
+    json_t *ch;
+    json_array_foreach(choices, i, ch) {
+        json_t *d = json_object_get(ch, "delta");
+        const char *t = jstr(d, "content");
+        if (t) c->content_chars += strlen(t);
+        size_t k;
+        json_t *tc;
+        json_array_foreach(json_object_get(d, "tool_calls"), k, tc) {
+            const char *a = jstr(json_object_get(tc, "function"), "arguments");
+            if (a) c->content_chars += strlen(a);
+        }
+    }
+    /* The usage chunk was asked for by the router; the caller gets it if it asked too. */
+    int usage_only = json_is_object(u) && json_array_size(choices) == 0;
+    json_decref(ev);
+    if (!usage_only || c->include_usage) emit_raw(c, data, len);
+}
+
+static void sse_dispatch(call *c) {
+    if (c->data.len == 0) return;
+    if (c->tgt->p->kind == K_ANTHROPIC) {
+        json_t *ev = json_loadb(c->data.data, c->data.len, 0, NULL);
+        if (json_is_object(ev)) anthropic_event(c, ev);
+        else stream_failed(c, "%s/%s: malformed stream event%s", "");
+        json_decref(ev);
+    } else {
+        openai_event(c, c->data.data, c->data.len);
+    }
+    c->data.len = 0;
+}
+
+/* Server-Sent Events framing (WHATWG HTML 9.2.6): lines, data: fields joined with
+ * LF, a blank line dispatches; other fields are not needed (Anthropic repeats the
+ * event name as the data's "type"). The JSON inside is parsed with jansson. */
+static void sse_feed(call *c, const char *p, size_t n) {
+    const char *end = p + n;
+    while (p < end && !c->done && c->http) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        if (!nl) {
+            buf_add(&c->line, p, (size_t)(end - p));
+            return;
+        }
+        buf_add(&c->line, p, (size_t)(nl - p));
+        p = nl + 1;
+        size_t l = c->line.len;
+        if (l && c->line.data[l - 1] == '\r') l--;
+        const char *s = c->line.data ? c->line.data : "";
+        c->line.len = 0;
+        if (l == 0) {
+            sse_dispatch(c);
+        } else if (l >= 5 && memcmp(s, "data:", 5) == 0) {
+            size_t off = (l > 5 && s[5] == ' ') ? 6 : 5;
+            if (c->data.len) buf_add(&c->data, "\n", 1);
+            buf_add(&c->data, s + off, l - off);
+        }
+    }
+}
+
+/* ---- HTTP callbacks ------------------------------------------------------------------- */
+
+static const char *head_value(const char *head, size_t len, const char *name, size_t *vlen) {
+    size_t nl = strlen(name);
+    const char *p = head, *end = head + len;
+    while (p && p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        if (!eol) eol = end;
+        if ((size_t)(eol - p) > nl && memcmp(p, name, nl) == 0 && p[nl] == ':') {
+            *vlen = (size_t)(eol - p - nl - 1);
+            return p + nl + 1;
+        }
+        p = eol + 1;
+    }
+    return NULL;
+}
+
+static void on_head(void *ud, long status, const char *head, size_t len) {
+    call *c = (call *)ud;
+    c->status = status;
+    size_t vl;
+    const char *v = head_value(head, len, "retry-after-ms", &vl);
+    char tmp[64];
+    if (v && vl < sizeof tmp) {
+        snprintf(tmp, sizeof tmp, "%.*s", (int)vl, v);
+        c->retry_after = atof(tmp) / 1000;
+    } else if ((v = head_value(head, len, "retry-after", &vl)) && vl < sizeof tmp) {
+        snprintf(tmp, sizeof tmp, "%.*s", (int)vl, v);
+        char *endp;
+        double secs = strtod(tmp, &endp);
+        if (endp == tmp) {
+            struct tm tm;
+            memset(&tm, 0, sizeof tm);
+            secs = strptime(tmp, "%a, %d %b %Y %H:%M:%S GMT", &tm) ? difftime(timegm(&tm), time(NULL)) : 0;
+        }
+        c->retry_after = secs > 0 ? secs : 0;
+    }
+    if (status != 200) return;
+    v = head_value(head, len, "content-type", &vl);
+    snprintf(tmp, sizeof tmp, "%.*s", v ? (int)(vl < 63 ? vl : 63) : 0, v ? v : "");
+    c->is_sse = strstr(tmp, "text/event-stream") != NULL;
+    c->is_json = strstr(tmp, "json") != NULL;
+    if (c->stream ? !c->is_sse : !c->is_json) {
+        set_error(c, "EUPSTREAM", "%s/%s: unexpected content type '%s'", c->tgt->p->name, c->tgt->model,
+                  tmp[0] ? tmp : "(none)");
+        attempt_failed(c, 1);
+    }
+}
+
+#define MAX_ERROR_BODY 65536
+
+static void on_data(void *ud, const char *data, size_t len) {
+    call *c = (call *)ud;
+    if (c->status == 200 && c->stream) {
+        if (c->committed) arm(c, T_IDLE, c->cfg->idle_timeout);
+        sse_feed(c, data, len);
+    } else if (c->status == 200 || c->body.len < MAX_ERROR_BODY) {
+        if (!buf_add(&c->body, data, len)) {
+            set_error(c, "ENOMEM", "out of memory reading the response");
+            attempt_failed(c, 0);
+        }
+    }
+}
+
+static void on_done(void *ud, const char *code, const char *message) {
+    call *c = (call *)ud;
+    c->http = NULL;     /* freed by the client after this returns */
+    if (code) {
+        char msg[MAX_ERR];
+        snprintf(msg, sizeof msg, "%s", message);
+        set_error(c, code, "%s/%s: %s", c->tgt->p->name, c->tgt->model, msg);
+        attempt_failed(c, 1);
+        return;
+    }
+    if (c->status != 200) {
+        char msg[256];
+        upstream_message(c, msg, sizeof msg);
+        set_error(c, "EUPSTREAM", "%s/%s: HTTP %ld: %s", c->tgt->p->name, c->tgt->model, c->status, msg);
+        attempt_failed(c, c->status == 429 || c->status >= 500);
+        return;
+    }
+    if (!c->stream) {
+        complete_json(c);
+        return;
+    }
+    if (c->line.len) sse_feed(c, "\n", 1);
+    if (c->ended_ok) succeed(c);
+    else if (!c->done) stream_failed(c, "%s/%s: %s", "the stream ended before completion");
+}
+
+static const hc_callbacks callbacks = {on_head, on_data, on_done};
+
+static void on_call_timer(uv_timer_t *t) {
+    call *c = (call *)t->data;
+    int kind = c->timer_kind;
+    c->timer_kind = T_NONE;
+    if (kind == T_BACKOFF) {
+        dispatch(c);
+    } else if (kind == T_IDLE && c->ended_ok) {
+        succeed(c);
+    } else if (kind == T_FIRST || kind == T_IDLE) {
+        set_error(c, "ETIMEDOUT", "%s/%s: %s after %g s", c->tgt->p->name, c->tgt->model,
+                  kind == T_FIRST ? "no first token" : "the stream stalled",
+                  kind == T_FIRST ? c->cfg->first_token_timeout : c->cfg->idle_timeout);
+        attempt_failed(c, 1);
+    }
+}
+
+static json_t *upstream_body(call *c) {
+    if (c->op == OP_CHAT && c->tgt->p->kind == K_ANTHROPIC) return to_anthropic(c, c->tgt->model);
+    json_t *o = json_copy(c->req);
+    json_object_set_new(o, "model", json_string(c->tgt->model));
+    if (c->op == OP_EMBED) return o;
+    json_object_set_new(o, "stream", json_boolean(c->stream));
+    /* Usage comes in a last chunk only when asked for. */
+    if (c->stream) json_object_set_new(o, "stream_options", json_pack("{s:b}", "include_usage", 1));
+    else json_object_del(o, "stream_options");
+    return o;
+}
+
+static void send_attempt(call *c) {
+    provider *p = c->tgt->p;
+    take_slot(c);
+    c->tries++;
+    c->attempt_started = now_s();
+    c->status = 0;
+    c->retry_after = -1;
+    c->ended_ok = c->is_sse = c->is_json = 0;
+    c->body.len = c->line.len = c->data.len = 0;
+    json_t *o = upstream_body(c);
+    char *body = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    const char *headers[5];
+    int n = 0;
+    headers[n++] = "Content-Type: application/json";
+    if (p->auth) headers[n++] = p->auth;
+    if (p->kind == K_ANTHROPIC) headers[n++] = "anthropic-version: 2023-06-01";
+    if (c->stream) headers[n++] = "Accept: text/event-stream";
+    headers[n] = NULL;
+    hc_options rq = {
+        .method = "POST",
+        .url = c->op == OP_EMBED ? p->embed_url : p->chat_url,
+        .headers = headers,
+        .body = body,
+        .body_len = body ? strlen(body) : 0,
+        .timeout_ms = (long)(c->cfg->timeout * 1000),
+        .connect_timeout_ms = (long)(c->cfg->connect_timeout * 1000),
+    };
+    c->http = body ? hc_start(&rq, &callbacks, c) : NULL;
+    free(body);
+    if (!c->http) {
+        set_error(c, "EHTTP", "%s/%s: cannot start the request", p->name, c->tgt->model);
+        attempt_failed(c, 0);
+        return;
+    }
+    if (c->stream) arm(c, T_FIRST, c->cfg->first_token_timeout);
+}
+
+/* ---- Lua API --------------------------------------------------------------------------- */
+
+static void call_abort(void *op) {
+    call *c = (call *)op;
+    c->fiber = NULL;
+    if (!c->committed && !c->done) {
+        c->cancelled = 1;
+        set_error(c, "ECANCELED", "the caller went away");
+        finish(c);
+    }
+    release(c);
+}
+
+static int r_configure(lua_State *L) {
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len);
+    char err[MAX_ERR];
+    config *cfg = cfg_load(text, len, err);
+    if (!cfg) return fb_push_error(L, "EINVAL", "%s", err);
+    cfg_unref(R.cfg);
+    R.cfg = cfg;
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static double chain_price(alias *a, double prompt, double completion) {
+    double m = 0;
+    for (int i = 0; i < a->n; i++) m = fmax(m, prompt * a->t[i].price_in + completion * a->t[i].price_out);
+    return m;
+}
+
+static int bad_request(lua_State *L, call *c, const char *code, const char *fmt, ...) {
+    char msg[MAX_ERR];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    fb_push_error(L, code, "%s", msg);
+    json_decref(c->req);
+    c->req = NULL;
+    return 3;
+}
+
+static int start_call(lua_State *L, int op) {
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len);
+    const char *team = luaL_optstring(L, 2, NULL), *run = luaL_optstring(L, 3, NULL);
+    fb_fiber *f = fb_check_current(L, op == OP_CHAT ? "router.chat" : "router.embeddings");
+    if (R.closed || fb_closing()) return luaL_error(L, "router: the runtime is shutting down");
+    if (!R.cfg) return fb_push_error(L, "ENOCONFIG", "the router is not configured (no providers and models)");
+    call probe = {0};
+    json_error_t je;
+    probe.req = json_loadb(text, len, 0, &je);
+    if (!json_is_object(probe.req))
+        return bad_request(L, &probe, "EINVAL", "the request is not a JSON object: %s",
+                           probe.req ? "another JSON value" : je.text);
+    const char *model = jstr(probe.req, "model");
+    if (!model || !*model) return bad_request(L, &probe, "EINVAL", "'model' is required");
+    if (op == OP_CHAT && !json_array_size(json_object_get(probe.req, "messages")))
+        return bad_request(L, &probe, "EINVAL", "'messages' must be a non-empty array");
+    if (op == OP_EMBED && !json_object_get(probe.req, "input"))
+        return bad_request(L, &probe, "EINVAL", "'input' is required");
+    int stream = op == OP_CHAT && (lua_isnoneornil(L, 4) ? json_is_true(json_object_get(probe.req, "stream"))
+                                                        : lua_toboolean(L, 4));
+    config *cfg = R.cfg;
+    alias *al = find_alias(cfg, model);
+    target direct = {0};
+    if (!al && !set_target(cfg, &direct, model))
+        return bad_request(L, &probe, "EALIAS", "unknown model '%.200s': not an alias nor provider/model", model);
+
+    call *c = (call *)calloc(1, sizeof *c);
+    if (!c) {
+        free(direct.model);
+        return bad_request(L, &probe, "ENOMEM", "out of memory");
+    }
+    uv_timer_init(fb_loop(), &c->timer);
+    c->timer.data = c;
+    c->next = R.live;
+    if (R.live) R.live->prev = c;
+    R.live = c;
+    c->cfg = cfg;
+    cfg->refs++;
+    c->op = op;
+    c->stream = stream;
+    c->req = probe.req;
+    c->attempts = json_array();
+    c->alias_name = strdup(model);
+    c->team = dup_str(team);
+    c->run = dup_str(run);
+    c->started = now_s();
+    c->retry_after = -1;
+    if (al) {
+        c->al = al;
+    } else {
+        c->direct_t = direct;
+        c->direct.name = c->alias_name;
+        c->direct.t = &c->direct_t;
+        c->direct.n = 1;
+        c->al = &c->direct;
+    }
+    c->include_usage = json_is_true(json_object_get(json_object_get(c->req, "stream_options"), "include_usage"));
+    /* Never more tokens than asked for: the reservation and, for Anthropic, the limit sent. */
+    json_t *mt = json_object_get(c->req, "max_completion_tokens");
+    if (!mt) mt = json_object_get(c->req, "max_tokens");
+    double completion = op == OP_EMBED ? 0 : json_is_integer(mt) ? (double)json_integer_value(mt) : cfg->default_max_tokens;
+    c->est_prompt = (double)(len / 4 + 1);
+    c->est_tokens = c->est_prompt + completion;
+    c->est_usd = chain_price(c->al, c->est_prompt, completion);
+    if (!reserve(c)) {
+        snprintf(c->err_code, sizeof c->err_code, "EBUDGET");
+        finish(c);
+        return push_err(L, c);
+    }
+    next_target(c);
+    if (c->done) return push_err(L, c);     /* every provider's circuit is open */
+    c->fiber = f;
+    return fb_await(L, f, call_abort, c, 0);
+}
+
+/* chat(request_json [, team [, run [, stream]]]) */
+static int r_chat(lua_State *L) { return start_call(L, OP_CHAT); }
+
+/* embeddings(request_json [, team [, run]]) */
+static int r_embeddings(lua_State *L) { return start_call(L, OP_EMBED); }
+
+static call *check_stream(lua_State *L) {
+    stream_ud *s = (stream_ud *)luaL_checkudata(L, 1, STREAM_MT);
+    if (!s->c) luaL_argerror(L, 1, "the stream is closed");
+    return s->c;
+}
+
+static int stream_read(lua_State *L) {
+    call *c = check_stream(L);
+    double timeout = luaL_optnumber(L, 2, 0);
+    if (c->fiber) return luaL_error(L, "stream:read: another fiber is already reading");
+    if (c->head || c->done) return push_chunk(L, c);
+    fb_fiber *f = fb_check_current(L, "stream:read");
+    c->fiber = f;
+    return fb_await(L, f, call_abort, c, timeout);
+}
+
+static int stream_close(lua_State *L) {
+    stream_ud *s = (stream_ud *)luaL_checkudata(L, 1, STREAM_MT);
+    call *c = s->c;
+    if (!c) return 0;
+    s->c = NULL;
+    c->has_handle = 0;
+    if (!c->done) {
+        c->cancelled = 1;
+        set_error(c, "ECANCELED", "the stream was closed");
+        finish(c);
+    }
+    release(c);
+    return 0;
+}
+
+static void push_json(lua_State *L, json_t *o) {
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (!s) luaL_error(L, "router: out of memory");
+    lua_pushstring(L, s);
+    free(s);
+}
+
+/* models() -> JSON text of GET /v1/models */
+static int r_models(lua_State *L) {
+    json_t *data = json_array();
+    for (int i = 0; R.cfg && i < R.cfg->naliases; i++)
+        json_array_append_new(data, json_pack("{s:s,s:s,s:i,s:s}", "id", R.cfg->aliases[i].name, "object", "model",
+                                              "created", 0, "owned_by", "factory"));
+    push_json(L, json_pack("{s:s,s:o}", "object", "list", "data", data));
+    return 1;
+}
+
+static int r_stats(lua_State *L) {
+    json_t *provs = json_object(), *accs = json_object();
+    int live = 0;
+    for (call *c = R.live; c; c = c->next) live += !c->done;
+    for (int i = 0; R.cfg && i < R.cfg->nproviders; i++) {
+        provider *p = &R.cfg->providers[i];
+        int queued = 0;
+        for (call *c = p->qhead; c; c = c->qnext) queued++;
+        const char *br = p->failures < R.cfg->breaker_failures ? "closed" : now_s() < p->open_until ? "open" : "half-open";
+        json_object_set_new(provs, p->name, json_pack("{s:i,s:i,s:I,s:I,s:s}", "inflight", p->inflight, "queued", queued,
+                                                      "requests", (json_int_t)p->requests, "errors",
+                                                      (json_int_t)p->errors, "breaker", br));
+    }
+    for (account *a = R.accounts; a; a = a->next) {
+        roll_day(a);
+        double lu = -1, lt = -1;
+        if (R.cfg) limits_of(R.cfg, a, &lu, &lt);
+        json_t *o = json_pack("{s:f,s:f,s:f,s:f}", "spent_usd", a->usd, "spent_tokens", a->tokens, "reserved_usd",
+                              a->r_usd, "reserved_tokens", a->r_tokens);
+        if (lu >= 0) json_object_set_new(o, "limit_usd", json_real(lu));
+        if (lt >= 0) json_object_set_new(o, "limit_tokens", json_real(lt));
+        json_object_set_new(accs, a->key, o);
+    }
+    push_json(L, json_pack("{s:i,s:o,s:o}", "calls", live, "providers", provs, "budgets", accs));
+    return 1;
+}
+
+/* set_budget("team"|"run", name, usd, tokens): nil (or < 0) keeps the configured limit. */
+static int r_set_budget(lua_State *L) {
+    const char *kind = luaL_checkstring(L, 1), *name = luaL_checkstring(L, 2);
+    luaL_argcheck(L, strcmp(kind, "team") == 0 || strcmp(kind, "run") == 0, 1, "\"team\" or \"run\" expected");
+    account *a = get_account(kind, name);
+    if (!a) return luaL_error(L, "router: out of memory");
+    a->lim_usd = luaL_optnumber(L, 3, -1);
+    a->lim_tokens = luaL_optnumber(L, 4, -1);
+    return 0;
+}
+
+static int r_record(lua_State *L) {
+    R.recording = lua_toboolean(L, 1);
+    return 0;
+}
+
+static int r_records(lua_State *L) {
+    if (!json_array_size(R.records)) return 0;
+    push_json(L, R.records);
+    R.records = json_array();
+    return 1;
+}
+
+/* lua_close: stop every transfer and timer; the calls go with their owners. */
+static int r_gc(lua_State *L) {
+    R.closed = 1;
+    for (call *c = R.live; c; c = c->next) {
+        if (c->http) hc_cancel(c->http);
+        c->http = NULL;
+        c->nacc = 0;    /* the accounts go now */
+        uv_timer_stop(&c->timer);
+        c->timer_kind = T_NONE;
+    }
+    cfg_unref(R.cfg);
+    R.cfg = NULL;
+    for (account *a = R.accounts, *n; a; a = n) {
+        n = a->next;
+        free(a->key);
+        free(a);
+    }
+    R.accounts = NULL;
+    json_decref(R.records);
+    R.records = NULL;
+    return 0;
+}
+
+static const luaL_Reg stream_methods[] = {
+    {"read", stream_read},
+    {"close", stream_close},
+    {NULL, NULL},
+};
+
+static const luaL_Reg router_functions[] = {
+    {"configure", r_configure},
+    {"chat", r_chat},
+    {"embeddings", r_embeddings},
+    {"models", r_models},
+    {"stats", r_stats},
+    {"set_budget", r_set_budget},
+    {"record", r_record},
+    {"records", r_records},
+    {NULL, NULL},
+};
+
+int luaopen_factory_core_router(lua_State *L) {
+    /* The HTTP client's module owns curl's global state and its teardown. */
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "factory.core.http_client");
+    lua_call(L, 1, 0);
+    if (luaL_newmetatable(L, STATE_MT)) {      /* a new Lua state: a fresh start */
+        memset(&R, 0, sizeof R);
+        R.records = json_array();
+        lua_pushcfunction(L, r_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_newuserdata(L, 1);
+        lua_pushvalue(L, -2);
+        lua_setmetatable(L, -2);
+        luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, STREAM_MT)) {
+        lua_newtable(L);
+        luaL_register(L, NULL, stream_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, stream_close);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    lua_newtable(L);
+    luaL_register(L, NULL, router_functions);
+    return 1;
+}

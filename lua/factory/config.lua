@@ -1,0 +1,109 @@
+-- factory.config: the installation's factory.lua, loaded in a sandbox.
+--
+--   config.load(path) -> cfg | nil, "file:line: message"
+--   cfg.router   the table for router.configure
+--   cfg.keys     { [bearer key] = { team = NAME } }  (virtual keys of the proxy)
+--
+-- factory.lua calls these functions (each at most once), nothing else runs:
+--   providers { NAME = { base_url =, api_key = env "VAR", kind = "openai"|"anthropic",
+--                        rpm =, tpm =, max_concurrency = } }
+--       kind defaults to "openai" ("anthropic" for a provider named anthropic);
+--       base_url defaults for the well-known names openai, anthropic, ollama,
+--       openrouter.
+--   models { ["factory/coder"] = { "provider/model", ... } }   ordered fallback chains
+--   prices { ["provider/model"] = { input = USD, output = USD } }  per 1M tokens
+--   budgets { teams = { NAME = { usd_per_day =, tokens_per_day = } },
+--             run = { usd =, tokens = } }
+--   limits { retries =, backoff =, timeout =, first_token_timeout =, ... }  (core/router.c)
+--   keys { ["sk-factory-..."] = { team = "backend_engineering" } }
+--   env "VAR" -> the variable's value, or nil
+local fs = require "factory.core.fs"
+
+local M = {}
+
+local DEFAULT_URLS = {
+  openai = "https://api.openai.com/v1",
+  anthropic = "https://api.anthropic.com",
+  ollama = "http://127.0.0.1:11434/v1",
+  openrouter = "https://openrouter.ai/api/v1",
+}
+
+local SAFE = { "assert", "error", "ipairs", "next", "pairs", "select", "tonumber", "tostring", "type", "unpack" }
+
+local SECTIONS = { "providers", "models", "prices", "budgets", "limits", "keys" }
+
+local function fail(msg, level) error(msg, level + 1) end
+
+local function check_providers(t)
+  for name, p in pairs(t) do
+    if type(name) ~= "string" or name:find("/", 1, true) then fail("providers: names must be strings without '/'", 4) end
+    if type(p) ~= "table" then fail(("providers.%s: expected a table"):format(name), 4) end
+    p.kind = p.kind or (name == "anthropic" and "anthropic" or "openai")
+    if p.kind ~= "openai" and p.kind ~= "anthropic" then
+      fail(("providers.%s: kind must be \"openai\" or \"anthropic\""):format(name), 4)
+    end
+    p.base_url = p.base_url or DEFAULT_URLS[name]
+    if type(p.base_url) ~= "string" then fail(("providers.%s: base_url is required"):format(name), 4) end
+    if p.api_key ~= nil and type(p.api_key) ~= "string" then
+      fail(("providers.%s: api_key must be a string (env \"VAR\")"):format(name), 4)
+    end
+  end
+end
+
+local function check_models(t, providers)
+  for alias, chain in pairs(t) do
+    if type(chain) ~= "table" or #chain == 0 then
+      fail(("models[%q]: expected a list of \"provider/model\""):format(tostring(alias)), 4)
+    end
+    for _, spec in ipairs(chain) do
+      local p = type(spec) == "string" and spec:match("^([^/]+)/.+$")
+      if not p then fail(("models[%q]: %q is not \"provider/model\""):format(alias, tostring(spec)), 4) end
+      if not providers[p] then
+        fail(("models[%q]: unknown provider %q (declare it in providers {})"):format(alias, p), 4)
+      end
+    end
+  end
+end
+
+function M.load(path)
+  local chunk, err = loadfile(path)
+  if not chunk then return nil, err end
+  local cfg = {}
+  local env = {}
+  for _, k in ipairs(SAFE) do env[k] = _G[k] end
+  env.string, env.table, env.math = string, table, math
+  env.env = function(name) return os.getenv(name) end
+  for _, section in ipairs(SECTIONS) do
+    env[section] = function(t)
+      if type(t) ~= "table" then fail(section .. " expects a table: " .. section .. " { ... }", 2) end
+      if cfg[section] then fail(section .. " is given twice", 2) end
+      if section == "providers" then check_providers(t) end
+      if section == "models" then check_models(t, cfg.providers or fail("declare providers before models", 3)) end
+      cfg[section] = t
+    end
+  end
+  setmetatable(env, {
+    __index = function(_, k) error(("undefined global '%s'"):format(tostring(k)), 2) end,
+    __newindex = function(_, k) error(("assignment to global '%s'"):format(tostring(k)), 2) end,
+  })
+  setfenv(chunk, env)
+  local ok, rerr = pcall(chunk)
+  if not ok then
+    local msg = tostring(rerr)
+    if not msg:find(path, 1, true) then msg = path .. ":1: " .. msg end
+    return nil, msg
+  end
+  return {
+    router = { providers = cfg.providers or {}, models = cfg.models or {}, prices = cfg.prices,
+               budgets = cfg.budgets, limits = cfg.limits },
+    keys = cfg.keys or {},
+  }
+end
+
+-- The configuration file to use: the one given, else ./factory.lua if it exists.
+function M.find(path)
+  if path then return path end
+  if fs.stat("factory.lua") then return "factory.lua" end
+end
+
+return M

@@ -1,0 +1,525 @@
+-- factory.db: the durable store, one API over SQLite and PostgreSQL.
+--
+--   db.open([url])            -> db | nil, err, code
+--       url: "sqlite:PATH" | "postgres://user:pass@host:port/dbname?pool=4" |
+--            nil = $FACTORY_DB, else sqlite .factory/factory.db (the directory is
+--            created; an explicit sqlite path's directory must exist). See db/url.lua.
+--   db.backend                -> "sqlite" | "postgres";  db.url -> the URL without password
+--   db:query(sql, params)     -> { row, ... } | nil, err, code
+--   db:exec(sql, params)      -> { changes = n, last_id = n? } | nil, err, code
+--   db:script(sql)            -> true | nil, err, code     several statements, no parameters (DDL)
+--   db:tx(fn, ...)            -> fn's results | nil, err, code
+--       fn(tx, ...) runs in one transaction; tx has query/exec/script/notify and
+--       .backend. COMMIT when fn returns; ROLLBACK when fn raises or returns nil, err,
+--       and then db:tx returns nil, err. On SQLite it is BEGIN IMMEDIATE: the write
+--       lock is taken up front, so two writers queue on the busy timeout instead of
+--       one failing when it upgrades from reader to writer.
+--   db:notify(channel, payload)  db:listen(channel) -> listener
+--       listener:wait([timeout]) -> { channel =, payload = } | nil, err, code;  listener:close()
+--       PostgreSQL: LISTEN/NOTIFY on a dedicated connection (tx:notify is delivered at
+--       COMMIT). A listener whose connection dropped reconnects and returns
+--       { channel =, reconnected = true }: anything may have been missed, re-check.
+--       SQLite: within this process only (other processes must poll).
+--   db:migrate() -> { version =, applied = {...} }   db:schema_status() -> see db/migrations.lua
+--   db:tables() -> { name, ... }   db:close()
+--
+-- Statements use ? placeholders on both backends; values are only ever bound as
+-- parameters, never spliced into SQL. params is a list; holes are NULL (give
+-- params.n, or db.null, for a trailing NULL). Lua tables are bound as JSON text.
+-- Results: a list of rows, each { column = value }; NULL columns are absent;
+-- integers and reals are numbers (integers exact up to 2^53), JSON/JSONB columns are
+-- decoded (text that does not decode stays a string), booleans are booleans.
+-- exec's last_id: on SQLite the rowid an INSERT inserted; on both backends a
+-- statement's RETURNING id fills it (the portable way, and the right id for upserts).
+--
+-- Connections: SQLite has one (every call queues on it; its work runs on the libuv
+-- thread pool, where waiting out another process's lock ties up a pool thread). PostgreSQL has a pool of up to `pool` connections, opened on demand;
+-- a dropped connection is replaced, reconnecting with exponential backoff for up to
+-- 10 s. A transaction pins one connection until it ends, so keep transactions short.
+-- Inside db:tx use the tx object: calling db:query from the same fiber raises,
+-- because it would run outside the transaction (or wait forever on SQLite).
+-- If a fiber dies holding a connection (cancelled, timed out), the next caller
+-- reclaims it: rolled back on SQLite, closed and replaced on PostgreSQL.
+local sqlite = require "factory.core.db_sqlite"
+local pg = require "factory.core.db_pg"
+local corefiber = require "factory.core.fiber"
+local time = require "factory.core.time"
+local json = require "factory.json"
+local dburl = require "factory.db.url"
+local sqltext = require "factory.db.sql"
+
+local M = { null = json.null }
+
+local DB, Tx, Listener = {}, {}, {}
+DB.__index, Tx.__index, Listener.__index = DB, Tx, Listener
+
+local MAIN = {} -- the owner of a connection taken outside any fiber
+local RECONNECT_FOR = 10
+local TRANSIENT = { ECONNREFUSED = true, ECONNRESET = true, ECONNECT = true, ETIMEDOUT = true }
+
+local function pack(...) return { n = select("#", ...), ... } end
+
+local function strip_code(err) return (tostring(err):gsub("^E%u+: ", "")) end
+
+-- ---- statements ---------------------------------------------------------------
+
+local function bind_list(params)
+  if params == nil then return nil, 0 end
+  if type(params) ~= "table" then error("db: params must be a list, got " .. type(params), 4) end
+  local n = params.n or table.maxn(params)
+  local out = {}
+  for i = 1, n do
+    local v = params[i]
+    local t = type(v)
+    if v == json.null then
+      v = nil
+    elseif t == "table" then
+      local s, err = json.encode(v)
+      if not s then error(("db: parameter %d: %s"):format(i, err), 4) end
+      v = s
+    elseif t ~= "nil" and t ~= "string" and t ~= "number" and t ~= "boolean" then
+      error(("db: parameter %d is a %s (expected nil, boolean, number, string or table)"):format(i, t), 4)
+    end
+    out[i] = v
+  end
+  return out, n
+end
+
+local function decode_json(rows, cols)
+  for _, row in ipairs(rows) do
+    for _, col in ipairs(cols) do
+      local s = row[col]
+      if s ~= nil then
+        local v = json.decode(s)
+        if v ~= nil then row[col] = v end
+      end
+    end
+  end
+end
+
+-- Runs one statement on conn. params were checked by the caller (prepare).
+local function run(conn, backend, sql, args, n)
+  if backend == "postgres" then
+    local count
+    sql, count = sqltext.to_postgres(sql)
+    -- PostgreSQL would accept extra typed parameters silently; SQLite refuses them.
+    if count ~= n then
+      return nil, ("ESQL: the statement has %d parameter(s), %d given"):format(count, n), "ESQL"
+    end
+  end
+  local rows, meta, code = conn:run(sql, args, n)
+  if not rows then return nil, meta, code end
+  if meta.json then decode_json(rows, meta.json) end
+  return rows, meta
+end
+
+local function prepare(sql, params)
+  if type(sql) ~= "string" then error("db: sql must be a string, got " .. type(sql), 3) end
+  return bind_list(params)
+end
+
+local function exec_result(rows, meta)
+  local last = meta.last_id
+  if last == nil and rows[#rows] and type(rows[#rows].id) == "number" then last = rows[#rows].id end
+  return { changes = meta.changes, last_id = last }
+end
+
+-- ---- connections ----------------------------------------------------------------
+
+local function alive(owner)
+  if owner == MAIN then return true end
+  local st = owner:status()
+  return st == "ready" or st == "running" or st == "waiting"
+end
+
+local function connect_error(spec, err, code)
+  local msg = strip_code(err)
+  if code == "ETIMEDOUT" then msg = ("no answer within %g s"):format(spec.connect_timeout) end
+  msg = ("%s: cannot connect to %s: %s"):format(code, spec.display, msg)
+  local pw = spec.password
+  if pw and pw ~= "" then
+    local i, j = msg:find(pw, 1, true)
+    while i do
+      msg = msg:sub(1, i - 1) .. "***" .. msg:sub(j + 1)
+      i, j = msg:find(pw, i + 3, true)
+    end
+  end
+  return msg
+end
+
+-- Connects to PostgreSQL, retrying transient failures with backoff for up to
+-- retry_for seconds.
+local function pg_connect(spec, retry_for)
+  local deadline = time.monotonic() + retry_for
+  local delay = 0.05
+  while true do
+    local c, err, code = pg.connect(spec.params, spec.connect_timeout)
+    if c then return c end
+    if not TRANSIENT[code] or time.monotonic() + delay > deadline then
+      return nil, connect_error(spec, err, code), code
+    end
+    corefiber.sleep(delay * (0.5 + math.random() * 0.5))
+    delay = math.min(delay * 2, 2)
+  end
+end
+
+local function usable(e)
+  return e.conn ~= nil and (not e.conn.ok or e.conn:ok())
+end
+
+local function remove_entry(self, e)
+  for i, x in ipairs(self.entries) do
+    if x == e then
+      table.remove(self.entries, i)
+      break
+    end
+  end
+  if e.conn then e.conn:close() end
+end
+
+-- Hands the connection to the first waiter still parked, else leaves it idle.
+local function release(self, e)
+  e.owner = nil
+  if self.closed or not usable(e) then
+    remove_entry(self, e)
+    local w = table.remove(self.waiters, 1)
+    if w then w:wake(true) end
+    return
+  end
+  while #self.waiters > 0 do
+    local w = table.remove(self.waiters, 1)
+    e.owner = w
+    if w:wake(e) then return end
+    e.owner = nil
+  end
+end
+
+-- Frees a connection whose owner died without releasing it (a cancelled fiber
+-- unwinds nothing): its open transaction would hold locks. A PostgreSQL connection is
+-- closed, which ends the transaction and leaves no one queued behind a statement the
+-- dead fiber left running; SQLite's one connection is rolled back and reused.
+local function reclaim(self, e, me)
+  e.owner = me
+  if self.backend == "postgres" then
+    e.conn:close()
+  elseif e.in_tx then
+    e.in_tx = false
+    e.conn:script("ROLLBACK")
+  end
+  release(self, e)
+end
+
+-- level: of the caller to blame for misuse.
+local function acquire(self, level)
+  local me = corefiber.current() or MAIN
+  if self.tx_owners[me] then
+    error("db: called on the database inside db:tx from the same fiber (it would run outside "
+      .. "the transaction); use the tx object", level + 1)
+  end
+  while true do
+    if self.closed then return nil, "ECLOSED: the database is closed", "ECLOSED" end
+    local idle, dead
+    for _, e in ipairs(self.entries) do
+      if e.owner == nil then
+        idle = idle or e
+      elseif not alive(e.owner) then
+        dead = e
+      end
+    end
+    if dead then
+      reclaim(self, dead, me)
+    elseif idle and usable(idle) then
+      idle.owner = me
+      return idle
+    elseif idle then
+      remove_entry(self, idle)
+    elseif self.connect and #self.entries < self.max then
+      local e = { owner = me }
+      self.entries[#self.entries + 1] = e
+      local c, err, code = self.connect()
+      if not c then
+        release(self, e)
+        return nil, err, code
+      end
+      e.conn = c
+      return e
+    elseif me == MAIN then
+      return nil, "EBUSY: the database is in use by a fiber; call it from a fiber", "EBUSY"
+    else
+      self.waiters[#self.waiters + 1] = me
+      -- The timeout only re-checks for owners that died holding a connection.
+      local got = corefiber.park(1)
+      for i, w in ipairs(self.waiters) do
+        if w == me then
+          table.remove(self.waiters, i)
+          break
+        end
+      end
+      if type(got) == "table" then return got end
+    end
+  end
+end
+
+-- Runs fn(conn, ...) on a connection of its own.
+local function with_conn(self, fn, ...)
+  local e, err, code = acquire(self, 3)
+  if not e then return nil, err, code end
+  local res = pack(pcall(fn, e.conn, ...))
+  release(self, e)
+  if not res[1] then error(res[2], 0) end
+  return unpack(res, 2, res.n)
+end
+
+-- ---- the database ---------------------------------------------------------------
+
+function M.open(url)
+  local spec, err, code = dburl.parse(url)
+  if not spec then return nil, err, code end
+  local self = setmetatable({
+    backend = spec.backend, url = spec.display, entries = {}, waiters = {},
+    tx_owners = setmetatable({}, { __mode = "k" }), listeners = setmetatable({}, { __mode = "k" }),
+    spec = spec,
+  }, DB)
+  local conn
+  if spec.backend == "sqlite" then
+    conn, err, code = sqlite.open(spec.path, { create_dir = spec.create_dir })
+    self.max = 1
+  else
+    conn, err, code = pg_connect(spec, 0)
+    self.max = spec.pool
+    self.connect = function() return pg_connect(spec, RECONNECT_FOR) end
+  end
+  if not conn then return nil, err, code end
+  self.entries[1] = { conn = conn }
+  return self
+end
+
+local function query_on(conn, backend, sql, args, n)
+  local rows, meta, code = run(conn, backend, sql, args, n)
+  if not rows then return nil, meta, code end
+  return rows
+end
+
+local function exec_on(conn, backend, sql, args, n)
+  local rows, meta, code = run(conn, backend, sql, args, n)
+  if not rows then return nil, meta, code end
+  return exec_result(rows, meta)
+end
+
+function DB:query(sql, params)
+  local args, n = prepare(sql, params)
+  return with_conn(self, query_on, self.backend, sql, args, n)
+end
+
+function DB:exec(sql, params)
+  local args, n = prepare(sql, params)
+  return with_conn(self, exec_on, self.backend, sql, args, n)
+end
+
+function DB:script(sql)
+  prepare(sql)
+  return with_conn(self, function(conn) return conn:script(sql) end)
+end
+
+local function tx_error_text(err)
+  if type(err) == "table" then
+    return tostring(err.code or "EFAIL") .. ": " .. tostring(err.message), err.code or "EFAIL"
+  end
+  local text = tostring(err)
+  -- "ECODE: ..." as raised by assert(), or after error()'s "file:line: "
+  return text, text:match("^(E%u+):") or text:match("^[^:]+:%d+: (E%u+):") or "EFAIL"
+end
+
+local function deliver(self, channel, payload)
+  for l in pairs(self.listeners) do
+    if l.channel == channel and not l.closed then
+      l.queue[#l.queue + 1] = { channel = channel, payload = payload }
+      if l.waiter then l.waiter:wake(true) end
+    end
+  end
+end
+
+function DB:tx(fn, ...)
+  if type(fn) ~= "function" then error("db:tx: expected a function, got " .. type(fn), 2) end
+  local me = corefiber.current() or MAIN
+  local e, err, code = acquire(self, 2)
+  if not e then return nil, err, code end
+  local ok, berr, bcode = e.conn:script(self.backend == "sqlite" and "BEGIN IMMEDIATE" or "BEGIN")
+  if not ok then
+    release(self, e)
+    return nil, berr, bcode
+  end
+  e.in_tx = true
+  self.tx_owners[me] = true
+  local tx = setmetatable({ backend = self.backend, _conn = e.conn, _notes = {} }, Tx)
+  local res = pack(xpcall(fn, function(x) return x end, tx, ...))
+  tx._conn = nil
+  self.tx_owners[me] = nil
+  local raised = not res[1]
+  if raised or (res[2] == nil and res[3] ~= nil) then
+    e.conn:script("ROLLBACK")
+    e.in_tx = false
+    release(self, e)
+    if not raised then return nil, res[3], res[4] end
+    -- A fiber cancelling itself must stay cancelled.
+    if type(res[2]) == "table" and res[2].code == "ECANCELED" then error(res[2], 0) end
+    return nil, tx_error_text(res[2])
+  end
+  local cok, cerr, ccode = e.conn:script("COMMIT")
+  if not cok then e.conn:script("ROLLBACK") end
+  e.in_tx = false
+  release(self, e)
+  if not cok then return nil, cerr, ccode end
+  for _, note in ipairs(tx._notes) do deliver(self, note[1], note[2]) end
+  return unpack(res, 2, res.n)
+end
+
+function DB:notify(channel, payload)
+  if self.backend == "postgres" then
+    local rows, err, code = self:query("SELECT pg_notify(?, ?)", { channel, payload or "" })
+    if not rows then return nil, err, code end
+  else
+    deliver(self, channel, payload)
+  end
+  return true
+end
+
+local TABLES = {
+  sqlite = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite!_%' ESCAPE '!' ORDER BY name",
+  postgres = "SELECT table_name AS name FROM information_schema.tables"
+    .. " WHERE table_schema = current_schema() ORDER BY table_name",
+}
+
+function DB:tables()
+  local rows, err, code = self:query(TABLES[self.backend])
+  if not rows then return nil, err, code end
+  local names = {}
+  for i, r in ipairs(rows) do names[i] = r.name end
+  return names
+end
+
+function DB:migrate()
+  return require("factory.db.migrations").migrate(self)
+end
+
+function DB:schema_status()
+  return require("factory.db.migrations").status(self)
+end
+
+function DB:close()
+  if self.closed then return true end
+  self.closed = true
+  for i = #self.entries, 1, -1 do
+    local e = self.entries[i]
+    if e.owner == nil or not alive(e.owner) then remove_entry(self, e) end
+  end
+  for l in pairs(self.listeners) do l:close() end
+  local waiters = self.waiters
+  self.waiters = {}
+  for _, w in ipairs(waiters) do w:wake(true) end
+  return true
+end
+
+-- ---- transactions -----------------------------------------------------------------
+
+local function tx_conn(tx)
+  local c = tx._conn
+  if not c then error("db: the transaction has already ended", 3) end
+  return c
+end
+
+function Tx:query(sql, params)
+  local args, n = prepare(sql, params)
+  return query_on(tx_conn(self), self.backend, sql, args, n)
+end
+
+function Tx:exec(sql, params)
+  local args, n = prepare(sql, params)
+  return exec_on(tx_conn(self), self.backend, sql, args, n)
+end
+
+function Tx:script(sql)
+  prepare(sql)
+  return tx_conn(self):script(sql)
+end
+
+-- PostgreSQL delivers at COMMIT and drops on ROLLBACK; SQLite's in-process
+-- delivery does the same.
+function Tx:notify(channel, payload)
+  if self.backend == "postgres" then
+    local rows, err, code = self:query("SELECT pg_notify(?, ?)", { channel, payload or "" })
+    if not rows then return nil, err, code end
+  else
+    tx_conn(self)
+    self._notes[#self._notes + 1] = { channel, payload }
+  end
+  return true
+end
+
+-- ---- notifications -----------------------------------------------------------------
+
+local function pg_listen(l)
+  local c, err, code = pg_connect(l.db.spec, l.retry_for)
+  if not c then return nil, err, code end
+  local ok, lerr, lcode = c:script("LISTEN " .. c:quote_ident(l.channel))
+  if not ok then
+    c:close()
+    return nil, lerr, lcode
+  end
+  l.conn = c
+  return true
+end
+
+function DB:listen(channel)
+  if type(channel) ~= "string" or channel == "" then
+    error("db:listen: expected a channel name, got " .. tostring(channel), 2)
+  end
+  local l = setmetatable({ db = self, channel = channel, queue = {}, retry_for = 0 }, Listener)
+  if self.backend == "postgres" then
+    local ok, err, code = pg_listen(l)
+    if not ok then return nil, err, code end
+  end
+  self.listeners[l] = true
+  return l
+end
+
+local function wait_timeout(timeout)
+  return nil, ("ETIMEDOUT: no notification within %g s"):format(timeout), "ETIMEDOUT"
+end
+
+function Listener:wait(timeout)
+  if self.closed then error("listener:wait: the listener is closed", 2) end
+  if self.db.backend == "sqlite" then
+    if #self.queue == 0 then
+      self.waiter = corefiber.current()
+      local woke = corefiber.park(timeout)
+      self.waiter = nil
+      if self.closed then return nil, "ECLOSED: the listener was closed", "ECLOSED" end
+      if not woke and #self.queue == 0 then return wait_timeout(timeout) end
+    end
+    return table.remove(self.queue, 1)
+  end
+  if not self.conn:ok() then
+    self.conn:close()
+    self.retry_for = timeout or RECONNECT_FOR
+    local ok, err, code = pg_listen(self)
+    if not ok then return nil, err, code end
+    return { channel = self.channel, reconnected = true }
+  end
+  local channel, payload, code = self.conn:wait_notify(timeout)
+  if channel then return { channel = channel, payload = payload } end
+  if code == "ETIMEDOUT" then return wait_timeout(timeout) end
+  if code == "ECONNRESET" then return self:wait(timeout) end
+  return nil, payload, code
+end
+
+function Listener:close()
+  if self.closed then return true end
+  self.closed = true
+  self.db.listeners[self] = nil
+  if self.conn then self.conn:close() end
+  if self.waiter then self.waiter:wake(false) end
+  return true
+end
+
+return M

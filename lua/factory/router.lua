@@ -1,0 +1,136 @@
+-- factory.router: every model call goes through here (the mechanism is C:
+-- core/router.c documents retries, fallback, breakers, rate limits and budgets).
+--
+--   router.configure{ providers =, models =, prices =, budgets =, limits = }
+--       -> true | nil, "EINVAL: ...", "EINVAL"     (factory.config builds this table)
+--   router.chat(request, opts) -> response | nil, err, code
+--       request: an OpenAI chat.completions request, as a table or JSON text;
+--       opts: { team =, run =, stream = bool (default: request.stream), raw = bool }.
+--       Returns the OpenAI response table (raw: the JSON text). With stream, a stream:
+--         s:read([timeout]) -> chunk (OpenAI chat.completion.chunk; raw: JSON text)
+--                              | nil at the end | nil, err, code;   s:close()
+--   router.embeddings(request, opts) -> response | nil, err, code   (opts: team, run, raw)
+--   router.models() -> { "alias", ... }     router.stats() -> table (providers, budgets)
+--   router.set_budget("team"|"run", name, { usd =, tokens = })   overrides the
+--       configured limit of one team (per day) or run
+--   router.on_call(fn) -> unsubscribe; fn(record) after every call, in the caller's
+--       fiber: { kind, alias, provider, model, team, run, stream, prompt_tokens,
+--       completion_tokens, cost_usd, latency_ms, first_token_ms, status = "ok" |
+--       "error" | "cancelled", code, error, attempts = { { provider, model, status,
+--       outcome, ms } } }. Records never hold an API key.
+-- Error codes: EINVAL (bad request), EALIAS (unknown model), EBUDGET (a budget is
+-- exhausted: the pipeline turns it into BLOCKED), EUPSTREAM (the provider answered
+-- with an error or garbage), EUNAVAILABLE (no provider left to try), ETIMEDOUT,
+-- ECONNREFUSED, ECONNRESET, EHOST, ETLS, ECANCELED, ENOCONFIG.
+local core = require "factory.core.router"
+local json = require "factory.json"
+local log = require "factory.log"
+
+local M = {}
+
+local hooks = {}
+
+-- Records are produced in C as calls end; they are handed to the hooks by whichever
+-- fiber next passes through here, so a hook never runs inside a libuv callback.
+local function flush()
+  local text = core.records()
+  if not text then return end
+  local records = json.decode(text)
+  for _, r in ipairs(records) do
+    for _, fn in ipairs(hooks) do
+      local ok, err = pcall(fn, r)
+      if not ok then log.error("router: on_call hook failed", { error = tostring(err) }) end
+    end
+  end
+end
+
+local function flushed(...)
+  flush()
+  return ...
+end
+
+function M.on_call(fn)
+  if type(fn) ~= "function" then error("router.on_call: expected a function", 2) end
+  hooks[#hooks + 1] = fn
+  core.record(true)
+  return function()
+    for i = #hooks, 1, -1 do
+      if hooks[i] == fn then table.remove(hooks, i) end
+    end
+    core.record(#hooks > 0)
+  end
+end
+
+function M.configure(cfg)
+  if type(cfg) ~= "table" then error("router.configure: expected a table", 2) end
+  local text, err, code = json.encode(cfg)
+  if not text then return nil, err, code end
+  return core.configure(text)
+end
+
+local function encode_request(request, what)
+  if type(request) == "string" then return request end
+  if type(request) ~= "table" then error(what .. ": request must be a table or JSON text", 3) end
+  return assert(json.encode(request))
+end
+
+local function decoded(text, raw)
+  if raw or not text then return text end
+  return json.decode(text)
+end
+
+local Stream = {}
+Stream.__index = Stream
+
+function Stream:read(timeout)
+  local chunk, err, code = self.core:read(timeout)
+  if chunk == nil then
+    flush()
+    return nil, err, code
+  end
+  return decoded(chunk, self.raw)
+end
+
+function Stream:close()
+  self.core:close()
+  flush()
+end
+
+function M.chat(request, opts)
+  opts = opts or {}
+  local res, err, code = core.chat(encode_request(request, "router.chat"), opts.team, opts.run and tostring(opts.run),
+                                   opts.stream)
+  if not res then return flushed(nil, err, code) end
+  if type(res) ~= "string" then return setmetatable({ core = res, raw = opts.raw }, Stream) end
+  return flushed(decoded(res, opts.raw))
+end
+
+function M.embeddings(request, opts)
+  opts = opts or {}
+  local res, err, code = core.embeddings(encode_request(request, "router.embeddings"), opts.team,
+                                         opts.run and tostring(opts.run))
+  if not res then return flushed(nil, err, code) end
+  return flushed(decoded(res, opts.raw))
+end
+
+function M.models()
+  local ids = {}
+  for _, m in ipairs(json.decode(core.models()).data) do ids[#ids + 1] = m.id end
+  return ids
+end
+
+-- The OpenAI /v1/models document, as JSON text (the proxy serves it as it is).
+M.models_json = core.models
+
+function M.stats()
+  return json.decode(core.stats())
+end
+
+function M.set_budget(kind, name, limits)
+  limits = limits or {}
+  core.set_budget(kind, tostring(name), limits.usd, limits.tokens)
+end
+
+M.flush = flush
+
+return M

@@ -1,0 +1,148 @@
+-- factory.serve: `factory serve`, the OpenAI-compatible model proxy in front of the
+-- router, so that external agents (Claude Code, Codex, Aider, the SDKs) are held to
+-- the same aliases, fallbacks and budgets as the built-in operatives.
+--
+--   serve.start{ host = "127.0.0.1", port = 8420, config = FILE | nil (./factory.lua),
+--                db = URL | nil, token = nil, header_timeout =, max_body_bytes = }
+--     -> server | nil, err, code   (the last two: see factory.core.http_server)
+--     server:url(), server:close()
+-- Endpoints: POST /v1/chat/completions (stream or not), POST /v1/embeddings,
+-- GET /v1/models. Errors are OpenAI-shaped JSON.
+-- Teams: factory.lua's keys { ["sk-..."] = { team = NAME } } are virtual keys: the
+-- bearer key picks the team whose budget the call is charged to; with keys
+-- configured, any other key gets 401. With none, the X-Factory-Team header names
+-- the team (development on loopback). X-Factory-Run names the run.
+-- With db, every call is written to the store's model_calls table (by a background
+-- fiber, so the response does not wait for the write).
+local server = require "factory.http_server"
+local router = require "factory.router"
+local config = require "factory.config"
+local fiber = require "factory.fiber"
+local log = require "factory.log"
+
+local M = {}
+
+local STATUS = { EINVAL = 400, EALIAS = 404, EBUDGET = 402, ENOCONFIG = 503, EUNAVAILABLE = 503,
+                 ETIMEDOUT = 504 }
+local TYPES = { EBUDGET = "insufficient_quota", EALIAS = "invalid_request_error" }
+local CODES = { EBUDGET = "budget_exhausted", EALIAS = "model_not_found", ETIMEDOUT = "timeout" }
+
+-- The HTTP answer for a router error: an upstream 4xx keeps its status.
+local function send_error(res, err, code)
+  local status = STATUS[code] or 502
+  local upstream = code == "EUPSTREAM" and tonumber(tostring(err):match("HTTP (4%d%d):"))
+  if upstream then status = upstream end
+  local msg = tostring(err):gsub("^E%u+: ", "")
+  return res:json(status, { error = { message = msg, type = TYPES[code] or server.error_type(status),
+                                      code = CODES[code] or code:lower() } })
+end
+
+local function bearer(req)
+  local auth = req.headers["authorization"]
+  return auth and auth:match("^[Bb]earer%s+(.+)$")
+end
+
+-- The team of a request, or nil and the refusal.
+local function team_of(req, keys, has_keys)
+  if not has_keys then return req.headers["x-factory-team"] end
+  local entry = keys[bearer(req) or ""]
+  if not entry then return nil, "invalid API key: use a key from keys { } in factory.lua" end
+  return entry.team or "default"
+end
+
+local function stream_reply(res, s)
+  while true do
+    local chunk, err, code = s:read()
+    if not chunk then
+      if err then
+        local msg = tostring(err):gsub("^E%u+: ", "")
+        res:sse(require("factory.json").encode({ error = { message = msg, type = "server_error", code = code:lower() } }))
+      else
+        res:sse("[DONE]")
+      end
+      return res:finish()
+    end
+    if not res:sse(chunk) then return s:close() end
+  end
+end
+
+local function model_call_writer(db)
+  local queue, wake, stopped = {}, fiber.cond(), false
+  local f = fiber.spawn(function()
+    while not stopped do
+      if #queue == 0 then wake:wait() end
+      local batch = queue
+      queue = {}
+      for _, r in ipairs(batch) do
+        local _, err = db:exec("INSERT INTO model_calls (run_id, team, alias, provider, model, prompt_tokens, " ..
+          "completion_tokens, cost_usd, latency_ms, status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+          { tonumber(r.run), r.team, r.alias, r.provider, r.model, r.prompt_tokens, r.completion_tokens,
+            r.cost_usd, r.latency_ms, r.status, r.error, n = 11 })
+        if err then log.warn("serve: cannot record a model call", { error = err }) end
+      end
+    end
+  end)
+  return function(r)
+    queue[#queue + 1] = r
+    wake:signal()
+  end, function()
+    stopped = true
+    f:cancel("closing")
+  end
+end
+
+function M.start(opts)
+  opts = opts or {}
+  local path = config.find(opts.config)
+  local cfg = { router = { providers = {}, models = {} }, keys = {} }
+  if path then
+    local c, err = config.load(path)
+    if not c then return nil, "EINVAL: " .. err, "EINVAL" end
+    cfg = c
+  end
+  local ok, err, code = router.configure(cfg.router)
+  if not ok then return nil, err, code end
+  local closers = {}
+  if opts.db then
+    local db, derr, dcode = require("factory.db").open(opts.db)
+    if not db then return nil, derr, dcode end
+    local mok, merr, mcode = db:migrate()
+    if not mok then return nil, merr, mcode end
+    local record, stop = model_call_writer(db)
+    closers[#closers + 1] = router.on_call(record)
+    closers[#closers + 1] = stop
+    closers[#closers + 1] = function() db:close() end
+  end
+  local srv, serr, scode = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
+                                      header_timeout = opts.header_timeout, max_body_bytes = opts.max_body_bytes }
+  if not srv then
+    for i = #closers, 1, -1 do closers[i]() end
+    return nil, serr, scode
+  end
+  local keys, has_keys = cfg.keys, next(cfg.keys) ~= nil
+
+  local function call(req, res, fn)
+    local team, refusal = team_of(req, keys, has_keys)
+    if refusal then return res:error(401, refusal) end
+    local out, cerr, ccode = fn(req.body, { team = team, run = req.headers["x-factory-run"], raw = true })
+    if not out then return send_error(res, cerr, ccode) end
+    if type(out) == "string" then
+      return res:status(200):header("Content-Type", "application/json"):send(out)
+    end
+    return stream_reply(res, out)
+  end
+
+  srv:route("POST", "/v1/chat/completions", function(req, res) return call(req, res, router.chat) end)
+  srv:route("POST", "/v1/embeddings", function(req, res) return call(req, res, router.embeddings) end)
+  srv:route("GET", "/v1/models", function(_, res)
+    return res:status(200):header("Content-Type", "application/json"):send(router.models_json())
+  end)
+  local close = srv.close
+  function srv.close(self, grace)
+    close(self, grace)
+    for i = #closers, 1, -1 do closers[i]() end
+  end
+  return srv
+end
+
+return M

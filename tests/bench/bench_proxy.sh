@@ -1,0 +1,50 @@
+#!/bin/sh
+# Model proxy benchmark: `factory serve` in front of the fake model server
+# (tests/tools/fake_model.lua), each its own process; tests/bench/proxy.lua sends the
+# same chat request to both and prints the proxy's added latency (p50, p99;
+# sequential and at concurrency 64) and its throughput as a ratio to direct, then
+# this prints the proxy's peak RSS. Goals: added p50 < 0.3 ms sequential, ratio
+# >= 0.6, RSS < 50 MB. BENCH_SIZE=tiny: a smoke run of a few seconds. Exits non-zero
+# only when something failed to run. Environment: FACTORY_BIN (default ./factory).
+set -u
+BIN=${FACTORY_BIN:-./factory}
+if [ "${BENCH_SIZE:-full}" = tiny ]; then SEQ=300; CONC_N=3000; else SEQ=5000; CONC_N=50000; fi
+
+fail() { echo "bench_proxy: $*" >&2; exit 1; }
+dir=$(mktemp -d)
+fake_pid=""
+serve_pid=""
+cleanup() {
+    [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null && wait "$serve_pid" 2>/dev/null
+    [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null && wait "$fake_pid" 2>/dev/null
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+# Each server prints its URL as its first line of output.
+wait_url() {
+    i=0
+    while [ "$i" -lt 100 ]; do
+        url=$(grep -o 'http://[0-9.:]*' "$1" 2>/dev/null | head -n 1)
+        [ -n "$url" ] && { echo "$url"; return 0; }
+        sleep 0.05
+        i=$((i + 1))
+    done
+    return 1
+}
+
+"$BIN" tests/tools/fake_model.lua >"$dir/fake.out" 2>&1 &
+fake_pid=$!
+fake_url=$(wait_url "$dir/fake.out") || { cat "$dir/fake.out" >&2; fail "the fake model server did not start"; }
+cat >"$dir/factory.lua" <<EOC
+providers { fake = { base_url = "$fake_url/v1", api_key = "sk-bench" } }
+models { ["factory/bench"] = { "fake/gpt-bench" } }
+EOC
+"$BIN" serve --port 0 --config "$dir/factory.lua" >"$dir/serve.out" 2>&1 &
+serve_pid=$!
+proxy_url=$(wait_url "$dir/serve.out") || { cat "$dir/serve.out" >&2; fail "factory serve did not start"; }
+
+"$BIN" tests/bench/proxy.lua "$fake_url" "$proxy_url" "$SEQ" "$CONC_N" 64 || fail "the benchmark client failed"
+rss=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$serve_pid/status") || fail "cannot read the proxy's RSS"
+echo "proxy peak RSS: $rss MB (goal < 50)"

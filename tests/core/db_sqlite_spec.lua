@@ -1,0 +1,137 @@
+-- Specs for the SQLite backend (core/db_sqlite.c through factory.db): the shared
+-- store suite, then what only SQLite has.
+local db = require "factory.db"
+local sqlite = require "factory.core.db_sqlite"
+local fiber = require "factory.fiber"
+
+local made = {}
+
+-- A path in /tmp for a new database file; removed (with -wal, -shm) at the end.
+local function temp_path()
+  local path = os.tmpname()
+  os.remove(path)
+  path = path .. ".db"
+  made[#made + 1] = path
+  return path
+end
+
+local function cleanup()
+  for _, p in ipairs(made) do
+    for _, suffix in ipairs({ "", "-wal", "-shm", "-journal" }) do os.remove(p .. suffix) end
+  end
+  made = {}
+end
+
+local function read_file(path)
+  local f = assert(io.open(path, "rb"))
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+after_each(cleanup)
+
+local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$")
+local cases = assert(loadfile(here .. "/db_store_cases.lua"))
+setfenv(cases, getfenv(1))
+cases()("sqlite", function() return "sqlite:" .. temp_path() end)
+
+describe("sqlite backend", function()
+  it("opens in WAL mode with synchronous=FULL and foreign keys on", function()
+    local d = assert(db.open("sqlite:" .. temp_path()))
+    assert.equal("wal", d:query("PRAGMA journal_mode")[1].journal_mode)
+    assert.equal(2, d:query("PRAGMA synchronous")[1].synchronous)
+    assert.equal(1, d:query("PRAGMA foreign_keys")[1].foreign_keys)
+    assert(d:script("CREATE TABLE p (id INTEGER PRIMARY KEY); CREATE TABLE c (p INTEGER REFERENCES p (id))"))
+    local ok, _, code = d:exec("INSERT INTO c (p) VALUES (?)", { 42 })
+    assert.is_nil(ok)
+    assert.equal("ECONSTRAINT", code)
+    d:close()
+  end)
+
+  it("a missing directory is a one-line ENOENT naming it, and is not created", function()
+    local dir = temp_path() .. ".d"
+    local d, err, code = db.open("sqlite:" .. dir .. "/factory.db")
+    assert.is_nil(d)
+    assert.equal("ENOENT", code)
+    assert.equal("ENOENT: " .. dir .. "/factory.db: the directory does not exist", err)
+    assert.is_nil(io.open(dir .. "/factory.db"))
+    assert.is_nil(io.open(dir))
+  end)
+
+  it("a file that is not a SQLite database is a one-line ENOTDB, and is left as it was", function()
+    local path = temp_path()
+    local junk = ("this is not a database\n"):rep(200)
+    local f = assert(io.open(path, "wb"))
+    f:write(junk)
+    f:close()
+    local d, err, code = db.open("sqlite:" .. path)
+    assert.is_nil(d)
+    assert.equal("ENOTDB", code)
+    assert.equal("ENOTDB: " .. path .. ": the file is not a SQLite database", err)
+    assert.equal(junk, read_file(path))
+  end)
+
+  it("a second connection's write waits for the first one's transaction (busy timeout), off the loop", function()
+    local path = temp_path()
+    local a = assert(db.open("sqlite:" .. path))
+    local b = assert(db.open("sqlite:" .. path))
+    assert(a:exec("CREATE TABLE t (x INTEGER)"))
+    local holder = fiber.spawn(function()
+      return a:tx(function(tx)
+        assert(tx:exec("INSERT INTO t (x) VALUES (?)", { 1 }))
+        fiber.sleep(0.3)
+        return true
+      end)
+    end)
+    fiber.sleep(0.05)
+    local ticks, done = 0, false
+    local ticker = fiber.spawn(function()
+      while not done do
+        fiber.sleep(0.01)
+        ticks = ticks + 1
+      end
+    end)
+    assert(b:exec("INSERT INTO t (x) VALUES (?)", { 2 }))
+    done = true
+    fiber.join(ticker)
+    assert.truthy(fiber.join(holder))
+    assert.truthy(ticks >= 10, "the loop ran while waiting (" .. ticks .. " ticks)")
+    assert.equal(2, #b:query("SELECT x FROM t"))
+    a:close()
+    b:close()
+  end)
+
+  it("runs inline outside a fiber (a plain coroutine)", function()
+    local path = temp_path()
+    local result
+    coroutine.wrap(function()
+      local c = assert(sqlite.open(path))
+      assert(c:script("CREATE TABLE t (x INTEGER); INSERT INTO t (x) VALUES (5)"))
+      result = c:run("SELECT x FROM t", {}, 0)
+      c:close()
+    end)()
+    assert.same({ { x = 5 } }, result)
+  end)
+
+  it("a fiber cancelled while its statement runs leaves the connection usable", function()
+    local d = assert(db.open("sqlite:" .. temp_path()))
+    local f = fiber.spawn(function()
+      return d:query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000)"
+        .. " SELECT COUNT(*) AS n FROM c")
+    end)
+    fiber.sleep(0.01)
+    f:cancel("test")
+    assert.equal(1, d:query("SELECT 1 AS one")[1].one)
+    d:close()
+  end)
+
+  it("a closed database refuses further use with ECLOSED", function()
+    local d = assert(db.open("sqlite:" .. temp_path()))
+    d:close()
+    local rows, err, code = d:query("SELECT 1 AS one")
+    assert.is_nil(rows)
+    assert.equal("ECLOSED", code)
+    assert.matches("closed", err)
+  end)
+end)

@@ -1,0 +1,388 @@
+-- The model router (factory.router over factory.core.router) against the fake model
+-- server of tests/tools/fake_model.lua, run in this process.
+local router = require "factory.router"
+local fiber = require "factory.fiber"
+local json = require "factory.json"
+local time = require "factory.core.time"
+
+local TOOLS = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../tools/"
+local fake_model = dofile(TOOLS .. "fake_model.lua")
+
+local KEY_A, KEY_B = "sk-test-key-aaaaaaaaaaaa", "ak-test-key-bbbbbbbbbbbb"
+local FAST = { retries = 2, backoff = 0.01, backoff_max = 0.05, timeout = 5, first_token_timeout = 2,
+               idle_timeout = 2, breaker_failures = 100 }
+
+local fake, records, unsubscribe
+
+-- Providers "a" (OpenAI format) and "b" (Anthropic format) on the fake, and "dead"
+-- on a port nobody listens on. Aliases: solo = a; chain = a then b; dead = dead then a.
+local function configure(extra)
+  local cfg = {
+    providers = {
+      a = { base_url = fake:url() .. "/v1", api_key = KEY_A },
+      b = { kind = "anthropic", base_url = fake:url(), api_key = KEY_B },
+      dead = { base_url = "http://127.0.0.1:9/v1", api_key = "sk-dead-cccccccccccc" },
+    },
+    models = { solo = { "a/gpt-test" }, chain = { "a/gpt-test", "b/claude-test" }, anth = { "b/claude-test" },
+               dead = { "dead/m", "a/gpt-test" } },
+    limits = {},
+  }
+  for k, v in pairs(FAST) do cfg.limits[k] = v end
+  for k, v in pairs(extra or {}) do
+    if k == "limits" then
+      for lk, lv in pairs(v) do cfg.limits[lk] = lv end
+    elseif k == "providers" then
+      for pk, pv in pairs(v) do cfg.providers[pk] = pv end
+    else
+      cfg[k] = v
+    end
+  end
+  assert(router.configure(cfg))
+end
+
+before_each(function()
+  fake = assert(fake_model.start())
+  configure()
+  records = {}
+  unsubscribe = router.on_call(function(r) records[#records + 1] = r end)
+end)
+
+after_each(function()
+  unsubscribe()
+  fake:close()
+end)
+
+local function hello(model, extra)
+  local req = { model = model, messages = { { role = "user", content = "Say hello" } } }
+  for k, v in pairs(extra or {}) do req[k] = v end
+  return req
+end
+
+local function read_all(s)
+  local chunks = {}
+  while true do
+    local c, err, code = s:read()
+    if not c then return chunks, err, code end
+    chunks[#chunks + 1] = c
+  end
+end
+
+local function text_of(chunks)
+  local parts = {}
+  for _, c in ipairs(chunks) do
+    local d = c.choices[1] and c.choices[1].delta
+    if d and type(d.content) == "string" then parts[#parts + 1] = d.content end
+  end
+  return table.concat(parts)
+end
+
+local function no_secrets(value)
+  local text = json.encode(value)
+  assert.falsy(text:find(KEY_A, 1, true), "key A leaked: " .. text)
+  assert.falsy(text:find(KEY_B, 1, true), "key B leaked: " .. text)
+end
+
+describe("router", function()
+  it("routes an alias to an OpenAI-format provider and records the call", function()
+    local res = assert(router.chat(hello("solo"), { team = "t1", run = 7 }))
+    assert.equal("Hello from the fake.", res.choices[1].message.content)
+    assert.equal(1, #records)
+    local r = records[1]
+    assert.equal("solo", r.alias)
+    assert.equal("a", r.provider)
+    assert.equal("gpt-test", r.model)
+    assert.equal("t1", r.team)
+    assert.equal("7", r.run)
+    assert.equal("ok", r.status)
+    assert.truthy(r.prompt_tokens > 0 and r.completion_tokens > 0)
+    assert.truthy(r.latency_ms > 0)
+    assert.equal(1, #r.attempts)
+    local sent = fake:requests()[1]
+    assert.equal("Bearer " .. KEY_A, sent.headers.authorization)
+    assert.equal("gpt-test", json.decode(sent.body).model)
+    no_secrets(records)
+  end)
+
+  it("lists the aliases and accepts provider/model directly", function()
+    local models = router.models()
+    table.sort(models)
+    assert.same({ "anth", "chain", "dead", "solo" }, models)
+    local res = assert(router.chat(hello("a/other-model")))
+    assert.equal("other-model", res.model)
+  end)
+
+  it("rejects bad requests with a clear error", function()
+    local cases = {
+      { "{not json", "EINVAL" },
+      { json.encode({ messages = { { role = "user", content = "x" } } }), "EINVAL" },
+      { json.encode({ model = "solo", messages = {} }), "EINVAL" },
+      { json.encode(hello("no/such")), "EALIAS" },
+      { json.encode(hello("nope")), "EALIAS" },
+    }
+    for _, c in ipairs(cases) do
+      local res, err, code = router.chat(c[1])
+      assert.is_nil(res, c[1])
+      assert.equal(c[2], code, c[1])
+      assert.matches("^" .. c[2] .. ": ", err)
+    end
+    assert.equal(0, fake:count())
+  end)
+
+  it("translates to and from the Anthropic Messages API, tools included", function()
+    fake:script{ { tool_calls = { { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
+                 { content = "It is sunny.", finish = "length" } }
+    local tools = { { type = "function", ["function"] = { name = "get_weather", description = "weather",
+                      parameters = { type = "object", properties = { city = { type = "string" } } } } } }
+    local res = assert(router.chat({ model = "anth", max_tokens = 50, tools = tools, tool_choice = "required", stop = "END",
+      messages = { { role = "system", content = "Be brief." }, { role = "user", content = "Weather in Paris?" } } }))
+    local msg = res.choices[1].message
+    assert.equal("tool_calls", res.choices[1].finish_reason)
+    assert.equal("toolu_1", msg.tool_calls[1].id)
+    assert.equal("get_weather", msg.tool_calls[1]["function"].name)
+    assert.same({ city = "Paris" }, json.decode(msg.tool_calls[1]["function"].arguments))
+    assert.truthy(res.usage.prompt_tokens > 0)
+    local sent = json.decode(fake:requests()[1].body)
+    assert.equal("Be brief.", sent.system)
+    assert.equal("claude-test", sent.model)
+    assert.equal(50, sent.max_tokens)
+    assert.same({ "END" }, sent.stop_sequences)
+    assert.same({ type = "any" }, sent.tool_choice)
+    assert.equal("get_weather", sent.tools[1].name)
+    assert.equal("object", sent.tools[1].input_schema.type)
+    assert.equal(KEY_B, fake:requests()[1].headers["x-api-key"])
+    assert.equal("2023-06-01", fake:requests()[1].headers["anthropic-version"])
+    -- The tool result goes back as a tool_result block of a user turn.
+    res = assert(router.chat({ model = "anth", tools = tools, messages = {
+      { role = "user", content = "Weather in Paris?" }, msg,
+      { role = "tool", tool_call_id = "toolu_1", content = "sunny" } } }))
+    assert.equal("It is sunny.", res.choices[1].message.content)
+    assert.equal("length", res.choices[1].finish_reason)
+    sent = json.decode(fake:requests()[2].body)
+    assert.equal("assistant", sent.messages[2].role)
+    assert.equal("tool_use", sent.messages[2].content[1].type)
+    assert.same({ city = "Paris" }, sent.messages[2].content[1].input)
+    assert.equal("user", sent.messages[3].role)
+    assert.same({ type = "tool_result", tool_use_id = "toolu_1", content = "sunny" }, sent.messages[3].content[1])
+    no_secrets(records)
+  end)
+
+  it("streams from both formats as OpenAI chunks, tool calls included", function()
+    for _, alias in ipairs({ "solo", "anth" }) do
+      local s = assert(router.chat(hello(alias, { stream = true })))
+      local chunks, err = read_all(s)
+      assert.is_nil(err)
+      assert.equal("Hello from the fake.", text_of(chunks), alias)
+      assert.equal("stop", chunks[#chunks].choices[1].finish_reason, alias)
+      fake:script{ { tool_calls = { { id = "c1", name = "lookup", arguments = '{"q":"x"}' } } } }
+      s = assert(router.chat(hello(alias, { stream = true })))
+      chunks = read_all(s)
+      local name, args = nil, {}
+      for _, c in ipairs(chunks) do
+        for _, tc in ipairs(c.choices[1] and c.choices[1].delta.tool_calls or {}) do
+          name = name or tc["function"].name
+          args[#args + 1] = tc["function"].arguments
+        end
+      end
+      assert.equal("lookup", name, alias)
+      assert.same({ q = "x" }, json.decode(table.concat(args)), alias)
+      assert.equal("tool_calls", chunks[#chunks].choices[1].finish_reason, alias)
+    end
+    assert.equal(4, #records)
+    for _, r in ipairs(records) do
+      assert.equal("ok", r.status)
+      assert.truthy(r.first_token_ms and r.first_token_ms <= r.latency_ms)
+      assert.truthy(r.completion_tokens > 0)
+    end
+  end)
+
+  it("gives the usage chunk only to a caller that asked for it", function()
+    local chunks = read_all(assert(router.chat(hello("solo", { stream = true }))))
+    for _, c in ipairs(chunks) do assert.truthy(#c.choices > 0) end
+    chunks = read_all(assert(router.chat(hello("anth", { stream = true, stream_options = { include_usage = true } }))))
+    assert.truthy(chunks[#chunks].usage.total_tokens > 0)
+  end)
+
+  it("serves embeddings from OpenAI-format providers only", function()
+    local res = assert(router.embeddings({ model = "chain", input = { "a", "b" } }))
+    assert.equal(2, #res.data)
+    assert.equal("/v1/embeddings", fake:requests()[1].path)
+    local _, _, code = router.embeddings({ model = "anth", input = "a" })
+    assert.equal("EUNAVAILABLE", code)
+  end)
+
+  -- Each fault: what the caller sees, how many requests reached the fake, and that
+  -- nothing took longer than its bound.
+  local faults = {
+    { name = "429 with Retry-After is retried after the delay", script = { { status = 429, retry_after = 1 } },
+      alias = "solo", ok = true, sent = 2, min = 0.9, max = 3 },
+    { name = "500 is retried", script = { { status = 500 } }, alias = "solo", ok = true, sent = 2 },
+    { name = "503 three times falls back to the next entry", alias = "chain", ok = true, provider = "b",
+      script = { { status = 503 }, { status = 503 }, { status = 503 } }, sent = 4 },
+    { name = "400 is not retried", script = { { status = 400, message = "bad thing" } }, alias = "solo",
+      code = "EUPSTREAM", err = "HTTP 400: bad thing", sent = 1 },
+    { name = "a connection reset is retried", script = { { fault = "reset" } }, alias = "solo", ok = true, sent = 2 },
+    { name = "malformed JSON is retried", script = { { fault = "malformed" } }, alias = "solo", ok = true, sent = 2 },
+    { name = "a wrong content type is retried", script = { { fault = "content_type" } }, alias = "solo", ok = true,
+      sent = 2 },
+    { name = "malformed JSON every time surfaces a clear error", alias = "solo", code = "EUPSTREAM",
+      err = "malformed", script = { { fault = "malformed" }, { fault = "malformed" }, { fault = "malformed" } },
+      sent = 3 },
+    { name = "a refused connection falls back", alias = "dead", ok = true, provider = "a", sent = 1 },
+    { name = "a hang times out, then falls back", alias = "chain", ok = true, provider = "b",
+      limits = { timeout = 0.3, retries = 0 }, script = { { fault = "hang" } }, sent = 2, max = 2 },
+    { name = "a hang with nothing to fall back to times out", alias = "solo", code = "ETIMEDOUT",
+      limits = { timeout = 0.3, retries = 0 }, script = { { fault = "hang" } }, sent = 1, max = 2 },
+    { name = "a stream without a first token falls back", alias = "chain", stream = true, ok = true, provider = "b",
+      limits = { first_token_timeout = 0.3, retries = 0 }, script = { { fault = "hang" } }, sent = 2, max = 2 },
+    { name = "a slow stream within the idle timeout completes", alias = "solo", stream = true, ok = true,
+      limits = { idle_timeout = 0.5 }, script = { { chunk_delay = 0.05 } }, sent = 1 },
+    { name = "a stream stalling after its first token fails the reader", alias = "solo", stream = true,
+      code = "ETIMEDOUT", err = "stalled", limits = { idle_timeout = 0.3 }, script = { { chunk_delay = 0.6 } },
+      sent = 1, max = 3 },
+    { name = "a truncated stream fails the reader", alias = "solo", stream = true, code = "ECONNRESET",
+      err = "a/gpt-test", script = { { fault = "truncate" } }, sent = 1 },
+    { name = "a malformed stream before its first token is retried", alias = "solo", stream = true, ok = true,
+      script = { { fault = "malformed" } }, sent = 2 },
+  }
+  for _, f in ipairs(faults) do
+    it("fault: " .. f.name, function()
+      if f.limits then configure{ limits = f.limits } end
+      fake:script(f.script or {})
+      local t0 = time.monotonic()
+      local res, err, code = router.chat(hello(f.alias, { stream = f.stream or nil }))
+      if res and f.stream then
+        local chunks
+        chunks, err, code = read_all(res)
+        res = not err and chunks or nil
+      end
+      local elapsed = time.monotonic() - t0
+      if f.ok then
+        assert.truthy(res, "expected success, got " .. tostring(err))
+      else
+        assert.is_nil(res)
+        assert.equal(f.code, code, err)
+        if f.err then assert.contains(f.err, err) end
+      end
+      assert.equal(f.sent, fake:count(), "requests sent upstream")
+      assert.less(f.max or 1.5, elapsed, "seconds")
+      if f.min then assert.truthy(elapsed >= f.min, ("waited only %.2f s"):format(elapsed)) end
+      local r = records[#records]
+      assert.equal(f.ok and "ok" or "error", r.status)
+      if f.provider then assert.equal(f.provider, r.provider) end
+      no_secrets({ err, records })
+    end)
+  end
+
+  it("never shows an API key, even when the provider echoes it", function()
+    fake:script{ { status = 401, message = "Incorrect API key provided: " .. KEY_A } }
+    local res, err = router.chat(hello("solo"))
+    assert.is_nil(res)
+    assert.contains("[REDACTED]", err)
+    no_secrets({ err, records, router.stats() })
+  end)
+
+  it("opens a provider's circuit after repeated failures and tries it again after the cooldown", function()
+    configure{ limits = { breaker_failures = 2, breaker_cooldown = 0.3, retries = 0 } }
+    fake:script{ { status = 500 }, {}, { status = 500 }, {} }
+    assert(router.chat(hello("chain")))     -- a fails, b answers
+    assert(router.chat(hello("chain")))     -- a fails again: open
+    local n = fake:count()
+    assert(router.chat(hello("chain")))     -- a is skipped
+    assert.equal(n + 1, fake:count())
+    assert.equal("b", records[#records].provider)
+    assert.equal("skipped: circuit open", records[#records].attempts[1].outcome)
+    assert.equal("open", router.stats().providers.a.breaker)
+    fiber.sleep(0.35)
+    assert(router.chat(hello("chain")))     -- the trial call goes to a, and succeeds
+    assert.equal("a", records[#records].provider)
+    assert.equal("closed", router.stats().providers.a.breaker)
+  end)
+
+  it("queues callers beyond a provider's max_concurrency instead of failing them", function()
+    configure{ providers = { a = { base_url = fake:url() .. "/v1", api_key = KEY_A, max_concurrency = 2 } } }
+    local replies = {}
+    for i = 1, 6 do replies[i] = { delay = 0.1 } end
+    fake:script(replies)
+    local peak = 0
+    local fibers = {}
+    for i = 1, 6 do
+      fibers[i] = fiber.spawn(function()
+        local res, err = router.chat(hello("solo"))
+        peak = math.max(peak, router.stats().providers.a.inflight)
+        return res, err
+      end)
+    end
+    fiber.sleep(0.02)
+    assert.equal(2, router.stats().providers.a.inflight)
+    assert.equal(4, router.stats().providers.a.queued)
+    local ok, outcomes = fiber.all(fibers, 5)
+    assert.truthy(ok)
+    for _, o in ipairs(outcomes) do assert.truthy(o[1], tostring(o[2])) end
+    assert.truthy(peak <= 2)
+  end)
+
+  it("holds 200 concurrent calls to a budget that allows 10", function()
+    -- 1 USD per completion token, 10 tokens asked for: each call reserves 10 USD.
+    configure{ prices = { ["a/gpt-test"] = { input = 0, output = 1e6 } },
+               budgets = { teams = { t = { usd_per_day = 100 } } } }
+    local replies = {}
+    for i = 1, 200 do replies[i] = { delay = 0.05, content = "five tokens of text here", usage = { completion = 6 } } end
+    fake:script(replies)
+    local fibers = {}
+    for i = 1, 200 do
+      fibers[i] = fiber.spawn(function()
+        return router.chat(hello("solo", { max_tokens = 10 }), { team = "t" })
+      end)
+    end
+    local _, outcomes = fiber.all(fibers, 10)
+    local ok, budget = 0, 0
+    for _, o in ipairs(outcomes) do
+      if o[1] then ok = ok + 1 elseif o[3] == "EBUDGET" then budget = budget + 1 end
+    end
+    assert.equal(10, ok)
+    assert.equal(190, budget)
+    assert.equal(10, fake:count())
+    local spent = 0
+    for _, r in ipairs(records) do spent = spent + r.cost_usd end
+    assert.equal(60, spent)
+    local acc = router.stats().budgets["team:t"]
+    assert.equal(60, acc.spent_usd)
+    assert.equal(0, acc.reserved_usd)
+    assert.contains("budget exhausted", outcomes[200][2])
+    -- What is left is used up one call at a time, never beyond the limit.
+    local more = 0
+    while router.chat(hello("solo", { max_tokens = 10 }), { team = "t" }) do more = more + 1 end
+    acc = router.stats().budgets["team:t"]
+    assert.truthy(more > 0 and acc.spent_usd <= 100 and acc.spent_usd + 10 > 100, acc.spent_usd)
+  end)
+
+  it("applies run budgets in tokens and set_budget overrides", function()
+    configure{ budgets = { run = { tokens = 100 } } }
+    local _, err, code = router.chat(hello("solo", { max_tokens = 200 }), { run = "r1" })
+    assert.equal("EBUDGET", code)
+    assert.contains("run r1", err)
+    router.set_budget("run", "r1", { tokens = 1000 })
+    assert(router.chat(hello("solo", { max_tokens = 200 }), { run = "r1" }))
+    assert(router.chat(hello("solo", { max_tokens = 200 }), { run = "other" }) == nil)
+  end)
+
+  it("cancels the upstream request when the caller goes away", function()
+    fake:script{ { fault = "hang" } }
+    local f = fiber.spawn(function() return router.chat(hello("solo")) end)
+    fiber.sleep(0.05)
+    f:cancel("not needed")
+    router.flush()
+    assert.equal(0, router.stats().calls)
+    assert.equal(0, router.stats().providers.a.inflight)
+    assert.equal("cancelled", records[#records].status)
+  end)
+
+  it("closing a stream early stops it and settles the call", function()
+    fake:script{ { chunk_delay = 0.05 } }
+    local s = assert(router.chat(hello("solo", { stream = true })))
+    assert(s:read())
+    s:close()
+    assert.equal(0, router.stats().calls)
+    assert.equal("cancelled", records[#records].status)
+  end)
+end)

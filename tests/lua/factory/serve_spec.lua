@@ -1,0 +1,231 @@
+-- factory serve: the OpenAI-compatible proxy (factory.serve) in front of the fake
+-- model server (tests/tools/fake_model.lua), both in this process; the official
+-- openai npm SDK (tests/npm) and raw clients (tests/tools/raw_http.py) from outside.
+local serve = require "factory.serve"
+local router = require "factory.router"
+local http = require "factory.http"
+local proc = require "factory.proc"
+local fiber = require "factory.fiber"
+local json = require "factory.json"
+local time = require "factory.core.time"
+
+local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
+local TESTS = HERE .. "../../"
+local fake_model = dofile(TESTS .. "tools/fake_model.lua")
+local BIN = arg and arg[-1] or "./factory"
+
+local fake, srv, cfg_path, base
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+local function start(extra_cfg, opts)
+  cfg_path = os.tmpname()
+  write(cfg_path, ([[
+providers {
+  up = { base_url = "%s/v1", api_key = "sk-upstream-secret-1" },
+  anthropic = { base_url = "%s", api_key = "ak-upstream-secret-2" },
+}
+models { ["factory/coder"] = { "up/gpt-test" }, ["factory/claude"] = { "anthropic/claude-test" } }
+limits { retries = 1, backoff = 0.01 }
+%s
+]]):format(fake:url(), fake:url(), extra_cfg or ""))
+  local o = { port = 0, config = cfg_path }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  srv = assert(serve.start(o))
+  base = srv:url()
+end
+
+before_each(function()
+  fake = assert(fake_model.start())
+end)
+
+after_each(function()
+  if srv then srv:close() end
+  srv = nil
+  fake:close()
+  if cfg_path then os.remove(cfg_path) end
+end)
+
+local function post(path, body, headers)
+  local h = { ["Content-Type"] = "application/json" }
+  for k, v in pairs(headers or {}) do h[k] = v end
+  return assert(http.request{ method = "POST", url = base .. path, body = body, headers = h, timeout = 10 })
+end
+
+local function chat_body(model, extra)
+  local t = { model = model, messages = { { role = "user", content = "Say hello" } } }
+  for k, v in pairs(extra or {}) do t[k] = v end
+  return json.encode(t)
+end
+
+local function openai_error(res, status)
+  assert.equal(status, res.status, res.body)
+  local doc = assert(json.decode(res.body))
+  assert.truthy(type(doc.error) == "table" and type(doc.error.message) == "string", res.body)
+  assert.truthy(type(doc.error.type) == "string", res.body)
+  return doc.error
+end
+
+describe("factory serve", function()
+  it("proxies chat, streamed chat, embeddings and lists models", function()
+    start()
+    local res = post("/v1/chat/completions", chat_body("factory/coder"))
+    assert.equal(200, res.status)
+    assert.equal("Hello from the fake.", json.decode(res.body).choices[1].message.content)
+    res = post("/v1/chat/completions", chat_body("factory/claude", { stream = true }))
+    assert.equal(200, res.status)
+    assert.matches("^text/event%-stream", res.headers["content-type"])
+    assert.contains('"content":"Hello "', res.body)
+    assert.matches("data: %[DONE%]\n\n$", res.body)
+    res = post("/v1/embeddings", json.encode({ model = "factory/coder", input = "x" }))
+    assert.equal(200, res.status)
+    assert.equal(1, #json.decode(res.body).data)
+    res = assert(http.get(base .. "/v1/models"))
+    local ids = {}
+    for _, m in ipairs(json.decode(res.body).data) do ids[#ids + 1] = m.id end
+    table.sort(ids)
+    assert.same({ "factory/claude", "factory/coder" }, ids)
+  end)
+
+  it("answers bad requests with OpenAI-shaped 4xx errors and keeps serving", function()
+    start(nil, { max_body_bytes = 1048576, header_timeout = 0.5 })
+    -- A slowloris client holds a connection open while the others are served.
+    local slow = fiber.spawn(function()
+      local spec = { port = srv:port(), steps = { { send = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" },
+                                                 { sleep = 0.3 }, { send = "X-A: 1\r\n" }, { read = 3, want = "\r\n\r\n" } } }
+      local r = assert(proc.run{ argv = { "python3", TESTS .. "tools/raw_http.py", json.encode(spec) }, timeout = 10 })
+      local out = json.decode(r.stdout)
+      local parts = {}
+      for i, c in ipairs(out.chunks) do parts[i] = c[2] end
+      return table.concat(parts)
+    end)
+    local cases = {
+      { body = "{not json", status = 400, code = "einval" },
+      { body = json.encode({ messages = { { role = "user", content = "x" } } }), status = 400 },
+      { body = chat_body("factory/nope"), status = 404, code = "model_not_found" },
+      { body = ("x"):rep(2 * 1024 * 1024), status = 413 },
+    }
+    for _, c in ipairs(cases) do
+      local err = openai_error(post("/v1/chat/completions", c.body), c.status)
+      if c.code then assert.equal(c.code, err.code) end
+      -- and the next well-formed request is served
+      assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder")).status)
+    end
+    local ok, text = fiber.join(slow, 10)
+    assert.truthy(ok)
+    assert.matches("^HTTP/1.1 408 ", text)
+    assert.contains('"error"', text)
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder")).status)
+  end)
+
+  it("maps upstream failures to OpenAI errors", function()
+    start()
+    fake:script{ { status = 400, message = "context too long" } }
+    local err = openai_error(post("/v1/chat/completions", chat_body("factory/coder")), 400)
+    assert.contains("context too long", err.message)
+    fake:script{ { status = 503 }, { status = 503 } }
+    openai_error(post("/v1/chat/completions", chat_body("factory/coder")), 502)
+  end)
+
+  it("holds virtual keys to their team's budget", function()
+    start([[
+keys { ["sk-team-rich"] = { team = "rich" }, ["sk-team-poor"] = { team = "poor" } }
+prices { ["up/gpt-test"] = { input = 0, output = 1000000 } }
+budgets { teams = { poor = { usd_per_day = 5 } } }
+]])
+    local body = chat_body("factory/coder", { max_tokens = 10 })
+    openai_error(post("/v1/chat/completions", body, { Authorization = "Bearer sk-wrong" }), 401)
+    assert.equal(200, post("/v1/chat/completions", body, { Authorization = "Bearer sk-team-rich" }).status)
+    local err = openai_error(post("/v1/chat/completions", body, { Authorization = "Bearer sk-team-poor" }), 402)
+    assert.equal("budget_exhausted", err.code)
+    assert.equal("insufficient_quota", err.type)
+    assert.contains("team poor", err.message)
+    assert.equal(1, fake:count())
+  end)
+
+  it("records every call in the store with --db", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(proc.run{ argv = { "mkdir", "-p", dir } })
+    start(nil, { db = "sqlite:" .. dir .. "/factory.db" })
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder"), { ["X-Factory-Team"] = "qa" }).status)
+    openai_error(post("/v1/chat/completions", chat_body("factory/nope")), 404)
+    local db = assert(require("factory.db").open("sqlite:" .. dir .. "/factory.db"))
+    local rows
+    local deadline = time.monotonic() + 5
+    repeat
+      fiber.sleep(0.02)
+      rows = assert(db:query("SELECT team, alias, provider, model, status, prompt_tokens FROM model_calls"))
+    until #rows > 0 or time.monotonic() > deadline
+    db:close()
+    assert.equal(1, #rows)
+    assert.same({ team = "qa", alias = "factory/coder", provider = "up", model = "gpt-test", status = "ok",
+                  prompt_tokens = rows[1].prompt_tokens }, rows[1])
+    proc.run{ argv = { "rm", "-rf", dir } }
+  end)
+
+  it("serves the official openai npm SDK: chat, stream, tool call, for both upstream formats", function()
+    local npm_dir = TESTS .. "npm"
+    local env = { PATH = os.getenv("PATH"), HOME = os.getenv("HOME") }
+    if not io.open(npm_dir .. "/node_modules/openai/package.json") then
+      local r = assert(proc.run{ argv = { "npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund" }, cwd = npm_dir,
+                                 env = env, timeout = 120 })
+      assert.equal(0, r.code, "npm ci failed: " .. r.stderr)
+    end
+    start()
+    for _, model in ipairs({ "factory/coder", "factory/claude" }) do
+      fake:script{ {}, {}, { tool_calls = { { id = "call_w1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
+                   { content = "It is sunny in Paris." } }
+      local r = assert(proc.run{ argv = { "node", npm_dir .. "/sdk_test.mjs", base, "sk-anything", model },
+                                 env = env, timeout = 60 })
+      assert.equal(0, r.code, r.stderr)
+      local out = assert(json.decode(r.stdout))
+      assert.equal("Hello from the fake.", out.chat, model)
+      assert.equal("Hello from the fake.", out.stream, model)
+      assert.truthy(out.stream_usage and out.stream_usage.total_tokens > 0, model)
+      assert.same({ name = "get_weather", args = { city = "Paris" }, finish = "tool_calls" }, out.tool)
+      assert.equal("It is sunny in Paris.", out.after_tool)
+      assert.equal(404, out.unknown.status)
+      if model == "factory/claude" then
+        local sent = json.decode(fake:requests()[#fake:requests()].body)
+        assert.equal("Use tools.", sent.system)
+        assert.equal("tool_result", sent.messages[3].content[1].type)
+      end
+      fake:reset()
+    end
+  end, { timeout = 180 })
+end)
+
+describe("factory serve (command line)", function()
+  it("rejects unknown flags with one line and exit 2, and has --help", function()
+    local r = assert(proc.run{ argv = { BIN, "serve", "--bogus" } })
+    assert.equal(2, r.code)
+    assert.matches("^factory: unknown flag '%-%-bogus' for 'serve'", r.stderr)
+    r = assert(proc.run{ argv = { BIN, "serve", "--help" } })
+    assert.equal(0, r.code)
+    assert.matches("^usage: factory serve", r.stdout)
+  end)
+
+  it("prints the URL it listens on and refuses other hosts without a token", function()
+    fake:close()
+    fake = assert(fake_model.start())
+    local cfg = os.tmpname()
+    write(cfg, ('providers { up = { base_url = "%s/v1" } }\nmodels { m = { "up/x" } }\n'):format(fake:url()))
+    local r = assert(proc.run{ argv = { BIN, "serve", "--host", "0.0.0.0", "--port", "0", "--config", cfg } })
+    assert.equal(1, r.code)
+    assert.contains("EACCES", r.stderr)
+    local p = assert(proc.spawn{ argv = { BIN, "serve", "--port", "0", "--config", cfg } })
+    local line = p:read_line()
+    assert.matches("^factory serve: listening on http://127%.0%.0%.1:%d+$", line)
+    local res = assert(http.get(line:match("(http://.*)$") .. "/v1/models"))
+    assert.equal(200, res.status)
+    p:kill()
+    p:wait()
+    p:close()
+    os.remove(cfg)
+  end)
+end)
