@@ -1,13 +1,14 @@
 /* core/http_server.c — factory.core.http_server: an HTTP/1.1 server for fibers, on
  * the process's libuv loop; requests are parsed by http_parser (libhttp-parser 2.9).
  *
- *   listen{ host = "127.0.0.1", port = 0, token = nil, handler = function(req, res),
- *           max_header_bytes = 16384, max_body_bytes = 8 MiB,
- *           header_timeout = 10, idle_timeout = 60 }
+ *   listen{ host = "127.0.0.1", port = 0, token = nil, tokens = nil,
+ *           handler = function(req, res), max_header_bytes = 16384,
+ *           max_body_bytes = 8 MiB, header_timeout = 10, idle_timeout = 60 }
  *       -> server | nil, "ECODE: message", "ECODE"
  *     host is an IP address or "localhost"; anything but loopback needs a token
- *     (else EACCES), and with a token every request must carry
- *     "Authorization: Bearer TOKEN" (else 401). Timeouts are seconds, 0 = none:
+ *     (else EACCES). token is one accepted bearer token, tokens a list of more
+ *     (per-client keys); with any, every request must carry "Authorization: Bearer
+ *     TOKEN" with one of them (else 401). Timeouts are seconds, 0 = none:
  *     header_timeout bounds the head from its first byte (and a new connection's
  *     wait for it) and any pause in the body; idle_timeout bounds a kept-alive
  *     connection between requests and a write the client does not drain (the
@@ -84,6 +85,11 @@ typedef struct {
     size_t name, nlen, value, vlen;     /* offsets into conn.hdr */
 } hfield;
 
+typedef struct {
+    char *data;
+    size_t len;
+} token;
+
 typedef struct server server;
 typedef struct conn conn;
 typedef struct response response;
@@ -96,8 +102,8 @@ struct server {
     uv_tcp_t tcp;
     lua_State *L;               /* a thread of our own for calls into Lua from callbacks */
     int thread_ref, handler_ref, dispatch_ref;
-    char *token;
-    size_t token_len;
+    token *tokens;              /* accepted bearer tokens; none: no authorization */
+    int ntokens;
     size_t max_header, max_body;
     uint64_t header_ms, idle_ms;
     conn *conns;
@@ -207,10 +213,15 @@ static void timer_set(conn *c, int kind, uint64_t ms) {
     else uv_timer_start(&c->timer, on_timer, ms, 0);
 }
 
+static void server_free(server *s) {
+    for (int i = 0; i < s->ntokens; i++) free(s->tokens[i].data);
+    free(s->tokens);
+    free(s);
+}
+
 static void server_maybe_free(server *s) {
     if (s->handles > 0 || !s->killed) return;
-    free(s->token);
-    free(s);
+    server_free(s);
 }
 
 static void on_conn_closed(uv_handle_t *h) {
@@ -481,7 +492,8 @@ static const char *find_header(conn *c, const char *name, size_t *len) {
     return NULL;
 }
 
-/* Compares in time independent of where the first difference is. */
+/* Compares with every token, each in time independent of where the first difference
+ * is, so the time taken tells nothing about which token came close. */
 static int authorized(conn *c) {
     server *s = c->s;
     size_t n;
@@ -491,9 +503,14 @@ static int authorized(conn *c) {
     n -= 7;
     while (n && (*v == ' ' || *v == '\t')) v++, n--;
     while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
-    unsigned diff = n != s->token_len;
-    for (size_t i = 0; i < s->token_len; i++) diff |= (unsigned char)(s->token[i] ^ (i < n ? v[i] : 0));
-    return diff == 0;
+    unsigned ok = 0;
+    for (int t = 0; t < s->ntokens; t++) {
+        const token *k = &s->tokens[t];
+        unsigned diff = n != k->len;
+        for (size_t i = 0; i < k->len; i++) diff |= (unsigned char)(k->data[i] ^ (i < n ? v[i] : 0));
+        ok |= diff == 0;
+    }
+    return ok;
 }
 
 static int on_headers_complete(http_parser *p) {
@@ -511,7 +528,7 @@ static int on_headers_complete(http_parser *p) {
     }
     c->query_off = u.field_data[UF_QUERY].off;
     c->query_len = (u.field_set & (1 << UF_QUERY)) ? u.field_data[UF_QUERY].len : 0;
-    if (s->token && !authorized(c)) return stop(c, 401, "a valid bearer token is required");
+    if (s->ntokens && !authorized(c)) return stop(c, 401, "a valid bearer token is required");
     if (p->content_length != ULLONG_MAX && p->content_length > s->max_body)
         return stop(c, 413, "the request body is too large");
     size_t n;
@@ -1102,6 +1119,54 @@ static const char *opt_string(lua_State *L, const char *field, size_t *len) {
     return v;
 }
 
+/* Checks the options token and tokens; returns how many tokens they hold. */
+static int check_tokens(lua_State *L) {
+    size_t len = 0;
+    int n = opt_string(L, "token", &len) != NULL;
+    if (n && len == 0) luaL_error(L, "http_server.listen: token must not be empty");
+    lua_getfield(L, 1, "tokens");
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TTABLE) luaL_error(L, "http_server.listen: tokens must be a list of strings");
+        for (int i = 1;; i++, n++) {
+            lua_rawgeti(L, -1, i);
+            if (lua_isnil(L, -1)) break;
+            if (lua_type(L, -1) != LUA_TSTRING || lua_objlen(L, -1) == 0)
+                luaL_error(L, "http_server.listen: tokens must be non-empty strings");
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return n;
+}
+
+static int add_token(server *s, const char *p, size_t len) {
+    char *d = (char *)malloc(len);
+    if (!d) return 0;
+    memcpy(d, p, len);
+    s->tokens[s->ntokens++] = (token){ d, len };
+    return 1;
+}
+
+/* Copies the n tokens that check_tokens counted into s; 0 when out of memory. */
+static int copy_tokens(lua_State *L, server *s, int n) {
+    if (n == 0) return 1;
+    if (!(s->tokens = (token *)calloc((size_t)n, sizeof *s->tokens))) return 0;
+    size_t len;
+    const char *p = opt_string(L, "token", &len);
+    if (p && !add_token(s, p, len)) return 0;
+    lua_getfield(L, 1, "tokens");
+    for (int i = 1; lua_istable(L, -1) && s->ntokens < n; i++) {
+        lua_rawgeti(L, -1, i);
+        p = lua_tolstring(L, -1, &len);
+        int ok = add_token(s, p, len);
+        lua_pop(L, 1);
+        if (!ok) break;
+    }
+    lua_pop(L, 1);
+    return s->ntokens == n;
+}
+
 static uint64_t to_ms(double seconds) { return (uint64_t)(seconds * 1000.0 + 0.999); }
 
 /* Upvalue 1: the Lua function that spawns a handler's fiber. */
@@ -1110,10 +1175,8 @@ static int server_listen(lua_State *L) {
     lua_getfield(L, 1, "handler");
     if (lua_type(L, -1) != LUA_TFUNCTION) return luaL_error(L, "http_server.listen: handler must be a function");
     lua_pop(L, 1);
-    size_t token_len = 0;
     const char *host = opt_string(L, "host", NULL);
-    const char *token = opt_string(L, "token", &token_len);
-    if (token && token_len == 0) return luaL_error(L, "http_server.listen: token must not be empty");
+    int ntokens = check_tokens(L);
     int port = (int)opt_number(L, "port", 0, 0, 65535);
     size_t max_header = (size_t)opt_number(L, "max_header_bytes", 16384, 256, 1 << 30);
     size_t max_body = (size_t)opt_number(L, "max_body_bytes", 8 << 20, 0, 9.0e15);
@@ -1129,7 +1192,7 @@ static int server_listen(lua_State *L) {
         loopback = IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *)&addr)->sin6_addr);
     else
         return fb_push_error(L, "EINVAL", "host must be an IP address or localhost, got %s", host);
-    if (!loopback && !token)
+    if (!loopback && !ntokens)
         return fb_push_error(L, "EACCES", "refusing to listen on %s without a token: set token, "
                              "which clients then send as Authorization: Bearer TOKEN", host);
 
@@ -1141,8 +1204,8 @@ static int server_listen(lua_State *L) {
     }
 
     server *s = (server *)calloc(1, sizeof *s);
-    if (!s || (token && !(s->token = (char *)malloc(token_len)))) {
-        free(s);
+    if (!s || !copy_tokens(L, s, ntokens)) {
+        if (s) server_free(s);
         return luaL_error(L, "http_server.listen: out of memory");
     }
     uv_tcp_init(fb_loop(), &s->tcp);
@@ -1163,8 +1226,6 @@ static int server_listen(lua_State *L) {
     s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                 : ((struct sockaddr_in *)&bound)->sin_port);
     snprintf(s->host, sizeof s->host, "%s", host);
-    if (token) memcpy(s->token, token, token_len);
-    s->token_len = token_len;
     s->max_header = max_header;
     s->max_body = max_body;
     s->header_ms = to_ms(header_timeout);

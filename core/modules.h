@@ -17,6 +17,8 @@ int luaopen_factory_core_db_sqlite(lua_State *L);
 int luaopen_factory_core_db_pg(lua_State *L);
 int luaopen_factory_core_http_server(lua_State *L);
 int luaopen_factory_core_router(lua_State *L);
+int luaopen_factory_core_hash(lua_State *L);
+int luaopen_factory_core_signal(lua_State *L);
 
 static const luaL_Reg factory_core_modules[] = {
     {"factory.core.fiber", luaopen_factory_core_fiber},
@@ -31,6 +33,8 @@ static const luaL_Reg factory_core_modules[] = {
     {"factory.core.db_pg", luaopen_factory_core_db_pg},
     {"factory.core.http_server", luaopen_factory_core_http_server},
     {"factory.core.router", luaopen_factory_core_router},
+    {"factory.core.hash", luaopen_factory_core_hash},
+    {"factory.core.signal", luaopen_factory_core_signal},
     {NULL, NULL},
 };
 

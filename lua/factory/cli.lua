@@ -5,8 +5,11 @@
 --   factory repl                   interactive prompt with the engine loaded
 --   factory check [DIR]            validate definition files, print file:line errors
 --   factory db migrate|status [--db URL]   apply or show the schema migrations
+--   factory audit verify|search TEXT [--db URL]   check the audit chain, search the log
 --   factory serve [--host H] [--port N] [--config FILE] [--db URL] [--token T]
 --                                  the model proxy; prints the URL it listens on
+--   factory run PIPELINE --repo DIR (--issue TEXT | --file F)   run a work item (resumable)
+--   factory resume RUN | hitl list|answer | runs [show RUN]      see factory.run_cli
 --   factory version                print the version
 --   factory help | --help | -h     usage; `factory COMMAND --help` for each command
 -- Exit codes: 0 success, 1 the script or check failed, 2 usage error (unknown command
@@ -25,7 +28,12 @@ commands:
   repl              interactive Lua prompt with the engine loaded (async calls work)
   check [DIR]       validate the definition files under DIR (default .)
   db migrate|status apply or show the database schema migrations (--db URL)
+  audit verify|search TEXT  check the audit log's hash chain, or search it (--db URL)
   serve             the OpenAI-compatible model proxy (default 127.0.0.1:8420)
+  run PIPELINE      run a work item through a pipeline (--repo DIR --issue TEXT|--file F)
+  resume RUN        continue a run from its first unfinished stage
+  hitl list|answer  the questions waiting for a human, and answering them
+  runs [show RUN]   the latest runs, or one run's timeline
   version           print the version
   help              this text; `factory COMMAND --help` describes a command
 
@@ -57,7 +65,8 @@ not), POST /v1/embeddings and GET /v1/models, routed through the aliases,
 fallbacks, rate limits and budgets of factory.lua (./factory.lua, or --config).
 Listens on 127.0.0.1:8420 unless told otherwise and prints its URL. Any host but
 loopback needs a token (--token or $FACTORY_TOKEN) that every client must send as
-its bearer key. With --db, every model call is recorded in the store.
+its bearer key. With --db, every model call is recorded in the store. On SIGINT
+or SIGTERM it stops accepting, lets requests in flight finish (up to 5 s), exits 0.
 ]],
   version = [[
 usage: factory version
@@ -196,16 +205,7 @@ local function cmd_serve(argv)
     end
   end
   opts.token = opts.token or os.getenv("FACTORY_TOKEN")
-  return run_main(function()
-    local srv, err = require("factory.serve").start(opts)
-    if not srv then
-      err_line(err)
-      return 1
-    end
-    io.stdout:write("factory serve: listening on ", srv:url(), "\n")
-    io.stdout:flush()
-    fiber.cond():wait()
-  end, { n = 0 })
+  return run_main(require("factory.serve").main, { opts, n = 1 })
 end
 
 local function cmd_db(argv)
@@ -213,8 +213,23 @@ local function cmd_db(argv)
   return run_main(function() return dbcli.run({ unpack(argv, 2) }) end, { n = 0 })
 end
 
+local function cmd_audit(argv)
+  local auditcli = require "factory.audit_cli"
+  return run_main(function() return auditcli.run({ unpack(argv, 2) }) end, { n = 0 })
+end
+
+local function cmd_pipeline(argv)
+  local runcli = require "factory.run_cli"
+  return run_main(function() return runcli.main(argv[1], { unpack(argv, 2) }) end, { n = 0 })
+end
+
 local COMMANDS = {
+  run = cmd_pipeline,
+  resume = cmd_pipeline,
+  hitl = cmd_pipeline,
+  runs = cmd_pipeline,
   db = cmd_db,
+  audit = cmd_audit,
   version = cmd_version,
   check = cmd_check,
   repl = cmd_repl,
@@ -238,6 +253,8 @@ function M.main(argv)
   local cmd = COMMANDS[first]
   if cmd then
     if first == "db" then HELP.db = require("factory.db.cli").USAGE end
+    if cmd == cmd_pipeline then HELP[first] = require("factory.run_cli").HELP[first] end
+    if first == "audit" then HELP.audit = require("factory.audit_cli").USAGE end
     for i = 2, #argv do
       if argv[i] == "--help" or argv[i] == "-h" then
         io.stdout:write(HELP[first] or USAGE)

@@ -1,4 +1,5 @@
--- factory.config: the installation's factory.lua, loaded in a sandbox.
+-- factory.config: the installation's factory.lua, loaded in the sandbox of
+-- factory.defs (safe functions only, a time limit on the file's run).
 --
 --   config.load(path) -> cfg | nil, "file:line: message"
 --   cfg.router   the table for router.configure
@@ -18,6 +19,7 @@
 --   keys { ["sk-factory-..."] = { team = "backend_engineering" } }
 --   env "VAR" -> the variable's value, or nil
 local fs = require "factory.core.fs"
+local defs = require "factory.defs"
 
 local M = {}
 
@@ -28,24 +30,22 @@ local DEFAULT_URLS = {
   openrouter = "https://openrouter.ai/api/v1",
 }
 
-local SAFE = { "assert", "error", "ipairs", "next", "pairs", "select", "tonumber", "tostring", "type", "unpack" }
-
 local SECTIONS = { "providers", "models", "prices", "budgets", "limits", "keys" }
 
-local function fail(msg, level) error(msg, level + 1) end
+local function fail(msg) error(msg, 0) end
 
 local function check_providers(t)
   for name, p in pairs(t) do
-    if type(name) ~= "string" or name:find("/", 1, true) then fail("providers: names must be strings without '/'", 4) end
-    if type(p) ~= "table" then fail(("providers.%s: expected a table"):format(name), 4) end
+    if type(name) ~= "string" or name:find("/", 1, true) then fail("providers: names must be strings without '/'") end
+    if type(p) ~= "table" then fail(("providers.%s: expected a table"):format(name)) end
     p.kind = p.kind or (name == "anthropic" and "anthropic" or "openai")
     if p.kind ~= "openai" and p.kind ~= "anthropic" then
-      fail(("providers.%s: kind must be \"openai\" or \"anthropic\""):format(name), 4)
+      fail(("providers.%s: kind must be \"openai\" or \"anthropic\""):format(name))
     end
     p.base_url = p.base_url or DEFAULT_URLS[name]
-    if type(p.base_url) ~= "string" then fail(("providers.%s: base_url is required"):format(name), 4) end
+    if type(p.base_url) ~= "string" then fail(("providers.%s: base_url is required"):format(name)) end
     if p.api_key ~= nil and type(p.api_key) ~= "string" then
-      fail(("providers.%s: api_key must be a string (env \"VAR\")"):format(name), 4)
+      fail(("providers.%s: api_key must be a string (env \"VAR\")"):format(name))
     end
   end
 end
@@ -53,46 +53,53 @@ end
 local function check_models(t, providers)
   for alias, chain in pairs(t) do
     if type(chain) ~= "table" or #chain == 0 then
-      fail(("models[%q]: expected a list of \"provider/model\""):format(tostring(alias)), 4)
+      fail(("models[%q]: expected a list of \"provider/model\""):format(tostring(alias)))
     end
     for _, spec in ipairs(chain) do
       local p = type(spec) == "string" and spec:match("^([^/]+)/.+$")
-      if not p then fail(("models[%q]: %q is not \"provider/model\""):format(alias, tostring(spec)), 4) end
+      if not p then fail(("models[%q]: %q is not \"provider/model\""):format(alias, tostring(spec))) end
       if not providers[p] then
-        fail(("models[%q]: unknown provider %q (declare it in providers {})"):format(alias, p), 4)
+        fail(("models[%q]: unknown provider %q (declare it in providers {})"):format(alias, p))
       end
     end
   end
 end
 
-function M.load(path)
-  local chunk, err = loadfile(path)
-  if not chunk then return nil, err end
-  local cfg = {}
-  local env = {}
-  for _, k in ipairs(SAFE) do env[k] = _G[k] end
-  env.string, env.table, env.math = string, table, math
-  env.env = function(name) return os.getenv(name) end
+local function check_keys(t)
+  for key, entry in pairs(t) do
+    if type(key) ~= "string" or key == "" or type(entry) ~= "table" then
+      fail('keys: expected { ["sk-..."] = { team = NAME } }')
+    end
+  end
+end
+
+local CHECKS = { providers = check_providers, keys = check_keys }
+
+-- The DSL of one load: one function per section, collecting into cfg.
+local function dsl(cfg)
+  local env = { env = function(name) return os.getenv(name) end }
   for _, section in ipairs(SECTIONS) do
     env[section] = function(t)
-      if type(t) ~= "table" then fail(section .. " expects a table: " .. section .. " { ... }", 2) end
-      if cfg[section] then fail(section .. " is given twice", 2) end
-      if section == "providers" then check_providers(t) end
-      if section == "models" then check_models(t, cfg.providers or fail("declare providers before models", 3)) end
+      if type(t) ~= "table" then fail(section .. " expects a table: " .. section .. " { ... }") end
+      if cfg[section] then fail(section .. " is given twice") end
+      if section == "models" then check_models(t, cfg.providers or fail("declare providers before models")) end
+      if CHECKS[section] then CHECKS[section](t) end
       cfg[section] = t
     end
   end
-  setmetatable(env, {
-    __index = function(_, k) error(("undefined global '%s'"):format(tostring(k)), 2) end,
-    __newindex = function(_, k) error(("assignment to global '%s'"):format(tostring(k)), 2) end,
-  })
-  setfenv(chunk, env)
-  local ok, rerr = pcall(chunk)
-  if not ok then
-    local msg = tostring(rerr)
-    if not msg:find(path, 1, true) then msg = path .. ":1: " .. msg end
-    return nil, msg
-  end
+  return env
+end
+
+function M.load(path)
+  local dir, file = path:match("^(.*)/([^/]*)$")
+  if not dir then dir, file = ".", path end
+  local cfg
+  local reg = defs.registry{ kind = "configuration", dir = dir == "" and "/" or dir, optional = true,
+                             pattern = "^" .. file:gsub("%p", "%%%0") .. "$",
+                             dsl = function() cfg = {}; return dsl(cfg) end }
+  local problem = reg:load_all()[1]
+  if problem then return nil, problem end
+  if not cfg then return nil, path .. ":1: cannot read the file" end
   return {
     router = { providers = cfg.providers or {}, models = cfg.models or {}, prices = cfg.prices,
                budgets = cfg.budgets, limits = cfg.limits },

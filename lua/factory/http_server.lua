@@ -1,7 +1,7 @@
 -- factory.http_server: routes on top of the core HTTP server (factory.core.http_server,
 -- which documents req, res, the limits and the timeouts).
 --
---   local srv, err, code = server.new{ host, port, token, max_header_bytes,
+--   local srv, err, code = server.new{ host, port, token, tokens, max_header_bytes,
 --                                      max_body_bytes, header_timeout, idle_timeout }
 --   srv:route("GET", "/v1/models", function(req, res) ... end)   -> srv
 --   srv:route("GET", "/runs/:id", fn)        req.params.id, percent-decoded

@@ -5,22 +5,30 @@
 --   serve.start{ host = "127.0.0.1", port = 8420, config = FILE | nil (./factory.lua),
 --                db = URL | nil, token = nil, header_timeout =, max_body_bytes = }
 --     -> server | nil, err, code   (the last two: see factory.core.http_server)
---     server:url(), server:close()
+--     server:url(), server:close([grace])
+--   serve.main(opts) -> exit code: `factory serve`: starts, prints the URL, serves
+--     until SIGINT or SIGTERM, then stops accepting and gives the requests in flight
+--     GRACE seconds to finish before closing.
 -- Endpoints: POST /v1/chat/completions (stream or not), POST /v1/embeddings,
 -- GET /v1/models. Errors are OpenAI-shaped JSON.
 -- Teams: factory.lua's keys { ["sk-..."] = { team = NAME } } are virtual keys: the
 -- bearer key picks the team whose budget the call is charged to; with keys
--- configured, any other key gets 401. With none, the X-Factory-Team header names
--- the team (development on loopback). X-Factory-Run names the run.
+-- configured, any other key gets 401 (from the core server, which also lets them
+-- in beyond loopback). token is the operator's key: it is accepted too, and like a
+-- proxy without keys it takes the team from the X-Factory-Team header. X-Factory-Run
+-- names the run.
 -- With db, every call is written to the store's model_calls table (by a background
 -- fiber, so the response does not wait for the write).
 local server = require "factory.http_server"
 local router = require "factory.router"
 local config = require "factory.config"
 local fiber = require "factory.fiber"
+local signal = require "factory.core.signal"
 local log = require "factory.log"
 
 local M = {}
+
+local GRACE = 5
 
 local STATUS = { EINVAL = 400, EALIAS = 404, EBUDGET = 402, ENOCONFIG = 503, EUNAVAILABLE = 503,
                  ETIMEDOUT = 504 }
@@ -42,12 +50,11 @@ local function bearer(req)
   return auth and auth:match("^[Bb]earer%s+(.+)$")
 end
 
--- The team of a request, or nil and the refusal.
-local function team_of(req, keys, has_keys)
-  if not has_keys then return req.headers["x-factory-team"] end
+-- The team of a request (the core server has checked its key already).
+local function team_of(req, keys)
   local entry = keys[bearer(req) or ""]
-  if not entry then return nil, "invalid API key: use a key from keys { } in factory.lua" end
-  return entry.team or "default"
+  if entry then return entry.team or "default" end
+  return req.headers["x-factory-team"]
 end
 
 local function stream_reply(res, s)
@@ -113,17 +120,17 @@ function M.start(opts)
     closers[#closers + 1] = stop
     closers[#closers + 1] = function() db:close() end
   end
+  local keys, tokens = cfg.keys, {}
+  for key in pairs(keys) do tokens[#tokens + 1] = key end
   local srv, serr, scode = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
-                                      header_timeout = opts.header_timeout, max_body_bytes = opts.max_body_bytes }
+                                      tokens = tokens, header_timeout = opts.header_timeout,
+                                      max_body_bytes = opts.max_body_bytes }
   if not srv then
     for i = #closers, 1, -1 do closers[i]() end
     return nil, serr, scode
   end
-  local keys, has_keys = cfg.keys, next(cfg.keys) ~= nil
-
   local function call(req, res, fn)
-    local team, refusal = team_of(req, keys, has_keys)
-    if refusal then return res:error(401, refusal) end
+    local team = team_of(req, keys)
     local out, cerr, ccode = fn(req.body, { team = team, run = req.headers["x-factory-run"], raw = true })
     if not out then return send_error(res, cerr, ccode) end
     if type(out) == "string" then
@@ -143,6 +150,20 @@ function M.start(opts)
     for i = #closers, 1, -1 do closers[i]() end
   end
   return srv
+end
+
+function M.main(opts)
+  local srv, err = M.start(opts)
+  if not srv then
+    io.stderr:write("factory: ", tostring(err), "\n")
+    return 1
+  end
+  io.stdout:write("factory serve: listening on ", srv:url(), "\n")
+  io.stdout:flush()
+  local name = signal.wait("INT", "TERM")
+  log.info("factory serve: stopping", { signal = name, grace_s = GRACE })
+  srv:close(GRACE)
+  return 0
 end
 
 return M

@@ -299,6 +299,25 @@ describe("http server", function()
     assert.equal("in", r.body)
   end)
 
+  it("accepts any of a list of tokens beyond loopback, and only those", function()
+    assert.error_matches(function() core.listen{ tokens = { "ok", "" }, handler = print } end, "non%-empty")
+    assert.error_matches(function() core.listen{ tokens = "ok", handler = print } end, "list of strings")
+    local srv, _, code = core.listen{ host = "0.0.0.0", tokens = {}, handler = print }
+    assert.is_nil(srv)
+    assert.equal("EACCES", code)
+    srv = listen{ host = "0.0.0.0", token = "admin", tokens = { "team-a-key", "team-b-key" },
+                  handler = function(req, res) res:send(req.headers.authorization) end }
+    for _, case in ipairs{
+      { key = "admin", status = 200 }, { key = "team-a-key", status = 200 }, { key = "team-b-key", status = 200 },
+      { key = "team-a-ke", status = 401 }, { key = "team-a-keyy", status = 401 }, { key = "team-c-key", status = 401 },
+      { status = 401 },
+    } do
+      local r = assert(http.get(url(srv, "/"), { headers = { Authorization = case.key and "Bearer " .. case.key } }))
+      assert.equal(case.status, r.status, tostring(case.key))
+      if case.status == 200 then assert.equal("Bearer " .. case.key, r.body) end
+    end
+  end)
+
   it("lets a request in flight finish on close(grace), then refuses connections", function()
     local srv = assert(core.listen{ handler = function(_, res)
       fiber.sleep(0.3)

@@ -321,6 +321,49 @@ describe("router", function()
     assert.truthy(peak <= 2)
   end)
 
+  it("queues callers beyond a provider's requests per minute instead of failing them", function()
+    -- 60 requests a minute: a full bucket of 60, then one more each second.
+    configure{ providers = { a = { base_url = fake:url() .. "/v1", api_key = KEY_A, rpm = 60 } } }
+    local t0, done, fibers = time.monotonic(), {}, {}
+    for i = 1, 61 do
+      fibers[i] = fiber.spawn(function()
+        local res, err = router.chat(hello("solo"))
+        done[#done + 1] = time.monotonic() - t0
+        return res, err
+      end)
+    end
+    fiber.sleep(0.5)
+    assert.equal(60, #done)
+    assert.equal(1, router.stats().providers.a.queued)
+    local ok, outcomes = fiber.all(fibers, 5)
+    assert.truthy(ok)
+    for _, o in ipairs(outcomes) do assert.truthy(o[1], tostring(o[2])) end
+    assert.truthy(done[61] >= 0.8, "the 61st call waited for the bucket: " .. done[61])
+    assert.equal(61, fake:count())
+  end)
+
+  it("queues callers beyond a provider's tokens per minute until estimates are settled", function()
+    -- Each call reserves its estimate (max_tokens + prompt bytes / 4) from a bucket of
+    -- 6000; the real usage gives back the rest when the call ends.
+    configure{ providers = { a = { base_url = fake:url() .. "/v1", api_key = KEY_A, tpm = 6000 } } }
+    fake:script{ { delay = 0.3 }, { delay = 0.3 }, { delay = 0.3 } }
+    local t0, fibers = time.monotonic(), {}
+    for i = 1, 3 do
+      fibers[i] = fiber.spawn(function()
+        local res, err = router.chat(hello("solo", { max_tokens = 2900 }))
+        return res, err, time.monotonic() - t0
+      end)
+    end
+    fiber.sleep(0.1)
+    assert.equal(2, router.stats().providers.a.inflight)
+    assert.equal(1, router.stats().providers.a.queued)
+    local ok, outcomes = fiber.all(fibers, 5)
+    assert.truthy(ok)
+    for _, o in ipairs(outcomes) do assert.truthy(o[1], tostring(o[2])) end
+    assert.truthy(outcomes[3][3] >= 0.55, "the third call started after the first ended: " .. outcomes[3][3])
+    assert.truthy(outcomes[3][3] < 2, "it did not wait for the bucket to refill: " .. outcomes[3][3])
+  end)
+
   it("holds 200 concurrent calls to a budget that allows 10", function()
     -- 1 USD per completion token, 10 tokens asked for: each call reserves 10 USD.
     configure{ prices = { ["a/gpt-test"] = { input = 0, output = 1e6 } },

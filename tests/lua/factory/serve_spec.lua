@@ -147,6 +147,55 @@ budgets { teams = { poor = { usd_per_day = 5 } } }
     assert.equal(1, fake:count())
   end)
 
+  it("lets virtual keys and the operator's token in beyond loopback, and nothing else", function()
+    local keys = [[keys { ["sk-team-a"] = { team = "a" }, ["sk-team-b"] = { team = "b" } }]]
+    start(keys, { host = "0.0.0.0", token = "sk-operator" })
+    base = ("http://127.0.0.1:%d"):format(srv:port())
+    local team
+    local unsubscribe = router.on_call(function(r) team = r.team end)
+    for _, case in ipairs{
+      { key = "sk-team-a", team = "a" }, { key = "sk-team-b", team = "b" },
+      { key = "sk-operator", team = "ops", header = "ops" }, { key = "sk-team-c" }, {},
+    } do
+      local res = post("/v1/chat/completions", chat_body("factory/coder"),
+                       { Authorization = case.key and "Bearer " .. case.key, ["X-Factory-Team"] = case.header })
+      if case.team then
+        assert.equal(200, res.status, res.body)
+        assert.equal(case.team, team)
+      else
+        openai_error(res, 401)
+      end
+    end
+    unsubscribe()
+    srv:close()
+    os.remove(cfg_path)
+    -- The keys alone are enough to bind beyond loopback; without any, it is refused.
+    start(keys, { host = "0.0.0.0" })
+    srv:close()
+    srv = nil
+    write(cfg_path, "providers {}")
+    local none, _, code = serve.start{ host = "0.0.0.0", port = 0, config = cfg_path }
+    assert.is_nil(none)
+    assert.equal("EACCES", code)
+  end)
+
+  it("reports a bad factory.lua at its line, and stops one that runs away", function()
+    for _, case in ipairs{
+      { src = 'providers { up = { base_url = "http://x" } }\n\nmodels { m = { "nope/x" } }', err = ":3: models%[\"m\"%]: unknown provider" },
+      { src = 'keys { [""] = { team = "a" } }', err = ":1: keys: expected" },
+      { src = 'providers {}\nlocal f = io.open("/etc/passwd")', err = ":2: undefined global 'io'" },
+      { src = 'providers {}\nwhile true do end', err = ":2: still running after" },
+    } do
+      cfg_path = os.tmpname()
+      write(cfg_path, case.src)
+      local none, err, code = serve.start{ port = 0, config = cfg_path }
+      os.remove(cfg_path)
+      assert.is_nil(none)
+      assert.equal("EINVAL", code)
+      assert.matches(case.err, err)
+    end
+  end)
+
   it("records every call in the store with --db", function()
     local dir = os.tmpname()
     os.remove(dir)
@@ -228,4 +277,30 @@ describe("factory serve (command line)", function()
     p:close()
     os.remove(cfg)
   end)
+
+  for _, sig in ipairs{ "TERM", "INT" } do
+    it("on SIG" .. sig .. " stops accepting, finishes the request in flight and exits 0", function()
+      local cfg = os.tmpname()
+      write(cfg, ('providers { up = { base_url = "%s/v1", api_key = "sk-x" } }\nmodels { m = { "up/x" } }\n'):format(fake:url()))
+      fake:script{ { delay = 0.5, content = "late but whole" } }
+      local p = assert(proc.spawn{ argv = { BIN, "serve", "--port", "0", "--config", cfg }, stderr = "null" })
+      local url = p:read_line():match("(http://.*)$") .. "/v1/chat/completions"
+      local call = fiber.spawn(http.request, { method = "POST", url = url, body = chat_body("m"), timeout = 10 })
+      local deadline = time.monotonic() + 5
+      while fake:count() == 0 and time.monotonic() < deadline do fiber.sleep(0.01) end
+      assert.truthy(p:kill(sig))
+      fiber.sleep(0.1)
+      local refused = http.request{ method = "POST", url = url, body = chat_body("m"), timeout = 2 }
+      assert.is_nil(refused)
+      local ok, res = fiber.all({ call }, 5)
+      assert.truthy(ok)
+      assert.equal(200, res[1][1].status)
+      assert.equal("late but whole", json.decode(res[1][1].body).choices[1].message.content)
+      local st = p:wait(5)
+      p:close()
+      os.remove(cfg)
+      assert.equal(0, st.code)
+      assert.equal(1, fake:count())
+    end)
+  end
 end)

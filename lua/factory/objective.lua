@@ -1,0 +1,170 @@
+-- factory.objective: one objective, executed by one operative: its context packed
+-- into the model's window, the model called through the router, the reply checked
+-- as a TaskResult and sent back with the error when it is malformed.
+--
+--   objective.run(o) -> result        (a TaskResult; never raises for model trouble)
+--   o: { run_id, team (definition), operative (definition), anchor = text,
+--        stage = { name, objective, acceptance, artifact } | nil,
+--        question = { from =, text = } | nil    (a clarification asked of this team),
+--        inputs = { { stage, team, text } }, memory = { { bank, content } },
+--        learnings = { text }, answers = { { from, question, answer } },
+--        retries = n (corrective retries, default 2), summarizer = alias ("factory/cheap"),
+--        emit = fn(kind, data) }
+--   objective.pack(o) -> messages, { tokens =, window =, summarised = bool }
+-- A budget the router refuses (EBUDGET), a provider that cannot answer, and a reply
+-- that stays malformed all end as a BLOCKED result that says why.
+local router = require "factory.router"
+local confidence = require "factory.confidence"
+local dsl = require "factory.dsl"
+
+local M = {}
+
+local SUMMARY_AT = 0.8
+
+local function tokens(text) return math.ceil(#text / 4) + 4 end
+
+local function bullets(list)
+  local out = {}
+  for _, s in ipairs(list) do out[#out + 1] = "- " .. s end
+  return table.concat(out, "\n")
+end
+
+local function system_prompt(o)
+  local team, op = o.team, o.operative
+  local parts = {
+    ("team: %s; operative: %s; objective: %s"):format(team.name, op.name,
+      o.question and "clarification" or ("stage " .. o.stage.name)),
+    op.prompt,
+    ("You work in the %s team (%s)."):format(team.name, team.description),
+  }
+  if #team.may_ask > 0 and not o.question then
+    parts[#parts + 1] = "Teams you may ask for a clarification: " .. table.concat(team.may_ask, ", ") .. "."
+  end
+  parts[#parts + 1] = confidence.CONTRACT
+  return table.concat(parts, "\n\n")
+end
+
+local function anchor_text(o)
+  local parts = { "# Objective\n" .. o.anchor }
+  if o.question then
+    parts[#parts + 1] = ("# Question from the %s team\n%s\n\nAnswer it: your artifact is the answer."):format(
+      o.question.from, o.question.text)
+  else
+    local st = o.stage
+    parts[#parts + 1] = ("# Your stage: %s\n%s"):format(st.name, st.objective or "Do your team's part of the objective.")
+    if #st.acceptance > 0 then parts[#parts + 1] = "Acceptance criteria:\n" .. bullets(st.acceptance) end
+    parts[#parts + 1] = "Deliver: " .. st.artifact
+  end
+  return table.concat(parts, "\n\n")
+end
+
+-- The material around the anchor, oldest first: what may be summarised, and what
+-- is too recent to be (the last stage's output and every answer received).
+local function material(o)
+  local older, recent = {}, {}
+  for i, input in ipairs(o.inputs or {}) do
+    local text = ("## From stage %s (%s)\n%s"):format(input.stage, input.team, input.text)
+    if i == #o.inputs then recent[#recent + 1] = text else older[#older + 1] = text end
+  end
+  if o.memory and #o.memory > 0 then
+    local lines = {}
+    for _, f in ipairs(o.memory) do lines[#lines + 1] = ("- [%s] %s"):format(f.bank, f.content) end
+    older[#older + 1] = "## Recalled memory\n" .. table.concat(lines, "\n")
+  end
+  if o.learnings and #o.learnings > 0 then
+    older[#older + 1] = "## Learnings of your team\n" .. bullets(o.learnings)
+  end
+  for _, a in ipairs(o.answers or {}) do
+    recent[#recent + 1] = ("## Answer from %s to the question %q\n%s"):format(a.from, a.question, a.answer)
+  end
+  return older, recent
+end
+
+local function summarise(o, text, target)
+  local res = router.chat({
+    model = o.summarizer or "factory/cheap",
+    max_tokens = math.max(64, target),
+    messages = {
+      { role = "system", content = "You compress working notes for another agent. Keep every requirement, decision, "
+        .. "interface, name and number; drop repetition and prose. Plain text, at most " .. target .. " tokens." },
+      { role = "user", content = text },
+    },
+  }, { team = o.team.name, run = o.run_id })
+  local out = res and res.choices and res.choices[1] and res.choices[1].message.content
+  if type(out) == "string" and out:find("%S") then return out end
+end
+
+-- Keeps the end of text within n tokens: the newest part of old material matters most.
+local function tail(text, n)
+  local keep = math.max(0, (n - 4) * 4)
+  if #text <= keep then return text end
+  return "[earlier material cut to fit the context window]\n" .. text:sub(#text - keep + 1)
+end
+
+function M.pack(o)
+  local op, team = o.operative, o.team
+  local window = op.context_window or team.context_window or dsl.DEFAULT_WINDOW
+  local limit = math.floor(window * SUMMARY_AT)
+  local system, anchor = system_prompt(o), anchor_text(o)
+  local older, recent = material(o)
+  local fixed = tokens(system) + tokens(anchor)
+  local old_text, recent_text = table.concat(older, "\n\n"), table.concat(recent, "\n\n")
+  local total = fixed + (old_text ~= "" and tokens(old_text) or 0) + (recent_text ~= "" and tokens(recent_text) or 0)
+  local info = { window = window, summarised = false }
+  if total > limit and old_text ~= "" then
+    local room = math.max(64, limit - fixed - tokens(recent_text))
+    local summary = summarise(o, old_text, math.floor(room / 2))
+    local before = total
+    old_text = tail(summary and ("## Summary of earlier material\n" .. summary) or old_text, room)
+    info.summarised = summary ~= nil
+    total = fixed + tokens(old_text) + tokens(recent_text)
+    if o.emit then o.emit("context_packed", { before = before, after = total, window = window,
+                                             summarised = info.summarised }) end
+  end
+  if total > limit and recent_text ~= "" then
+    recent_text = tail(recent_text, math.max(64, limit - fixed - (old_text ~= "" and tokens(old_text) or 0)))
+    total = fixed + tokens(old_text) + tokens(recent_text)
+  end
+  local messages = { { role = "system", content = system }, { role = "user", content = anchor } }
+  for _, text in ipairs({ old_text, recent_text }) do
+    if text ~= "" then messages[#messages + 1] = { role = "user", content = text } end
+  end
+  info.tokens = total
+  return messages, info
+end
+
+local function reply_text(res)
+  local choice = type(res) == "table" and res.choices and res.choices[1]
+  return choice and choice.message and choice.message.content
+end
+
+function M.run(o)
+  local messages = M.pack(o)
+  local op, team = o.operative, o.team
+  local retries = o.retries or 2
+  local problem
+  for attempt = 1, retries + 1 do
+    local res, err, code = router.chat({ model = op.model or team.model, messages = messages,
+                                         max_tokens = op.max_tokens, temperature = op.temperature },
+                                       { team = team.name, run = o.run_id })
+    if not res then
+      local why = tostring(err):gsub("^E%u+: ", "")
+      if code == "EBUDGET" then
+        return confidence.blocked(why,
+          "The model router refused the call because a budget is spent; a human must raise it or stop the run.")
+      end
+      return confidence.blocked(("the model could not be reached (%s): %s"):format(code, why))
+    end
+    local text = reply_text(res)
+    local result
+    result, problem = confidence.parse(text)
+    if result then return result end
+    if o.emit then o.emit("task_result_invalid", { attempt = attempt, error = problem }) end
+    messages[#messages + 1] = { role = "assistant", content = type(text) == "string" and text or "" }
+    messages[#messages + 1] = { role = "user", content = ("Your reply is not a valid TaskResult: %s. Reply again with "
+      .. "only the corrected JSON object."):format(problem) }
+  end
+  return confidence.blocked(("no valid TaskResult after %d attempts: %s"):format(retries + 1, problem))
+end
+
+return M

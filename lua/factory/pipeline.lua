@@ -1,0 +1,374 @@
+-- factory.pipeline: the engine that executes runs, durably.
+--
+--   pipeline.engine{ db =, project = (factory.dsl project), on_event = fn(ev) | nil }
+--     -> engine
+--   engine:submit{ pipeline =, title =, body =, repo =, source = "cli", external_id = }
+--     -> run_id, resumed   (an unfinished run of the same work item and pipeline is
+--                           continued rather than started twice)
+--   engine:execute(run_id) -> state, detail
+--       state: "succeeded" | "waiting" (detail: the escalation) | "failed" (detail: why)
+--   engine:close()
+--
+-- Durability: a stage's COMPLETE TaskResult is written in the same transaction that
+-- advances runs.stage_index, so after a crash execute() starts at the first
+-- unfinished stage and never re-runs, or re-pays, a finished one. Every other
+-- attempt is recorded too (stage_results, attempt = n), which keeps the iteration
+-- cap across restarts. One process at a time executes a run: it holds the lock
+-- "run:ID" (released at the end; a lock whose process died on this host is taken
+-- over at once, any other when it expires).
+--
+-- The confidence gate, per attempt: COMPLETE advances; NEEDS_CLARIFICATION goes to
+-- the broker (factory.clarify) and the objective runs again with the answer; BLOCKED,
+-- or a clarification the broker could not get answered, escalates to a human
+-- (factory.hitl) and the run waits. Events (ev.kind) given to on_event: run_started,
+-- stage_started, objective_started, model_call, task_result, task_result_invalid,
+-- context_packed, clarification, clarification_answered, escalated, stage_completed,
+-- run_finished; each also goes to the events table.
+local ffi = require "ffi"
+local fiber = require "factory.fiber"
+local router = require "factory.router"
+local time = require "factory.core.time"
+local proc = require "factory.proc"
+local log = require "factory.log"
+local records = require "factory.records"
+local memory = require "factory.memory"
+local objective = require "factory.objective"
+local confidence = require "factory.confidence"
+local clarify = require "factory.clarify"
+local hitl = require "factory.hitl"
+
+ffi.cdef "int kill(int pid, int sig);"
+
+local M = {}
+
+local FINISHED = { succeeded = true, failed = true, cancelled = true }
+local LOCK_TTL, LOCK_BEAT = 30, 10
+
+local Engine = {}
+Engine.__index = Engine
+
+-- Read once at load, synchronously: fs.read would yield, and a module may be
+-- required outside any fiber.
+local HOST = (function()
+  local f = io.open("/proc/sys/kernel/hostname")
+  local name = f and f:read("*l")
+  if f then f:close() end
+  return name or "localhost"
+end)()
+
+local function alive_here(owner)
+  local host, pid = owner:match("^(.*):(%d+):%d+$")
+  if host ~= HOST then return nil end
+  return ffi.C.kill(tonumber(pid), 0) == 0 or ffi.errno() == 1 -- EPERM: it exists
+end
+
+function M.engine(opts)
+  local self = setmetatable({ db = assert(opts.db, "pipeline.engine: db is required"), project = opts.project,
+                              on_event = opts.on_event, active = {}, totals = {} }, Engine)
+  self.owner = ("%s:%d:%d"):format(HOST, proc.getpid(), math.random(1, 1e9))
+  self.unhook = router.on_call(function(r) self:_model_call(r) end)
+  return self
+end
+
+function Engine:close()
+  self.unhook()
+end
+
+-- Router records arrive in whichever fiber next passes through the router, so the
+-- operative is found by run and team, not by fiber.
+function Engine:_model_call(r)
+  local run_id = tonumber(r.run)
+  local totals = run_id and self.totals[run_id]
+  if not totals then return end
+  local operative = self.active[run_id .. "\0" .. tostring(r.team)]
+  records.model_call(self.db, r, operative)
+  totals.tokens = totals.tokens + (r.prompt_tokens or 0) + (r.completion_tokens or 0)
+  totals.cost = totals.cost + (r.cost_usd or 0)
+  self:_notify(run_id, "model_call", { team = r.team, operative = operative, alias = r.alias, status = r.status,
+    prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens, cost_usd = r.cost_usd, code = r.code })
+end
+
+function Engine:_notify(run_id, kind, data)
+  if not self.on_event then return end
+  local t = self.totals[run_id] or {}
+  local ok, err = pcall(self.on_event, { kind = kind, run_id = run_id, data = data, tokens = t.tokens, cost = t.cost,
+                                         started = t.started })
+  if not ok then log.warn("pipeline: on_event failed", { error = tostring(err) }) end
+end
+
+-- An event for the timeline and for whoever watches the run.
+function Engine:_emit(run_id, kind, data, q)
+  records.event(q or self.db, run_id, kind, data)
+  self:_notify(run_id, kind, data)
+end
+
+function Engine:submit(w)
+  assert(type(w.pipeline) == "string" and type(w.title) == "string", "engine:submit: pipeline and title are required")
+  if not self.project.pipelines:get(w.pipeline) then
+    return nil, ("ENOENT: no pipeline %q"):format(w.pipeline), "ENOENT"
+  end
+  local anchor = w.title .. (w.body and w.body ~= "" and ("\n\n" .. w.body) or "")
+  if w.repo then anchor = anchor .. "\n\nRepository: " .. w.repo end
+  return self.db:tx(function(tx)
+    local now = time.now()
+    local rows = assert(tx:query("SELECT id FROM work_items WHERE source = ? AND external_id = ?",
+      { w.source or "cli", w.external_id }))
+    local item = rows[1] and rows[1].id
+    if item then
+      rows = assert(tx:query("SELECT id FROM runs WHERE work_item_id = ? AND pipeline = ? AND state NOT IN"
+        .. " ('succeeded', 'failed', 'cancelled') ORDER BY id DESC LIMIT 1", { item, w.pipeline }))
+      if rows[1] then return rows[1].id, true end
+    else
+      item = assert(tx:exec("INSERT INTO work_items (source, external_id, title, body, state, data, created_at,"
+        .. " updated_at) VALUES (?, ?, ?, ?, 'accepted', ?, ?, ?) RETURNING id",
+        { w.source or "cli", w.external_id, w.title, w.body, { repo = w.repo }, now, now, n = 7 })).last_id
+    end
+    local run = assert(tx:exec("INSERT INTO runs (work_item_id, pipeline, state, stage_index, data, created_at,"
+      .. " updated_at) VALUES (?, ?, 'pending', 0, ?, ?, ?) RETURNING id",
+      { item, w.pipeline, { anchor = anchor, repo = w.repo }, now, now })).last_id
+    records.event(tx, run, "run_created", { pipeline = w.pipeline, title = w.title })
+    return run, false
+  end)
+end
+
+-- ---- the run lock ----------------------------------------------------------------
+
+function Engine:_lock(run_id)
+  local name = "run:" .. run_id
+  local ok, err = self.db:tx(function(tx)
+    local now = time.now()
+    local rows = assert(tx:query("SELECT owner, expires_at FROM locks WHERE name = ?", { name }))
+    local held = rows[1]
+    if held and held.owner ~= self.owner and held.expires_at > now and alive_here(held.owner) ~= false then
+      return nil, ("EBUSY: run %d is being executed by %s"):format(run_id, held.owner), "EBUSY"
+    end
+    assert(tx:exec("DELETE FROM locks WHERE name = ?", { name }))
+    assert(tx:exec("INSERT INTO locks (name, owner, expires_at, acquired_at) VALUES (?, ?, ?, ?)",
+      { name, self.owner, now + LOCK_TTL, now }))
+    return true
+  end)
+  if not ok then return nil, err end
+  local beat = fiber.spawn(function()
+    while true do
+      fiber.sleep(LOCK_BEAT)
+      self.db:exec("UPDATE locks SET expires_at = ? WHERE name = ? AND owner = ?", { time.now() + LOCK_TTL, name, self.owner })
+    end
+  end)
+  return function()
+    beat:cancel("released")
+    self.db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { name, self.owner })
+  end
+end
+
+-- ---- execution -------------------------------------------------------------------
+
+local function load_run(db, run_id)
+  local rows = assert(db:query("SELECT r.*, w.title FROM runs r JOIN work_items w ON w.id = r.work_item_id"
+    .. " WHERE r.id = ?", { run_id }))
+  return rows[1]
+end
+
+function Engine:execute(run_id)
+  local run = load_run(self.db, run_id)
+  if not run then return "failed", ("no run %s"):format(tostring(run_id)) end
+  if FINISHED[run.state] then return run.state, run.error end
+  local unlock, err = self:_lock(run_id)
+  if not unlock then return "busy", err end
+  local spent = assert(self.db:query("SELECT COALESCE(SUM(cost_usd), 0) AS usd FROM model_calls WHERE run_id = ?",
+    { run_id }))[1].usd
+  self.totals[run_id] = { tokens = 0, cost = spent, started = time.monotonic() }
+  local ok, state, detail = pcall(self._execute, self, run, spent)
+  unlock()
+  self.totals[run_id] = nil
+  if not ok then
+    log.error("pipeline: run failed", { run = run_id, error = tostring(state) })
+    self:_finish(run, "failed", tostring(state))
+    return "failed", tostring(state)
+  end
+  return state, detail
+end
+
+function Engine:_finish(run, state, why)
+  local now = time.now()
+  assert(self.db:exec("UPDATE runs SET state = ?, error = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+    { state, why, now, now, run.id, n = 5 }))
+  self:_emit(run.id, "run_finished", { state = state, error = why })
+end
+
+function Engine:_execute(run, spent)
+  local pipe = self.project.pipelines:get(run.pipeline)
+  if not pipe then
+    self:_finish(run, "failed", ("no pipeline %q"):format(run.pipeline))
+    return "failed", ("no pipeline %q"):format(run.pipeline)
+  end
+  -- Router budgets live in memory: a run resumed by another process gets what the
+  -- store says is left; this process's own spending is already in its account.
+  local account = router.stats().budgets["run:" .. run.id]
+  local here = account and account.spent_usd or 0
+  router.set_budget("run", run.id, { usd = math.max(0, pipe.limits.budget_usd - spent + here) })
+  assert(self.db:exec("UPDATE runs SET state = 'running', updated_at = ? WHERE id = ?", { time.now(), run.id }))
+  self:_emit(run.id, "run_started", { pipeline = pipe.name, stage_index = run.stage_index, stages = #pipe.stages,
+                                      resumed = run.stage_index > 0 or run.state ~= "pending" })
+  for i = run.stage_index + 1, #pipe.stages do
+    if time.now() - run.created_at > pipe.limits.timeout_s then
+      local why = ("the run exceeded its time limit of %g s (timeout_s)"):format(pipe.limits.timeout_s)
+      self:_finish(run, "failed", why)
+      return "failed", why
+    end
+    local state, detail = self:_stage(run, pipe, pipe.stages[i])
+    if state ~= "complete" then return state, detail end
+  end
+  self:_notify(run.id, "run_finished", { state = "succeeded" })
+  return "succeeded"
+end
+
+function Engine:_operative(team, st)
+  return team.operative[st.operative or ""] or team.operatives[1]
+end
+
+-- Runs an objective with the operative recorded as active for its model calls.
+function Engine:_objective(run, team, op, o)
+  local key = run.id .. "\0" .. team.name
+  local previous = self.active[key]
+  self.active[key] = op.name
+  o.run_id, o.team, o.operative = run.id, team, op
+  o.anchor = run.data.anchor
+  local topic = o.question and o.question.text or (o.stage.objective or o.stage.name)
+  o.memory = memory.recall(self.db, { team.name, memory.SHARED }, o.anchor .. " " .. topic, team.recall)
+  o.learnings = memory.learnings(self.db, team.name)
+  o.emit = function(kind, data) self:_emit(run.id, kind, data) end
+  local result = objective.run(o)
+  self.active[key] = previous
+  return result
+end
+
+local function inputs_of(db, run, st, pipe)
+  local rows = assert(db:query("SELECT stage, team, result FROM stage_results WHERE run_id = ? AND status = 'COMPLETE'"
+    .. " ORDER BY id", { run.id }))
+  local wanted
+  if #st.inputs > 0 then
+    wanted = {}
+    for _, name in ipairs(st.inputs) do wanted[name] = true end
+  end
+  local out = {}
+  for _, r in ipairs(rows) do
+    if pipe.stage[r.stage] and pipe.stage[r.stage].index < st.index and (not wanted or wanted[r.stage]) then
+      out[#out + 1] = { stage = r.stage, team = r.team, text = confidence.artifact_text(r.result) }
+    end
+  end
+  return out
+end
+
+-- The attempts so far, and those since the last human answer (the iteration cap
+-- counts those: a human who answers grants a fresh set of iterations).
+local function attempts(db, run_id, stage, answers)
+  local rows = assert(db:query("SELECT created_at FROM stage_results WHERE run_id = ? AND stage = ? ORDER BY attempt",
+    { run_id, stage }))
+  local since = 0
+  for _, a in ipairs(answers) do
+    if a.human then since = math.max(since, a.at) end
+  end
+  local recent = 0
+  for _, r in ipairs(rows) do
+    if r.created_at > since then recent = recent + 1 end
+  end
+  return #rows, recent
+end
+
+local function questions_asked(db, run_id, stage, team)
+  local rows = assert(db:query("SELECT data FROM mail WHERE run_id = ? AND kind = 'clarification' AND sender = ?",
+    { run_id, team }))
+  local n = 0
+  for _, r in ipairs(rows) do
+    if type(r.data) == "table" and r.data.stage == stage and r.data.depth == 1 then n = n + 1 end
+  end
+  return n
+end
+
+function Engine:_escalate(run, st, team, op, question, reason)
+  local id = self.db:tx(function(tx)
+    return hitl.escalate(tx, { run_id = run.id, stage = st.name, team = team.name, operative = op.name,
+                               question = question, reason = reason })
+  end)
+  self:_notify(run.id, "escalated", { id = id, stage = st.name, team = team.name, reason = reason, question = question })
+  return "waiting", hitl.get(self.db, id)
+end
+
+function Engine:_stage(run, pipe, st)
+  local db, limits = self.db, pipe.limits
+  self:_emit(run.id, "stage_started", { stage = st.name, index = st.index, team = st.team })
+  while true do
+    local open = db:query("SELECT e.id FROM mail e LEFT JOIN mail a ON a.in_reply_to = e.id AND a.kind = 'answer'"
+      .. " WHERE e.run_id = ? AND e.kind = 'escalation' AND a.id IS NULL ORDER BY e.id LIMIT 1", { run.id })
+    if open and open[1] then
+      assert(db:exec("UPDATE runs SET state = 'waiting', updated_at = ? WHERE id = ?", { time.now(), run.id }))
+      return "waiting", hitl.get(db, open[1].id)
+    end
+    -- The definitions as they are now; this objective keeps them even if a file is
+    -- reloaded while it runs.
+    local team = self.project.teams:get(st.team)
+    if not team then error(("stage %s: team %q is not loaded"):format(st.name, st.team)) end
+    local op = self:_operative(team, st)
+    local answers = hitl.answers(db, run.id, st.name)
+    local total, recent = attempts(db, run.id, st.name, answers)
+    if recent >= limits.max_iterations then
+      return self:_escalate(run, st, team, op, "The stage made no progress: decide how to continue, or answer what it "
+        .. "keeps missing.", ("iteration limit reached: %d attempts (max_iterations)"):format(recent))
+    end
+    self:_emit(run.id, "objective_started", { stage = st.name, team = team.name, operative = op.name,
+                                              attempt = total + 1 })
+    local result = self:_objective(run, team, op, { stage = st, inputs = inputs_of(db, run, st, pipe), answers = answers,
+                                                    retries = limits.retries })
+    local gate = confidence.gate(result)
+    local attempt = total + 1
+    local last = st.index == #pipe.stages
+    db:tx(function(tx)
+      local now = time.now()
+      assert(tx:exec("INSERT INTO stage_results (run_id, stage, attempt, team, operative, status, result, created_at)"
+        .. " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", { run.id, st.name, attempt, team.name, op.name, result.status, result, now }))
+      records.decision(tx, { run_id = run.id, stage = st.name, team = team.name, operative = op.name,
+        decision = ({ advance = "advance", clarify = "ask " .. tostring(result.clarification_needed and
+          result.clarification_needed.team), escalate = "escalate to a human" })[gate] .. " (" .. result.status .. ")",
+        reasoning = result.reasoning, data = { blockers = result.blockers, assumptions = result.assumptions_made } })
+      records.event(tx, run.id, "task_result", { stage = st.name, team = team.name, operative = op.name,
+                                                 attempt = attempt, status = result.status })
+      if gate ~= "advance" then return true end
+      local changed = assert(tx:exec("UPDATE runs SET stage_index = ?, stage = ?, state = ?, updated_at = ?,"
+        .. " finished_at = ? WHERE id = ? AND stage_index = ?",
+        { st.index, st.name, last and "succeeded" or "running", now, last and now or nil, run.id, st.index - 1, n = 7 }))
+      if changed.changes ~= 1 then error("run " .. run.id .. " advanced behind this process's back") end
+      memory.retain(tx, team.name, result.verified_facts, { source = st.name, run_id = run.id })
+      memory.retain(tx, memory.SHARED, result.verified_facts, { source = team.name .. "/" .. st.name, run_id = run.id })
+      memory.learn(tx, team.name, run.id, result.learnings)
+      records.event(tx, run.id, "stage_completed", { stage = st.name, team = team.name, attempt = attempt })
+      if last then records.event(tx, run.id, "run_finished", { state = "succeeded" }) end
+      return true
+    end)
+    self:_notify(run.id, "task_result", { stage = st.name, team = team.name, operative = op.name, attempt = attempt,
+                                          status = result.status })
+    if gate == "advance" then
+      self:_notify(run.id, "stage_completed", { stage = st.name, team = team.name, attempt = attempt })
+      run.stage_index = st.index
+      return "complete"
+    end
+    if gate == "escalate" then
+      return self:_escalate(run, st, team, op, result.reasoning, "BLOCKED: " .. table.concat(result.blockers, "; "))
+    end
+    local c = result.clarification_needed
+    local answer, why = clarify.ask({
+      db = db, run_id = run.id, stage = st.name, limits = limits, asker = team,
+      count = questions_asked(db, run.id, st.name, team.name),
+      team = function(name) return self.project.teams:get(name) end,
+      answer = function(target, question, got)
+        return self:_objective(run, target, target.operative[target.responder],
+                               { question = question, answers = got, retries = limits.retries })
+      end,
+      emit = function(kind, data) self:_emit(run.id, kind, data) end,
+    }, c.team, c.question)
+    if not answer then
+      return self:_escalate(run, st, team, op, ("%s (asked of %s)"):format(c.question, c.team), why)
+    end
+  end
+end
+
+return M

@@ -1,0 +1,62 @@
+-- factory.records: what a run leaves behind, for people and for the audit log.
+--
+--   records.event(q, run_id, kind, data)          the run's timeline (events table)
+--   records.mail(q, { sender, recipient, kind, run_id, in_reply_to, subject, body, data })
+--       -> id    every agent<->agent and agent<->human message
+--   records.decision(q, { run_id, stage, team, operative, decision, reasoning, data })
+--   records.model_call(q, record, operative)     one router call (router.on_call record)
+-- q is a db or a transaction: written inside a transaction, a record commits or
+-- rolls back with the work it describes. Mail, decisions and model calls are also
+-- appended to the hash-chained audit log. Each returns the row id, or raises: a
+-- record that cannot be written must not be silently lost.
+local audit = require "factory.audit"
+local time = require "factory.core.time"
+
+local M = {}
+
+local function must(what, ok, err)
+  if not ok then error(("records: cannot write the %s: %s"):format(what, tostring(err)), 3) end
+  return ok
+end
+
+local function audited(q, kind, actor, run_id, payload)
+  must("audit record", audit.append(q, { kind = kind, actor = actor, run_id = run_id, payload = payload }))
+end
+
+function M.event(q, run_id, kind, data)
+  return must("event", q:exec("INSERT INTO events (run_id, kind, data, created_at) VALUES (?, ?, ?, ?) RETURNING id",
+    { run_id, kind, data or {}, time.now() })).last_id
+end
+
+function M.mail(q, m)
+  local id = must("mail", q:exec("INSERT INTO mail (sender, recipient, kind, run_id, in_reply_to, subject, body, data,"
+    .. " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    { m.sender, m.recipient, m.kind, m.run_id, m.in_reply_to, m.subject, m.body, m.data, time.now(), n = 9 })).last_id
+  audited(q, "mail." .. m.kind, m.sender, m.run_id,
+          { id = id, to = m.recipient, in_reply_to = m.in_reply_to, subject = m.subject, body = m.body })
+  return id
+end
+
+function M.decision(q, d)
+  local id = must("decision", q:exec("INSERT INTO decisions (run_id, stage, team, operative, decision, reasoning, data,"
+    .. " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    { d.run_id, d.stage, d.team, d.operative, d.decision, d.reasoning, d.data, time.now(), n = 8 })).last_id
+  audited(q, "decision", d.operative and (d.team .. "/" .. d.operative) or d.team, d.run_id,
+          { id = id, stage = d.stage, decision = d.decision, reasoning = d.reasoning, data = d.data })
+  return id
+end
+
+function M.model_call(q, r, operative)
+  local run_id = tonumber(r.run)
+  local id = must("model call", q:exec("INSERT INTO model_calls (run_id, team, operative, alias, provider, model,"
+    .. " prompt_tokens, completion_tokens, cost_usd, latency_ms, status, error, created_at)"
+    .. " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    { run_id, r.team, operative, r.alias, r.provider or "-", r.model or "-", r.prompt_tokens or 0,
+      r.completion_tokens or 0, r.cost_usd or 0, r.latency_ms, r.status, r.error, time.now(), n = 13 })).last_id
+  audited(q, "model_call", r.team, run_id,
+          { id = id, alias = r.alias, provider = r.provider, model = r.model, status = r.status, code = r.code,
+            prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens, cost_usd = r.cost_usd })
+  return id
+end
+
+return M

@@ -1,0 +1,434 @@
+-- factory.run_cli: `factory run`, `factory resume`, `factory hitl`, `factory runs`.
+--
+--   run_cli.main(command, args [, opts]) -> exit code   (inside a fiber)
+--       command: "run" | "resume" | "hitl" | "runs"; args: what follows it.
+--       opts.router: a router configuration to use instead of factory.lua (the
+--       offline replay demo passes one).
+--   run_cli.HELP[command]: the help text.
+-- Exit codes: 0 the run succeeded (or the command did its job), 1 the run failed or
+-- the command could not do it, 2 usage error, 3 the run waits for a human
+-- (--no-wait). While waiting, `factory run` polls the store for the answer, which
+-- `factory hitl answer` may give from any process.
+local ffi = require "ffi"
+local fiber = require "factory.fiber"
+local time = require "factory.core.time"
+local fs = require "factory.core.fs"
+local db = require "factory.db"
+local router = require "factory.router"
+local config = require "factory.config"
+local dsl = require "factory.dsl"
+local pipeline = require "factory.pipeline"
+local hitl = require "factory.hitl"
+
+ffi.cdef "int isatty(int fd);"
+
+local M = {}
+
+local DB_HELP = [[
+--db URL       sqlite:PATH or postgres://... (default: $FACTORY_DB, else .factory/factory.db)]]
+local ENGINE_HELP = [[
+--config FILE  the installation's providers and models (default ./factory.lua)
+--project DIR  where teams/ and pipelines/ are (default .)
+--no-wait      when the run needs a human, exit (code 3) instead of waiting
+]] .. DB_HELP
+
+M.HELP = {
+  run = [[
+usage: factory run PIPELINE --repo DIR (--issue TEXT | --file F) [OPTIONS]
+
+Runs one work item through PIPELINE to the end, showing its progress (a status
+line on a terminal, plain lines otherwise) and a summary. The run is durable:
+run the same command again, or `factory resume RUN`, after a crash or kill and it
+continues from the first unfinished stage. When an objective is BLOCKED or a
+clarification cannot be answered, the question goes to a human and the run waits
+for `factory hitl answer ID TEXT` (from any terminal).
+
+]] .. ENGINE_HELP .. "\n",
+  resume = "usage: factory resume RUN [OPTIONS]\n\nContinues run RUN from its first unfinished stage.\n\n"
+    .. ENGINE_HELP .. "\n",
+  hitl = [[
+usage: factory hitl list [--all] [--db URL]
+       factory hitl answer ID TEXT [--db URL]
+
+  list          the open escalations (questions waiting for a human); --all: answered ones too
+  answer ID T   answer escalation ID; the run waiting on it continues
+
+]] .. DB_HELP .. "\n",
+  runs = [[
+usage: factory runs [--db URL]
+       factory runs show RUN [--db URL]
+
+  runs          the latest runs and their state
+  show RUN      the run's timeline: stages, objectives, model calls, clarifications,
+                escalations and answers, in order
+
+]] .. DB_HELP .. "\n",
+}
+
+local FLAGS = {
+  run = { ["--repo"] = 1, ["--issue"] = 1, ["--file"] = 1, ["--db"] = 1, ["--config"] = 1, ["--project"] = 1,
+          ["--no-wait"] = 0 },
+  resume = { ["--db"] = 1, ["--config"] = 1, ["--project"] = 1, ["--no-wait"] = 0 },
+  hitl = { ["--db"] = 1, ["--all"] = 0 },
+  runs = { ["--db"] = 1 },
+}
+
+local function usage_error(msg)
+  io.stderr:write("factory: ", msg, " (see 'factory --help')\n")
+  return 2
+end
+
+local function fail(msg)
+  io.stderr:write("factory: ", msg, "\n")
+  return 1
+end
+
+local function parse(command, args)
+  local flags, words = {}, {}
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    local takes = FLAGS[command][a]
+    if takes == 1 then
+      if args[i + 1] == nil then return nil, a .. " needs a value" end
+      flags[a:sub(3)] = args[i + 1]
+      i = i + 2
+    elseif takes == 0 then
+      flags[a:sub(3)] = true
+      i = i + 1
+    elseif a:sub(1, 1) == "-" and a ~= "-" then
+      return nil, ("unknown flag '%s' for '%s'"):format(a, command)
+    else
+      words[#words + 1] = a
+      i = i + 1
+    end
+  end
+  return flags, words
+end
+
+local function open_db(url)
+  local d, err = db.open(url)
+  if not d then return nil, err end
+  local ok, merr = d:migrate()
+  if not ok then
+    d:close()
+    return nil, merr
+  end
+  return d
+end
+
+-- ---- progress ---------------------------------------------------------------------
+
+local function commas(n)
+  local s = tostring(math.floor(n or 0))
+  repeat
+    local k
+    s, k = s:gsub("^(%d+)(%d%d%d)", "%1,%2")
+  until k == 0
+  return s
+end
+
+-- Returns the run's event handler and, for a terminal, a redraw of the status line
+-- (called every second so the elapsed time moves during a long model call).
+local function progress(tty, stages)
+  local current = { stage = "-", index = 0, who = "-" }
+  local last
+  local function status(ev)
+    local elapsed = ev.started and (time.monotonic() - ev.started) or 0
+    return ("[%d/%d %s] %s  %s tok  $%.4f  %.1fs"):format(current.index, stages(), current.stage, current.who,
+      commas(ev.tokens), ev.cost or 0, elapsed)
+  end
+  local function line(text)
+    if tty then io.stdout:write("\r\27[K") end
+    io.stdout:write(text, "\n")
+    io.stdout:flush() -- a log file or pipe shows progress as it happens
+  end
+  local function redraw()
+    if tty and last then io.stdout:write("\r\27[K", status(last)) io.stdout:flush() end
+  end
+  return function(ev)
+    last = ev
+    local d = ev.data or {}
+    local k = ev.kind
+    if k == "run_started" then
+      line(("run %d: %s, %d stages%s"):format(ev.run_id, d.pipeline, d.stages,
+        d.resumed and (", resuming at stage " .. (d.stage_index + 1)) or ""))
+    elseif k == "stage_started" then
+      current.stage, current.index, current.who = d.stage, d.index, d.team
+    elseif k == "objective_started" then
+      current.who = d.team .. "/" .. d.operative
+      if not tty then line(("[%d/%d] %s: %s (attempt %d)"):format(current.index, stages(), d.stage, current.who, d.attempt)) end
+    elseif k == "model_call" then
+      if not tty then
+        line(("  model %s %s: %s tok, $%.4f"):format(d.alias, d.status, commas((d.prompt_tokens or 0)
+          + (d.completion_tokens or 0)), d.cost_usd or 0))
+      end
+    elseif k == "task_result" then
+      line(("[%d/%d] %s: %s -> %s"):format(current.index, stages(), d.stage, current.who, d.status))
+    elseif k == "task_result_invalid" then
+      line(("  malformed TaskResult (attempt %d): %s"):format(d.attempt, d.error))
+    elseif k == "context_packed" then
+      line(("  context %s tokens -> %s (window %s)%s"):format(commas(d.before), commas(d.after), commas(d.window),
+        d.summarised and ", older material summarised" or ", cut"))
+    elseif k == "clarification" then
+      line(("  clarification %s -> %s: %s"):format(d.from, d.to, d.question))
+    elseif k == "clarification_answered" then
+      line(("  answered by %s"):format(d.from))
+    elseif k == "escalated" then
+      line(("  escalated to a human (#%d): %s"):format(d.id, d.reason))
+    end
+    redraw()
+  end, redraw
+end
+
+local function summary(d, run_id, started)
+  local run = d:query("SELECT r.*, w.title FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE r.id = ?",
+    { run_id })[1]
+  local calls = d:query("SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS tokens,"
+    .. " COALESCE(SUM(cost_usd), 0) AS usd FROM model_calls WHERE run_id = ?", { run_id })[1]
+  local stages = d:query("SELECT stage, team, operative, status, attempt FROM stage_results WHERE run_id = ?"
+    .. " ORDER BY id", { run_id })
+  local last = {}
+  local order = {}
+  for _, s in ipairs(stages) do
+    if not last[s.stage] then order[#order + 1] = s.stage end
+    last[s.stage] = s
+  end
+  print(("\nrun %d %s (%s) in %.1f s: %d stage(s) done, %d model calls, %s tokens, $%.4f"):format(run_id, run.state,
+    run.pipeline, time.monotonic() - started, run.stage_index, calls.n, commas(calls.tokens), calls.usd))
+  for _, name in ipairs(order) do
+    local s = last[name]
+    print(("  %-14s %-34s %-20s attempts %d"):format(name, s.team .. "/" .. s.operative, s.status, s.attempt))
+  end
+  if run.error then print("  error: " .. run.error) end
+  print(("details: factory runs show %d"):format(run_id))
+end
+
+-- ---- run / resume -----------------------------------------------------------------
+
+local function engine_for(flags, opts, on_event, redraw)
+  local router_cfg = opts.router
+  if not router_cfg then
+    local path = config.find(flags.config)
+    if not path then return nil, "no factory.lua here: give --config FILE (providers and models for the router)" end
+    local cfg, err = config.load(path)
+    if not cfg then return nil, err end
+    router_cfg = cfg.router
+  end
+  local ok, err = router.configure(router_cfg)
+  if not ok then return nil, err end
+  local d
+  d, err = open_db(flags.db)
+  if not d then return nil, err end
+  local project = dsl.project(flags.project or ".", { aliases = dsl.aliases_of(router_cfg) })
+  for _, p in ipairs(project:load()) do io.stderr:write("factory: ", p, "\n") end
+  local watch = project:watch()
+  local engine = pipeline.engine{ db = d, project = project, on_event = on_event }
+  return { db = d, engine = engine, redraw = redraw, close = function()
+    engine:close()
+    watch:stop()
+    d:close()
+  end }
+end
+
+-- Executes the run; while it waits for a human, polls the store for the answer.
+local function drive(e, run_id, flags, tty)
+  local started = time.monotonic()
+  while true do
+    local ticker = tty and fiber.spawn(function()
+      while true do
+        fiber.sleep(1)
+        e.redraw()
+      end
+    end)
+    local state, detail = e.engine:execute(run_id)
+    if ticker then
+      ticker:cancel("done")
+      io.stdout:write("\r\27[K")
+    end
+    if state == "busy" then return fail(detail) end
+    if state ~= "waiting" then
+      summary(e.db, run_id, started)
+      return state == "succeeded" and 0 or 1
+    end
+    print(("run %d waits for a human: escalation #%d from %s (%s)\n  question: %s\n  answer with: factory hitl answer"
+      .. " %d \"...\""):format(run_id, detail.id, detail.team, detail.reason, detail.question, detail.id))
+    if flags["no-wait"] then return 3 end
+    io.stdout:flush()
+    repeat fiber.sleep(0.5) until hitl.get(e.db, detail.id).answer
+    print(("answer received for #%d; continuing"):format(detail.id))
+  end
+end
+
+local function cmd_run(flags, words, opts)
+  if #words ~= 1 then return usage_error("factory run needs one PIPELINE") end
+  if not flags.repo then return usage_error("factory run needs --repo DIR") end
+  if (flags.issue == nil) == (flags.file == nil) then return usage_error("factory run needs --issue TEXT or --file F") end
+  local st = fs.stat(flags.repo)
+  if not st or st.type ~= "directory" then return fail(("--repo %s: not a directory"):format(flags.repo)) end
+  local text = flags.issue
+  if flags.file then
+    local err
+    text, err = fs.read(flags.file)
+    if not text then return fail(err) end
+  end
+  local title, body = text:match("^%s*#*%s*([^\n]*)\n?(.*)$")
+  local repo = fs.realpath(flags.repo) or flags.repo
+  local tty = ffi.C.isatty(1) == 1
+  local e
+  local on_event, redraw = progress(tty, function()
+    return #e.engine.project.pipelines:get(words[1]).stages
+  end)
+  local err
+  e, err = engine_for(flags, opts, on_event, redraw)
+  if not e then return fail(err) end
+  local run_id, resumed = e.engine:submit{ pipeline = words[1], title = title, body = body, repo = repo,
+    source = "cli", external_id = table.concat({ words[1], repo, text }, "\n") }
+  local code
+  if not run_id then
+    code = fail(resumed)
+  else
+    if resumed then print(("continuing run %d of this work item"):format(run_id)) end
+    code = drive(e, run_id, flags, tty)
+  end
+  e.close()
+  return code
+end
+
+local function cmd_resume(flags, words, opts)
+  local run_id = tonumber(words[1])
+  if #words ~= 1 or not run_id then return usage_error("factory resume needs one RUN id") end
+  local tty = ffi.C.isatty(1) == 1
+  local e, err
+  local pipe_name
+  local on_event, redraw = progress(tty, function()
+    local p = e.engine.project.pipelines:get(pipe_name)
+    return p and #p.stages or 0
+  end)
+  e, err = engine_for(flags, opts, on_event, redraw)
+  if not e then return fail(err) end
+  local run = e.db:query("SELECT pipeline FROM runs WHERE id = ?", { run_id })[1]
+  local code
+  if not run then
+    code = fail(("no run %d"):format(run_id))
+  else
+    pipe_name = run.pipeline
+    code = drive(e, run_id, flags, tty)
+  end
+  e.close()
+  return code
+end
+
+-- ---- hitl / runs ------------------------------------------------------------------
+
+local function with_db(flags, fn)
+  local d, err = open_db(flags.db)
+  if not d then return fail(err) end
+  local ok, code = pcall(fn, d)
+  d:close()
+  if not ok then return fail(tostring(code)) end
+  return code
+end
+
+local function cmd_hitl(flags, words)
+  local sub = words[1]
+  if sub == "list" then
+    if #words ~= 1 then return usage_error("factory hitl list takes no arguments") end
+    return with_db(flags, function(d)
+      local list = hitl.list(d, { all = flags.all })
+      if #list == 0 then print("no open escalations") end
+      for _, e in ipairs(list) do
+        print(("#%d  run %d  stage %s  team %s  %s"):format(e.id, e.run_id, e.stage or "-", e.team,
+          time.iso8601(e.created_at)))
+        print("    reason:   " .. e.reason)
+        print("    question: " .. e.question)
+        if e.answer then print(("    answer (%s): %s"):format(e.answered_by, e.answer)) end
+      end
+      return 0
+    end)
+  elseif sub == "answer" then
+    local id = tonumber(words[2])
+    if #words ~= 3 or not id then return usage_error("usage: factory hitl answer ID TEXT") end
+    return with_db(flags, function(d)
+      local ok, err = hitl.answer(d, id, words[3], "human")
+      if not ok then return fail(err) end
+      print(("answered #%d"):format(id))
+      return 0
+    end)
+  end
+  return usage_error(sub and ("unknown hitl subcommand '%s' (list or answer)"):format(sub)
+    or "factory hitl needs a subcommand: list or answer")
+end
+
+-- One line of the timeline for an event row.
+local DESCRIBE = {
+  run_created = function(d) return ("run created: pipeline %s, %q"):format(d.pipeline, d.title) end,
+  run_started = function(d) return d.resumed and ("resumed at stage %d/%d"):format(d.stage_index + 1, d.stages)
+    or ("started: %d stages"):format(d.stages) end,
+  stage_started = function(d) return ("stage %d %s (%s)"):format(d.index, d.stage, d.team) end,
+  objective_started = function(d) return ("  objective: %s/%s, attempt %d"):format(d.team, d.operative, d.attempt) end,
+  task_result = function(d) return ("  TaskResult %s"):format(d.status) end,
+  task_result_invalid = function(d) return ("  malformed TaskResult, sent back: %s"):format(d.error) end,
+  context_packed = function(d) return ("  context %d -> %d tokens%s"):format(d.before, d.after,
+    d.summarised and " (summarised)" or " (cut)") end,
+  clarification = function(d) return ("  clarification %s -> %s: %s"):format(d.from, d.to, d.question) end,
+  clarification_answered = function(d) return ("  answer %s -> %s"):format(d.from, d.to) end,
+  escalated = function(d) return ("  ESCALATED #%d to a human: %s"):format(d.id, d.reason) end,
+  human_answered = function(d) return ("  human answered #%d: %s"):format(d.id, d.answer) end,
+  stage_completed = function(d) return ("stage %s COMPLETE"):format(d.stage) end,
+  run_finished = function(d) return ("run %s%s"):format(d.state, d.error and (": " .. d.error) or "") end,
+}
+
+local function show_run(d, run_id)
+  local run = d:query("SELECT r.*, w.title FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE r.id = ?",
+    { run_id })[1]
+  if not run then return fail(("no run %d"):format(run_id)) end
+  print(("run %d  %s  %s  %q"):format(run.id, run.pipeline, run.state, run.title))
+  local items = {}
+  for _, e in ipairs(d:query("SELECT kind, data, created_at FROM events WHERE run_id = ? ORDER BY id", { run_id })) do
+    local f = DESCRIBE[e.kind]
+    items[#items + 1] = { at = e.created_at, text = f and f(type(e.data) == "table" and e.data or {}) or e.kind }
+  end
+  for _, c in ipairs(d:query("SELECT team, alias, provider, model, prompt_tokens, completion_tokens, cost_usd,"
+    .. " latency_ms, status, created_at FROM model_calls WHERE run_id = ? ORDER BY id", { run_id })) do
+    items[#items + 1] = { at = c.created_at, text = ("    model %s (%s/%s) for %s: %s, %d+%d tok, $%.4f, %d ms"):format(
+      c.alias or "-", c.provider, c.model, c.team or "-", c.status, c.prompt_tokens, c.completion_tokens, c.cost_usd,
+      c.latency_ms or 0) }
+  end
+  for i, it in ipairs(items) do it.i = i end
+  table.sort(items, function(a, b)
+    if a.at ~= b.at then return a.at < b.at end
+    return a.i < b.i
+  end)
+  local t0 = items[1] and items[1].at or 0
+  for _, it in ipairs(items) do print(("%+9.3fs  %s"):format(it.at - t0, it.text)) end
+  return 0
+end
+
+local function cmd_runs(flags, words)
+  if words[1] == nil then
+    return with_db(flags, function(d)
+      local rows = d:query("SELECT r.id, r.pipeline, r.state, r.stage_index, r.stage, r.updated_at, w.title FROM runs r"
+        .. " JOIN work_items w ON w.id = r.work_item_id ORDER BY r.id DESC LIMIT 20")
+      if #rows == 0 then print("no runs") end
+      for _, r in ipairs(rows) do
+        print(("%5d  %-10s %-10s %2d done  %s  %s"):format(r.id, r.pipeline, r.state, r.stage_index,
+          time.iso8601(r.updated_at), r.title))
+      end
+      return 0
+    end)
+  end
+  local id = tonumber(words[2])
+  if words[1] ~= "show" or #words ~= 2 or not id then return usage_error("usage: factory runs [show RUN]") end
+  return with_db(flags, function(d) return show_run(d, id) end)
+end
+
+local COMMANDS = { run = cmd_run, resume = cmd_resume, hitl = cmd_hitl, runs = cmd_runs }
+
+function M.main(command, args, opts)
+  local flags, words = parse(command, args)
+  if not flags then return usage_error(words) end
+  return COMMANDS[command](flags, words, opts or {})
+end
+
+return M

@@ -1,0 +1,33 @@
+-- A new feature, the five-team sequence of phase 1: requirements, design, build,
+-- verification, documentation. Each stage sees every earlier stage's artifact.
+return pipeline "feature" {
+  description = "Business analysis -> architecture -> backend -> QA -> documentation.",
+  limits = { max_iterations = 6, max_clarifications = 3, max_hops = 2, retries = 2,
+             budget_usd = 5.0, timeout_s = 3600, clarification_timeout_s = 300 },
+  stage "analysis" {
+    team = "business_analysis",
+    objective = "Turn the work item into requirements with numbered, testable acceptance criteria.",
+    artifact = "requirements",
+  },
+  stage "architecture" {
+    team = "solution_architecture",
+    objective = "Design the change: components, interfaces, data flow, ADRs and a file-level plan.",
+    artifact = "design",
+  },
+  stage "build" {
+    team = "backend_engineering",
+    objective = "Implement the design with tests; report what changed and what the tests showed.",
+    artifact = "change_summary",
+  },
+  stage "verify" {
+    team = "qa_engineering",
+    objective = "Verify the change against every acceptance criterion; report defects.",
+    artifact = "test_report",
+    acceptance = { "every acceptance criterion maps to a test that ran" },
+  },
+  stage "docs" {
+    team = "documentation",
+    objective = "Document the change for users and operators, with a changelog entry.",
+    artifact = "documentation",
+  },
+}

@@ -1,0 +1,134 @@
+-- Acceptance 2: `factory run` killed with SIGKILL at 20 random moments of a run
+-- against the replay provider; each restart completes the run, no stage runs again
+-- after it completed, and the audit chain verifies.
+local proc = require "factory.proc"
+local fiber = require "factory.fiber"
+local fs = require "factory.core.fs"
+local host = require "factory.core.host"
+local time = require "factory.core.time"
+local db = require "factory.db"
+local audit = require "factory.audit"
+
+local ROOT = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../"
+local TRIALS = 20
+
+local dir, replay
+
+before_each(function()
+  dir = os.tmpname()
+  os.remove(dir)
+  assert(fs.mkdir_p(dir))
+  replay = assert(proc.spawn{ argv = { host.exe, ROOT .. "examples/replay/server.lua", "--delay", "0.02",
+                                       "--log", dir .. "/replay.log" } })
+  local url = assert(replay:read_line())
+  assert(fs.write(dir .. "/factory.lua", ([[
+providers { replay = { base_url = %q, api_key = "replay-no-key" } }
+models { ["factory/architect"] = { "replay/r" }, ["factory/coder"] = { "replay/r" },
+         ["factory/fast"] = { "replay/r" }, ["factory/cheap"] = { "replay/r" } }
+]]):format(url .. "/v1")))
+end)
+
+after_each(function()
+  replay:kill("KILL")
+  replay:wait()
+  replay:close()
+  assert(fs.remove(dir, { recursive = true }))
+end)
+
+local function factory(args)
+  local argv = { host.exe }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  for _, a in ipairs({ "--config", dir .. "/factory.lua", "--project", ROOT, "--db", "sqlite:" .. dir .. "/factory.db" }) do
+    argv[#argv + 1] = a
+  end
+  return assert(proc.spawn{ argv = argv, stdout = "pipe", stderr = "stdout" })
+end
+
+local function title(n) return "Tasks can have a due date, trial " .. n end
+
+local function start(n)
+  return factory{ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--issue", title(n) }
+end
+
+local function runs_of(store, n)
+  return assert(store:query("SELECT r.id, r.state FROM runs r JOIN work_items w ON w.id = r.work_item_id"
+    .. " WHERE w.title = ?", { title(n) }))
+end
+
+local function finish(p)
+  local status = p:wait()
+  local out = {}
+  while true do
+    local chunk = p:read()
+    if not chunk then break end
+    out[#out + 1] = chunk
+  end
+  p:close()
+  return status, table.concat(out)
+end
+
+-- The replay log's requests since t0: { at, team, objective }.
+local function requests(t0)
+  local out = {}
+  for line in (fs.read(dir .. "/replay.log") or ""):gmatch("[^\n]+") do
+    local at, team, objective = line:match("^([%d.]+)\t(%S+)\t(.+)$")
+    if tonumber(at) >= t0 then out[#out + 1] = { at = tonumber(at), team = team, objective = objective } end
+  end
+  return out
+end
+
+describe("factory run under kill -9", function()
+  it("completes after a kill at any moment, never re-running a finished stage", function()
+    -- How long an undisturbed run takes bounds the moments to kill at.
+    local t = time.monotonic()
+    local status = finish(start(0))
+    assert.equal(0, status.code)
+    local full = time.monotonic() - t
+    math.randomseed(os.time())
+    local killed = 0
+    for n = 1, TRIALS do
+      local t0 = time.now()
+      local p = start(n)
+      fiber.sleep(math.random() * full)
+      p:kill("KILL")
+      if finish(p).signal == 9 then
+        killed = killed + 1
+        -- Restarted by the same command, or (every other time) by `factory resume RUN`.
+        local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+        local before = runs_of(store, n)
+        store:close()
+        local out
+        if n % 2 == 0 and before[1] then
+          status, out = finish(factory{ "resume", tostring(before[1].id) })
+        else
+          status, out = finish(start(n))
+        end
+        assert.equal(0, status.code, out)
+        assert.contains("succeeded (feature)", out)
+      end
+      local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+      local run = runs_of(store, n)
+      assert.equal(1, #run, "one run per work item")
+      assert.equal("succeeded", run[1].state)
+      local done = {}
+      for _, r in ipairs(store:query("SELECT stage, created_at FROM stage_results WHERE run_id = ? AND"
+        .. " status = 'COMPLETE'", { run[1].id })) do
+        assert.is_nil(done[r.stage], "stage " .. r.stage .. " completed twice")
+        done[r.stage] = r.created_at
+      end
+      for _, req in ipairs(requests(t0)) do
+        local stage = req.objective:match("^stage (.*)$")
+        if stage then
+          assert.truthy(done[stage], "a request for an unknown stage " .. stage)
+          assert.truthy(req.at < done[stage], ("stage %s was asked again after it completed"):format(stage))
+        end
+      end
+      store:close()
+    end
+    print(("     %d of %d runs were killed mid-way"):format(killed, TRIALS))
+    assert.truthy(killed >= TRIALS / 2, ("only %d of %d runs were still running when killed"):format(killed, TRIALS))
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert.truthy(audit.verify(store))
+    store:close()
+  end, { timeout = 60 })
+end)

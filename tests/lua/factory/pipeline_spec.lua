@@ -1,0 +1,354 @@
+-- The pipeline engine end to end against the fake model (acceptance 1 and 3): a
+-- whole feature run, the clarification broker and its limits, escalation to a
+-- human and resumption, budgets, malformed TaskResults, hot reload of a team.
+-- Each test runs in a project copied from the shipped teams, plus small pipelines.
+local pipeline = require "factory.pipeline"
+local dsl = require "factory.dsl"
+local db = require "factory.db"
+local hitl = require "factory.hitl"
+local audit = require "factory.audit"
+local router = require "factory.router"
+local fiber = require "factory.fiber"
+local json = require "factory.json"
+local fs = require "factory.core.fs"
+local host = require "factory.core.host"
+local log = require "factory.log"
+
+local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
+local ROOT = HERE .. "../../../"
+local fake_model = dofile(HERE .. "../../tools/fake_model.lua")
+
+local PIPELINES = {
+  short = [[
+return pipeline "short" {
+  limits = { clarification_timeout_s = 0.2, max_iterations = 3, retries = %d },
+  stage "analysis" { team = "business_analysis" },
+  stage "design" { team = "solution_architecture" },
+}]],
+  broke = [[
+return pipeline "broke" {
+  limits = { budget_usd = 0.001 },
+  stage "analysis" { team = "business_analysis" },
+}]],
+  twice = [[
+return pipeline "twice" {
+  stage "first" { team = "business_analysis" },
+  stage "second" { team = "business_analysis" },
+}]],
+}
+
+local dir, fake, store, project, engine, events
+
+local function copy(from, to)
+  assert(fs.write(to, assert(fs.read(from))))
+end
+
+local function start(retries)
+  for _, sub in ipairs({ "teams", "pipelines" }) do assert(fs.mkdir_p(dir .. "/" .. sub)) end
+  for _, f in ipairs(assert(fs.list(ROOT .. "teams"))) do
+    if f:find("%.lua$") then copy(ROOT .. "teams/" .. f, dir .. "/teams/" .. f) end
+  end
+  copy(ROOT .. "pipelines/feature.lua", dir .. "/pipelines/feature.lua")
+  for name, text in pairs(PIPELINES) do
+    assert(fs.write(dir .. "/pipelines/" .. name .. ".lua", text:format(retries or 2)))
+  end
+  project = dsl.project(dir)
+  assert.same({}, project:load())
+  events = {}
+  engine = pipeline.engine{ db = store, project = project, on_event = function(ev) events[#events + 1] = ev end }
+end
+
+before_each(function()
+  dir = os.tmpname()
+  os.remove(dir)
+  assert(fs.mkdir_p(dir))
+  fake = assert(fake_model.start())
+  local models = {}
+  for _, alias in ipairs({ "factory/architect", "factory/coder", "factory/fast", "factory/cheap" }) do
+    models[alias] = { "fake/" .. alias:match("/(.*)") }
+  end
+  assert(router.configure{
+    providers = { fake = { base_url = fake:url() .. "/v1", api_key = "sk-test-pipeline-0000" } },
+    models = models,
+    prices = { ["fake/architect"] = { input = 1, output = 1 } },
+    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 1000 },
+  })
+  store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+  assert(store:migrate())
+end)
+
+after_each(function()
+  if engine then engine:close() end
+  engine = nil
+  store:close()
+  fake:close()
+  assert(fs.remove(dir, { recursive = true }))
+end)
+
+-- ---- replies ---------------------------------------------------------------------
+
+local function reply(t) return { content = json.encode(t) } end
+
+local function complete(artifact, facts)
+  return reply{ status = "COMPLETE", reasoning = "done", artifact = artifact, verified_facts = facts,
+                assumptions_made = {}, blockers = {}, clarification_needed = json.null }
+end
+
+local function ask(team, question)
+  return reply{ status = "NEEDS_CLARIFICATION", reasoning = "I cannot decide this", blockers = {},
+                clarification_needed = { team = team, question = question } }
+end
+
+local function blocked(why)
+  return reply{ status = "BLOCKED", reasoning = "stuck", blockers = { why } }
+end
+
+local function request(i)
+  local r = fake:requests()[i]
+  return r and json.decode(r.body)
+end
+
+local function text_of(i)
+  local parts = {}
+  for _, m in ipairs(request(i).messages) do parts[#parts + 1] = m.content end
+  return table.concat(parts, "\n")
+end
+
+local function submit(name, title)
+  return assert(engine:submit{ pipeline = name, title = title or "Add due dates to tasks",
+                               body = "Users want a due date on each task.", repo = dir, external_id = title or name })
+end
+
+local function rows(sql, params) return assert(store:query(sql, params)) end
+
+local function feature_replies()
+  return { complete("# Requirements\n1. a task has an optional due date", { "tasks live in tasks.lua" }),
+           complete("# Design\nadd due_date to the task table"),
+           complete("# Change\nadded due_date"),
+           complete("# Test report\nall criteria pass"),
+           complete("# Docs\nchangelog entry") }
+end
+
+local function unpacked(list, ...)
+  local out = {}
+  for _, r in ipairs(list) do out[#out + 1] = r end
+  for _, r in ipairs({ ... }) do out[#out + 1] = r end
+  return out
+end
+
+describe("pipeline engine", function()
+  it("runs the feature pipeline end to end with every record", function()
+    start()
+    fake:script(feature_replies())
+    local run = submit("feature")
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(5, fake:count())
+    local results = rows("SELECT stage, status, team FROM stage_results WHERE run_id = ? ORDER BY id", { run })
+    assert.same({ "analysis", "architecture", "build", "verify", "docs" },
+                { results[1].stage, results[2].stage, results[3].stage, results[4].stage, results[5].stage })
+    for _, r in ipairs(results) do assert.equal("COMPLETE", r.status) end
+    local r = rows("SELECT state, stage_index, finished_at FROM runs WHERE id = ?", { run })[1]
+    assert.equal("succeeded", r.state)
+    assert.equal(5, r.stage_index)
+    -- The anchor is in every request; the last stage sees the first stage's artifact.
+    for i = 1, 5 do assert.contains("Users want a due date on each task.", text_of(i)) end
+    assert.contains("a task has an optional due date", text_of(5))
+    assert.contains("team: documentation; operative: writer; objective: stage docs", request(5).messages[1].content)
+    assert.equal("fast", request(5).model)
+    assert.equal(5, rows("SELECT COUNT(*) AS n FROM model_calls WHERE run_id = ?", { run })[1].n)
+    assert.equal(5, rows("SELECT COUNT(*) AS n FROM decisions WHERE run_id = ?", { run })[1].n)
+    local facts = rows("SELECT bank FROM memory_facts ORDER BY bank")
+    assert.same({ "business_analysis", "shared-world" }, { facts[1].bank, facts[2].bank })
+    assert.truthy(audit.verify(store))
+    assert.truthy(#events > 10)
+  end)
+
+  it("asks another team and feeds its answer back to the asker", function()
+    start()
+    local replies = feature_replies()
+    table.insert(replies, 3, ask("solution_architecture", "REST or GraphQL for the due-date API?"))
+    table.insert(replies, 4, complete("Use REST: the service already exposes /tasks over REST."))
+    fake:script(replies)
+    local run = submit("feature")
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(7, fake:count())
+    assert.contains("objective: clarification", request(4).messages[1].content)
+    assert.contains("REST or GraphQL for the due-date API?", text_of(4))
+    assert.contains("Use REST: the service already exposes /tasks over REST.", text_of(5))
+    local mail = rows("SELECT sender, recipient, kind FROM mail WHERE run_id = ? ORDER BY id", { run })
+    assert.same({ sender = "backend_engineering", recipient = "solution_architecture", kind = "clarification" }, mail[1])
+    assert.same({ sender = "solution_architecture", recipient = "backend_engineering", kind = "answer" }, mail[2])
+    assert.same({ 1, 2 }, { rows("SELECT attempt FROM stage_results WHERE run_id = ? AND stage = 'build' ORDER BY id",
+      { run })[1].attempt, rows("SELECT MAX(attempt) AS a FROM stage_results WHERE stage = 'build'")[1].a })
+  end)
+
+  local limit_cases = {
+    { "stops a ping-pong A -> B -> A by cycle detection", 1,
+      { ask("product_management", "Is this in scope?"), ask("business_analysis", "What do users need?") },
+      "^cycle: business_analysis %-> product_management %-> business_analysis$", 2 },
+    { "enforces the hop limit", 3,
+      { complete("req"), complete("design"), ask("solution_architecture", "q1"), ask("database_engineering", "q2"),
+        ask("data_engineering", "q3") },
+      "^hop limit reached: backend_engineering %-> solution_architecture %-> database_engineering %-> data_engineering",
+      5 },
+    { "enforces the request limit per objective", 1,
+      { ask("product_management", "q1"), complete("a1"), ask("product_management", "q2"), complete("a2"),
+        ask("product_management", "q3"), complete("a3"), ask("product_management", "q4") },
+      "^clarification limit reached: 3 per objective", 7 },
+    { "refuses self-routing", 1, { ask("business_analysis", "Who am I?") }, "^self%-routing: ", 1 },
+    { "refuses a team outside may_ask", 1, { ask("sre", "Is it up?") }, "may not ask sre", 1 },
+  }
+  for _, c in ipairs(limit_cases) do
+    it(c[1] .. " and escalates to a human", function()
+      start()
+      fake:script(c[3])
+      local run = submit("feature")
+      local state, esc = engine:execute(run)
+      assert.equal("waiting", state)
+      assert.equal(c[5], fake:count())
+      assert.matches(c[4], esc.reason)
+      local stages = { "analysis", "architecture", "build" }
+      assert.equal(stages[c[2]], esc.stage)
+      assert.equal("waiting", rows("SELECT state FROM runs WHERE id = ?", { run })[1].state)
+      assert.same({ esc.id }, { hitl.list(store)[1].id })
+    end)
+  end
+
+  it("escalates a clarification that times out", function()
+    start()
+    fake:script{ ask("product_management", "Is this in scope?"), { delay = 0.4, content = "late" } }
+    local run = submit("short")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    assert.matches("^no answer from product_management within 0.2 s", esc.reason)
+    fiber.sleep(0.3) -- the fake finishes its delayed reply
+  end)
+
+  it("escalates a BLOCKED objective; `factory hitl answer` resumes it", function()
+    start()
+    fake:script{ blocked("Which currency do prices use?") }
+    local run = submit("short")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    assert.equal("BLOCKED: Which currency do prices use?", esc.reason)
+    -- The answer comes from another process, through the CLI.
+    local url = "sqlite:" .. dir .. "/factory.db"
+    local p = io.popen(("%s hitl list --db %s 2>&1"):format(host.exe, url))
+    assert.contains(("#%d  run %d  stage analysis"):format(esc.id, run), p:read("*a"))
+    p:close()
+    p = io.popen(("%s hitl answer %d 'Euros, always.' --db %s 2>&1; echo exit=$?"):format(host.exe, esc.id, url))
+    assert.equal(("answered #%d\nexit=0\n"):format(esc.id), p:read("*a"))
+    p:close()
+    assert.equal("pending", rows("SELECT state FROM runs WHERE id = ?", { run })[1].state)
+    fake:script{ complete("req in EUR"), complete("design") }
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.contains("Euros, always.", text_of(2))
+    assert.same({}, hitl.list(store))
+    local answered = hitl.get(store, esc.id)
+    assert.equal("Euros, always.", answered.answer)
+    assert.truthy(audit.verify(store))
+  end)
+
+  it("turns budget exhaustion into BLOCKED with a clear message", function()
+    start()
+    local run = submit("broke")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    assert.equal(0, fake:count())
+    assert.matches("^BLOCKED: budget exhausted: run " .. run .. " has 0.0010 of [%d.]+ USD left", esc.reason)
+    local r = rows("SELECT result FROM stage_results WHERE run_id = ?", { run })[1].result
+    assert.equal("BLOCKED", r.status)
+  end)
+
+  it("sends a malformed TaskResult back and accepts the correction", function()
+    start()
+    fake:script{ { content = "Sure! Here are the requirements." }, complete("req"), complete("design") }
+    local run = submit("short")
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(3, fake:count())
+    local msgs = request(2).messages
+    assert.equal("Sure! Here are the requirements.", msgs[#msgs - 1].content)
+    assert.contains("not a valid TaskResult: the reply is not a JSON object", msgs[#msgs].content)
+  end)
+
+  it("blocks an objective whose TaskResult is never corrected", function()
+    start(1)
+    fake:script{ { content = "nope" }, reply{ status = "DONE", reasoning = "x" } }
+    local run = submit("short")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    assert.equal(2, fake:count())
+    assert.matches("^BLOCKED: no valid TaskResult after 2 attempts: status must be", esc.reason)
+  end)
+
+  it("hot reload: an edited prompt reaches the next objective, not the running one", function()
+    start()
+    local logged = {}
+    log.set_console({ write = function(_, ...) logged[#logged + 1] = table.concat({ ... }) end })
+    local watch = project:watch()
+    local file = dir .. "/teams/business_analysis.lua"
+    local original = assert(fs.read(file))
+    local changed = fiber.cond()
+    project.teams:on_change(function(ev) changed:signal(ev) end)
+    fake:script{ { delay = 0.3, content = "malformed" }, complete("first"), complete("second") }
+    local run = submit("twice")
+    local f = fiber.spawn(function() return engine:execute(run) end)
+    fiber.sleep(0.05)
+    assert(fs.write(file, (original:gsub("You are the business analyst", "You are the NEW analyst"))))
+    assert.equal("swapped", changed:wait(2).action)
+    local ok, state = fiber.join(f, 5)
+    assert.truthy(ok)
+    assert.equal("succeeded", state)
+    assert.contains("You are the business analyst", request(2).messages[1].content)
+    assert.contains("You are the NEW analyst", request(3).messages[1].content)
+    -- A syntax error changes nothing and is reported with file:line.
+    assert(fs.write(file, "return team \"business_analysis\" {\n  model = = 1,\n}\n"))
+    local ev = changed:wait(2)
+    assert.equal("rejected", ev.action)
+    assert.matches("business_analysis%.lua:2: unexpected symbol near '='$", ev.problem)
+    fake:script{ complete("again"), complete("again") }
+    assert.equal("succeeded", (engine:execute(submit("twice", "another item"))))
+    assert.contains("You are the NEW analyst", request(4).messages[1].content)
+    watch:stop()
+    log.set_console(nil)
+    assert.matches("reload rejected, keeping the previous definition: .*business_analysis%.lua:2:", table.concat(logged))
+  end)
+
+  it("packs the context: summarises older material at 80% of the window, keeps the anchor", function()
+    start()
+    local big = ("The due-date service stores dates in UTC. "):rep(800) -- ~8,000 tokens
+    -- Windows of 12,000 tokens: the third stage's inputs (2 x 8,000) do not fit.
+    local team_file = dir .. "/teams/backend_engineering.lua"
+    local text = assert(fs.read(team_file)):gsub('  model = "factory/coder",', '  model = "factory/coder",\n  context_window = 12000,', 1)
+    assert(fs.write(team_file, text))
+    local qa = dir .. "/teams/qa_engineering.lua"
+    assert(fs.write(qa, (assert(fs.read(qa)):gsub('  model = "factory/fast",', '  model = "factory/fast",\n  context_window = 12000,', 1))))
+    assert.same({}, project:load())
+    local run = submit("feature")
+    fake:script{ complete(big), complete(big), { content = "SUMMARY: dates are UTC." }, complete("# Change"),
+                 { content = "SUMMARY: dates are UTC." }, complete("# Report"), complete("# Docs") }
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal("cheap", request(3).model)
+    local build = text_of(4)
+    assert.contains("Users want a due date on each task.", build)
+    assert.contains("SUMMARY: dates are UTC.", build)
+    assert.less(12000 * 0.8 * 4, #build)
+    local packed = 0
+    for _, ev in ipairs(events) do
+      if ev.kind == "context_packed" then packed = packed + 1 end
+    end
+    assert.equal(2, packed)
+  end)
+
+  it("retains facts without duplicates and recalls them for later objectives", function()
+    start()
+    local memory = require "factory.memory"
+    assert.equal(2, memory.retain(store, "shared-world", { "Dates are stored in UTC", "Tasks live in tasks.lua" }))
+    assert.equal(0, memory.retain(store, "shared-world", { "dates are  stored in utc" }))
+    local got = memory.recall(store, { "qa_engineering", "shared-world" }, "how are dates stored?")
+    assert.equal("Dates are stored in UTC", got[1].content)
+    fake:script(feature_replies())
+    assert.equal("succeeded", (engine:execute(submit("feature"))))
+    assert.contains("[shared-world] Dates are stored in UTC", text_of(1))
+  end)
+end)
