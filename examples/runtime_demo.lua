@@ -1,5 +1,5 @@
--- The runtime demo (`make demo`). Until the pipeline engine lands (the next issues),
--- this shows what everything else stands on: one process, one event loop, many
+-- The runtime demo (`./factory examples/runtime_demo.lua`). It shows what the pipeline
+-- engine stands on: one process, one event loop, many
 -- fibers written as straight-line code.
 --   1. a local HTTP server (factory.http_server) answering 200 concurrent requests
 --      from the HTTP client (factory.http, libcurl) in the same process;
@@ -60,4 +60,3 @@ local r = assert(proc.run{
 print(("%s -> killed after %.2f s (timed_out = %s, signal %s); its sleep died with it")
   :format(r.stdout:gsub("\n$", ""), time.monotonic() - started, tostring(r.timed_out), tostring(r.signal)))
 
-print("\nThe pipeline demo (`factory run feature ...` with the offline replay model) arrives with the pipeline issue.")
