@@ -1,0 +1,134 @@
+-- factory.agents.builtin: the built-in coding agent, a tool-use loop over the
+-- model router with the tools of factory.agents.tools, confined to one worktree.
+--
+--   builtin.run(o) -> result, stats
+--   o: { root = DIR (or box = a toolbox), objective = text, model = alias,
+--        team =, run =, system = extra instructions | nil,
+--        secrets = { NAME }, timeout = SECONDS, max_output = BYTES   (the toolbox's),
+--        max_iterations = n (default 30), token_budget = n | nil,
+--        stuck_repeats = n (default 3: the same call that many times in a row),
+--        stuck_idle = n (default 8: iterations without a file change),
+--        max_result = BYTES of one tool result shown to the model (default 16 KiB),
+--        emit = fn(kind, data) | nil }
+--   result: a TaskResult (factory.confidence), from the model's `finish` call, or
+--   BLOCKED made here with the reason (model error, iteration cap, token budget,
+--   stuck). stats: { iterations, tokens, tool_calls, changes }.
+-- Tool failures are not the loop's: the model sees "ERROR: ECODE: ..." and decides.
+local router = require "factory.router"
+local json = require "factory.json"
+local confidence = require "factory.confidence"
+local tools = require "factory.agents.tools"
+
+local M = {}
+
+M.SYSTEM = [[
+You are a coding agent working in a git worktree. Use the tools to read, search,
+edit files and run commands (paths are relative to the worktree; you cannot leave it).
+Make the smallest change that meets the objective, check it by running the tests,
+then call `finish` with your TaskResult: status COMPLETE (with the artifact: a short
+summary of the change), NEEDS_CLARIFICATION, or BLOCKED (with blockers).]]
+
+local function as_text(v, err, max)
+  local text
+  if v == nil then
+    text = "ERROR: " .. tostring(err)
+  elseif type(v) == "string" then
+    text = v
+  else
+    text = json.encode(v) or tostring(v)
+  end
+  if #text > max then text = text:sub(1, max) .. ("\n[cut: %d bytes in all]"):format(#text) end
+  return text
+end
+
+local function usage_tokens(res)
+  local u = type(res.usage) == "table" and res.usage or {}
+  return tonumber(u.total_tokens) or ((tonumber(u.prompt_tokens) or 0) + (tonumber(u.completion_tokens) or 0))
+end
+
+function M.run(o)
+  if type(o) ~= "table" or type(o.objective) ~= "string" then error("builtin.run: expected { objective =, root = }", 2) end
+  local box = o.box
+  if not box then
+    local err
+    box, err = tools.new(o.root, { secrets = o.secrets, timeout = o.timeout, max_output = o.max_output })
+    if not box then return confidence.blocked("cannot open the worktree: " .. tostring(err)), {} end
+  end
+  local max_iter, budget = o.max_iterations or 30, o.token_budget
+  local stuck_repeats, stuck_idle = o.stuck_repeats or 3, o.stuck_idle or 8
+  local max_result = o.max_result or 16 * 1024
+  local emit = o.emit or function() end
+  local stats = { iterations = 0, tokens = 0, tool_calls = 0, changes = 0 }
+  local messages = {
+    { role = "system", content = M.SYSTEM .. (o.system and ("\n\n" .. o.system) or "") },
+    { role = "user", content = o.objective },
+  }
+  local last_call, repeats, idle = nil, 0, 0
+
+  local function done(result)
+    stats.changes = box.changes
+    emit("agent_done", { status = result.status, iterations = stats.iterations, tokens = stats.tokens })
+    return result, stats
+  end
+
+  for iter = 1, max_iter do
+    stats.iterations = iter
+    local res, err = router.chat({ model = o.model, messages = messages, tools = tools.SCHEMAS },
+                                 { team = o.team, run = o.run })
+    if not res then return done(confidence.blocked("model call failed: " .. tostring(err))) end
+    stats.tokens = stats.tokens + usage_tokens(res)
+    local choice = type(res.choices) == "table" and res.choices[1]
+    local msg = choice and choice.message
+    if type(msg) ~= "table" then return done(confidence.blocked("the model's reply has no message")) end
+    local calls = msg.tool_calls
+    if calls == json.null then calls = nil end
+    messages[#messages + 1] = { role = "assistant", content = msg.content ~= json.null and msg.content or nil,
+                                tool_calls = calls }
+    local changes_before = box.changes
+    if not calls or #calls == 0 then
+      -- A TaskResult written as text is accepted like a finish call.
+      local r = type(msg.content) == "string" and confidence.parse(msg.content)
+      if r then return done(r) end
+      messages[#messages + 1] = { role = "user", content = "Use the tools to do the work; when it is done, "
+        .. "call `finish` with your TaskResult." }
+    else
+      for _, call in ipairs(calls) do
+        stats.tool_calls = stats.tool_calls + 1
+        local fn = type(call["function"]) == "table" and call["function"] or {}
+        local name, argtext = tostring(fn.name), fn.arguments
+        local key = name .. "\0" .. tostring(argtext)
+        if key == last_call then repeats = repeats + 1 else last_call, repeats = key, 1 end
+        if repeats >= stuck_repeats then
+          return done(confidence.blocked(("stuck: the same call %s(%s) was repeated %d times"):format(
+            name, as_text(argtext, nil, 200), repeats)))
+        end
+        local args = type(argtext) == "string" and json.decode(argtext) or argtext
+        local v, verr
+        if type(args) ~= "table" then
+          v, verr = nil, "EINVAL: the arguments are not a JSON object"
+        else
+          v, verr = box:call(name, args)
+        end
+        emit("tool_call", { name = name, ok = v ~= nil, error = verr })
+        if name == "finish" and box.result then
+          local r, problem = confidence.parse(json.encode(box.result))
+          if r then return done(r) end
+          box.result = nil
+          v, verr = nil, "EINVAL: not a valid TaskResult: " .. problem
+        end
+        messages[#messages + 1] = { role = "tool", tool_call_id = call.id, content = as_text(v, verr, max_result) }
+      end
+    end
+    if budget and stats.tokens >= budget then
+      return done(confidence.blocked(("token budget exhausted: %d of %d tokens used after %d iterations"):format(
+        stats.tokens, budget, iter)))
+    end
+    if box.changes == changes_before then idle = idle + 1 else idle = 0 end
+    if idle >= stuck_idle then
+      return done(confidence.blocked(("stuck: no file changed in %d iterations"):format(idle)))
+    end
+  end
+  return done(confidence.blocked(("iteration cap reached: %d iterations without finish"):format(max_iter)))
+end
+
+return M

@@ -1,0 +1,355 @@
+-- factory.agents.tools: the built-in agent's tools, confined to one worktree.
+--
+--   tools.new(root, { secrets = { "NAME", ... }, timeout = SECONDS (default 120),
+--                     max_output = BYTES (default 64 KiB), max_read = BYTES (default 256 KiB) })
+--       -> box | nil, err, code
+--   box:read_file(path) -> text
+--   box:write_file(path, text) -> "wrote N bytes to PATH"
+--   box:edit_file(path, old, new) -> "edited PATH"   (old must occur exactly once)
+--   box:list_dir([path]) -> { "name", "dir/", ... }
+--   box:grep(pattern [, path [, fixed]]) -> "path:line:text\n..."   (Lua pattern; a
+--       pattern that does not compile, or fixed = true, is matched as plain text)
+--   box:run_command(argv | "shell text") -> { code, signal, timed_out, truncated, stdout, stderr }
+--   box:finish(task_result) -> "finished"; box.result is the TaskResult
+--   box:call(name, args) -> the tool with named arguments (the model's JSON object)
+--   box.changes: count of successful writes and edits (stuck detection)
+--   tools.SCHEMAS: the tools in OpenAI function-calling format
+--
+-- Every failure is a value the model sees: nil, "ECODE: message", "ECODE". A path
+-- that leaves the worktree, lexically (`..`, an absolute path) or through a symbolic
+-- link anywhere along it, gives "EPATH: <path>: <reason>".
+--
+-- Confinement is checked in Lua: the path is normalised, then each existing
+-- component is examined with lstat and every symbolic link resolved with realpath
+-- and required to stay in the worktree. The kernel is then handed the resolved
+-- path, which contains no link left unchecked. A process racing us inside the
+-- worktree (run_command has returned; nothing of ours runs meanwhile) could still
+-- swap a component between check and use; closing that needs openat/O_NOFOLLOW in C.
+local fs = require "factory.core.fs"
+local env = require "factory.core.env"
+local proc = require "factory.proc"
+local json = require "factory.json"
+
+local M = {}
+
+local NAME_MAX, PATH_MAX = 255, 4096
+local MAX_GREP_MATCHES, MAX_GREP_BYTES, MAX_GREP_FILE = 200, 32 * 1024, 1024 * 1024
+local MAX_LINKS = 40
+
+-- Names a child may inherit; everything else (API keys included) stays behind.
+local PASSED = { "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ" }
+local ALWAYS_SECRET = { "OPENAI_API_KEY", "ANTHROPIC_API_KEY" }
+
+local Box = {}
+Box.__index = Box
+
+local function fail(code, msg) return nil, code .. ": " .. msg, code end
+
+-- A path as the model can read it in an error: escapes shown, long ones cut.
+local function shown(path)
+  local s = tostring(path):gsub("%z", "\\0")
+  if #s > 120 then s = s:sub(1, 100) .. ("...(%d bytes)"):format(#path) end
+  return s
+end
+
+local function epath(path, reason) return fail("EPATH", shown(path) .. ": " .. reason) end
+
+local function inside(root, real)
+  return real == root or real:sub(1, #root + 1) == root .. "/"
+end
+
+-- path -> absolute resolved path, path relative to root | nil, err, code.
+-- Lexical checks first, then the walk over existing components.
+function Box:resolve(path)
+  if type(path) ~= "string" then return epath(tostring(path), "a path must be a string") end
+  if path == "" then return epath(path, "empty path") end
+  if path:find("%z") then return epath(path, "path contains a NUL byte") end
+  if #path > PATH_MAX then return epath(path, ("path is longer than %d bytes"):format(PATH_MAX)) end
+  local rest = path
+  if path:sub(1, 1) == "/" then
+    if not inside(self.root, path) and not inside(self.root, (path:gsub("/+$", ""))) then
+      return epath(path, "absolute path outside the worktree " .. self.root)
+    end
+    rest = path:sub(#self.root + 1)
+  end
+  local parts = {}
+  for comp in rest:gmatch("[^/]+") do
+    if #comp > NAME_MAX then
+      return epath(path, ("a path component is longer than %d bytes"):format(NAME_MAX))
+    end
+    if comp == ".." then
+      if #parts == 0 then return epath(path, "'..' leaves the worktree") end
+      parts[#parts] = nil
+    elseif comp ~= "." then
+      parts[#parts + 1] = comp
+    end
+  end
+  -- Walk: `cur` is always a real path inside the root.
+  local cur, links = self.root, 0
+  local i = 1
+  while i <= #parts do
+    local p = cur .. "/" .. parts[i]
+    local st, err, code = fs.stat(p)
+    if not st then
+      if code == "ENOENT" then
+        -- Nothing below exists: the rest is created, if at all, under cur.
+        for j = i, #parts do cur = cur .. "/" .. parts[j] end
+        break
+      end
+      if code == "ENOTDIR" then return epath(path, "a component is not a directory") end
+      return nil, err, code
+    end
+    if st.type == "link" then
+      links = links + 1
+      if links > MAX_LINKS then return epath(path, "too many symbolic links") end
+      local real = fs.realpath(p)
+      if not real then
+        return epath(path, ("symbolic link %s dangles (its target may be outside the worktree)")
+          :format(table.concat(parts, "/", 1, i)))
+      end
+      if not inside(self.root, real) then
+        return epath(path, ("symbolic link %s leads outside the worktree"):format(table.concat(parts, "/", 1, i)))
+      end
+      cur = real
+    else
+      cur = p
+    end
+    i = i + 1
+  end
+  if #cur > PATH_MAX then return epath(path, ("path is longer than %d bytes"):format(PATH_MAX)) end
+  local rel = cur == self.root and "." or cur:sub(#self.root + 2)
+  return cur, rel
+end
+
+function Box:read_file(path)
+  local full, rel, code = self:resolve(path)
+  if not full then return nil, rel, code end
+  local st, err
+  st, err, code = fs.stat(full, true)
+  if not st then return nil, err, code end
+  if st.type ~= "file" then return fail("EISDIR", shown(path) .. " is a " .. st.type .. ", not a file") end
+  local text
+  text, err, code = fs.read(full)
+  if not text then return nil, err, code end
+  if #text > self.max_read then
+    return text:sub(1, self.max_read) .. ("\n[truncated: %s has %d bytes; showing the first %d]"):format(
+      rel, #text, self.max_read)
+  end
+  return text
+end
+
+-- Creates the missing directories above full (all inside the root: resolve said so).
+local function parent_dirs(full)
+  local dir = full:match("^(.*)/[^/]+$")
+  if dir and dir ~= "" and not fs.exists(dir) then return fs.mkdir_p(dir) end
+  return true
+end
+
+function Box:write_file(path, text)
+  if type(text) ~= "string" then return fail("EINVAL", "write_file: text must be a string") end
+  local full, rel, code = self:resolve(path)
+  if not full then return nil, rel, code end
+  if full == self.root then return epath(path, "is the worktree itself") end
+  local st = fs.stat(full)
+  if st and st.type == "directory" then return fail("EISDIR", shown(path) .. " is a directory") end
+  local ok, err
+  ok, err, code = parent_dirs(full)
+  if not ok then return nil, err, code end
+  -- Resolve again: a directory created above must not have become something else.
+  local again, rerr, rcode = self:resolve(path)
+  if again ~= full then return nil, rerr or "EPATH: " .. shown(path) .. ": changed while writing", rcode or "EPATH" end
+  ok, err, code = fs.write(full, text)
+  if not ok then return nil, err, code end
+  self.changes = self.changes + 1
+  return ("wrote %d bytes to %s"):format(#text, rel)
+end
+
+local function count_plain(s, needle)
+  local n, at = 0, 1
+  while true do
+    local a, b = s:find(needle, at, true)
+    if not a then return n end
+    n, at = n + 1, b + 1
+  end
+end
+
+function Box:edit_file(path, old, new)
+  if type(old) ~= "string" or old == "" then return fail("EINVAL", "edit_file: old must be a non-empty string") end
+  if type(new) ~= "string" then return fail("EINVAL", "edit_file: new must be a string") end
+  local text, err, code = self:read_file(path)
+  if not text then return nil, err, code end
+  local full, rel = self:resolve(path)
+  local size = fs.stat(full, true).size
+  if #text ~= size then return fail("EFBIG", shown(path) .. " is too large to edit here") end
+  local n = count_plain(text, old)
+  if n == 0 then
+    return fail("ENOTFOUND", ("the text to replace was not found in %s (it must match exactly, "
+      .. "whitespace included)"):format(rel))
+  end
+  if n > 1 then
+    return fail("ENOTUNIQUE", ("the text to replace occurs %d times in %s; include more surrounding "
+      .. "text so it occurs exactly once"):format(n, rel))
+  end
+  local a, b = text:find(old, 1, true)
+  local ok
+  ok, err, code = fs.write(full, text:sub(1, a - 1) .. new .. text:sub(b + 1))
+  if not ok then return nil, err, code end
+  self.changes = self.changes + 1
+  return "edited " .. rel
+end
+
+function Box:list_dir(path)
+  local full, rel, code = self:resolve(path or ".")
+  if not full then return nil, rel, code end
+  local names, err
+  names, err, code = fs.list(full)
+  if not names then return nil, err, code end
+  for k, name in ipairs(names) do
+    local st = fs.stat(full .. "/" .. name)
+    if st and st.type == "directory" then names[k] = name .. "/"
+    elseif st and st.type == "link" then names[k] = name .. "@" end
+  end
+  return names
+end
+
+function Box:grep(pattern, path, fixed)
+  if type(pattern) ~= "string" or pattern == "" then return fail("EINVAL", "grep: pattern must be a non-empty string") end
+  local full, rel, code = self:resolve(path or ".")
+  if not full then return nil, rel, code end
+  local plain = fixed and true or not pcall(string.find, "", pattern)
+  local out, bytes, matches, cut = {}, 0, 0, false
+  local function scan(file, name)
+    local st = fs.stat(file)
+    if not st or st.type ~= "file" or st.size > MAX_GREP_FILE then return end
+    local text = fs.read(file)
+    if not text or text:find("%z") then return end
+    local n = 0
+    for line in (text .. "\n"):gmatch("([^\n]*)\n") do
+      n = n + 1
+      if line:find(pattern, 1, plain) then
+        local entry = ("%s:%d:%s"):format(name, n, #line > 300 and line:sub(1, 300) .. "..." or line)
+        if matches >= MAX_GREP_MATCHES or bytes + #entry > MAX_GREP_BYTES then cut = true return end
+        out[#out + 1], bytes, matches = entry, bytes + #entry + 1, matches + 1
+      end
+    end
+  end
+  -- Links are not followed: what they point to was either checked by resolve or is
+  -- reached through its real place in the tree.
+  local function walk(dir, name)
+    local names = fs.list(dir) or {}
+    for _, n in ipairs(names) do
+      if cut then return end
+      if n ~= ".git" then
+        local p, shown_name = dir .. "/" .. n, name == "." and n or name .. "/" .. n
+        local st = fs.stat(p)
+        if st and st.type == "directory" then walk(p, shown_name)
+        elseif st and st.type == "file" then scan(p, shown_name) end
+      end
+    end
+  end
+  local st = fs.stat(full, true)
+  if st and st.type == "directory" then walk(full, rel) else scan(full, rel) end
+  if cut then out[#out + 1] = ("[output cut at %d matches / %d bytes]"):format(matches, bytes) end
+  if #out == 0 then return "no matches" end
+  return table.concat(out, "\n")
+end
+
+-- The explicit environment of a child: a few harmless names, HOME at the worktree,
+-- and never a secret, even when one of the passed names is listed as secret.
+function Box:child_env()
+  local e = {}
+  for _, name in ipairs(PASSED) do e[name] = env.get(name) end
+  e.PATH = e.PATH or "/usr/local/bin:/usr/bin:/bin"
+  e.LANG = e.LANG or "C.UTF-8"
+  e.HOME = self.root
+  e.TERM = "dumb"
+  for name in pairs(self.secrets) do e[name] = nil end
+  return e
+end
+
+function Box:run_command(cmd)
+  local argv
+  if type(cmd) == "string" then
+    if cmd:find("%z") then return fail("EINVAL", "run_command: command contains a NUL byte") end
+    argv = { "/bin/sh", "-c", cmd }
+  elseif type(cmd) == "table" and #cmd > 0 then
+    argv = {}
+    for k, a in ipairs(cmd) do
+      if type(a) ~= "string" or a:find("%z") then return fail("EINVAL", "run_command: argv[" .. k .. "] is not a plain string") end
+      argv[k] = a
+    end
+  else
+    return fail("EINVAL", "run_command: expected an argv list or a shell command string")
+  end
+  local res, err, code = proc.run{ argv = argv, cwd = self.root, env = self:child_env(),
+                                   timeout = self.timeout, max_output = self.max_output, stderr = "pipe" }
+  if not res then return nil, err, code end
+  return res
+end
+
+function Box:finish(result)
+  if type(result) ~= "table" then return fail("EINVAL", "finish: expected the TaskResult object") end
+  self.result = result
+  return "finished"
+end
+
+local ARGS = {
+  read_file = { "path" }, write_file = { "path", "text" }, edit_file = { "path", "old", "new" },
+  list_dir = { "path" }, grep = { "pattern", "path", "fixed" }, run_command = { "command" },
+}
+
+function Box:call(name, args)
+  if type(args) ~= "table" then return fail("EINVAL", name .. ": arguments must be a JSON object") end
+  if name == "finish" then return self:finish(args.result or args) end
+  local names = ARGS[name]
+  if not names then return fail("ENOTOOL", ("unknown tool %q"):format(tostring(name))) end
+  local vals = {}
+  for k, n in ipairs(names) do
+    local v = args[n]
+    if v == json.null then v = nil end
+    vals[k] = v
+  end
+  return self[name](self, unpack(vals, 1, #names))
+end
+
+function M.new(root, opts)
+  opts = opts or {}
+  if type(root) ~= "string" or root == "" then error("tools.new: root must be a directory path", 2) end
+  local real, err, code = fs.realpath(root)
+  if not real then return nil, err, code end
+  if real == "/" then return fail("EPATH", "the worktree cannot be /") end
+  local st = fs.stat(real)
+  if not st or st.type ~= "directory" then return fail("ENOTDIR", root .. " is not a directory") end
+  local secrets = {}
+  for _, n in ipairs(ALWAYS_SECRET) do secrets[n] = true end
+  for _, n in ipairs(opts.secrets or {}) do secrets[n] = true end
+  return setmetatable({
+    root = real, secrets = secrets, changes = 0,
+    timeout = opts.timeout or 120, max_output = opts.max_output or 64 * 1024,
+    max_read = opts.max_read or 256 * 1024,
+  }, Box)
+end
+
+local function fn(name, description, props, required)
+  return { type = "function", ["function"] = { name = name, description = description,
+    parameters = { type = "object", properties = props, required = required } } }
+end
+
+local S = { type = "string" }
+M.SCHEMAS = {
+  fn("read_file", "Read a text file of the worktree.", { path = S }, { "path" }),
+  fn("write_file", "Create or replace a file of the worktree with the given text.", { path = S, text = S },
+     { "path", "text" }),
+  fn("edit_file", "Replace the one occurrence of `old` (exact text) in a file with `new`.",
+     { path = S, old = S, new = S }, { "path", "old", "new" }),
+  fn("list_dir", "List a directory of the worktree (directories end with /).", { path = S }, {}),
+  fn("grep", "Search files for a Lua pattern (or plain text with fixed=true); prints path:line:text.",
+     { pattern = S, path = S, fixed = { type = "boolean" } }, { "pattern" }),
+  fn("run_command", "Run a shell command in the worktree (no network credentials, time-limited).",
+     { command = S }, { "command" }),
+  fn("finish", "End the work with your TaskResult (status COMPLETE, NEEDS_CLARIFICATION or BLOCKED).",
+     { status = S, reasoning = S, artifact = S, blockers = { type = "array", items = S },
+       learnings = { type = "array", items = S } }, { "status", "reasoning" }),
+}
+
+return M

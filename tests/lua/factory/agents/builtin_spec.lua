@@ -1,0 +1,154 @@
+-- The built-in agent (factory.agents.builtin) against the fake model server scripting
+-- tool calls: it edits a file in a plain temporary directory and finishes; the
+-- iteration cap, the token budget and stuck detection end as BLOCKED with the reason.
+local builtin = require "factory.agents.builtin"
+local router = require "factory.router"
+local json = require "factory.json"
+local fs = require "factory.core.fs"
+
+local TOOLS = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../../tools/"
+local fake_model = dofile(TOOLS .. "fake_model.lua")
+
+local fake, dir
+
+before_each(function()
+  fake = assert(fake_model.start())
+  assert(router.configure{
+    providers = { a = { base_url = fake:url() .. "/v1", api_key = "sk-test-key-aaaaaaaaaaaa" } },
+    models = { coder = { "a/gpt-test" } },
+    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 100 },
+  })
+  dir = os.tmpname()
+  os.remove(dir)
+  assert(fs.mkdir_p(dir .. "/src"))
+  assert(fs.write(dir .. "/src/add.c", "int add(int a, int b) { return a - b; }\n"))
+end)
+
+after_each(function()
+  fake:close()
+  assert(fs.remove(dir, { recursive = true }))
+end)
+
+local n = 0
+local function call(name, args)
+  n = n + 1
+  return { tool_calls = { { id = "call_" .. n, name = name, arguments = json.encode(args) } } }
+end
+
+local FINISH = { status = "COMPLETE", reasoning = "add subtracted; fixed the operator",
+                 artifact = "src/add.c: return a + b", verified_facts = { "add(2,3) is 5" } }
+
+describe("builtin agent", function()
+  it("edits a file with tool calls and finishes with the TaskResult", function()
+    fake:script{
+      call("list_dir", { path = "src" }),
+      call("read_file", { path = "src/add.c" }),
+      call("edit_file", { path = "src/add.c", old = "a - b", new = "a + b" }),
+      call("run_command", { command = "grep -c 'a + b' src/add.c" }),
+      call("finish", FINISH),
+    }
+    local events = {}
+    local result, stats = builtin.run{ root = dir, objective = "Fix add() in src/add.c", model = "coder",
+                                       emit = function(kind, data) events[#events + 1] = { kind, data } end }
+    assert.equal("COMPLETE", result.status)
+    assert.equal("src/add.c: return a + b", result.artifact)
+    assert.same({ "add(2,3) is 5" }, result.verified_facts)
+    assert.equal("int add(int a, int b) { return a + b; }\n", fs.read(dir .. "/src/add.c"))
+    assert.equal(5, stats.iterations)
+    assert.equal(5, stats.tool_calls)
+    assert.equal(1, stats.changes)
+    assert.truthy(stats.tokens > 0)
+    -- The model was sent the tool schemas and saw each tool's result.
+    local reqs = fake:requests()
+    assert.equal(5, #reqs)
+    local first = json.decode(reqs[1].body)
+    assert.equal(7, #first.tools)
+    assert.equal("Fix add() in src/add.c", first.messages[2].content)
+    local last = json.decode(reqs[5].body).messages
+    local seen = {}
+    for _, m in ipairs(last) do if m.role == "tool" then seen[#seen + 1] = m.content end end
+    assert.equal('["add.c"]', seen[1])
+    assert.equal("int add(int a, int b) { return a - b; }\n", seen[2])
+    assert.equal("edited src/add.c", seen[3])
+    assert.matches('"stdout":"1\\n"', seen[4])
+    assert.equal("agent_done", events[#events][1])
+  end)
+
+  it("shows tool errors to the model and carries on", function()
+    fake:script{
+      call("read_file", { path = "../../etc/passwd" }),
+      call("edit_file", { path = "src/add.c", old = "nothing like this", new = "x" }),
+      call("finish", FINISH),
+    }
+    local result = builtin.run{ root = dir, objective = "Fix add()", model = "coder" }
+    assert.equal("COMPLETE", result.status)
+    local msgs = json.decode(fake:requests()[3].body).messages
+    local tool_msgs = {}
+    for _, m in ipairs(msgs) do if m.role == "tool" then tool_msgs[#tool_msgs + 1] = m.content end end
+    assert.matches("^ERROR: EPATH: %.%./%.%./etc/passwd: '%.%.' leaves the worktree", tool_msgs[1])
+    assert.matches("^ERROR: ENOTFOUND: ", tool_msgs[2])
+  end)
+
+  it("rejects an invalid TaskResult in finish and lets the model retry", function()
+    fake:script{ call("finish", { status = "DONE", reasoning = "x" }), call("finish", FINISH) }
+    local result, stats = builtin.run{ root = dir, objective = "Fix add()", model = "coder" }
+    assert.equal("COMPLETE", result.status)
+    assert.equal(2, stats.iterations)
+  end)
+
+  it("stops at the iteration cap with BLOCKED", function()
+    local script = {}
+    for i = 1, 5 do script[i] = call("write_file", { path = "f" .. i, text = tostring(i) }) end
+    fake:script(script)
+    local result = builtin.run{ root = dir, objective = "loop", model = "coder", max_iterations = 3 }
+    assert.equal("BLOCKED", result.status)
+    assert.equal("iteration cap reached: 3 iterations without finish", result.blockers[1])
+    assert.equal(3, fake:count())
+  end)
+
+  it("detects the same call repeated", function()
+    local script = {}
+    for i = 1, 5 do script[i] = call("read_file", { path = "src/add.c" }) end
+    fake:script(script)
+    local result, stats = builtin.run{ root = dir, objective = "loop", model = "coder", stuck_repeats = 3 }
+    assert.equal("BLOCKED", result.status)
+    assert.matches('^stuck: the same call read_file%(.*src.-add%.c.*%) was repeated 3 times', result.blockers[1])
+    assert.equal(3, stats.iterations)
+  end)
+
+  it("detects iterations without a file change", function()
+    local script = {}
+    for i = 1, 6 do script[i] = call("grep", { pattern = "add" .. i }) end
+    fake:script(script)
+    local result = builtin.run{ root = dir, objective = "loop", model = "coder", stuck_idle = 4 }
+    assert.equal("BLOCKED", result.status)
+    assert.equal("stuck: no file changed in 4 iterations", result.blockers[1])
+    assert.equal(4, fake:count())
+  end)
+
+  it("stops when the token budget is spent", function()
+    local script = {}
+    for i = 1, 5 do
+      local r = call("write_file", { path = "g" .. i, text = "x" })
+      r.usage = { prompt = 60, completion = 10 }
+      script[i] = r
+    end
+    fake:script(script)
+    local result, stats = builtin.run{ root = dir, objective = "loop", model = "coder", token_budget = 200 }
+    assert.equal("BLOCKED", result.status)
+    assert.matches("^token budget exhausted: 210 of 200 tokens used after 3 iterations", result.blockers[1])
+    assert.equal(210, stats.tokens)
+  end)
+
+  it("returns BLOCKED when the model cannot be reached", function()
+    local result = builtin.run{ root = dir, objective = "x", model = "no-such-alias" }
+    assert.equal("BLOCKED", result.status)
+    assert.matches("^model call failed: ", result.blockers[1])
+  end)
+
+  it("accepts a TaskResult written as text", function()
+    fake:script{ { content = json.encode(FINISH) } }
+    local result = builtin.run{ root = dir, objective = "x", model = "coder" }
+    assert.equal("COMPLETE", result.status)
+  end)
+end)
