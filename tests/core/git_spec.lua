@@ -1,0 +1,295 @@
+-- factory.git (libgit2): repositories, worktrees per objective, status/diff checked
+-- against the `git` CLI (used here only as an oracle), commits, worktree clean-up,
+-- fetch/push with a local bare remote, error messages, and many fibers at once.
+local git = require "factory.git"
+local fs = require "factory.core.fs"
+local fiber = require "factory.fiber"
+local proc = require "factory.proc"
+
+local root
+
+local function tmpdir()
+  local p = os.tmpname()
+  os.remove(p)
+  assert(fs.mkdir_p(p))
+  return p
+end
+
+-- The git CLI as an oracle: stdout of a successful run.
+local function cli(dir, ...)
+  local res = assert(proc.run{
+    argv = { "git", ... }, cwd = dir,
+    env = { PATH = os.getenv("PATH") or "/usr/bin:/bin", HOME = root, GIT_CONFIG_NOSYSTEM = "1" },
+  })
+  assert.equal(0, res.code, "git " .. table.concat({ ... }, " ") .. ": " .. (res.stderr or ""))
+  return res.stdout
+end
+
+local ME = { name = "Ada Agent", email = "ada@factory.test" }
+local BOT = { name = "Factory Bot", email = "bot@factory.test" }
+
+-- A repository on branch main with one commit of two files.
+local function new_repo()
+  local dir = root .. "/repo"
+  local repo = assert(git.init(dir))
+  assert(fs.write(dir .. "/a.txt", "one\ntwo\nthree\n"))
+  assert(fs.mkdir_p(dir .. "/src"))
+  assert(fs.write(dir .. "/src/b.c", "int b;\n"))
+  assert(repo:add_all())
+  local oid = assert(repo:commit("initial", { author = ME }))
+  return repo, dir, oid
+end
+
+before_each(function() root = tmpdir() end)
+after_each(function() assert(fs.remove(root, { recursive = true })) end)
+
+describe("git repositories", function()
+  it("init, commit and head agree with the CLI, author and committer included", function()
+    local repo, dir, oid = new_repo()
+    assert.matches("^%x+$", oid)
+    assert.equal(40, #oid)
+    assert.same({ branch = "main", oid = oid }, repo:head())
+    assert.equal(oid .. "\n", cli(dir, "rev-parse", "HEAD"))
+    assert.equal("main\n", cli(dir, "branch", "--show-current"))
+    assert.equal("Ada Agent <ada@factory.test>|Ada Agent <ada@factory.test>|initial\n",
+      cli(dir, "log", "-1", "--format=%an <%ae>|%cn <%ce>|%B"):gsub("\n+$", "\n"))
+    assert(fs.write(dir .. "/a.txt", "changed\n"))
+    assert(repo:add({ "a.txt" }))
+    local two = assert(repo:commit("second\n\nbody", { author = ME, committer = BOT }))
+    assert.equal("Ada Agent <ada@factory.test>|Factory Bot <bot@factory.test>|" .. oid .. "\n",
+      cli(dir, "log", "-1", "--format=%an <%ae>|%cn <%ce>|%P"))
+    assert.equal(two .. "\n", cli(dir, "rev-parse", "main"))
+    assert.equal("", cli(dir, "status", "--porcelain"))
+    repo:close()
+    repo:close() -- idempotent
+    assert.error_matches(function() repo:head() end, "closed")
+  end)
+
+  it("an unborn repository has a branch and no oid; bare init works", function()
+    local repo = assert(git.init(root .. "/empty"))
+    assert.same({ branch = "main" }, repo:head())
+    local bare = assert(git.init(root .. "/bare.git", { bare = true }))
+    assert.equal("true\n", cli(root .. "/bare.git", "rev-parse", "--is-bare-repository"))
+    bare:close()
+    repo:close()
+  end)
+
+  it("status, diff and diff stats agree with the CLI", function()
+    local repo, dir = new_repo()
+    assert.same({}, repo:status())
+    assert(fs.write(dir .. "/a.txt", "one\n2\nthree\nfour\n"))   -- modified, unstaged
+    assert(fs.write(dir .. "/new.txt", "fresh\n"))               -- untracked
+    assert(fs.mkdir_p(dir .. "/d/e"))
+    assert(fs.write(dir .. "/d/e/deep.txt", "x\n"))              -- untracked, nested
+    assert(fs.remove(dir .. "/src/b.c"))                         -- deleted
+    assert(fs.write(dir .. "/staged.txt", "s\n"))
+    assert(repo:add({ "staged.txt" }))                            -- added to the index
+    local want = {}
+    for line in cli(dir, "status", "--porcelain", "-uall"):gmatch("[^\n]+") do
+      want[#want + 1] = { status = line:sub(1, 2), path = line:sub(4) }
+    end
+    table.sort(want, function(x, y) return x.path < y.path end)
+    assert.same(want, repo:status())
+
+    local stats = assert(repo:diff_stats())
+    local per, ins, del = {}, 0, 0
+    for line in cli(dir, "diff", "--numstat", "HEAD"):gmatch("[^\n]+") do
+      local i, d, path = line:match("^(%d+)\t(%d+)\t(.+)$")
+      per[#per + 1] = { path = path, insertions = tonumber(i), deletions = tonumber(d) }
+      ins, del = ins + tonumber(i), del + tonumber(d)
+    end
+    assert.same(per, stats.per_file)
+    assert.equal(#per, stats.files)
+    assert.equal(ins, stats.insertions)
+    assert.equal(del, stats.deletions)
+    assert.equal(3, stats.files) -- a.txt, src/b.c, staged.txt; untracked files are not in a diff
+
+    assert.equal(cli(dir, "diff", "--no-color", "HEAD"), assert(repo:diff()))
+    assert.equal(cli(dir, "diff", "--no-color", "main"), assert(repo:diff("main")))
+    repo:close()
+  end)
+
+  it("add_all stages new, changed and deleted files like git add -A", function()
+    local repo, dir = new_repo()
+    assert(fs.write(dir .. "/a.txt", "other\n"))
+    assert(fs.write(dir .. "/n.txt", "n\n"))
+    assert(fs.remove(dir .. "/src/b.c"))
+    assert(repo:add_all())
+    assert.equal("M  a.txt\nA  n.txt\nD  src/b.c\n", cli(dir, "status", "--porcelain"))
+    assert.same({ { path = "a.txt", status = "M " }, { path = "n.txt", status = "A " },
+      { path = "src/b.c", status = "D " } }, repo:status())
+    repo:close()
+  end)
+end)
+
+describe("git worktrees", function()
+  it("a worktree per objective, each on its own branch from the latest base", function()
+    local repo, dir = new_repo()
+    assert(fs.write(dir .. "/a.txt", "newer\n"))
+    assert(repo:add_all())
+    local latest = assert(repo:commit("latest", { author = ME }))
+    for i = 1, 3 do
+      local name = "obj-" .. i
+      assert.equal(true, repo:worktree_add(name, root .. "/wt/" .. name, { base = "main" }))
+      local wt = assert(git.open(root .. "/wt/" .. name))
+      assert.same({ branch = name, oid = latest }, wt:head())
+      assert.equal("newer\n", fs.read(root .. "/wt/" .. name .. "/a.txt"))
+      assert.same({}, wt:status())
+      -- work in the worktree and commit on its branch
+      assert(fs.write(root .. "/wt/" .. name .. "/f" .. i, "work " .. i .. "\n"))
+      assert(wt:add_all())
+      local c = assert(wt:commit("work " .. i, { author = ME }))
+      assert.equal(c .. "\n", cli(dir, "rev-parse", name))
+      wt:close()
+    end
+    -- an older base by oid
+    local first = cli(dir, "rev-parse", "HEAD~1"):gsub("%s+$", "")
+    assert(repo:worktree_add("old", root .. "/wt/old", { base = first }))
+    assert.equal("one\ntwo\nthree\n", fs.read(root .. "/wt/old/a.txt"))
+    -- the main checkout is untouched, and the CLI sees every worktree
+    assert.same({ branch = "main", oid = latest }, repo:head())
+    local listed = cli(dir, "worktree", "list", "--porcelain")
+    for _, n in ipairs { "obj-1", "obj-2", "obj-3", "old" } do assert.contains("branch refs/heads/" .. n, listed) end
+    local names = {}
+    for _, w in ipairs(assert(repo:worktrees())) do
+      names[#names + 1] = w.name
+      assert.equal(false, w.locked)
+      assert.equal(false, w.prunable)
+    end
+    table.sort(names)
+    assert.same({ "obj-1", "obj-2", "obj-3", "old" }, names)
+    local branches = {}
+    for _, b in ipairs(assert(repo:branches())) do branches[b.name] = b end
+    assert.equal(true, branches.main.head)
+    assert.equal(latest, branches.main.oid)
+    assert.truthy(branches["obj-2"])
+    repo:close()
+  end)
+
+  it("remove deletes the directory, refuses a dirty worktree without force; prune forgets orphans", function()
+    local repo, dir = new_repo()
+    assert(repo:worktree_add("keep", root .. "/wt/keep"))
+    assert(repo:worktree_add("dirty", root .. "/wt/dirty"))
+    assert(repo:worktree_add("orphan", root .. "/wt/orphan"))
+    assert(repo:worktree_remove("keep"))
+    assert.equal(false, fs.exists(root .. "/wt/keep"))
+
+    assert(fs.write(root .. "/wt/dirty/untracked", "x"))
+    local ok, err, code = repo:worktree_remove("dirty")
+    assert.is_nil(ok)
+    assert.equal("EDIRTY", code)
+    assert.equal("EDIRTY: worktree 'dirty' has changes (use force)", err)
+    assert(repo:worktree_remove("dirty", { force = true }))
+    assert.equal(false, fs.exists(root .. "/wt/dirty"))
+
+    assert(fs.remove(root .. "/wt/orphan", { recursive = true })) -- the directory vanished
+    local wts = assert(repo:worktrees())
+    assert.equal(1, #wts)
+    assert.equal("orphan", wts[1].name)
+    assert.equal(true, wts[1].prunable)
+    assert.same({ "orphan" }, repo:prune_worktrees())
+    assert.same({}, repo:worktrees())
+    assert.same({}, repo:prune_worktrees())
+    assert.equal(cli(dir, "rev-parse", "--show-toplevel"):gsub("%s+$", "") .. " ", -- only the main one
+      cli(dir, "worktree", "list", "--porcelain"):match("^worktree (%S+)\n") .. " ")
+    assert.equal(1, select(2, cli(dir, "worktree", "list"):gsub("\n", "")))
+    -- branches stay after removal
+    local names = {}
+    for _, b in ipairs(repo:branches()) do names[#names + 1] = b.name end
+    table.sort(names)
+    assert.same({ "dirty", "keep", "main", "orphan" }, names)
+    repo:close()
+  end)
+end)
+
+describe("git remotes", function()
+  it("push to and fetch from a local bare repository", function()
+    local repo, dir, oid = new_repo()
+    local bare = root .. "/remote.git"
+    assert(git.init(bare, { bare = true })):close()
+    assert(repo:remote_add("origin", bare))
+    assert(repo:push("origin", "refs/heads/main:refs/heads/main"))
+    assert.equal(oid .. "\n", cli(bare, "rev-parse", "main"))
+    -- someone else pushes a new commit; fetch sees it
+    local other = assert(git.init(root .. "/other"))
+    assert(other:remote_add("origin", bare))
+    assert(other:fetch("origin"))
+    assert(other:worktree_add("feature", root .. "/feature", { base = "origin/main" }))
+    local feat = assert(git.open(root .. "/feature"))
+    assert(fs.write(root .. "/feature/g.txt", "g\n"))
+    assert(feat:add_all())
+    local c = assert(feat:commit("feature", { author = ME }))
+    assert(feat:push("origin", "refs/heads/feature:refs/heads/feature"))
+    assert(repo:fetch("origin"))
+    assert.equal(c .. "\n", cli(dir, "rev-parse", "refs/remotes/origin/feature"))
+    -- an anonymous remote by path
+    assert(repo:fetch(bare))
+    feat:close()
+    other:close()
+    repo:close()
+  end)
+end)
+
+describe("git errors", function()
+  it("are clear one-liners", function()
+    local repo = new_repo()
+    local cases = {
+      { function() return git.open(root .. "/nope") end, "ENOTFOUND", "^ENOTFOUND: not a git repository: .*/nope$" },
+      { function() return repo:worktree_add("x", root .. "/x", { base = "no-such-branch" }) end,
+        "ENOTFOUND", "^ENOTFOUND: unknown base 'no%-such%-branch'$" },
+      { function() return repo:diff_stats("deadbeef") end, "ENOTFOUND", "^ENOTFOUND: unknown base 'deadbeef'$" },
+      { function() return repo:worktree_remove("ghost") end, "ENOTFOUND", "^ENOTFOUND: no worktree named 'ghost'$" },
+      { function() return repo:fetch("nowhere") end, "ENOTFOUND", "^ENOTFOUND: no remote named 'nowhere'$" },
+      { function() return repo:push(root .. "/nothing-here", "refs/heads/main:refs/heads/main") end, "EGIT", "^EGIT: " },
+    }
+    assert(repo:worktree_add("w", root .. "/w"))
+    cases[#cases + 1] = { function() return repo:worktree_add("w", root .. "/w2") end,
+      "EEXISTS", "^EEXISTS: worktree 'w' already exists$" }
+    cases[#cases + 1] = { function() return repo:worktree_add("main", root .. "/w3") end,
+      "EEXISTS", "^EEXISTS: branch 'main' already exists$" }
+    for i, c in ipairs(cases) do
+      local ok, err, code = c[1]()
+      assert.is_nil(ok, "case " .. i)
+      assert.equal(c[2], code, "case " .. i)
+      assert.matches(c[3], err, "case " .. i)
+      assert.equal(nil, err:find("\n"), "case " .. i .. " is one line")
+    end
+    assert.equal(false, fs.exists(root .. "/w3"))
+    -- misuse raises
+    assert.error_matches(function() git.open() end, "bad argument")
+    assert.error_matches(function() repo:add("a.txt") end, "bad argument")
+    assert.error_matches(function() repo:commit("m", { author = { name = "x" } }) end, "needs name and email")
+    repo:close()
+  end)
+end)
+
+describe("git from many fibers", function()
+  it("runs concurrent calls on one handle and on many", function()
+    local repo, dir = new_repo()
+    local fibers, results = {}, {}
+    for i = 1, 16 do
+      fibers[#fibers + 1] = fiber.spawn(function()
+        local name = "f" .. i
+        assert(repo:worktree_add(name, root .. "/wt/" .. name, { base = "main" }))
+        local wt = assert(git.open(root .. "/wt/" .. name))
+        assert(fs.write(root .. "/wt/" .. name .. "/x.txt", ("line\n"):rep(i)))
+        assert(wt:add_all())
+        local st = assert(wt:diff_stats())
+        results[i] = (wt:commit(name, { author = ME })) and st.insertions
+        assert.same({}, wt:status())
+        wt:close()
+        assert(repo:status())
+      end)
+    end
+    for _, f in ipairs(fibers) do
+      local ok, err = fiber.join(f)
+      assert(ok, tostring(err))
+    end
+    for i = 1, 16 do assert.equal(i, results[i]) end -- a staged new file is in the diff from HEAD
+    assert.equal(16, #assert(repo:worktrees()))
+    for i = 1, 16 do assert(repo:worktree_remove("f" .. i)) end
+    assert.same({}, repo:worktrees())
+    assert.equal("", cli(dir, "status", "--porcelain"))
+    repo:close()
+  end)
+end)
