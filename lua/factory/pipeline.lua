@@ -115,8 +115,10 @@ function Engine:submit(w)
       { w.source or "cli", w.external_id }))
     local item = rows[1] and rows[1].id
     if item then
+      -- The same work item again continues its run, and a run that already succeeded
+      -- (e.g. killed between its last commit and its exit) is not paid for twice.
       rows = assert(tx:query("SELECT id FROM runs WHERE work_item_id = ? AND pipeline = ? AND state NOT IN"
-        .. " ('succeeded', 'failed', 'cancelled') ORDER BY id DESC LIMIT 1", { item, w.pipeline }))
+        .. " ('failed', 'cancelled') ORDER BY id DESC LIMIT 1", { item, w.pipeline }))
       if rows[1] then return rows[1].id, true end
     else
       item = assert(tx:exec("INSERT INTO work_items (source, external_id, title, body, state, data, created_at,"
