@@ -6,6 +6,7 @@
 --   USAGE: the help text for `factory audit --help`.
 local db = require "factory.db"
 local audit = require "factory.audit"
+local cli_args = require "factory.cli_args"
 local time = require "factory.core.time"
 
 local M = {}
@@ -32,25 +33,10 @@ local function usage_error(msg)
 end
 
 local function parse(args)
-  local opts, words = {}, {}
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    if a == "--db" then
-      if not args[i + 1] then return nil, "--db needs a URL" end
-      opts.url = args[i + 1]
-      i = i + 2
-    elseif a:match("^%-%-db=") then
-      opts.url = a:sub(6)
-      i = i + 1
-    elseif a:sub(1, 1) == "-" then
-      return nil, ("unknown flag '%s'"):format(a)
-    else
-      words[#words + 1] = a
-      i = i + 1
-    end
-  end
-  opts.command, opts.text = words[1], words[2]
+  local parsed, err = cli_args.db_and_words(args)
+  if not parsed then return nil, err end
+  local words = parsed.words
+  local opts = { url = parsed.url, command = words[1], text = words[2] }
   if opts.command == "verify" then
     if #words > 1 then return nil, ("unexpected argument '%s'"):format(words[2]) end
   elseif opts.command == "search" then

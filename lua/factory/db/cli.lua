@@ -4,6 +4,7 @@
 --   args: what follows `db` on the command line. Must run inside a fiber.
 --   USAGE: the help text for `factory db --help`.
 local db = require "factory.db"
+local cli_args = require "factory.cli_args"
 
 local M = {}
 
@@ -30,31 +31,15 @@ local function usage_error(msg)
 end
 
 local function parse(args)
-  local opts = {}
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    if a == "--db" then
-      if not args[i + 1] then return nil, "--db needs a URL" end
-      opts.url = args[i + 1]
-      i = i + 2
-    elseif a:match("^%-%-db=") then
-      opts.url = a:sub(6)
-      i = i + 1
-    elseif a:sub(1, 1) == "-" then
-      return nil, ("unknown flag '%s'"):format(a)
-    elseif opts.command then
-      return nil, ("unexpected argument '%s'"):format(a)
-    else
-      opts.command = a
-      i = i + 1
-    end
+  local parsed, err = cli_args.db_and_words(args)
+  if not parsed then return nil, err end
+  local words = parsed.words
+  if not words[1] then return nil, "missing subcommand: migrate or status" end
+  if words[1] ~= "migrate" and words[1] ~= "status" then
+    return nil, ("unknown subcommand '%s' (migrate or status)"):format(words[1])
   end
-  if not opts.command then return nil, "missing subcommand: migrate or status" end
-  if opts.command ~= "migrate" and opts.command ~= "status" then
-    return nil, ("unknown subcommand '%s' (migrate or status)"):format(opts.command)
-  end
-  return opts
+  if words[2] then return nil, ("unexpected argument '%s'"):format(words[2]) end
+  return { url = parsed.url, command = words[1] }
 end
 
 local function names(list)

@@ -1,0 +1,31 @@
+-- factory.cli_args: argument parsing shared by the subcommands that take a store
+-- (`factory db ...`, `factory audit ...`).
+--
+--   db_and_words(args) -> { url = URL | nil, words = { ... } } | nil, message
+-- Accepts `--db URL` and `--db=URL` anywhere; any other flag is an error, the rest
+-- are the positional words in order.
+local M = {}
+
+function M.db_and_words(args)
+  local url, words = nil, {}
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    if a == "--db" then
+      if not args[i + 1] then return nil, "--db needs a URL" end
+      url = args[i + 1]
+      i = i + 2
+    elseif a:match("^%-%-db=") then
+      url = a:sub(6)
+      i = i + 1
+    elseif a:sub(1, 1) == "-" then
+      return nil, ("unknown flag '%s'"):format(a)
+    else
+      words[#words + 1] = a
+      i = i + 1
+    end
+  end
+  return { url = url, words = words }
+end
+
+return M
