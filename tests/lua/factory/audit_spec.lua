@@ -6,22 +6,9 @@ local hash = require "factory.core.hash"
 local fiber = require "factory.fiber"
 local proc = require "factory.proc"
 local host = require "factory.core.host"
-local pg = require "tests.tools.pg"
 
-local made = {}
-after_each(function()
-  for _, p in ipairs(made) do
-    for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(p .. suffix) end
-  end
-  made = {}
-end)
-
-local function sqlite_url()
-  local path = os.tmpname()
-  os.remove(path)
-  made[#made + 1] = path .. ".db"
-  return "sqlite:" .. path .. ".db"
-end
+local backends = require "tests.tools.backends"
+after_each(backends.cleanup)
 
 local function factory_audit(...)
   local res = assert(proc.run { argv = { host.exe, "audit", ... } })
@@ -33,7 +20,7 @@ it("sha256 comes from libcrypto", function()
   assert.equal("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", hash.sha256(""))
 end)
 
-for _, b in ipairs({ { "sqlite", sqlite_url }, { "postgres", pg.fresh } }) do
+for _, b in ipairs(backends.LIST) do
   local backend, fresh = b[1], b[2]
 
   local function open()

@@ -6,25 +6,11 @@ local db = require "factory.db"
 local queue = require "factory.queue"
 local fiber = require "factory.fiber"
 local time = require "factory.core.time"
-local pg = require "tests.tools.pg"
 local crash = require "tests.tools.queue_crash"
 
-local made = {}
-after_each(function()
-  for _, p in ipairs(made) do
-    for _, suffix in ipairs({ "", "-wal", "-shm" }) do os.remove(p .. suffix) end
-  end
-  made = {}
-end)
+local backends = require "tests.tools.backends"
+after_each(backends.cleanup)
 
-local function sqlite_url()
-  local path = os.tmpname()
-  os.remove(path)
-  made[#made + 1] = path .. ".db"
-  return "sqlite:" .. path .. ".db"
-end
-
-local BACKENDS = { { "sqlite", sqlite_url }, { "postgres", pg.fresh } }
 
 
 local function ids(items)
@@ -37,7 +23,7 @@ local function count(d, sql, params)
   return assert(d:query(sql, params))[1].n
 end
 
-for _, b in ipairs(BACKENDS) do
+for _, b in ipairs(backends.LIST) do
   local backend, fresh = b[1], b[2]
 
   local function open()
