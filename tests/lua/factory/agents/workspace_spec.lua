@@ -1,0 +1,169 @@
+-- factory.agents.workspace: the built-in agent, scripted by the fake model, fixes the
+-- failing test of examples/sample-c-repo in its own worktree and branch; the branch
+-- holds the agent's commit, the repo's own `make test` passes there, main is untouched.
+local workspace = require "factory.agents.workspace"
+local router = require "factory.router"
+local git = require "factory.git"
+local json = require "factory.json"
+local proc = require "factory.proc"
+local fs = require "factory.core.fs"
+
+local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
+local fake_model = dofile(HERE .. "../../../tools/fake_model.lua")
+local SAMPLE = HERE .. "../../../../examples/sample-c-repo"
+local AUTHOR = { name = "Test Agent", email = "agent@factory.test" }
+local PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin"
+
+local fake, root, repo_dir
+
+local function make_test(dir)
+  return assert(proc.run{ argv = { "make", "-s", "test" }, cwd = dir, env = { PATH = PATH }, stderr = "stdout",
+                          timeout = 60 })
+end
+
+before_each(function()
+  fake = assert(fake_model.start())
+  assert(router.configure{
+    providers = { a = { base_url = fake:url() .. "/v1", api_key = "sk-test-key-aaaaaaaaaaaa" } },
+    models = { coder = { "a/gpt-test" } },
+    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 100 },
+  })
+  root = os.tmpname()
+  os.remove(root)
+  assert(fs.mkdir_p(root))
+  repo_dir = root .. "/calc"
+  local cp = assert(proc.run{ argv = { "cp", "-R", SAMPLE, repo_dir }, env = { PATH = PATH } })
+  assert.equal(0, cp.code)
+  proc.run{ argv = { "rm", "-rf", repo_dir .. "/build" }, env = { PATH = PATH } }
+  local repo = assert(git.init(repo_dir))
+  assert(repo:add_all())
+  assert(repo:commit("sample C repository", { author = { name = "Base", email = "base@factory.test" } }))
+  repo:close()
+end)
+
+after_each(function()
+  fake:close()
+  assert(fs.remove(root, { recursive = true }))
+end)
+
+local n = 0
+local function call(name, args)
+  n = n + 1
+  return { tool_calls = { { id = "call_" .. n, name = name, arguments = json.encode(args) } } }
+end
+
+local FIX_SCRIPT = {
+  call("run_command", { command = "make -s test" }),
+  call("read_file", { path = "tests/test_calc.c" }),
+  call("read_file", { path = "src/calc.c" }),
+  call("edit_file", { path = "src/calc.c", old = "int calc_sub(int a, int b) { return a + b; }",
+                      new = "int calc_sub(int a, int b) { return a - b; }" }),
+  call("run_command", { command = "make -s test" }),
+  call("finish", { status = "COMPLETE", reasoning = "calc_sub added instead of subtracting",
+                   artifact = "src/calc.c: calc_sub returns a - b",
+                   verified_facts = { "make test passes" } }),
+}
+
+local function tool_results()
+  local msgs = json.decode(fake:requests()[#fake:requests()].body).messages
+  local out = {}
+  for _, m in ipairs(msgs) do if m.role == "tool" then out[#out + 1] = m.content end end
+  return out
+end
+
+describe("workspace", function()
+  it("the sample repository's own make test fails before the fix", function()
+    local res = make_test(repo_dir)
+    assert.truthy(res.code ~= 0)
+    assert.matches("calc_sub%(2, 3%): expected %-1, got 5", res.stdout)
+  end)
+
+  it("the agent fixes the failing test on its branch; main is untouched", function()
+    fake:script(FIX_SCRIPT)
+    local repo = assert(git.open(repo_dir))
+    local main_before = repo:head().oid
+    local wt_path = root .. "/wt/fix-calc"
+    local ws = assert(workspace.run{
+      repo = repo, branch = "fix-calc", path = wt_path, base = "main", author = AUTHOR, keep = true,
+      objective = "Make `make test` pass in this C repository", model = "coder",
+    })
+    assert.equal("COMPLETE", ws.result.status)
+    assert.equal("src/calc.c: calc_sub returns a - b", ws.result.artifact)
+    assert.equal(6, ws.stats.iterations)
+    assert.equal(1, ws.stats.changes)
+    assert.equal(main_before, ws.base)
+    assert.truthy(ws.commit)
+    assert.equal(false, ws.removed)
+
+    -- The model saw the failing test first, then the passing one.
+    local seen = tool_results()
+    assert.matches('"code":2', seen[1])
+    assert.matches("expected %-1, got 5", seen[1])
+    assert.equal("edited src/calc.c", seen[4])
+    assert.matches('"code":0', seen[5])
+    assert.matches("all checks passed", seen[5])
+
+    -- Diff stats name the file changed.
+    assert.equal(1, ws.diff_stats.files)
+    assert.equal(1, ws.diff_stats.insertions)
+    assert.equal(1, ws.diff_stats.deletions)
+    assert.equal("src/calc.c", ws.diff_stats.per_file[1].path)
+
+    -- The branch holds the agent's commit, authored as configured, on top of main.
+    local branch_oid, main_oid
+    for _, b in ipairs(repo:branches()) do
+      if b.name == "fix-calc" then branch_oid = b.oid end
+      if b.name == "main" then main_oid = b.oid end
+    end
+    assert.equal(ws.commit, branch_oid)
+    assert.equal(main_before, main_oid)
+    local env = { PATH = PATH, HOME = root, GIT_CONFIG_NOSYSTEM = "1" }
+    local log = assert(proc.run{ argv = { "git", "log", "--format=%an <%ae>|%s|%P", "-1", "fix-calc" },
+                                 cwd = repo_dir, env = env })
+    assert.equal("Test Agent <agent@factory.test>|factory: Make `make test` pass in this C repository|"
+                 .. main_before .. "\n", log.stdout)
+
+    -- The repo's own make test passes on the branch, from a clean checkout of it.
+    local wt = assert(git.open(wt_path))
+    assert.same({}, wt:status())
+    wt:close()
+    assert(workspace.remove(repo, "fix-calc"))
+    assert.equal(nil, fs.exists(wt_path) or nil)
+    local fresh = root .. "/fresh"
+    local clone = assert(proc.run{ argv = { "git", "clone", "-q", "-b", "fix-calc", repo_dir, fresh }, env = env })
+    assert.equal(0, clone.code)
+    local res = make_test(fresh)
+    assert.equal(0, res.code)
+    assert.matches("all checks passed", res.stdout)
+
+    -- main is untouched: its working tree is clean and its make test still fails.
+    assert.same({}, repo:status())
+    assert.equal("int calc_sub(int a, int b) { return a + b; }",
+                 fs.read(repo_dir .. "/src/calc.c"):match("int calc_sub[^\n]*"))
+    assert.truthy(make_test(repo_dir).code ~= 0)
+    repo:close()
+  end)
+
+  it("removes the worktree by default and records no commit when nothing changed", function()
+    fake:script{ call("read_file", { path = "src/calc.c" }),
+                 call("finish", { status = "BLOCKED", reasoning = "cannot", blockers = { "no idea" } }) }
+    local ws = assert(workspace.run{ repo = repo_dir, branch = "idle", path = root .. "/wt/idle",
+                                     objective = "Look only", model = "coder" })
+    assert.equal("BLOCKED", ws.result.status)
+    assert.equal(nil, ws.commit)
+    assert.equal(0, ws.diff_stats.files)
+    assert.equal(true, ws.removed)
+    assert.equal(nil, fs.exists(root .. "/wt/idle") or nil)
+    local repo = assert(git.open(repo_dir))
+    assert.same({}, repo:worktrees())
+    repo:close()
+  end)
+
+  it("refuses a branch name that is taken", function()
+    local ws, err, code = workspace.run{ repo = repo_dir, branch = "main", path = root .. "/wt/m",
+                                         objective = "x", model = "coder" }
+    assert.equal(nil, ws)
+    assert.equal("EEXISTS", code)
+    assert.matches("^EEXISTS", err)
+  end)
+end)
