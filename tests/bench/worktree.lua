@@ -1,7 +1,15 @@
--- Worktree create+remove per second: factory.git (libgit2) against the `git` CLI
--- run as processes (`git worktree add -b` then `git worktree remove`), in the same
--- run, on the same repository (50 files), interleaved in rounds so both see the
--- same load. Usage: factory tests/bench/worktree.lua N ROUNDS
+-- Worktree create+remove per second: factory.git (libgit2, in-process) against the
+-- `git` CLI run as processes, in the same run, on the same repository (50 files in
+-- 5 directories). One create+remove is, on each side:
+--   libgit2: repo:worktree_add(name, path, {base="main"}) -- new branch + checkout
+--            repo:worktree_remove(name)                   -- dirty check + delete
+--   cli:     git worktree add -q -b NAME PATH main
+--            git worktree remove PATH                     -- dirty check + delete
+-- Both sides keep the branch they created (neither command deletes it), so refs
+-- accumulate the same way on both. Rounds alternate which side goes first, each
+-- side does one untimed warm-up, and the best round of each is reported.
+-- Usage: factory tests/bench/worktree.lua N ROUNDS [DIR]   (DIR: where to work,
+-- default the system temporary directory)
 -- Prints "libgit2 RATE", "cli RATE" (the best round of each).
 local git = require "factory.git"
 local fs = require "factory.core.fs"
@@ -9,11 +17,12 @@ local proc = require "factory.proc"
 local time = require "factory.core.time"
 local fiber = require "factory.fiber"
 
-local N, ROUNDS = tonumber(arg[1]) or 20, tonumber(arg[2]) or 3
+local N, ROUNDS, DIR = tonumber(arg[1]) or 20, tonumber(arg[2]) or 3, arg[3]
 
 local function main()
   local root = os.tmpname()
   os.remove(root)
+  if DIR and DIR ~= "" then root = DIR .. "/" .. root:match("[^/]+$") end
   assert(fs.mkdir_p(root))
   local dir = root .. "/repo"
   local repo = assert(git.init(dir))
@@ -28,29 +37,36 @@ local function main()
     local res = assert(proc.run{ argv = { "git", ... }, cwd = dir, env = env })
     assert(res.code == 0, "git failed: " .. (res.stderr or ""))
   end
-  local seq, best_lib, best_cli = 0, 0, 0
-  for _ = 1, ROUNDS do
+  local seq = 0
+  local sides = {
+    { label = "libgit2", best = 0, one = function(name)
+        assert(repo:worktree_add(name, root .. "/wt/" .. name, { base = "main" }))
+        assert(repo:worktree_remove(name))
+      end },
+    { label = "cli", best = 0, one = function(name)
+        cli("worktree", "add", "-q", "-b", name, root .. "/wt/" .. name, "main")
+        cli("worktree", "remove", root .. "/wt/" .. name)
+      end },
+  }
+  local function run(side, n)
     local t0 = time.monotonic()
-    for _ = 1, N do
+    for _ = 1, n do
       seq = seq + 1
-      local name = "lib" .. seq
-      assert(repo:worktree_add(name, root .. "/wt/" .. name, { base = "main" }))
-      assert(repo:worktree_remove(name))
+      side.one(side.label .. seq)
     end
-    best_lib = math.max(best_lib, N / (time.monotonic() - t0))
-    t0 = time.monotonic()
-    for _ = 1, N do
-      seq = seq + 1
-      local name = "cli" .. seq
-      cli("worktree", "add", "-q", "-b", name, root .. "/wt/" .. name, "main")
-      cli("worktree", "remove", root .. "/wt/" .. name)
+    return n / (time.monotonic() - t0)
+  end
+  for _, side in ipairs(sides) do run(side, 1) end -- warm-up, untimed
+  for r = 1, ROUNDS do
+    local first = r % 2 == 1 and 1 or 2
+    for k = 0, 1 do
+      local side = sides[(first + k - 1) % 2 + 1]
+      side.best = math.max(side.best, run(side, N))
     end
-    best_cli = math.max(best_cli, N / (time.monotonic() - t0))
   end
   repo:close()
   assert(fs.remove(root, { recursive = true }))
-  print(("libgit2 %.0f"):format(best_lib))
-  print(("cli %.0f"):format(best_cli))
+  for _, side in ipairs(sides) do print(("%s %.0f"):format(side.label, side.best)) end
 end
 
 local f = fiber.spawn(main)
