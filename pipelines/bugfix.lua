@@ -11,6 +11,7 @@ return pipeline "bugfix" {
   },
   stage "fix" {
     team = "backend_engineering",
+    workspace = "worktree",
     objective = "Find the root cause and fix it; the failing test from triage must now pass.",
     artifact = "change_summary",
   },

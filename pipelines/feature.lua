@@ -16,6 +16,7 @@ return pipeline "feature" {
   },
   stage "build" {
     team = "backend_engineering",
+    workspace = "worktree",
     objective = "Implement the design with tests; report what changed and what the tests showed.",
     artifact = "change_summary",
   },

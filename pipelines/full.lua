@@ -36,21 +36,25 @@ return pipeline "full" {
   },
   stage "database" {
     team = "database_engineering",
+    workspace = "worktree",
     objective = "Design the schema changes and migrations with a rollback plan.",
     artifact = "migrations",
   },
   stage "backend" {
     team = "backend_engineering",
+    workspace = "worktree",
     objective = "Implement the server side with tests.",
     artifact = "backend_change",
   },
   stage "frontend" {
     team = "frontend_engineering",
+    workspace = "worktree",
     objective = "Implement the user interface with tests.",
     artifact = "frontend_change",
   },
   stage "integration" {
     team = "feature_engineering",
+    workspace = "worktree",
     objective = "Wire the layers together end to end and test the whole flow.",
     artifact = "integration_change",
   },

@@ -3,9 +3,12 @@
 -- (examples/replay/feature.lua), chosen by the team and objective named in the
 -- request's system prompt, so it holds no state and a restarted run gets the same
 -- answers. Never configured by default; a factory.lua must point at it.
+-- A coding agent's turn is chosen by `step` as well: the number of assistant
+-- messages already in the conversation; an entry with `tool_call = { name =,
+-- arguments = {...} }` replies with that tool call instead of text.
 --
 -- As a module:  local replay = dofile("examples/replay/server.lua")
---   replay.start{ port = 0, replies = FILE, delay = s, log = FILE } -> server (:url(), :close())
+--   replay.start{ port = 0, replies = FILE | { FILE, ... }, delay = s, log = FILE } -> server (:url(), :close())
 --   log: each request is appended, as it arrives, as a line "time<TAB>team<TAB>objective".
 -- As a program: factory examples/replay/server.lua [--port N] [--replies FILE]
 --   [--delay S] [--log FILE]   prints its URL, then serves until killed.
@@ -25,35 +28,60 @@ local function pick(replies, messages)
   local all = {}
   for _, m in ipairs(messages) do all[#all + 1] = type(m.content) == "string" and m.content or "" end
   local text = table.concat(all, "\n")
+  local step = 0
+  for _, m in ipairs(messages) do
+    if m.role == "assistant" then step = step + 1 end
+  end
   for _, r in ipairs(replies) do
-    if r.team == team and r.objective == objective and (not r.when or text:find(r.when, 1, true)) then
-      return r.reply, team, objective
+    if r.team == team and r.objective == objective and (not r.when or text:find(r.when, 1, true))
+      and (r.step == nil or r.step == step) then
+      return r, team, objective
     end
   end
   return nil, team, objective
 end
 
+local function load_replies(files)
+  if type(files) ~= "table" then files = { files or (HERE .. "feature.lua") } end
+  local all = {}
+  for _, f in ipairs(files) do
+    for _, r in ipairs(dofile(f)) do all[#all + 1] = r end
+  end
+  return all
+end
+
+local function message_of(entry, step)
+  if entry.tool_call then
+    return { role = "assistant", content = json.null, tool_calls = { {
+      id = ("replay_call_%d"):format(step), type = "function",
+      ["function"] = { name = entry.tool_call.name, arguments = assert(json.encode(entry.tool_call.arguments)) },
+    } } }, "tool_calls"
+  end
+  return { role = "assistant", content = assert(json.encode(entry.reply)) }, "stop"
+end
+
 function M.start(opts)
   opts = opts or {}
-  local replies = dofile(opts.replies or (HERE .. "feature.lua"))
+  local replies = load_replies(opts.replies)
   local srv, err = server.new{ host = "127.0.0.1", port = opts.port or 0 }
   if not srv then return nil, err end
   srv:route("POST", "/v1/chat/completions", function(req, res)
     local body = req:json()
     if type(body) ~= "table" or type(body.messages) ~= "table" then return res:error(400, "expected a chat request") end
-    local reply, team, objective = pick(replies, body.messages)
+    local entry, team, objective = pick(replies, body.messages)
     if opts.log then fs.append(opts.log, ("%.6f\t%s\t%s\n"):format(time.now(), tostring(team), tostring(objective))) end
     if opts.delay then fiber.sleep(opts.delay) end
-    if not reply then
+    if not entry then
       return res:error(404, ("no recorded reply for team %s, objective %s"):format(tostring(team), tostring(objective)))
     end
-    local content = assert(json.encode(reply))
+    local message, finish = message_of(entry, #body.messages)
+    local out = #(json.encode(message) or "")
     return res:json(200, {
       id = "replay-" .. tostring(time.now()), object = "chat.completion", created = math.floor(time.now()),
       model = body.model,
-      choices = { { index = 0, message = { role = "assistant", content = content }, finish_reason = "stop" } },
-      usage = { prompt_tokens = math.ceil(#req.body / 4), completion_tokens = math.ceil(#content / 4),
-                total_tokens = math.ceil(#req.body / 4) + math.ceil(#content / 4) },
+      choices = { { index = 0, message = message, finish_reason = finish } },
+      usage = { prompt_tokens = math.ceil(#req.body / 4), completion_tokens = math.ceil(out / 4),
+                total_tokens = math.ceil(#req.body / 4) + math.ceil(out / 4) },
     })
   end)
   return srv

@@ -14,7 +14,9 @@
 --     limits = { max_iterations =, max_clarifications =, max_hops =, retries =, budget_usd =,
 --                timeout_s =, clarification_timeout_s = },
 --     stage "analysis" { team = "business_analysis", objective = "...", artifact = "requirements",
---                        acceptance = { "..." }, inputs = { "earlier stage", ... }, operative = },
+--                        acceptance = { "..." }, inputs = { "earlier stage", ... }, operative =,
+--                        workspace = "worktree" },   -- a coding agent changes the run's
+--                                                    -- repository on its own branch
 --   }
 -- Validation normalises a definition in place: team.operatives is the list,
 -- team.operative[name] the index; pipeline.stages the list with defaults filled in.
@@ -202,7 +204,7 @@ local function team_validator(aliases, has_team)
 end
 
 local STAGE_FIELDS = { name = true, team = true, objective = true, artifact = true, acceptance = true, inputs = true,
-                       operative = true }
+                       operative = true, workspace = true }
 
 local function pipeline_validator(has_team)
   return function(def, name)
@@ -237,6 +239,9 @@ local function pipeline_validator(has_team)
         if not has_team(st.team) then fail(st, "%s: unknown team %q", swhat, st.team) end
         for _, k in ipairs({ "objective", "artifact", "operative" }) do
           if st[k] ~= nil and type(st[k]) ~= "string" then fail(st, "%s: %s must be a string", swhat, k) end
+        end
+        if st.workspace ~= nil and st.workspace ~= "worktree" then
+          fail(st, "%s: workspace must be \"worktree\" (the agent changes the repository in its own worktree)", swhat)
         end
         string_list(st, "acceptance", swhat)
         for _, input in ipairs(string_list(st, "inputs", swhat)) do

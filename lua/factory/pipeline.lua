@@ -23,7 +23,10 @@
 -- (factory.hitl) and the run waits. Events (ev.kind) given to on_event: run_started,
 -- stage_started, objective_started, model_call, task_result, task_result_invalid,
 -- context_packed, clarification, clarification_answered, escalated, stage_completed,
--- run_finished; each also goes to the events table.
+-- run_finished; and for a stage with workspace = "worktree" (the agent changes the
+-- run's git repository in a worktree and branch: factory.agents.build)
+-- workspace_started, agent_done, workspace_done, or workspace_skipped when the run
+-- has no git repository. Each also goes to the events table.
 local ffi = require "ffi"
 local fiber = require "factory.fiber"
 local router = require "factory.router"
@@ -33,6 +36,7 @@ local log = require "factory.log"
 local records = require "factory.records"
 local memory = require "factory.memory"
 local objective = require "factory.objective"
+local build = require "factory.agents.build"
 local confidence = require "factory.confidence"
 local clarify = require "factory.clarify"
 local hitl = require "factory.hitl"
@@ -239,7 +243,19 @@ function Engine:_objective(run, team, op, o)
   o.memory = memory.recall(self.db, { team.name, memory.SHARED }, o.anchor .. " " .. topic, team.recall)
   o.learnings = memory.learnings(self.db, team.name)
   o.emit = function(kind, data) self:_emit(run.id, kind, data) end
-  local result = objective.run(o)
+  local result
+  if o.stage and o.stage.workspace == "worktree" and not o.question then
+    o.repo = run.data.repo
+    local ok, why = build.applies(o)
+    if ok then
+      result = build.run(o)
+    else
+      self:_emit(run.id, "workspace_skipped", { stage = o.stage.name, reason = why })
+      result = objective.run(o)
+    end
+  else
+    result = objective.run(o)
+  end
   self.active[key] = previous
   return result
 end
@@ -320,7 +336,7 @@ function Engine:_stage(run, pipe, st)
     self:_emit(run.id, "objective_started", { stage = st.name, team = team.name, operative = op.name,
                                               attempt = total + 1 })
     local result = self:_objective(run, team, op, { stage = st, inputs = inputs_of(db, run, st, pipe), answers = answers,
-                                                    retries = limits.retries })
+                                                    retries = limits.retries, attempt = total + 1 })
     local gate = confidence.gate(result)
     local attempt = total + 1
     local last = st.index == #pipe.stages

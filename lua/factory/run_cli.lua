@@ -176,6 +176,17 @@ local function progress(tty, stages)
       line(("  answered by %s"):format(d.from))
     elseif k == "escalated" then
       line(("  escalated to a human (#%d): %s"):format(d.id, d.reason))
+    elseif k == "workspace_started" then
+      line(("  worktree: branch %s"):format(d.branch))
+    elseif k == "tool_call" then
+      line(("  tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))))
+    elseif k == "agent_done" then
+      line(("  agent %s after %d iteration(s)"):format(d.status, d.iterations))
+    elseif k == "workspace_done" then
+      line(("  branch %s: %s, %d file(s) +%d -%d"):format(d.branch, d.commit and ("commit " .. d.commit:sub(1, 10))
+        or "no change", d.files, d.insertions, d.deletions))
+    elseif k == "workspace_skipped" then
+      line(("  no worktree for stage %s: %s; it runs without changing code"):format(d.stage, d.reason))
     end
     redraw()
   end, redraw
@@ -374,6 +385,13 @@ local DESCRIBE = {
   clarification = function(d) return ("  clarification %s -> %s: %s"):format(d.from, d.to, d.question) end,
   clarification_answered = function(d) return ("  answer %s -> %s"):format(d.from, d.to) end,
   escalated = function(d) return ("  ESCALATED #%d to a human: %s"):format(d.id, d.reason) end,
+  workspace_started = function(d) return ("  worktree and branch %s"):format(d.branch) end,
+  tool_call = function(d) return ("    tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))) end,
+  agent_done = function(d) return ("  agent %s after %d iteration(s), %d tokens"):format(d.status, d.iterations,
+    d.tokens or 0) end,
+  workspace_done = function(d) return ("  branch %s: %s, %d file(s) +%d -%d"):format(d.branch,
+    d.commit and ("commit " .. d.commit:sub(1, 10)) or "no change", d.files, d.insertions, d.deletions) end,
+  workspace_skipped = function(d) return ("  no worktree for stage %s: %s"):format(d.stage, d.reason) end,
   human_answered = function(d) return ("  human answered #%d: %s"):format(d.id, d.answer) end,
   stage_completed = function(d) return ("stage %s COMPLETE"):format(d.stage) end,
   run_finished = function(d) return ("run %s%s"):format(d.state, d.error and (": " .. d.error) or "") end,

@@ -4,7 +4,13 @@
 --   builtin.run(o) -> result, stats
 --   o: { root = DIR (or box = a toolbox), objective = text, model = alias,
 --        team =, run =, system = extra instructions | nil,
---        secrets = { NAME }, timeout = SECONDS, max_output = BYTES   (the toolbox's),
+--        messages = the conversation to start from (e.g. factory.objective.pack's:
+--                   the operative's system prompt, the anchor, earlier stages' results)
+--                   instead of the objective alone; the agent's instructions are
+--                   appended to its system message,
+--        tools = { "read_file", ..., "finish" } the tools offered (default: all),
+--        secrets = { NAME }, timeout = SECONDS, max_output = BYTES,
+--        lock = fn(relpath) -> true | nil, err, code   (the toolbox's: tools.new),
 --        max_iterations = n (default 30), token_budget = n | nil,
 --        stuck_repeats = n (default 3: the same call that many times in a row),
 --        stuck_idle = n (default 8: iterations without a file change),
@@ -46,12 +52,41 @@ local function usage_tokens(res)
   return tonumber(u.total_tokens) or ((tonumber(u.prompt_tokens) or 0) + (tonumber(u.completion_tokens) or 0))
 end
 
+local function initial_messages(o)
+  local own = M.SYSTEM .. (o.system and ("\n\n" .. o.system) or "")
+  if not o.messages then
+    return { { role = "system", content = own }, { role = "user", content = o.objective } }
+  end
+  local out = {}
+  for i, m in ipairs(o.messages) do out[i] = { role = m.role, content = m.content } end
+  if out[1] and out[1].role == "system" then
+    out[1].content = out[1].content .. "\n\n" .. own
+  else
+    table.insert(out, 1, { role = "system", content = own })
+  end
+  return out
+end
+
+local function offered_tools(names)
+  local offered, schemas = {}, {}
+  if not names then
+    for _, s in ipairs(tools.SCHEMAS) do offered[s["function"].name] = true end
+    return tools.SCHEMAS, offered
+  end
+  for _, n in ipairs(names) do offered[n] = true end
+  for _, s in ipairs(tools.SCHEMAS) do
+    if offered[s["function"].name] then schemas[#schemas + 1] = s end
+  end
+  return schemas, offered
+end
+
 function M.run(o)
   if type(o) ~= "table" or type(o.objective) ~= "string" then error("builtin.run: expected { objective =, root = }", 2) end
   local box = o.box
   if not box then
     local err
-    box, err = tools.new(o.root, { secrets = o.secrets, timeout = o.timeout, max_output = o.max_output })
+    box, err = tools.new(o.root, { secrets = o.secrets, timeout = o.timeout, max_output = o.max_output,
+                                  lock = o.lock })
     if not box then return confidence.blocked("cannot open the worktree: " .. tostring(err)), {} end
   end
   local max_iter, budget = o.max_iterations or 30, o.token_budget
@@ -59,10 +94,8 @@ function M.run(o)
   local max_result = o.max_result or 16 * 1024
   local emit = o.emit or function() end
   local stats = { iterations = 0, tokens = 0, tool_calls = 0, changes = 0 }
-  local messages = {
-    { role = "system", content = M.SYSTEM .. (o.system and ("\n\n" .. o.system) or "") },
-    { role = "user", content = o.objective },
-  }
+  local messages = initial_messages(o)
+  local schemas, offered = offered_tools(o.tools)
   local last_call, repeats, idle = nil, 0, 0
 
   local function done(result)
@@ -73,7 +106,7 @@ function M.run(o)
 
   for iter = 1, max_iter do
     stats.iterations = iter
-    local res, err = router.chat({ model = o.model, messages = messages, tools = tools.SCHEMAS },
+    local res, err = router.chat({ model = o.model, messages = messages, tools = schemas },
                                  { team = o.team, run = o.run })
     if not res then return done(confidence.blocked("model call failed: " .. tostring(err))) end
     stats.tokens = stats.tokens + usage_tokens(res)
@@ -104,7 +137,9 @@ function M.run(o)
         end
         local args = type(argtext) == "string" and json.decode(argtext) or argtext
         local v, verr
-        if type(args) ~= "table" then
+        if not offered[name] then
+          v, verr = nil, ("ETOOL: %s is not one of this operative's tools"):format(name)
+        elseif type(args) ~= "table" then
           v, verr = nil, "EINVAL: the arguments are not a JSON object"
         else
           v, verr = box:call(name, args)

@@ -151,4 +151,32 @@ describe("builtin agent", function()
     local result = builtin.run{ root = dir, objective = "x", model = "coder" }
     assert.equal("COMPLETE", result.status)
   end)
+
+  it("offers only the operative's tools and refuses any other by name", function()
+    fake:script{
+      call("edit_file", { path = "src/add.c", old = "a - b", new = "a + b" }),
+      call("finish", FINISH),
+    }
+    local result = builtin.run{ root = dir, objective = "x", model = "coder", tools = { "read_file", "grep", "finish" } }
+    assert.equal("COMPLETE", result.status)
+    assert.equal("int add(int a, int b) { return a - b; }\n", fs.read(dir .. "/src/add.c"))
+    local first = json.decode(fake:requests()[1].body)
+    local names = {}
+    for _, t in ipairs(first.tools) do names[#names + 1] = t["function"].name end
+    assert.equal("read_file grep finish", table.concat(names, " "))
+    local msgs = json.decode(fake:requests()[2].body).messages
+    assert.equal("ERROR: ETOOL: edit_file is not one of this operative's tools", msgs[#msgs].content)
+  end)
+
+  it("starts from given messages, its own instructions appended to their system message", function()
+    fake:script{ { content = json.encode(FINISH) } }
+    builtin.run{ root = dir, objective = "x", model = "coder", messages = {
+      { role = "system", content = "team: backend; operative: implementer" },
+      { role = "user", content = "# Objective\nfix add" },
+      { role = "user", content = "## From stage design\nuse +" } } }
+    local msgs = json.decode(fake:requests()[1].body).messages
+    assert.equal(3, #msgs)
+    assert.matches("^team: backend; operative: implementer\n\nYou are a coding agent", msgs[1].content)
+    assert.equal("## From stage design\nuse +", msgs[3].content)
+  end)
 end)

@@ -1,0 +1,104 @@
+-- factory.agents.build: a pipeline stage that changes code. The stage's objective
+-- is given to a coding agent in its own git worktree and branch of the run's
+-- repository (factory.agents.workspace); the branch keeps the agent's commit and
+-- the stage's TaskResult records where it is.
+--
+--   build.run(o) -> result
+--   o: the objective of factory.objective.run (run_id, team, operative, anchor, stage,
+--      inputs, memory, learnings, answers, emit) plus
+--      repo = DIR (the run's repository), attempt = n (the stage's attempt number),
+--      agent = fn(args) -> result, stats   (default: factory.agents.builtin.run)
+--   result: the agent's TaskResult with result.workspace = { branch, base, commit,
+--   diff_stats = { files, insertions, deletions, per_file } }; a git failure gives a
+--   BLOCKED result that names it. Never raises for the repository's or the agent's
+--   trouble.
+--
+--   build.applies(o) -> true | false, why
+--       whether a worktree can be made: the run names a repository that is a git
+--       repository (opened as given: never a repository found further up).
+--
+-- The branch (and worktree) is named factory-run<RUN>-<stage>-<attempt>. A run killed
+-- during the stage leaves that worktree behind: the next attempt removes it and,
+-- since its branch may hold a commit, takes the next free name (-2, -3, ...).
+local git = require "factory.git"
+local workspace = require "factory.agents.workspace"
+local builtin = require "factory.agents.builtin"
+local objective = require "factory.objective"
+local confidence = require "factory.confidence"
+
+local M = {}
+
+local MAX_NAMES = 9
+
+-- The operative's tools as the built-in agent names them; `finish` always.
+local TOOL_NAMES = { read = "read_file", write = "write_file", edit = "edit_file", grep = "grep",
+                     list = "list_dir", run = "run_command" }
+
+function M.applies(o)
+  if not o.repo then return false, "the run names no repository (--repo)" end
+  local r, err, code = git.open(o.repo)
+  if not r then
+    if code == "ENOTFOUND" then return false, ("%s is not a git repository"):format(o.repo) end
+    return false, ("cannot open the repository %s: %s"):format(o.repo, err)
+  end
+  r:close()
+  return true
+end
+
+local function tool_list(op)
+  if not op.tools then return nil end
+  local out = { "finish" }
+  for _, t in ipairs(op.tools) do out[#out + 1] = TOOL_NAMES[t] end
+  return out
+end
+
+-- A free branch name: a leftover worktree of a killed attempt is removed first.
+local function free_name(r, base_name)
+  local taken = {}
+  for _, b in ipairs(r:branches()) do taken[b.name] = true end
+  for _, w in ipairs(r:worktrees()) do
+    if w.name == base_name or w.name:sub(1, #base_name + 1) == base_name .. "-" then
+      r:worktree_remove(w.name, { force = true })
+    end
+  end
+  for i = 1, MAX_NAMES do
+    local name = i == 1 and base_name or (base_name .. "-" .. i)
+    if not taken[name] then return name end
+  end
+  return nil, ("EEXISTS: branches %s to %s-%d exist already"):format(base_name, base_name, MAX_NAMES)
+end
+
+function M.run(o)
+  local st, op, team = o.stage, o.operative, o.team
+  local r, err = git.open(o.repo)
+  if not r then return confidence.blocked(("cannot open the repository %s: %s"):format(o.repo, err)) end
+  local name, nerr = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1))
+  if not name then
+    r:close()
+    return confidence.blocked(nerr)
+  end
+  local messages = objective.pack(o)
+  local emit = o.emit or function() end
+  emit("workspace_started", { stage = st.name, branch = name })
+  local ws, werr = workspace.run{
+    repo = r, branch = name, agent = o.agent or builtin.run,
+    objective = o.anchor, messages = messages,
+    message = ("factory: %s (run %d, stage %s)"):format(o.anchor:match("^[^\n]*"), o.run_id, st.name),
+    model = op.model or team.model, team = team.name, run = o.run_id,
+    tools = tool_list(op), max_iterations = op.max_iterations,
+    emit = function(kind, data)
+      if kind == "tool_call" then data.stage = st.name end
+      emit(kind, data)
+    end,
+  }
+  r:close()
+  if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
+  local result = ws.result
+  result.workspace = { branch = ws.branch, base = ws.base, commit = ws.commit, diff_stats = ws.diff_stats }
+  local ds = ws.diff_stats or {}
+  emit("workspace_done", { stage = st.name, branch = ws.branch, commit = ws.commit, files = ds.files or 0,
+                           insertions = ds.insertions or 0, deletions = ds.deletions or 0 })
+  return result
+end
+
+return M

@@ -1,0 +1,216 @@
+-- factory.agents.build through the pipeline engine (issue 6, acceptance 1): the
+-- shipped `bugfix` pipeline over a git copy of examples/sample-c-repo, the fake
+-- model scripting the fix stage's tool calls. The stage's agent works in its own
+-- worktree and branch; the branch holds its commit and the repository's own
+-- `make test` passes there; main is untouched; the run records the diff stats.
+local pipeline = require "factory.pipeline"
+local dsl = require "factory.dsl"
+local db = require "factory.db"
+local router = require "factory.router"
+local git = require "factory.git"
+local json = require "factory.json"
+local proc = require "factory.proc"
+local fs = require "factory.core.fs"
+
+local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
+local ROOT = HERE .. "../../../../"
+local fake_model = dofile(HERE .. "../../../tools/fake_model.lua")
+local PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin"
+local GIT_ENV = { PATH = PATH, GIT_CONFIG_NOSYSTEM = "1" }
+
+local dir, repo_dir, fake, store, engine, events
+
+local function copy(from, to)
+  assert(fs.write(to, assert(fs.read(from))))
+end
+
+local function make_test(d)
+  return assert(proc.run{ argv = { "make", "-s", "test" }, cwd = d, env = { PATH = PATH }, stderr = "stdout",
+                          timeout = 60 })
+end
+
+before_each(function()
+  dir = os.tmpname()
+  os.remove(dir)
+  for _, sub in ipairs({ "project/teams", "project/pipelines" }) do assert(fs.mkdir_p(dir .. "/" .. sub)) end
+  for _, f in ipairs(assert(fs.list(ROOT .. "teams"))) do
+    if f:find("%.lua$") then copy(ROOT .. "teams/" .. f, dir .. "/project/teams/" .. f) end
+  end
+  copy(ROOT .. "pipelines/bugfix.lua", dir .. "/project/pipelines/bugfix.lua")
+  local project = dsl.project(dir .. "/project")
+  assert.same({}, project:load())
+
+  repo_dir = dir .. "/calc"
+  assert.equal(0, assert(proc.run{ argv = { "cp", "-R", ROOT .. "examples/sample-c-repo", repo_dir },
+                                   env = { PATH = PATH } }).code)
+  fs.remove(repo_dir .. "/build", { recursive = true })
+  local repo = assert(git.init(repo_dir))
+  assert(repo:add_all())
+  assert(repo:commit("sample C repository", { author = { name = "Base", email = "base@factory.test" } }))
+  repo:close()
+
+  fake = assert(fake_model.start())
+  local models = {}
+  for _, alias in ipairs({ "factory/architect", "factory/coder", "factory/fast", "factory/cheap" }) do
+    models[alias] = { "fake/" .. alias:match("/(.*)") }
+  end
+  assert(router.configure{
+    providers = { fake = { base_url = fake:url() .. "/v1", api_key = "sk-test-build-0000" } },
+    models = models,
+    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 1000 },
+  })
+  store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+  assert(store:migrate())
+  events = {}
+  engine = pipeline.engine{ db = store, project = project, on_event = function(ev) events[#events + 1] = ev end }
+end)
+
+after_each(function()
+  engine:close()
+  store:close()
+  fake:close()
+  assert(fs.remove(dir, { recursive = true }))
+end)
+
+local function complete(artifact)
+  return { content = json.encode{ status = "COMPLETE", reasoning = "done", artifact = artifact, blockers = {},
+                                  assumptions_made = {}, verified_facts = {} } }
+end
+
+local n = 0
+local function call(name, args)
+  n = n + 1
+  return { tool_calls = { { id = "call_" .. n, name = name, arguments = json.encode(args) } } }
+end
+
+local FIX = {
+  call("run_command", { command = "make -s test" }),
+  call("read_file", { path = "src/calc.c" }),
+  call("edit_file", { path = "src/calc.c", old = "int calc_sub(int a, int b) { return a + b; }",
+                      new = "int calc_sub(int a, int b) { return a - b; }" }),
+  call("run_command", { command = "make -s test" }),
+  call("finish", { status = "COMPLETE", reasoning = "calc_sub added", artifact = "calc_sub returns a - b",
+                   verified_facts = { "make test passes" } }),
+}
+
+local function script_run()
+  local replies = { complete("# Reproduction\nmake test fails on calc_sub") }
+  for _, r in ipairs(FIX) do replies[#replies + 1] = r end
+  replies[#replies + 1] = complete("# Test report\nno regressions")
+  replies[#replies + 1] = complete("CHANGELOG: fixed calc_sub")
+  fake:script(replies)
+end
+
+local function submit(repo)
+  return assert(engine:submit{ pipeline = "bugfix", title = "calc_sub returns the wrong result",
+                               body = "calc_sub(2, 3) gives 5", repo = repo or repo_dir, external_id = "calc-1" })
+end
+
+local function kinds()
+  local out = {}
+  for _, ev in ipairs(events) do out[#out + 1] = ev.kind end
+  return table.concat(out, " ")
+end
+
+local function branch_oid(name)
+  local repo = assert(git.open(repo_dir))
+  local oid
+  for _, b in ipairs(repo:branches()) do
+    if b.name == name then oid = b.oid end
+  end
+  repo:close()
+  return oid
+end
+
+describe("build stage", function()
+  it("fixes the failing test on its own branch; the run records the diff stats; main is untouched", function()
+    script_run()
+    local main_before = branch_oid("main")
+    local run_id = submit()
+    assert.equal("succeeded", (engine:execute(run_id)))
+    assert.contains("workspace_started", kinds())
+    assert.contains("tool_call", kinds())
+    assert.contains("workspace_done", kinds())
+
+    local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
+    local ws = fix.result.workspace
+    assert.equal("factory-run" .. run_id .. "-fix-1", ws.branch)
+    assert.equal(main_before, ws.base)
+    assert.equal(branch_oid(ws.branch), ws.commit)
+    assert.equal(1, ws.diff_stats.files)
+    assert.equal("src/calc.c", ws.diff_stats.per_file[1].path)
+    assert.equal("calc_sub returns a - b", fix.result.artifact)
+
+    -- The agent's tool calls are in the run's events, each with its stage.
+    local tools = {}
+    for _, ev in ipairs(events) do
+      if ev.kind == "tool_call" then tools[#tools + 1] = ev.data.name .. (ev.data.ok and "" or "!") end
+    end
+    assert.equal("run_command read_file edit_file run_command finish", table.concat(tools, " "))
+
+    -- The worktree is gone, the branch stays, its make test passes; main still fails.
+    local repo = assert(git.open(repo_dir))
+    assert.equal(0, #repo:worktrees())
+    repo:close()
+    assert.equal(main_before, branch_oid("main"))
+    local fresh = dir .. "/fresh"
+    assert.equal(0, assert(proc.run{ argv = { "git", "clone", "-q", "-b", ws.branch, repo_dir, fresh },
+                                     env = GIT_ENV }).code)
+    local res = make_test(fresh)
+    assert.equal(0, res.code)
+    assert.matches("all checks passed", res.stdout)
+    assert.truthy(make_test(repo_dir).code ~= 0)
+  end)
+
+  it("the verify stage sees the change summary of the fix", function()
+    script_run()
+    assert.equal("succeeded", (engine:execute(submit())))
+    local verify
+    for _, r in ipairs(fake:requests()) do
+      local body = json.decode(r.body)
+      if body.messages[1].content:find("objective: stage verify", 1, true) then verify = r.body end
+    end
+    assert.contains("calc_sub returns a - b", verify)
+  end)
+
+  it("a worktree left by a killed attempt is removed and the next free branch name taken", function()
+    script_run()
+    local repo = assert(git.open(repo_dir))
+    assert(repo:worktree_add("factory-run1-fix-1", dir .. "/stale", {}))
+    assert(fs.write(dir .. "/stale/half-done.txt", "from the killed attempt"))
+    repo:close()
+    local run_id = submit()
+    assert.equal(1, run_id)
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
+    assert.equal("factory-run1-fix-1-2", fix.result.workspace.branch)
+    assert.equal(nil, fs.exists(dir .. "/stale") or nil)
+    repo = assert(git.open(repo_dir))
+    assert.equal(0, #repo:worktrees())
+    repo:close()
+  end)
+
+  it("a repository that is not a git repository: the stage runs without a worktree and says why", function()
+    local plain = dir .. "/plain"
+    assert(fs.mkdir_p(plain))
+    fake:script{ complete("repro"), complete("changed nothing"), complete("report"), complete("note") }
+    local run_id = submit(plain)
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local skipped
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_skipped" then skipped = ev.data end
+    end
+    assert.equal("fix", skipped.stage)
+    assert.equal(plain .. " is not a git repository", skipped.reason)
+    assert.equal(4, fake:count())
+  end)
+
+  it("a stage's workspace other than \"worktree\" is refused with file:line", function()
+    local p = dsl.project(dir .. "/project")
+    assert(fs.write(dir .. "/project/pipelines/odd.lua", 'return pipeline "odd" {\n  stage "x" {\n'
+      .. '    team = "backend_engineering", workspace = "container" },\n}'))
+    local problems = p:load()
+    assert.equal(1, #problems)
+    assert.matches("odd%.lua:2: .*workspace must be \"worktree\"", problems[1])
+  end)
+end)
