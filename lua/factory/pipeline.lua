@@ -1,13 +1,19 @@
 -- factory.pipeline: the engine that executes runs, durably.
 --
---   pipeline.engine{ db =, project = (factory.dsl project), on_event = fn(ev) | nil }
---     -> engine
+--   pipeline.engine{ db =, project = (factory.dsl project), on_event = fn(ev) | nil,
+--                    budgets = the router configuration's budgets | nil } -> engine
 --   engine:submit{ pipeline =, title =, body =, repo =, source = "cli", external_id = }
 --     -> run_id, resumed   (an unfinished run of the same work item and pipeline is
 --                           continued rather than started twice)
 --   engine:execute(run_id) -> state, detail
 --       state: "succeeded" | "waiting" (detail: the escalation) | "failed" (detail: why)
 --   engine:close()
+--
+-- Team budgets: a team file's budget (usd_per_day, tokens_per_day) is given to the
+-- router when the engine starts and whenever the file is reloaded; where factory.lua
+-- also sets one (opts.budgets.teams), the smaller applies. What the team spent
+-- today, as the store records it, is counted, so a restarted process does not
+-- grant a fresh day.
 --
 -- Durability: a stage's COMPLETE TaskResult is written in the same transaction that
 -- advances runs.stage_index, so after a crash execute() starts at the first
@@ -71,11 +77,41 @@ function M.engine(opts)
                               on_event = opts.on_event, active = {}, totals = {} }, Engine)
   self.owner = ("%s:%d:%d"):format(HOST, proc.getpid(), math.random(1, 1e9))
   self.unhook = router.on_call(function(r) self:_model_call(r) end)
+  self.config_budgets = type(opts.budgets) == "table" and type(opts.budgets.teams) == "table" and opts.budgets.teams
+    or {}
+  for _, name in ipairs(self.project.teams:names()) do self:_team_budget(name) end
+  self.unwatch_teams = self.project.teams:on_change(function(ev)
+    if ev.action == "swapped" then self:_team_budget(ev.name) end
+  end)
   return self
 end
 
 function Engine:close()
   self.unhook()
+  self.unwatch_teams()
+end
+
+local function smaller(a, b)
+  if a == nil then return b end
+  if b == nil then return a end
+  return math.min(a, b)
+end
+
+function Engine:_team_budget(name)
+  local team = self.project.teams:get(name)
+  local own, configured = team and team.budget or {}, self.config_budgets[name] or {}
+  local usd = smaller(own.usd_per_day, configured.usd_per_day)
+  local tokens = smaller(own.tokens_per_day, configured.tokens_per_day)
+  if usd == nil and tokens == nil then return end
+  local day = math.floor(time.now() / 86400) * 86400
+  local spent = assert(self.db:query("SELECT COALESCE(SUM(cost_usd), 0) AS usd, COALESCE(SUM(prompt_tokens"
+    .. " + completion_tokens), 0) AS tokens FROM model_calls WHERE team = ? AND created_at >= ?", { name, day }))[1]
+  -- The router's account already holds this process's spending today.
+  local here = router.stats().budgets["team:" .. name] or {}
+  local others_usd = math.max(0, spent.usd - (here.spent_usd or 0))
+  local others_tokens = math.max(0, spent.tokens - (here.spent_tokens or 0))
+  router.set_budget("team", name, { usd = usd and math.max(0, usd - others_usd),
+                                    tokens = tokens and math.max(0, tokens - others_tokens) })
 end
 
 -- Router records arrive in whichever fiber next passes through the router, so the

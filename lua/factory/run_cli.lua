@@ -234,7 +234,7 @@ local function engine_for(flags, opts, on_event, redraw)
   local project = dsl.project(flags.project or ".", { aliases = dsl.aliases_of(router_cfg) })
   for _, p in ipairs(project:load()) do io.stderr:write("factory: ", p, "\n") end
   local watch = project:watch()
-  local engine = pipeline.engine{ db = d, project = project, on_event = on_event }
+  local engine = pipeline.engine{ db = d, project = project, on_event = on_event, budgets = router_cfg.budgets }
   return { db = d, engine = engine, redraw = redraw, close = function()
     engine:close()
     watch:stop()

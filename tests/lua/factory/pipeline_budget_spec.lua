@@ -1,0 +1,116 @@
+-- Team budgets in the pipeline engine: a team file's budget reaches the router, the
+-- smaller of it and factory.lua's applies, what the store says the team spent today
+-- is counted, and a reloaded team file changes the budget; a spent budget makes the
+-- objective BLOCKED (escalated) before anything is sent.
+local pipeline = require "factory.pipeline"
+local dsl = require "factory.dsl"
+local db = require "factory.db"
+local router = require "factory.router"
+local json = require "factory.json"
+local time = require "factory.core.time"
+local fs = require "factory.core.fs"
+
+local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
+local fake_model = dofile(HERE .. "../../tools/fake_model.lua")
+
+local TEAM = [[
+return team "business_analysis" {
+  description = "Requirements.",
+  model = "factory/architect",
+  budget = { usd_per_day = %s },
+  operative "analyst" { prompt = "Write requirements." },
+}]]
+
+local PIPE = [[
+return pipeline "one" {
+  stage "analysis" { team = "business_analysis" },
+}]]
+
+local dir, fake, store, project, engine
+
+local function start(usd_per_day, budgets)
+  assert(fs.write(dir .. "/teams/business_analysis.lua", TEAM:format(usd_per_day)))
+  project = dsl.project(dir)
+  assert.same({}, project:load())
+  engine = pipeline.engine{ db = store, project = project, budgets = budgets }
+end
+
+local function complete()
+  return { content = json.encode{ status = "COMPLETE", reasoning = "done", artifact = "requirements",
+                                  blockers = {}, assumptions_made = {}, verified_facts = {} } }
+end
+
+local n = 0
+local function run_once()
+  n = n + 1
+  local id = assert(engine:submit{ pipeline = "one", title = "t" .. n, external_id = "t" .. n })
+  return id, engine:execute(id)
+end
+
+before_each(function()
+  dir = os.tmpname()
+  os.remove(dir)
+  assert(fs.mkdir_p(dir .. "/teams"))
+  assert(fs.mkdir_p(dir .. "/pipelines"))
+  assert(fs.write(dir .. "/pipelines/one.lua", PIPE))
+  fake = assert(fake_model.start())
+  assert(router.configure{
+    providers = { fake = { base_url = fake:url() .. "/v1", api_key = "sk-test-budget-0000" } },
+    models = { ["factory/architect"] = { "fake/architect" }, ["factory/cheap"] = { "fake/cheap" } },
+    prices = { ["fake/architect"] = { input = 1, output = 1 } },
+    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 1000 },
+  })
+  store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+  assert(store:migrate())
+end)
+
+after_each(function()
+  if engine then engine:close() end
+  engine = nil
+  store:close()
+  fake:close()
+  assert(fs.remove(dir, { recursive = true }))
+end)
+
+local function limit()
+  return router.stats().budgets["team:business_analysis"].limit_usd
+end
+
+describe("team budgets", function()
+  it("a team file's budget is the router's limit for that team", function()
+    start("10")
+    assert.equal(10, limit())
+  end)
+
+  it("a spent team budget blocks the objective before anything is sent", function()
+    start("0.000001")
+    local _, state, esc = run_once()
+    assert.equal("waiting", state)
+    assert.equal(0, fake:count())
+    assert.matches("^BLOCKED: budget exhausted: team business_analysis has 0.0000 of 0.0000 USD left", esc.reason)
+  end)
+
+  it("factory.lua's smaller budget for the team wins", function()
+    start("10", { teams = { business_analysis = { usd_per_day = 0.5 } } })
+    assert.equal(0.5, limit())
+  end)
+
+  it("what the store says the team spent today is counted", function()
+    assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
+      .. " VALUES ('business_analysis', 'fake', 'architect', 9.75, 'ok', ?)", { time.now() }))
+    assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
+      .. " VALUES ('business_analysis', 'fake', 'architect', 100, 'ok', ?)", { time.now() - 2 * 86400 }))
+    start("10")
+    assert.equal(0.25, limit())
+  end)
+
+  it("reloading the team file changes its budget", function()
+    start("10")
+    assert(fs.write(dir .. "/teams/business_analysis.lua", TEAM:format("3")))
+    assert.same({}, project.teams:load_all())
+    assert.equal(3, limit())
+    fake:script{ complete() }
+    local _, state = run_once()
+    assert.equal("succeeded", state)
+  end)
+end)
