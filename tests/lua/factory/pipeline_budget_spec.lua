@@ -14,7 +14,7 @@ local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local fake_model = dofile(HERE .. "../../tools/fake_model.lua")
 
 local TEAM = [[
-return team "business_analysis" {
+return team "budget_probe" {
   description = "Requirements.",
   model = "factory/architect",
   budget = { usd_per_day = %s },
@@ -23,13 +23,13 @@ return team "business_analysis" {
 
 local PIPE = [[
 return pipeline "one" {
-  stage "analysis" { team = "business_analysis" },
+  stage "analysis" { team = "budget_probe" },
 }]]
 
 local dir, fake, store, project, engine
 
 local function start(usd_per_day, budgets)
-  assert(fs.write(dir .. "/teams/business_analysis.lua", TEAM:format(usd_per_day)))
+  assert(fs.write(dir .. "/teams/budget_probe.lua", TEAM:format(usd_per_day)))
   project = dsl.project(dir)
   assert.same({}, project:load())
   engine = pipeline.engine{ db = store, project = project, budgets = budgets }
@@ -73,7 +73,7 @@ after_each(function()
 end)
 
 local function limit()
-  return router.stats().budgets["team:business_analysis"].limit_usd
+  return router.stats().budgets["team:budget_probe"].limit_usd
 end
 
 describe("team budgets", function()
@@ -87,26 +87,26 @@ describe("team budgets", function()
     local _, state, esc = run_once()
     assert.equal("waiting", state)
     assert.equal(0, fake:count())
-    assert.matches("^BLOCKED: budget exhausted: team business_analysis has 0.0000 of 0.0000 USD left", esc.reason)
+    assert.matches("^BLOCKED: budget exhausted: team budget_probe has 0.0000 of 0.0000 USD left", esc.reason)
   end)
 
   it("factory.lua's smaller budget for the team wins", function()
-    start("10", { teams = { business_analysis = { usd_per_day = 0.5 } } })
+    start("10", { teams = { budget_probe = { usd_per_day = 0.5 } } })
     assert.equal(0.5, limit())
   end)
 
   it("what the store says the team spent today is counted", function()
     assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
-      .. " VALUES ('business_analysis', 'fake', 'architect', 9.75, 'ok', ?)", { time.now() }))
+      .. " VALUES ('budget_probe', 'fake', 'architect', 9.75, 'ok', ?)", { time.now() }))
     assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
-      .. " VALUES ('business_analysis', 'fake', 'architect', 100, 'ok', ?)", { time.now() - 2 * 86400 }))
+      .. " VALUES ('budget_probe', 'fake', 'architect', 100, 'ok', ?)", { time.now() - 2 * 86400 }))
     start("10")
     assert.equal(0.25, limit())
   end)
 
   it("reloading the team file changes its budget", function()
     start("10")
-    assert(fs.write(dir .. "/teams/business_analysis.lua", TEAM:format("3")))
+    assert(fs.write(dir .. "/teams/budget_probe.lua", TEAM:format("3")))
     assert.same({}, project.teams:load_all())
     assert.equal(3, limit())
     fake:script{ complete() }
