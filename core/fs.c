@@ -8,6 +8,11 @@
  * to a fiber that gave up.
  *
  * Failures: nil, "ENOENT: no such file or directory: PATH", "ENOENT".
+ *
+ * read_beneath / write_beneath confine a relative path to a root directory in the
+ * kernel (openat2 with RESOLVE_BENEATH): `..`, absolute paths and symbolic links
+ * that would leave the root fail with EXDEV, whatever is swapped in between a
+ * check and the use. Agent file tools go through these.
  */
 #include "fiber.h"
 
@@ -15,25 +20,28 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
+#include <linux/openat2.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define WATCHER_MT "factory.watcher"
 
-enum { OP_READ, OP_WRITE, OP_APPEND, OP_LIST, OP_STAT, OP_EXISTS, OP_MKDIR_P, OP_REMOVE, OP_RENAME, OP_REALPATH };
+enum { OP_READ, OP_WRITE, OP_APPEND, OP_LIST, OP_STAT, OP_EXISTS, OP_MKDIR_P, OP_REMOVE, OP_RENAME, OP_REALPATH,
+       OP_READ_BENEATH, OP_WRITE_BENEATH };
 
 typedef struct {
     uv_work_t req;
     fb_fiber *fiber;        /* waiting for the result; NULL inline or once abandoned */
     int op;
-    int flag;               /* stat: follow links; remove: recursive */
+    int flag;               /* stat: follow links; remove: recursive; write_beneath: parents */
     unsigned mode;          /* mkdir_p */
-    char *path, *path2;
+    char *path, *path2;     /* rename: from, to; *_beneath: root, relative path */
     char *buf;              /* data to write, bytes read, or the resolved path */
     size_t len;
     char **names;
@@ -93,12 +101,7 @@ static int fs_write_all(int fd, const char *p, size_t n) {
 
 /* Reads to EOF rather than trusting st_size, which is wrong for growing files and
  * for /proc. */
-static void fs_do_read(fs_job *j) {
-    int fd = open(j->path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        fs_fail(j, NULL);
-        return;
-    }
+static void fs_read_fd(fs_job *j, int fd) {
     struct stat st;
     size_t cap = (fstat(fd, &st) == 0 && st.st_size > 0) ? (size_t)st.st_size + 1 : 4096;
     j->buf = malloc(cap);
@@ -126,49 +129,142 @@ static void fs_do_read(fs_job *j) {
     close(fd);
 }
 
+static void fs_do_read(fs_job *j) {
+    int fd = open(j->path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fs_fail(j, NULL);
+    else fs_read_fd(j, fd);
+}
+
 static atomic_uint fs_tmp_seq;
 
-/* Atomic replace: readers see the old file or the new one, never a mix, and after
- * a crash the file is one or the other (fsync the data, then the directory entry).
- * The new file keeps the old one's permissions; a symlink at path is replaced by
- * the file, not followed. */
-static void fs_do_write(fs_job *j) {
-    const char *slash = strrchr(j->path, '/');
-    size_t dirlen = slash ? (size_t)(slash - j->path) + 1 : 0;
-    const char *base = j->path + dirlen;
-    size_t tmpcap = strlen(j->path) + 48;
+/* Atomic replace of base in the directory dirfd (opened O_RDONLY): readers see the
+ * old file or the new one, never a mix, and after a crash the file is one or the
+ * other (fsync the data, then the directory). The new file keeps the old one's
+ * permissions; a symlink named base is replaced by the file, not followed. `shown`
+ * names the file in errors. */
+static void fs_write_at(fs_job *j, int dirfd, const char *base, const char *shown) {
+    size_t tmpcap = strlen(base) + 48;
     char *tmp = malloc(tmpcap);
     if (!tmp) {
         errno = ENOMEM;
-        fs_fail(j, j->path);
+        fs_fail(j, shown);
         return;
     }
     int fd = -1;
     for (int tries = 0; fd < 0 && tries < 100; tries++) {
-        snprintf(tmp, tmpcap, "%.*s.%s.tmp-%ld-%u", (int)dirlen, j->path, base, (long)getpid(),
-                 atomic_fetch_add(&fs_tmp_seq, 1));
-        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+        snprintf(tmp, tmpcap, ".%s.tmp-%ld-%u", base, (long)getpid(), atomic_fetch_add(&fs_tmp_seq, 1));
+        fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
         if (fd < 0 && errno != EEXIST) break;
     }
     if (fd < 0) {
-        fs_fail(j, j->path);
+        fs_fail(j, shown);
         free(tmp);
         return;
     }
     struct stat old;
-    if (stat(j->path, &old) == 0 && S_ISREG(old.st_mode)) fchmod(fd, old.st_mode & 07777);
-    if (fs_write_all(fd, j->buf, j->len) != 0 || fsync(fd) != 0) fs_fail(j, j->path);
-    if (close(fd) != 0) fs_fail(j, j->path);
-    if (!j->err && rename(tmp, j->path) != 0) fs_fail(j, j->path);
-    if (j->err) unlink(tmp);
+    if (fstatat(dirfd, base, &old, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(old.st_mode)) fchmod(fd, old.st_mode & 07777);
+    if (fs_write_all(fd, j->buf, j->len) != 0 || fsync(fd) != 0) fs_fail(j, shown);
+    if (close(fd) != 0) fs_fail(j, shown);
+    if (!j->err && renameat(dirfd, tmp, dirfd, base) != 0) fs_fail(j, shown);
+    if (j->err) unlinkat(dirfd, tmp, 0);
     free(tmp);
-    if (j->err) return;
-    char *dir = dirlen ? strndup(j->path, dirlen) : strdup(".");
-    int dfd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
     /* Some file systems cannot fsync a directory (EINVAL); the rename stands. */
-    if (dfd >= 0 && fsync(dfd) != 0 && errno != EINVAL) fs_fail(j, dir);
-    if (dfd >= 0) close(dfd);
+    if (!j->err && fsync(dirfd) != 0 && errno != EINVAL) fs_fail(j, shown);
+}
+
+static void fs_do_write(fs_job *j) {
+    const char *slash = strrchr(j->path, '/');
+    char *dir = slash ? strndup(j->path, (size_t)(slash - j->path) + 1) : strdup(".");
+    int dfd = dir ? open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) : -1;
+    if (dfd < 0) fs_fail(j, j->path);
+    else {
+        fs_write_at(j, dfd, slash ? slash + 1 : j->path, j->path);
+        close(dfd);
+    }
     free(dir);
+}
+
+/* ---- confined to a root (openat2) ------------------------------------------ */
+
+static int fs_openat2(int dirfd, const char *path, int flags) {
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = (unsigned long long)(flags | O_CLOEXEC);
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+}
+
+static void fs_do_read_beneath(fs_job *j) {
+    int root = open(j->path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0) {
+        fs_fail(j, j->path);
+        return;
+    }
+    int fd = fs_openat2(root, j->path2, O_RDONLY);
+    close(root);
+    struct stat st;
+    if (fd < 0) fs_fail(j, j->path2);
+    else if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+        close(fd);
+        errno = EISDIR;
+        fs_fail(j, j->path2);
+    } else fs_read_fd(j, fd);
+}
+
+/* mkdir -p of the relative directory dir beneath root, one level at a time: each
+ * level is made in its parent as opened beneath the root. dir is restored. */
+static void fs_mkdirs_beneath(fs_job *j, int root, char *dir) {
+    size_t n = strlen(dir);
+    for (size_t i = 0; i <= n && !j->err; i++) {
+        if (dir[i] != '/' && dir[i] != '\0') continue;
+        char saved = dir[i];
+        dir[i] = '\0';
+        char *cut = strrchr(dir, '/');
+        const char *name = cut ? cut + 1 : dir;
+        if (cut) *cut = '\0';
+        /* An absolute dir has "/" as its first parent: openat2 refuses it (EXDEV). */
+        int pfd = fs_openat2(root, cut ? (cut == dir ? "/" : dir) : ".", O_PATH | O_DIRECTORY);
+        if (cut) *cut = '/';
+        if (pfd < 0) fs_fail(j, dir);
+        else {
+            if (*name && strcmp(name, ".") && strcmp(name, "..") && mkdirat(pfd, name, 0777) != 0 && errno != EEXIST)
+                fs_fail(j, dir);
+            close(pfd);
+        }
+        dir[i] = saved;
+    }
+}
+
+/* Each directory above the file is created (with parents) one level at a time, the
+ * level opened beneath the root before the next is made in it. */
+static void fs_do_write_beneath(fs_job *j) {
+    const char *rel = j->path2, *slash = strrchr(rel, '/');
+    const char *base = slash ? slash + 1 : rel;
+    if (!*base || !strcmp(base, ".") || !strcmp(base, "..")) {
+        errno = EISDIR;
+        fs_fail(j, rel);
+        return;
+    }
+    int root = open(j->path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0) {
+        fs_fail(j, j->path);
+        return;
+    }
+    char *dir = slash ? strndup(rel, (size_t)(slash - rel)) : strdup(".");
+    if (!dir) {
+        close(root);
+        errno = ENOMEM;
+        fs_fail(j, rel);
+        return;
+    }
+    if (j->flag && slash) fs_mkdirs_beneath(j, root, dir);
+    int dfd = j->err ? -1 : fs_openat2(root, dir, O_RDONLY | O_DIRECTORY);
+    if (!j->err && dfd < 0) fs_fail(j, rel);
+    close(root);
+    free(dir);
+    if (dfd < 0) return;
+    fs_write_at(j, dfd, base, rel);
+    close(dfd);
 }
 
 static void fs_do_append(fs_job *j) {
@@ -295,6 +391,8 @@ static void fs_job_run(fs_job *j) {
         if (!(j->buf = realpath(j->path, NULL))) fs_fail(j, NULL);
         else j->len = strlen(j->buf);
         break;
+    case OP_READ_BENEATH: fs_do_read_beneath(j); break;
+    case OP_WRITE_BENEATH: fs_do_write_beneath(j); break;
     }
 }
 
@@ -322,6 +420,7 @@ static int fs_job_push(lua_State *L, fs_job *j) {
     if (j->err) return fs_push_error(L, uv_translate_sys_error(j->err), j->errpath ? j->errpath : j->path);
     switch (j->op) {
     case OP_READ:
+    case OP_READ_BENEATH:
     case OP_REALPATH:
         lua_pushlstring(L, j->buf, j->len);
         break;
@@ -459,6 +558,43 @@ static int fs_remove(lua_State *L) {
     }
     fs_job *j = fs_job_new(L, OP_REMOVE);
     j->flag = recursive;
+    return fs_job_start(L, j);
+}
+
+/* read_beneath(root, relpath), write_beneath(root, relpath, data [, {parents = true}]) */
+static fs_job *fs_beneath_job(lua_State *L, int op) {
+    fs_check_path(L, 1);
+    const char *rel = fs_check_path(L, 2);
+    fs_job *j = fs_job_new(L, op);
+    if (!(j->path2 = strdup(rel))) {
+        fs_job_free(j);
+        luaL_error(L, "fs: out of memory");
+    }
+    return j;
+}
+
+static int fs_read_beneath(lua_State *L) { return fs_job_start(L, fs_beneath_job(L, OP_READ_BENEATH)); }
+
+static int fs_write_beneath(lua_State *L) {
+    size_t len;
+    const char *data = luaL_checklstring(L, 3, &len);
+    int parents = 0;
+    if (!lua_isnoneornil(L, 4)) {
+        luaL_checktype(L, 4, LUA_TTABLE);
+        lua_getfield(L, 4, "parents");
+        parents = lua_toboolean(L, -1);
+        lua_pop(L, 1);
+    }
+    fs_check_path(L, 1);
+    fs_check_path(L, 2);
+    fs_job *j = fs_beneath_job(L, OP_WRITE_BENEATH);
+    j->flag = parents;
+    if (!(j->buf = malloc(len ? len : 1))) {
+        fs_job_free(j);
+        return luaL_error(L, "fs: out of memory");
+    }
+    memcpy(j->buf, data, len);
+    j->len = len;
     return fs_job_start(L, j);
 }
 
@@ -693,6 +829,8 @@ static const luaL_Reg fs_functions[] = {
     {"remove",   fs_remove},
     {"rename",   fs_rename},
     {"realpath", fs_realpath},
+    {"read_beneath",  fs_read_beneath},
+    {"write_beneath", fs_write_beneath},
     {"watch",    fs_watch},
     {NULL, NULL},
 };

@@ -402,3 +402,74 @@ describe("fs.watch", function()
     assert.equal("started\nexit=0\n", out)
   end)
 end)
+
+describe("fs confined to a root (read_beneath, write_beneath)", function()
+  local outside
+
+  local function setup()
+    outside = tmpdir()
+    assert(fs.write(outside .. "/secret", "outside"))
+    assert(fs.mkdir_p(root .. "/src"))
+    assert(fs.write(root .. "/src/a.c", "int a;\n"))
+    sh(("ln -s %s %s/out && ln -s %s/secret %s/src/leak && ln -s a.c %s/src/alias && ln -s ../.. %s/src/up"):format(
+      outside, root, outside, root, root, root))
+  end
+
+  local function cleanup() assert(fs.remove(outside, { recursive = true })) end
+
+  it("reads inside the root, also through a link that stays inside", function()
+    setup()
+    assert.equal("int a;\n", fs.read_beneath(root, "src/a.c"))
+    assert.equal("int a;\n", fs.read_beneath(root, "src/alias"))
+    assert.equal("int a;\n", fs.read_beneath(root, "src/../src/a.c"))
+    local _, err, code = fs.read_beneath(root, "src")
+    assert.equal("EISDIR", code)
+    assert.matches("src$", err)
+    cleanup()
+  end)
+
+  it("refuses every way out with EXDEV, in a fiber and inline", function()
+    setup()
+    local escapes = { "../x", "/etc/passwd", "out/secret", "src/leak", "src/up/etc/passwd", "src/../../x" }
+    for _, rel in ipairs(escapes) do
+      local v, err, code = fs.read_beneath(root, rel)
+      assert.equal(nil, v)
+      assert.equal("EXDEV", code, rel .. ": " .. tostring(err))
+    end
+    inline(function()
+      local _, _, code = fs.read_beneath(root, "src/leak")
+      assert.equal("EXDEV", code)
+    end)
+    cleanup()
+  end)
+
+  it("writes atomically inside the root, making parents when asked", function()
+    setup()
+    assert.equal(true, fs.write_beneath(root, "src/a.c", "int b;\n"))
+    assert.equal("int b;\n", fs.read(root .. "/src/a.c"))
+    local _, _, code = fs.write_beneath(root, "new/deep/f.txt", "x")
+    assert.equal("ENOENT", code)
+    assert.equal(true, fs.write_beneath(root, "new/deep/f.txt", "x", { parents = true }))
+    assert.equal("x", fs.read(root .. "/new/deep/f.txt"))
+    assert.same({ "a.c", "alias", "leak", "up" }, fs.list(root .. "/src"))
+    cleanup()
+  end)
+
+  it("never writes outside: escaping paths, links as directories, links as the file", function()
+    setup()
+    for _, rel in ipairs({ "../x", "/tmp/x", "out/secret", "out/new", "src/up/x", "out/sub/f" }) do
+      local v, err, code = fs.write_beneath(root, rel, "pwned", { parents = true })
+      assert.equal(nil, v)
+      assert.equal("EXDEV", code, rel .. ": " .. tostring(err))
+    end
+    assert.same({ "secret" }, fs.list(outside))
+    assert.equal("outside", fs.read(outside .. "/secret"))
+    -- A link named as the file is replaced by the file, its target untouched.
+    assert.equal(true, fs.write_beneath(root, "src/leak", "replaced"))
+    assert.equal("file", fs.stat(root .. "/src/leak").type)
+    assert.equal("outside", fs.read(outside .. "/secret"))
+    local _, _, code = fs.write_beneath(root, "src/..", "x")
+    assert.equal("EISDIR", code)
+    cleanup()
+  end)
+end)
