@@ -10,6 +10,7 @@
 --                                  the model proxy; prints the URL it listens on
 --   factory run PIPELINE --repo DIR (--issue TEXT | --file F)   run a work item (resumable)
 --   factory resume RUN | hitl list|answer | runs [show RUN]      see factory.run_cli
+--   factory learnings [search TEXT] [--team T] [--repo R] [--db URL]   see factory.learnings_cli
 --   factory version                print the version
 --   factory help | --help | -h     usage; `factory COMMAND --help` for each command
 -- Exit codes: 0 success, 1 the script or check failed, 2 usage error (unknown command
@@ -34,6 +35,7 @@ commands:
   resume RUN        continue a run from its first unfinished stage
   hitl list|answer  the questions waiting for a human, and answering them
   runs [show RUN]   the latest runs, or one run's timeline
+  learnings [search TEXT]  what agents learned (team, repo, objective), or a search
   version           print the version
   help              this text; `factory COMMAND --help` describes a command
 
@@ -223,7 +225,13 @@ local function cmd_pipeline(argv)
   return run_main(function() return runcli.main(argv[1], { unpack(argv, 2) }) end, { n = 0 })
 end
 
+local function cmd_learnings(argv)
+  local learningscli = require "factory.learnings_cli"
+  return run_main(function() return learningscli.run({ unpack(argv, 2) }) end, { n = 0 })
+end
+
 local COMMANDS = {
+  learnings = cmd_learnings,
   run = cmd_pipeline,
   resume = cmd_pipeline,
   hitl = cmd_pipeline,
@@ -255,6 +263,7 @@ function M.main(argv)
     if first == "db" then HELP.db = require("factory.db.cli").USAGE end
     if cmd == cmd_pipeline then HELP[first] = require("factory.run_cli").HELP[first] end
     if first == "audit" then HELP.audit = require("factory.audit_cli").USAGE end
+    if first == "learnings" then HELP.learnings = require("factory.learnings_cli").USAGE end
     for i = 2, #argv do
       if argv[i] == "--help" or argv[i] == "-h" then
         io.stdout:write(HELP[first] or USAGE)

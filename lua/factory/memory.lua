@@ -5,9 +5,19 @@
 --       facts are de-duplicated per bank (case and spacing do not make a new fact)
 --   memory.recall(db, banks, query [, limit]) -> { { bank =, content = }, ... }
 --       full-text search (SQLite FTS5 / PostgreSQL tsvector), best first
---   memory.learn(q, team, run_id, texts)
---   memory.learnings(db, team [, limit]) -> { text, ... } newest first
--- q is a db or a transaction.
+--   memory.learn(q, team, run_id, texts [, { repo =, objective = }]) -> number of new learnings
+--       repo: the repository the learning is about (a path or URL); objective: the
+--       objective it came from. A text already stored for the same team and repo
+--       (case and spacing aside) is not stored again.
+--   memory.learnings(db, team [, limit [, query]]) -> { text, ... }
+--       the team's learnings: without query the newest first (default 5); with one
+--       the most relevant to it first (full-text recall), the newest when none match.
+--   memory.search_learnings(db, text, { team =, repo =, limit = }) -> { row, ... }
+--       row: { id, team, repo, objective, text, run_id, created_at }; with text the
+--       matches best first (none: {}), without text (nil or "") the newest first;
+--       team and repo filter when given; limit defaults to 20.
+-- q is a db or a transaction. Database errors are raised (they are bugs or outages,
+-- not outcomes).
 local time = require "factory.core.time"
 
 local M = { SHARED = "shared-world" }
@@ -35,12 +45,21 @@ function M.retain(q, bank, facts, opts)
   return added
 end
 
+-- Words too common to tell texts apart (PostgreSQL's english configuration drops
+-- them itself; SQLite's FTS5 has no stop words).
+local STOP = {}
+for w in ([[the and are for was were been being has have had not but you your with this that these those
+  from into onto over than then them they their there what when where which who whom why how can could should
+  would will all any some its our out off too very just also only about such each other more most]]):gmatch("%a+") do
+  STOP[w] = true
+end
+
 -- The query's distinct words, at most 24: enough to find related facts, and only
 -- word characters, so user text can never be read as query syntax.
 local function words(query)
   local out, seen = {}, {}
   for w in query:lower():gmatch("%w+") do
-    if #w >= 3 and not seen[w] and #out < 24 then
+    if #w >= 3 and not seen[w] and not STOP[w] and #out < 24 then
       seen[w] = true
       out[#out + 1] = w
     end
@@ -71,18 +90,73 @@ function M.recall(db, banks, query, limit)
   return assert(db:query(sql, params))
 end
 
-function M.learn(q, team, run_id, texts)
+function M.learn(q, team, run_id, texts, opts)
+  opts = opts or {}
+  local added = 0
   for _, text in ipairs(texts) do
     local t = normal(text)
     if t ~= "" then
-      assert(q:exec("INSERT INTO learnings (run_id, team, text, created_at) VALUES (?, ?, ?, ?)",
-        { run_id, team, t, time.now() }))
+      local rows = assert(q:query("SELECT id FROM learnings WHERE COALESCE(team, '') = ? AND COALESCE(repo, '') = ?"
+        .. " AND lower(text) = lower(?) LIMIT 1", { team or "", opts.repo or "", t }))
+      if #rows == 0 then
+        assert(q:exec("INSERT INTO learnings (run_id, team, repo, objective, text, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+          { run_id, team, opts.repo, opts.objective, t, time.now(), n = 6 }))
+        added = added + 1
+      end
     end
   end
+  return added
 end
 
-function M.learnings(db, team, limit)
-  local rows = assert(db:query("SELECT text FROM learnings WHERE team = ? ORDER BY id DESC LIMIT ?", { team, limit or 5 }))
+local COLUMNS = "l.id, l.team, l.repo, l.objective, l.text, l.run_id, l.created_at"
+
+-- Rows of learnings matching text (best first), or the newest when text has no words.
+local function find(db, text, opts)
+  local where, params = {}, {}
+  local ws = words(text or "")
+  local sql
+  if #ws == 0 then
+    sql = "SELECT " .. COLUMNS .. " FROM learnings l"
+  elseif db.backend == "postgres" then
+    params[1] = table.concat(ws, " | ")
+    sql = "SELECT " .. COLUMNS .. " FROM learnings l"
+    where[1] = "l.search @@ to_tsquery('english', ?)"
+  else
+    for i, w in ipairs(ws) do ws[i] = '"' .. w .. '"' end
+    params[1] = table.concat(ws, " OR ")
+    sql = "SELECT " .. COLUMNS .. " FROM learnings_fts JOIN learnings l ON l.id = learnings_fts.rowid"
+    where[1] = "learnings_fts MATCH ?"
+  end
+  if opts.team then
+    where[#where + 1] = "l.team = ?"
+    params[#params + 1] = opts.team
+  end
+  if opts.repo then
+    where[#where + 1] = "l.repo = ?"
+    params[#params + 1] = opts.repo
+  end
+  if #where > 0 then sql = sql .. " WHERE " .. table.concat(where, " AND ") end
+  if #ws == 0 then
+    sql = sql .. " ORDER BY l.id DESC"
+  elseif db.backend == "postgres" then
+    sql = sql .. " ORDER BY ts_rank(l.search, to_tsquery('english', ?)) DESC, l.id DESC"
+    params[#params + 1] = params[1]
+  else
+    sql = sql .. " ORDER BY learnings_fts.rank, l.id DESC"
+  end
+  params[#params + 1] = opts.limit or 20
+  return assert(db:query(sql .. " LIMIT ?", params))
+end
+
+function M.search_learnings(db, text, opts)
+  return find(db, text, opts or {})
+end
+
+function M.learnings(db, team, limit, query)
+  local opts = { team = team, limit = limit or 5 }
+  local rows = {}
+  if query and #words(query) > 0 then rows = find(db, query, opts) end
+  if #rows == 0 then rows = find(db, nil, opts) end
   for i, r in ipairs(rows) do rows[i] = r.text end
   return rows
 end

@@ -54,7 +54,8 @@ describe("factory CLI", function()
   end)
 
   it("has help for itself and each command", function()
-    for _, args in ipairs({ { "--help" }, { "help" }, { "-h" }, { "repl", "--help" }, { "check", "--help" }, { "version", "--help" } }) do
+    for _, args in ipairs({ { "--help" }, { "help" }, { "-h" }, { "repl", "--help" }, { "check", "--help" }, { "version", "--help" },
+                          { "learnings", "--help" } }) do
       local r = factory(args)
       assert.equal(0, r.code, table.concat(args, " "))
       assert.matches("usage: factory", r.stdout)

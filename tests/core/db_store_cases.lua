@@ -190,20 +190,21 @@ return function(backend, fresh)
 
     { "migrations apply once and are idempotent", function(d)
       local st = assert(d:schema_status())
-      assert.same({ version = 0, latest = 1, pending = { { version = 1, name = "initial schema" } }, newer = false }, st)
+      local all = { { version = 1, name = "initial schema" }, { version = 2, name = "learnings_source" } }
+      assert.same({ version = 0, latest = 2, pending = all, newer = false }, st)
       local r = assert(d:migrate())
-      assert.same({ version = 1, applied = { { version = 1, name = "initial schema" } } }, r)
+      assert.same({ version = 2, applied = all }, r)
       r = assert(d:migrate())
-      assert.same({ version = 1, applied = {} }, r)
+      assert.same({ version = 2, applied = {} }, r)
       st = assert(d:schema_status())
-      assert.same({ version = 1, latest = 1, pending = {}, newer = false }, st)
+      assert.same({ version = 2, latest = 2, pending = {}, newer = false }, st)
       local tables = {}
       for _, name in ipairs(d:tables()) do tables[name] = true end
       for _, name in ipairs({ "schema_migrations", "work_items", "runs", "stage_results", "queue", "workers",
         "locks", "mail", "decisions", "model_calls", "learnings", "memory_facts", "audit", "events" }) do
         assert.truthy(tables[name], "table " .. name)
       end
-      assert.equal(1, count(d, "SELECT COUNT(*) AS n FROM schema_migrations"))
+      assert.equal(2, count(d, "SELECT COUNT(*) AS n FROM schema_migrations"))
     end },
 
     { "two connections migrating at once apply each migration once", function(d, url)
@@ -212,8 +213,8 @@ return function(backend, fresh)
         fiber.spawn(function() return d2:migrate() end) })
       d2:close()
       assert.truthy(ok)
-      assert.equal(1, #outcomes[1][1].applied + #outcomes[2][1].applied)
-      assert.equal(1, count(d, "SELECT COUNT(*) AS n FROM schema_migrations"))
+      assert.equal(2, #outcomes[1][1].applied + #outcomes[2][1].applied)
+      assert.equal(2, count(d, "SELECT COUNT(*) AS n FROM schema_migrations"))
     end },
 
     { "a failing migration leaves nothing half-applied", function(d)
@@ -227,12 +228,12 @@ return function(backend, fresh)
 
       assert(d:migrate())
       local before = d:tables()
-      local list = { schema[1], { version = 2, name = "broken", sqlite = broken, postgres = broken } }
+      local list = { schema[1], schema[2], { version = 3, name = "broken", sqlite = broken, postgres = broken } }
       ok, err = migrations.migrate(d, list)
       assert.is_nil(ok)
-      assert.matches("migration 2 %(broken%) failed", err)
+      assert.matches("migration 3 %(broken%) failed", err)
       assert.same(before, d:tables())
-      assert.equal(1, assert(migrations.status(d, list)).version)
+      assert.equal(2, assert(migrations.status(d, list)).version)
     end },
 
     { "a schema newer than this factory is refused and left untouched", function(d)
@@ -242,11 +243,11 @@ return function(backend, fresh)
       local ok, err, code = d:migrate()
       assert.is_nil(ok)
       assert.equal("ESCHEMA", code)
-      assert.equal("ESCHEMA: schema version 999 is newer than this factory (knows 1)", err)
-      local list = { schema[1], { version = 2, name = "next", sqlite = "CREATE TABLE nope (x INTEGER)",
+      assert.equal("ESCHEMA: schema version 999 is newer than this factory (knows 2)", err)
+      local list = { schema[1], schema[2], { version = 3, name = "next", sqlite = "CREATE TABLE nope (x INTEGER)",
         postgres = "CREATE TABLE nope (x INTEGER)" } }
       ok, err = migrations.migrate(d, list)
-      assert.equal("ESCHEMA: schema version 999 is newer than this factory (knows 2)", err)
+      assert.equal("ESCHEMA: schema version 999 is newer than this factory (knows 3)", err)
       assert.same(before, d:tables())
       local st = assert(d:schema_status())
       assert.equal(999, st.version)

@@ -15,6 +15,8 @@
 --   PostgreSQL (generated tsvector column `search` + GIN index, english stemming):
 --     SELECT id, bank, content FROM memory_facts WHERE search @@ plainto_tsquery('english', ?)
 --      ORDER BY ts_rank(search, plainto_tsquery('english', ?)) DESC
+-- Learnings (migration 2) are searched the same way over their text: learnings_fts
+-- on SQLite, the `search` column of learnings on PostgreSQL (see factory.memory).
 local TYPES = {
   sqlite = {
     ID = "INTEGER PRIMARY KEY AUTOINCREMENT", -- ids are never reused, as on PostgreSQL
@@ -254,11 +256,47 @@ ALTER TABLE memory_facts
 CREATE INDEX memory_facts_search ON memory_facts USING GIN (search);
 ]]
 
+-- 2: a learning names the repository and the objective it came from, and is found
+-- by full-text search of its text (existing rows are indexed too).
+local LEARNINGS_SQLITE = [[
+ALTER TABLE learnings ADD COLUMN repo TEXT;
+ALTER TABLE learnings ADD COLUMN objective TEXT;
+CREATE INDEX learnings_repo ON learnings (repo);
+CREATE VIRTUAL TABLE learnings_fts USING fts5(
+  text, content='learnings', content_rowid='id', tokenize='porter unicode61');
+INSERT INTO learnings_fts (learnings_fts) VALUES ('rebuild');
+CREATE TRIGGER learnings_fts_insert AFTER INSERT ON learnings BEGIN
+  INSERT INTO learnings_fts (rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER learnings_fts_delete AFTER DELETE ON learnings BEGIN
+  INSERT INTO learnings_fts (learnings_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+CREATE TRIGGER learnings_fts_update AFTER UPDATE OF text ON learnings BEGIN
+  INSERT INTO learnings_fts (learnings_fts, rowid, text) VALUES ('delete', old.id, old.text);
+  INSERT INTO learnings_fts (rowid, text) VALUES (new.id, new.text);
+END;
+]]
+
+local LEARNINGS_POSTGRES = [[
+ALTER TABLE learnings
+  ADD COLUMN repo TEXT,
+  ADD COLUMN objective TEXT,
+  ADD COLUMN search tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED;
+CREATE INDEX learnings_repo ON learnings (repo);
+CREATE INDEX learnings_search ON learnings USING GIN (search);
+]]
+
 return {
   {
     version = 1,
     name = "initial schema",
     sqlite = expand(INITIAL, "sqlite") .. SQLITE_FTS,
     postgres = expand(INITIAL, "postgres") .. POSTGRES_FTS,
+  },
+  {
+    version = 2,
+    name = "learnings_source",
+    sqlite = LEARNINGS_SQLITE,
+    postgres = LEARNINGS_POSTGRES,
   },
 }

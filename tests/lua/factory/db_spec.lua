@@ -152,13 +152,13 @@ describe("db default location and the db command", function()
     local url = "sqlite:" .. dir .. "/f.db"
     local out, err, status = factory_db("status --db " .. url)
     assert.equal(0, status, err)
-    assert.equal("database: " .. url .. "\nschema:   version 0 of 1, 1 pending: 1 initial schema\n", out)
+    assert.equal("database: " .. url .. "\nschema:   version 0 of 2, 2 pending: 1 initial schema, 2 learnings_source\n", out)
     out, err, status = factory_db("migrate --db=" .. url)
     assert.equal(0, status, err)
-    assert.equal("database: " .. url .. "\napplied:  1 initial schema\nschema:   version 1 (up to date)\n", out)
+    assert.equal("database: " .. url .. "\napplied:  1 initial schema, 2 learnings_source\nschema:   version 2 (up to date)\n", out)
     out, err, status = factory_db("migrate", "FACTORY_DB=" .. url .. " ")
     assert.equal(0, status, err)
-    assert.equal("database: " .. url .. "\napplied:  nothing (already up to date)\nschema:   version 1 (up to date)\n", out)
+    assert.equal("database: " .. url .. "\napplied:  nothing (already up to date)\nschema:   version 2 (up to date)\n", out)
     os.execute("rm -rf '" .. dir .. "'")
   end)
 
@@ -194,8 +194,8 @@ describe("db default location and the db command", function()
       { "status --db sqlite:" .. dir .. "/missing/f.db", "ENOENT: " .. dir .. "/missing/f.db: the directory does not exist" },
       { "migrate --db sqlite:" .. dir .. "/junk.db", "ENOTDB: " .. dir .. "/junk.db: the file is not a SQLite database" },
       { "migrate --db 'postgres://u:s3cret@h:x/db'", "EURL: malformed database URL 'postgres://u:***@h:x/db': port 'x'" },
-      { "status --db sqlite:" .. newer, "ESCHEMA: schema version 7 is newer than this factory (knows 1)" },
-      { "migrate --db sqlite:" .. newer, "ESCHEMA: schema version 7 is newer than this factory (knows 1)" },
+      { "status --db sqlite:" .. newer, "ESCHEMA: schema version 7 is newer than this factory (knows 2)" },
+      { "migrate --db sqlite:" .. newer, "ESCHEMA: schema version 7 is newer than this factory (knows 2)" },
     }) do
       local _, e, st = factory_db(c[1])
       assert.equal(1, st, c[1])
