@@ -277,8 +277,10 @@ function Engine:_objective(run, team, op, o)
   o.anchor = run.data.anchor
   local topic = o.question and o.question.text or (o.stage.objective or o.stage.name)
   o.memory = memory.recall(self.db, { team.name, memory.SHARED }, o.anchor .. " " .. topic, team.recall)
-  o.learnings = memory.learnings(self.db, team.name)
+  o.learnings = memory.learnings(self.db, team.name, nil, o.anchor .. " " .. topic)
+  o.db = self.db
   o.emit = function(kind, data) self:_emit(run.id, kind, data) end
+  o.notify = function(kind, data) self:_notify(run.id, kind, data) end
   local result
   if o.stage and o.stage.workspace == "worktree" and not o.question then
     o.repo = run.data.repo
@@ -393,7 +395,8 @@ function Engine:_stage(run, pipe, st)
       if changed.changes ~= 1 then error("run " .. run.id .. " advanced behind this process's back") end
       memory.retain(tx, team.name, result.verified_facts, { source = st.name, run_id = run.id })
       memory.retain(tx, memory.SHARED, result.verified_facts, { source = team.name .. "/" .. st.name, run_id = run.id })
-      memory.learn(tx, team.name, run.id, result.learnings)
+      memory.learn(tx, team.name, run.id, result.learnings,
+        { repo = run.data.repo, objective = run.data.anchor:match("^[^\n]*") })
       records.event(tx, run.id, "stage_completed", { stage = st.name, team = team.name, attempt = attempt })
       if last then records.event(tx, run.id, "run_finished", { state = "succeeded" }) end
       return true

@@ -180,6 +180,14 @@ local function progress(tty, stages)
       line(("  worktree: branch %s"):format(d.branch))
     elseif k == "tool_call" then
       line(("  tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))))
+    elseif k == "agent_iteration" then
+      line(("  agent iteration %d%s"):format(d.iteration, d.attempt > 1 and (" (retry " .. (d.attempt - 1) .. ")") or ""))
+    elseif k == "agent_progress" then
+      if not tty then line("    " .. d.text) end
+    elseif k == "agent_killed" then
+      line(("  agent killed in iteration %d: %s"):format(d.iteration, d.reason))
+    elseif k == "agent_learning" then
+      line(("  learning: %s"):format(d.text))
     elseif k == "agent_done" then
       line(("  agent %s after %d iteration(s)"):format(d.status, d.iterations))
     elseif k == "workspace_done" then
@@ -387,6 +395,11 @@ local DESCRIBE = {
   escalated = function(d) return ("  ESCALATED #%d to a human: %s"):format(d.id, d.reason) end,
   workspace_started = function(d) return ("  worktree and branch %s"):format(d.branch) end,
   tool_call = function(d) return ("    tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))) end,
+  agent_iteration = function(d) return ("  agent iteration %d (attempt %d)"):format(d.iteration, d.attempt) end,
+  agent_usage = function(d) return ("    agent usage: %d+%d tok, $%.4f"):format(d.input_tokens or 0,
+    d.output_tokens or 0, d.cost_usd or 0) end,
+  agent_killed = function(d) return ("  agent killed in iteration %d: %s"):format(d.iteration, d.reason) end,
+  agent_learning = function(d) return ("  learning: %s"):format(d.text) end,
   agent_done = function(d) return ("  agent %s after %d iteration(s), %d tokens"):format(d.status, d.iterations,
     d.tokens or 0) end,
   workspace_done = function(d) return ("  branch %s: %s, %d file(s) +%d -%d"):format(d.branch,

@@ -6,8 +6,15 @@
 --   build.run(o) -> result
 --   o: the objective of factory.objective.run (run_id, team, operative, anchor, stage,
 --      inputs, memory, learnings, answers, emit) plus
+--      notify = fn(kind, data): for the agent's frequent events (a CLI agent's
+--        agent_progress and agent_heartbeat), shown live but not stored,
 --      repo = DIR (the run's repository), attempt = n (the stage's attempt number),
---      agent = fn(args) -> result, stats   (default: factory.agents.builtin.run)
+--      db = the store (a CLI agent stores the learnings it leaves there),
+--      agent = fn(args) -> result, stats   (default: by the operative's `agent`:
+--        "builtin" -> factory.agents.builtin.run; { cli = "claude"|"codex"|"aider"|NAME,
+--        command = argv, format =, heartbeat_timeout =, max_iterations = ... } ->
+--        factory.agents.cli.run with those options (cli names a preset, or command is
+--        given), SPEC.md listing the team's learnings)
 --   result: the agent's TaskResult with result.workspace = { branch, base, commit,
 --   diff_stats = { files, insertions, deletions, per_file } }; a git failure gives a
 --   BLOCKED result that names it. Never raises for the repository's or the agent's
@@ -23,6 +30,7 @@
 local git = require "factory.git"
 local workspace = require "factory.agents.workspace"
 local builtin = require "factory.agents.builtin"
+local cli = require "factory.agents.cli"
 local objective = require "factory.objective"
 local confidence = require "factory.confidence"
 
@@ -68,6 +76,22 @@ local function free_name(r, base_name)
   return nil, ("EEXISTS: branches %s to %s-%d exist already"):format(base_name, base_name, MAX_NAMES)
 end
 
+-- The agent function and the options it takes beyond workspace.run's own.
+local function agent_of(o)
+  local spec = o.operative.agent
+  if o.agent or type(spec) ~= "table" then
+    return o.agent or builtin.run, { tools = tool_list(o.operative), max_iterations = o.operative.max_iterations,
+                                     messages = objective.pack(o) }
+  end
+  local acceptance = o.stage.acceptance
+  local extra = { learnings = o.learnings, db = o.db, checklist = #acceptance > 0 and acceptance or nil }
+  for k, v in pairs(spec) do
+    if k ~= "cli" then extra[k] = v end
+  end
+  if cli.PRESETS[spec.cli] and not spec.command then extra.preset = spec.cli end
+  return cli.run, extra
+end
+
 function M.run(o)
   local st, op, team = o.stage, o.operative, o.team
   local r, err = git.open(o.repo)
@@ -77,20 +101,20 @@ function M.run(o)
     r:close()
     return confidence.blocked(nerr)
   end
-  local messages = objective.pack(o)
   local emit = o.emit or function() end
+  local notify = o.notify or function() end
+  local agent, args = agent_of(o)
+  args.repo, args.branch, args.agent = r, name, agent
+  args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
+  args.message = ("factory: %s (run %d, stage %s)"):format(o.anchor:match("^[^\n]*"), o.run_id, st.name)
+  args.model, args.team, args.run = op.model or team.model, team.name, o.run_id
+  args.emit = function(kind, data)
+    if kind == "agent_progress" or kind == "agent_heartbeat" then return notify(kind, data) end
+    if kind == "tool_call" then data.stage = st.name end
+    emit(kind, data)
+  end
   emit("workspace_started", { stage = st.name, branch = name })
-  local ws, werr = workspace.run{
-    repo = r, branch = name, agent = o.agent or builtin.run,
-    objective = o.anchor, messages = messages,
-    message = ("factory: %s (run %d, stage %s)"):format(o.anchor:match("^[^\n]*"), o.run_id, st.name),
-    model = op.model or team.model, team = team.name, run = o.run_id,
-    tools = tool_list(op), max_iterations = op.max_iterations,
-    emit = function(kind, data)
-      if kind == "tool_call" then data.stage = st.name end
-      emit(kind, data)
-    end,
-  }
+  local ws, werr = workspace.run(args)
   r:close()
   if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
   local result = ws.result

@@ -213,4 +213,43 @@ describe("build stage", function()
     assert.equal(1, #problems)
     assert.matches("odd%.lua:2: .*workspace must be \"worktree\"", problems[1])
   end)
+
+  it("an operative with agent = { cli = ... } runs the CLI agent loop in the worktree", function()
+    local state = dir .. "/agent-state"
+    assert(fs.mkdir_p(state))
+    local team = assert(fs.read(ROOT .. "teams/backend_engineering.lua"))
+    team = team:gsub('operative "implementer" {', ('operative "implementer" {\n    agent = { cli = "fake", '
+      .. 'command = { "sh", %q, "work", %q }, format = "claude", heartbeat_timeout = 5 },'):format(
+      assert(fs.realpath(ROOT .. "tests/tools/fake_claude.sh")), state), 1)
+    assert(fs.write(dir .. "/project/teams/backend_engineering.lua", team))
+    assert(fs.write(dir .. "/project/pipelines/onefix.lua", 'return pipeline "onefix" {\n'
+      .. '  stage "fix" { team = "backend_engineering", workspace = "worktree",\n'
+      .. '    acceptance = { "calc_sub subtracts", "make test passes" } },\n}'))
+    engine:close()
+    local project = dsl.project(dir .. "/project")
+    assert.same({}, project:load())
+    engine = pipeline.engine{ db = store, project = project, on_event = function(ev) events[#events + 1] = ev end }
+    local run_id = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong", repo = repo_dir,
+                                         external_id = "cli-agent" })
+    local st, detail = engine:execute(run_id)
+    assert.equal("succeeded", st, detail and detail.reason)
+    assert.equal(0, fake:count()) -- the CLI agent, not the router, did the work
+    assert.equal("2", (assert(fs.read(state .. "/calls")):gsub("%s+$", "")))
+    local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ?", { run_id }))[1].result
+    assert.equal("COMPLETE", fix.status)
+    local ws = fix.workspace
+    assert.equal(1, ws.diff_stats.files)
+    assert.equal("progress.txt", ws.diff_stats.per_file[1].path) -- SPEC.md and .ai/ never reach the branch
+    assert.contains("agent_iteration", kinds())
+    assert.contains("agent_done", kinds())
+    local stored = assert(store:query("SELECT kind FROM events WHERE run_id = ? AND kind = 'agent_progress'",
+                                      { run_id }))
+    assert.equal(0, #stored) -- live progress is shown, not stored
+    -- The learning the agent left is stored with its team and repository.
+    local learned = assert(store:query("SELECT team, repo, text FROM learnings ORDER BY id"))
+    assert.equal(2, #learned)
+    assert.equal("backend_engineering", learned[1].team)
+    assert.equal(repo_dir, learned[1].repo)
+    assert.equal("The calc tests run with `make -s test` from the repository root", learned[1].text)
+  end)
 end)
