@@ -862,16 +862,19 @@ static int breaker_open(config *cfg, provider *p) {
 }
 
 /* Adds to the attempt chain of the call's record, which only a record reads. sent:
- * the attempt in flight (else t was skipped). */
-static void log_attempt(call *c, target *t, int sent, const char *outcome) {
+ * the attempt in flight (else t was skipped); code: its error code, NULL if it
+ * succeeded. The outcome is an error text, scrubbed of keys by set_error. */
+static void log_attempt(call *c, target *t, int sent, const char *code, const char *outcome) {
     if (!R.recording) return;
     if (!c->attempts) c->attempts = json_array();
     json_t *a = json_object();
     json_object_set_new(a, "provider", json_string(t->p->name));
     json_object_set_new(a, "model", json_string(t->model));
     if (sent && c->status) json_object_set_new(a, "status", json_integer(c->status));
+    if (code) json_object_set_new(a, "code", json_string(code));
     json_object_set_new(a, "outcome", json_string(outcome));
-    if (sent && c->attempt_started > 0) json_object_set_new(a, "ms", json_real((now_s() - c->attempt_started) * 1000));
+    if (sent) json_object_set_new(a, "latency_ms", json_real((now_s() - c->attempt_started) * 1000));
+    if (sent && c->retry_after >= 0) json_object_set_new(a, "retry_after_s", json_real(c->retry_after));
     json_array_append_new(c->attempts, a);
 }
 
@@ -905,7 +908,7 @@ static void attempt_failed(call *c, int retryable) {
         p->failures = 0;    /* it answered: the provider works */
     }
     p->trial = 0;
-    log_attempt(c, c->tgt, 1, c->err);
+    log_attempt(c, c->tgt, 1, c->err_code, c->err);
     end_attempt(c);
     if (c->committed) {
         finish(c);
@@ -930,7 +933,7 @@ static void next_target(call *c) {
         target *t = &c->al->t[c->entry];
         if (c->op == OP_EMBED && t->p->kind != K_OPENAI) continue;
         if (breaker_open(c->cfg, t->p)) {
-            log_attempt(c, t, 0, "skipped: circuit open");
+            log_attempt(c, t, 0, "EUNAVAILABLE", "skipped: circuit open");
             if (!c->err_code[0]) set_error(c, "EUNAVAILABLE", "provider %s: circuit open after repeated failures", t->p->name);
             continue;
         }
@@ -1151,7 +1154,7 @@ static void upstream_message(call *c, char *out, size_t size) {
 static void succeed(call *c) {
     c->tgt->p->failures = 0;
     c->tgt->p->trial = 0;
-    log_attempt(c, c->tgt, 1, "ok");
+    log_attempt(c, c->tgt, 1, NULL, "ok");
     c->err_code[0] = 0;
     c->err[0] = 0;
     finish(c);

@@ -16,8 +16,11 @@
 --   router.on_call(fn) -> unsubscribe; fn(record) after every call, in the caller's
 --       fiber: { kind, alias, provider, model, team, run, stream, prompt_tokens,
 --       completion_tokens, cost_usd, latency_ms, first_token_ms, status = "ok" |
---       "error" | "cancelled", code, error, attempts = { { provider, model, status,
---       outcome, ms } } }. Records never hold an API key.
+--       "error" | "cancelled", code, error, attempts = { { provider, model,
+--       status (HTTP), code (error code; none when it succeeded), outcome ("ok" or
+--       the error), latency_ms, retry_after_s } } } (first_token_ms: when the first
+--       chunk came, or the whole answer; none if neither did). The attempts are the
+--       chain in order, skipped providers included. Records never hold an API key.
 -- Error codes: EINVAL (bad request), EALIAS (unknown model), EBUDGET (a budget is
 -- exhausted: the pipeline turns it into BLOCKED), EUPSTREAM (the provider answered
 -- with an error or garbage), EUNAVAILABLE (no provider left to try), ETIMEDOUT,

@@ -17,14 +17,16 @@
 -- in beyond loopback). token is the operator's key: it is accepted too, and like a
 -- proxy without keys it takes the team from the X-Factory-Team header. X-Factory-Run
 -- names the run.
--- With db, every call is written to the store's model_calls table (by a background
--- fiber, so the response does not wait for the write).
+-- With db, every call is written to the store (factory.records.model_call: the
+-- model_calls table and the audit log) by a background fiber, so the response does
+-- not wait for the write.
 local server = require "factory.http_server"
 local router = require "factory.router"
 local config = require "factory.config"
 local fiber = require "factory.fiber"
 local signal = require "factory.core.signal"
 local log = require "factory.log"
+local records = require "factory.records"
 
 local M = {}
 
@@ -80,12 +82,11 @@ local function model_call_writer(db)
       if #queue == 0 then wake:wait() end
       local batch = queue
       queue = {}
+      -- A transaction per call: its row and audit record commit together, and a call
+      -- the store refuses (a run id it does not know) costs only its own record.
       for _, r in ipairs(batch) do
-        local _, err = db:exec("INSERT INTO model_calls (run_id, team, alias, provider, model, prompt_tokens, " ..
-          "completion_tokens, cost_usd, latency_ms, status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-          { tonumber(r.run), r.team, r.alias, r.provider, r.model, r.prompt_tokens, r.completion_tokens,
-            r.cost_usd, r.latency_ms, r.status, r.error, n = 11 })
-        if err then log.warn("serve: cannot record a model call", { error = err }) end
+        local ok, err = db:tx(function(tx) return records.model_call(tx, r) end)
+        if not ok then log.warn("serve: cannot record a model call", { alias = r.alias, error = err }) end
       end
     end
   end)

@@ -273,6 +273,38 @@ describe("router", function()
     end)
   end
 
+  it("records the attempt chain and the first-token latency of each call", function()
+    configure{ limits = { retries = 1 } }
+    fake:script{ { status = 429, retry_after = 0.05 }, { status = 503, message = "down: " .. KEY_A },
+                 { delay = 0.05 } }
+    assert(router.chat(hello("chain"), { team = "t", run = "r9" }))
+    local r = records[#records]
+    assert.equal("b", r.provider)
+    assert.equal(3, #r.attempts)
+    local a1, a2, a3 = r.attempts[1], r.attempts[2], r.attempts[3]
+    assert.same({ "a", "gpt-test", 429, "EUPSTREAM", 0.05 }, { a1.provider, a1.model, a1.status, a1.code, a1.retry_after_s })
+    assert.same({ "a", "gpt-test", 503, "EUPSTREAM" }, { a2.provider, a2.model, a2.status, a2.code })
+    assert.contains("[REDACTED]", a2.outcome)
+    assert.same({ "b", "claude-test", 200, "ok" }, { a3.provider, a3.model, a3.status, a3.outcome })
+    assert.is_nil(a3.code)
+    for _, a in ipairs(r.attempts) do assert.truthy(a.latency_ms >= 0 and a.latency_ms <= r.latency_ms) end
+    assert.truthy(a3.latency_ms >= 50, a3.latency_ms)
+    assert.truthy(r.first_token_ms >= 50 and r.first_token_ms <= r.latency_ms)
+    -- A stream's first token comes before its end.
+    fake:script{ { chunk_delay = 0.05 } }
+    read_all(assert(router.chat(hello("solo", { stream = true }))))
+    r = records[#records]
+    assert.truthy(r.first_token_ms < r.latency_ms - 40, ("%g / %g"):format(r.first_token_ms, r.latency_ms))
+    assert.same({ "a", 200, "ok" }, { r.attempts[1].provider, r.attempts[1].status, r.attempts[1].outcome })
+    -- A call refused before sending has no first token and an empty chain.
+    configure{ budgets = { run = { tokens = 1 } } }
+    assert.is_nil(router.chat(hello("solo"), { run = "r9" }))
+    r = records[#records]
+    assert.same({ "error", "EBUDGET", {} }, { r.status, r.code, r.attempts })
+    assert.is_nil(r.first_token_ms)
+    no_secrets(records)
+  end)
+
   it("never shows an API key, even when the provider echoes it", function()
     fake:script{ { status = 401, message = "Incorrect API key provided: " .. KEY_A } }
     local res, err = router.chat(hello("solo"))

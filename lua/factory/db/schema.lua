@@ -254,11 +254,26 @@ ALTER TABLE memory_facts
 CREATE INDEX memory_facts_search ON memory_facts USING GIN (search);
 ]]
 
+-- What the router knows of a call beyond its totals: when the first token came, the
+-- error code, and the attempt chain (JSON list of { provider, model, status, code,
+-- outcome, latency_ms, retry_after_s }: what was tried, in order, and how it went).
+local MODEL_CALL_DETAIL = [[
+ALTER TABLE model_calls ADD COLUMN first_token_ms ${REAL};
+ALTER TABLE model_calls ADD COLUMN code TEXT;
+ALTER TABLE model_calls ADD COLUMN attempts ${JSON};
+]]
+
 return {
   {
     version = 1,
     name = "initial schema",
     sqlite = expand(INITIAL, "sqlite") .. SQLITE_FTS,
     postgres = expand(INITIAL, "postgres") .. POSTGRES_FTS,
+  },
+  {
+    version = 3,
+    name = "model call detail",
+    sqlite = expand(MODEL_CALL_DETAIL, "sqlite"),
+    postgres = expand(MODEL_CALL_DETAIL, "postgres"),
   },
 }

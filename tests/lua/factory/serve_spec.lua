@@ -200,21 +200,46 @@ budgets { teams = { poor = { usd_per_day = 5 } } }
     local dir = os.tmpname()
     os.remove(dir)
     assert(proc.run{ argv = { "mkdir", "-p", dir } })
-    start(nil, { db = "sqlite:" .. dir .. "/factory.db" })
-    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder"), { ["X-Factory-Team"] = "qa" }).status)
-    openai_error(post("/v1/chat/completions", chat_body("factory/nope")), 404)
+    start([[
+keys { ["sk-team-qa"] = { team = "qa" } }
+budgets { teams = { qa = { tokens_per_day = 100000 } } }
+]], { db = "sqlite:" .. dir .. "/factory.db" })
+    local auth = { Authorization = "Bearer sk-team-qa" }
+    fake:script{ { status = 503, message = "overloaded, key sk-upstream-secret-1" } }
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder"), auth).status)
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/claude", { stream = true }), auth).status)
+    openai_error(post("/v1/chat/completions", chat_body("factory/nope"), auth), 404)
+    openai_error(post("/v1/chat/completions", chat_body("factory/coder", { max_tokens = 200000 }), auth), 402)
     local db = assert(require("factory.db").open("sqlite:" .. dir .. "/factory.db"))
     local rows
     local deadline = time.monotonic() + 5
     repeat
       fiber.sleep(0.02)
-      rows = assert(db:query("SELECT team, alias, provider, model, status, prompt_tokens FROM model_calls"))
-    until #rows > 0 or time.monotonic() > deadline
+      rows = assert(db:query("SELECT team, alias, provider, model, status, code, prompt_tokens, latency_ms,"
+        .. " first_token_ms, attempts FROM model_calls ORDER BY id"))
+    until #rows >= 3 or time.monotonic() > deadline
+    local audited = assert(db:query("SELECT COUNT(*) AS n FROM audit WHERE kind = 'model_call'"))[1].n
     db:close()
-    assert.equal(1, #rows)
-    assert.same({ team = "qa", alias = "factory/coder", provider = "up", model = "gpt-test", status = "ok",
-                  prompt_tokens = rows[1].prompt_tokens }, rows[1])
     proc.run{ argv = { "rm", "-rf", dir } }
+    assert.equal(3, #rows)
+    assert.equal(3, audited)
+    local coder, claude, broke = rows[1], rows[2], rows[3]
+    assert.same({ "qa", "factory/coder", "up", "gpt-test", "ok" },
+                { coder.team, coder.alias, coder.provider, coder.model, coder.status })
+    assert.truthy(coder.prompt_tokens > 0 and coder.first_token_ms > 0 and coder.first_token_ms <= coder.latency_ms)
+    assert.equal(2, #coder.attempts)
+    assert.same({ "up", 503, "EUPSTREAM" }, { coder.attempts[1].provider, coder.attempts[1].status, coder.attempts[1].code })
+    assert.contains("[REDACTED]", coder.attempts[1].outcome)
+    assert.same({ "up", 200, "ok" }, { coder.attempts[2].provider, coder.attempts[2].status, coder.attempts[2].outcome })
+    assert.same({ "qa", "anthropic", "claude-test", "ok", 1 },
+                { claude.team, claude.provider, claude.model, claude.status, #claude.attempts })
+    assert.truthy(claude.first_token_ms < claude.latency_ms)
+    assert.same({ "qa", "error", "EBUDGET", "-", {} }, { broke.team, broke.status, broke.code, broke.provider, broke.attempts })
+    -- No key reached the store.
+    for _, r in ipairs(rows) do
+      local text = json.encode(r)
+      assert.falsy(text:find("secret", 1, true), text)
+    end
   end)
 
   it("serves the official openai npm SDK: chat, stream, tool call, for both upstream formats", function()
