@@ -14,7 +14,8 @@
 --   models { ["factory/coder"] = { "provider/model", ... } }   ordered fallback chains
 --   prices { ["provider/model"] = { input = USD, output = USD } }  per 1M tokens
 --   budgets { teams = { NAME = { usd_per_day =, tokens_per_day = } },
---             run = { usd =, tokens = } }
+--             run = { usd =, tokens = }, utc_offset = hours }  (days start at midnight
+--             utc_offset hours east of UTC; default 0)
 --   limits { retries =, backoff =, timeout =, first_token_timeout =, ... }  (core/router.c)
 --   keys { ["sk-factory-..."] = { team = "backend_engineering" } }
 --   env "VAR" -> the variable's value, or nil
