@@ -17,6 +17,10 @@
 -- in beyond loopback). token is the operator's key: it is accepted too, and like a
 -- proxy without keys it takes the team from the X-Factory-Team header. X-Factory-Run
 -- names the run.
+-- factory.lua is watched: an edit of providers, models, prices, budgets, limits or
+-- keys applies to the calls that start after it (calls in flight finish on the
+-- configuration they started with, and budgets keep what was spent); an edit that
+-- does not load or validate is logged with its file:line and changes nothing.
 -- With db, every call is written to the store (factory.records.model_call: the
 -- model_calls table and the audit log) by a background fiber, so the response does
 -- not wait for the write.
@@ -99,37 +103,65 @@ local function model_call_writer(db)
   end
 end
 
+local function key_list(keys)
+  local list = {}
+  for key in pairs(keys) do list[#list + 1] = key end
+  return list
+end
+
 function M.start(opts)
   opts = opts or {}
   local path = config.find(opts.config)
   local cfg = { router = { providers = {}, models = {} }, keys = {} }
-  if path then
-    local c, err = config.load(path)
-    if not c then return nil, "EINVAL: " .. err, "EINVAL" end
-    cfg = c
-  end
-  local ok, err, code = router.configure(cfg.router)
-  if not ok then return nil, err, code end
+  local srv, keys, pending
   local closers = {}
-  if opts.db then
-    local db, derr, dcode = require("factory.db").open(opts.db)
-    if not db then return nil, derr, dcode end
-    local mok, merr, mcode = db:migrate()
-    if not mok then return nil, merr, mcode end
-    local record, stop = model_call_writer(db)
-    closers[#closers + 1] = router.on_call(record)
-    closers[#closers + 1] = stop
-    closers[#closers + 1] = function() db:close() end
-  end
-  local keys, tokens = cfg.keys, {}
-  for key in pairs(keys) do tokens[#tokens + 1] = key end
-  local srv, serr, scode = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
-                                      tokens = tokens, header_timeout = opts.header_timeout,
-                                      max_body_bytes = opts.max_body_bytes }
-  if not srv then
+  local function fail(err, code)
     for i = #closers, 1, -1 do closers[i]() end
-    return nil, serr, scode
+    return nil, err, code
   end
+  -- An edit of factory.lua: the server's tokens, then the router; either refusing
+  -- leaves both as they were. One made before the server is up waits for it.
+  local function reload(new)
+    if not srv then
+      pending = new
+      return
+    end
+    local ok, err = srv:set_tokens{ token = opts.token, tokens = key_list(new.keys) }
+    if ok then
+      ok, err = router.configure(new.router)
+      if not ok then srv:set_tokens{ token = opts.token, tokens = key_list(keys) } end
+    end
+    if not ok then
+      return log.warn("serve: reload rejected, keeping the previous configuration: " .. path .. ": " .. err)
+    end
+    keys = new.keys
+    log.info("serve: configuration reloaded", { file = path })
+  end
+  if path then
+    local c, watcher = config.load(path, reload)
+    if not c then return nil, "EINVAL: " .. watcher, "EINVAL" end
+    cfg = c
+    closers[#closers + 1] = watcher.stop
+  end
+  keys = cfg.keys
+  local ok, err, code = router.configure(cfg.router)
+  if not ok then return fail(err, code) end
+  if opts.db then
+    local db
+    db, err, code = require("factory.db").open(opts.db)
+    if not db then return fail(err, code) end
+    closers[#closers + 1] = function() db:close() end
+    ok, err, code = db:migrate()
+    if not ok then return fail(err, code) end
+    local record, stop = model_call_writer(db)
+    closers[#closers + 1] = stop
+    closers[#closers + 1] = router.on_call(record)
+  end
+  srv, err, code = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
+                               tokens = key_list(keys), header_timeout = opts.header_timeout,
+                               max_body_bytes = opts.max_body_bytes }
+  if not srv then return fail(err, code) end
+  if pending then reload(pending) end
   local function call(req, res, fn)
     local team = team_of(req, keys)
     local out, cerr, ccode = fn(req.body, { team = team, run = req.headers["x-factory-run"], raw = true })

@@ -8,6 +8,7 @@ local proc = require "factory.proc"
 local fiber = require "factory.fiber"
 local json = require "factory.json"
 local time = require "factory.core.time"
+local log = require "factory.log"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local TESTS = HERE .. "../../"
@@ -194,6 +195,67 @@ budgets { teams = { poor = { usd_per_day = 5 } } }
       assert.equal("EINVAL", code)
       assert.matches(case.err, err)
     end
+  end)
+
+  it("reloads an edited factory.lua while serving; a broken edit keeps the last good one", function()
+    local logged = {}
+    log.set_console({ write = function(_, ...) logged[#logged + 1] = table.concat({ ... }) end })
+    start([[keys { ["sk-one"] = { team = "one" } }]])
+    local one, two = { Authorization = "Bearer sk-one" }, { Authorization = "Bearer sk-two" }
+    local team
+    local unsubscribe = router.on_call(function(r) team = r.team end)
+    local function models(headers)
+      local res = assert(http.request{ url = base .. "/v1/models", headers = headers, timeout = 5 })
+      if res.status ~= 200 then return nil end
+      local ids = {}
+      for _, m in ipairs(json.decode(res.body).data) do ids[#ids + 1] = m.id end
+      table.sort(ids)
+      return table.concat(ids, " ")
+    end
+    local function eventually(what, fn)
+      local deadline = time.monotonic() + 5
+      while not fn() do
+        if time.monotonic() > deadline then error("never happened: " .. what, 2) end
+        fiber.sleep(0.02)
+      end
+    end
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder"), one).status)
+    -- A new model alias and provider, and a key that replaces the old one.
+    write(cfg_path, ([[
+providers { up = { base_url = "%s/v1", api_key = "sk-upstream-secret-1" },
+            other = { base_url = "%s/v1", api_key = "sk-other" } }
+models { ["factory/coder"] = { "up/gpt-test" }, ["factory/fast"] = { "other/gpt-fast" } }
+keys { ["sk-two"] = { team = "two" } }
+]]):format(fake:url(), fake:url()))
+    eventually("the new models are served", function() return models(two) == "factory/coder factory/fast" end)
+    openai_error(post("/v1/chat/completions", chat_body("factory/coder"), one), 401)
+    local res = post("/v1/chat/completions", chat_body("factory/fast"), two)
+    assert.equal(200, res.status, res.body)
+    assert.equal("gpt-fast", json.decode(fake:requests()[#fake:requests()].body).model)
+    assert.equal("two", team)
+    -- A broken edit is reported at its line and changes nothing.
+    write(cfg_path, ('providers { up = { base_url = "%s/v1" } }\n\nmodels { m = { "nope/x" } }\n'):format(fake:url()))
+    eventually("the rejection is logged", function() return table.concat(logged):find("reload rejected", 1, true) end)
+    assert.contains(cfg_path .. ":3: models[\"m\"]: unknown provider", table.concat(logged))
+    assert.equal("factory/coder factory/fast", models(two))
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/fast"), two).status)
+    -- So is one the router refuses.
+    logged = {}
+    write(cfg_path, ([[
+providers { up = { base_url = "%s/v1", api_key = "sk-up" } }
+models { ["factory/coder"] = { "up/gpt-test" } }
+budgets { utc_offset = 99 }
+]]):format(fake:url()))
+    eventually("the rejection is logged", function() return table.concat(logged):find("reload rejected", 1, true) end)
+    assert.contains("utc_offset", table.concat(logged))
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/fast"), two).status)
+    -- Without keys, the proxy is open again (on loopback).
+    write(cfg_path, ('providers { up = { base_url = "%s/v1" } }\nmodels { ["factory/coder"] = { "up/gpt-test" } }\n')
+      :format(fake:url()))
+    eventually("the keys are gone", function() return models() == "factory/coder" end)
+    unsubscribe()
+    log.set_console(nil)
+    for _, line in ipairs(logged) do assert.falsy(line:find("secret", 1, true), line) end
   end)
 
   it("records every call in the store with --db", function()
