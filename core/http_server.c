@@ -8,7 +8,7 @@
  *     host is an IP address or "localhost"; anything but loopback needs a token
  *     (else EACCES). token is one accepted bearer token, tokens a list of more
  *     (per-client keys); with any, every request must carry "Authorization: Bearer
- *     TOKEN" with one of them (else 401). Timeouts are seconds, 0 = none:
+ *     TOKEN" (or "x-api-key: TOKEN") with one of them (else 401). Timeouts are seconds, 0 = none:
  *     header_timeout bounds the head from its first byte (and a new connection's
  *     wait for it) and any pause in the body; idle_timeout bounds a kept-alive
  *     connection between requests and a write the client does not drain (the
@@ -500,14 +500,19 @@ static const char *find_header(conn *c, const char *name, size_t *len) {
 }
 
 /* Compares with every token, each in time independent of where the first difference
- * is, so the time taken tells nothing about which token came close. */
+ * is, so the time taken tells nothing about which token came close. The token comes
+ * as "Authorization: Bearer TOKEN" or, as Anthropic's clients send it, "x-api-key:
+ * TOKEN". */
 static int authorized(conn *c) {
     server *s = c->s;
     size_t n;
     const char *v = find_header(c, "authorization", &n);
-    if (!v || n < 7 || strncasecmp(v, "Bearer ", 7) != 0) return 0;
-    v += 7;
-    n -= 7;
+    if (v && n >= 7 && strncasecmp(v, "Bearer ", 7) == 0) {
+        v += 7;
+        n -= 7;
+    } else if (!(v = find_header(c, "x-api-key", &n))) {
+        return 0;
+    }
     while (n && (*v == ' ' || *v == '\t')) v++, n--;
     while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
     unsigned ok = 0;

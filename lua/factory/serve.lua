@@ -10,9 +10,10 @@
 --     until SIGINT or SIGTERM, then stops accepting and gives the requests in flight
 --     GRACE seconds to finish before closing.
 -- Endpoints: POST /v1/chat/completions (stream or not), POST /v1/embeddings,
--- GET /v1/models. Errors are OpenAI-shaped JSON.
+-- GET /v1/models, with OpenAI-shaped JSON errors; and POST /v1/messages, Anthropic's
+-- Messages API (factory.serve_messages), with Anthropic-shaped errors.
 -- Teams: factory.lua's keys { ["sk-..."] = { team = NAME } } are virtual keys: the
--- bearer key picks the team whose budget the call is charged to; with keys
+-- bearer key (or x-api-key) picks the team whose budget the call is charged to; with keys
 -- configured, any other key gets 401 (from the core server, which also lets them
 -- in beyond loopback). token is the operator's key: it is accepted too, and like a
 -- proxy without keys it takes the team from the X-Factory-Team header. X-Factory-Run
@@ -31,6 +32,7 @@ local fiber = require "factory.fiber"
 local signal = require "factory.core.signal"
 local log = require "factory.log"
 local records = require "factory.records"
+local messages = require "factory.serve_messages"
 
 local M = {}
 
@@ -51,9 +53,10 @@ local function send_error(res, err, code)
                                       code = CODES[code] or code:lower() } })
 end
 
+-- The client's key: a bearer token, or Anthropic's x-api-key header.
 local function bearer(req)
   local auth = req.headers["authorization"]
-  return auth and auth:match("^[Bb]earer%s+(.+)$")
+  return auth and auth:match("^[Bb]earer%s+(.-)%s*$") or req.headers["x-api-key"]
 end
 
 -- The team of a request (the core server has checked its key already).
@@ -174,6 +177,9 @@ function M.start(opts)
 
   srv:route("POST", "/v1/chat/completions", function(req, res) return call(req, res, router.chat) end)
   srv:route("POST", "/v1/embeddings", function(req, res) return call(req, res, router.embeddings) end)
+  srv:route("POST", "/v1/messages", function(req, res)
+    return messages.handle(req, res, { team = team_of(req, keys), run = req.headers["x-factory-run"] })
+  end)
   srv:route("GET", "/v1/models", function(_, res)
     return res:status(200):header("Content-Type", "application/json"):send(router.models_json())
   end)
