@@ -8,12 +8,14 @@
  *     host is an IP address or "localhost"; anything but loopback needs a token
  *     (else EACCES). token is one accepted bearer token, tokens a list of more
  *     (per-client keys); with any, every request must carry "Authorization: Bearer
- *     TOKEN" with one of them (else 401). Timeouts are seconds, 0 = none:
+ *     TOKEN" (or "x-api-key: TOKEN") with one of them (else 401). Timeouts are seconds, 0 = none:
  *     header_timeout bounds the head from its first byte (and a new connection's
  *     wait for it) and any pause in the body; idle_timeout bounds a kept-alive
  *     connection between requests and a write the client does not drain (the
  *     writer then gets nil, "ETIMEDOUT: ...", "ETIMEDOUT" and the connection goes).
  *   server:port(), server:host(), server:stats() -> { connections, in_flight }
+ *   server:set_tokens{ token =, tokens = } -> true | nil, err, "EACCES"   replaces the
+ *     accepted tokens (a server beyond loopback cannot go without)
  *   server:close([grace]) stops accepting, closes idle connections, lets requests
  *     in flight finish for up to grace seconds (when called from a fiber), then
  *     closes everything and cancels the handler fibers still running. From a
@@ -104,6 +106,7 @@ struct server {
     int thread_ref, handler_ref, dispatch_ref;
     token *tokens;              /* accepted bearer tokens; none: no authorization */
     int ntokens;
+    int loopback;               /* bound to loopback: may go without tokens */
     size_t max_header, max_body;
     uint64_t header_ms, idle_ms;
     conn *conns;
@@ -213,9 +216,13 @@ static void timer_set(conn *c, int kind, uint64_t ms) {
     else uv_timer_start(&c->timer, on_timer, ms, 0);
 }
 
+static void free_tokens(token *t, int n) {
+    for (int i = 0; i < n; i++) free(t[i].data);
+    free(t);
+}
+
 static void server_free(server *s) {
-    for (int i = 0; i < s->ntokens; i++) free(s->tokens[i].data);
-    free(s->tokens);
+    free_tokens(s->tokens, s->ntokens);
     free(s);
 }
 
@@ -493,14 +500,19 @@ static const char *find_header(conn *c, const char *name, size_t *len) {
 }
 
 /* Compares with every token, each in time independent of where the first difference
- * is, so the time taken tells nothing about which token came close. */
+ * is, so the time taken tells nothing about which token came close. The token comes
+ * as "Authorization: Bearer TOKEN" or, as Anthropic's clients send it, "x-api-key:
+ * TOKEN". */
 static int authorized(conn *c) {
     server *s = c->s;
     size_t n;
     const char *v = find_header(c, "authorization", &n);
-    if (!v || n < 7 || strncasecmp(v, "Bearer ", 7) != 0) return 0;
-    v += 7;
-    n -= 7;
+    if (v && n >= 7 && strncasecmp(v, "Bearer ", 7) == 0) {
+        v += 7;
+        n -= 7;
+    } else if (!(v = find_header(c, "x-api-key", &n))) {
+        return 0;
+    }
     while (n && (*v == ' ' || *v == '\t')) v++, n--;
     while (n && (v[n - 1] == ' ' || v[n - 1] == '\t')) n--;
     unsigned ok = 0;
@@ -1119,7 +1131,8 @@ static const char *opt_string(lua_State *L, const char *field, size_t *len) {
     return v;
 }
 
-/* Checks the options token and tokens; returns how many tokens they hold. */
+/* Checks the options token and tokens (the table at index 1); returns how many
+ * tokens they hold. */
 static int check_tokens(lua_State *L) {
     size_t len = 0;
     int n = opt_string(L, "token", &len) != NULL;
@@ -1148,7 +1161,8 @@ static int add_token(server *s, const char *p, size_t len) {
     return 1;
 }
 
-/* Copies the n tokens that check_tokens counted into s; 0 when out of memory. */
+/* Copies the n tokens that check_tokens counted into s (which holds none); 0 when
+ * out of memory. */
 static int copy_tokens(lua_State *L, server *s, int n) {
     if (n == 0) return 1;
     if (!(s->tokens = (token *)calloc((size_t)n, sizeof *s->tokens))) return 0;
@@ -1165,6 +1179,32 @@ static int copy_tokens(lua_State *L, server *s, int n) {
     }
     lua_pop(L, 1);
     return s->ntokens == n;
+}
+
+/* server:set_tokens{ token =, tokens = } replaces the accepted tokens (the options
+ * of listen); requests already received keep their verdict. Without any tokens a
+ * server bound beyond loopback would be open to all: that is refused (EACCES) and
+ * the old tokens stay. */
+static int server_set_tokens(lua_State *L) {
+    server *s = check_server(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_remove(L, 1);
+    int n = check_tokens(L);
+    if (!s->loopback && !n)
+        return fb_push_error(L, "EACCES", "a server listening on %s needs a token", s->host);
+    token *old = s->tokens;
+    int nold = s->ntokens;
+    s->tokens = NULL;
+    s->ntokens = 0;
+    if (!copy_tokens(L, s, n)) {
+        free_tokens(s->tokens, s->ntokens);
+        s->tokens = old;
+        s->ntokens = nold;
+        return luaL_error(L, "server:set_tokens: out of memory");
+    }
+    free_tokens(old, nold);
+    lua_pushboolean(L, 1);
+    return 1;
 }
 
 static uint64_t to_ms(double seconds) { return (uint64_t)(seconds * 1000.0 + 0.999); }
@@ -1226,6 +1266,7 @@ static int server_listen(lua_State *L) {
     s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                 : ((struct sockaddr_in *)&bound)->sin_port);
     snprintf(s->host, sizeof s->host, "%s", host);
+    s->loopback = loopback;
     s->max_header = max_header;
     s->max_body = max_body;
     s->header_ms = to_ms(header_timeout);
@@ -1280,6 +1321,7 @@ static const luaL_Reg server_methods[] = {
     {"port", server_port},
     {"host", server_host},
     {"stats", server_stats},
+    {"set_tokens", server_set_tokens},
     {NULL, NULL},
 };
 

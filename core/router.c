@@ -7,7 +7,7 @@
  *         models = { ALIAS = { "provider/model", ... } },
  *         prices = { ["provider/model" or "model"] = { input =, output = } } (USD per 1M tokens),
  *         budgets = { teams = { NAME = { usd_per_day =, tokens_per_day = } },
- *                     run = { usd =, tokens = } },
+ *                     run = { usd =, tokens = }, utc_offset = hours (where days start) },
  *         limits = { retries, backoff, backoff_max, retry_after_max, breaker_failures,
  *                    breaker_cooldown, connect_timeout, timeout, first_token_timeout,
  *                    idle_timeout, default_max_tokens } }
@@ -16,6 +16,7 @@
  *   embeddings(request_json, team, run)   -> body_json | nil, err, code
  *   stream:read([timeout]) -> chunk_json | nil (end) | nil, err, code;  stream:close()
  *   set_budget("team"|"run", name, usd, tokens)   overrides the configured limits
+ *   clear_budget("team"|"run", name)   forgets the account: its spending and override
  *   models(), stats() -> JSON text;  record(on);  records() -> JSON array text | nil
  *
  * A call reserves its estimated cost against every budget that applies (team per
@@ -44,6 +45,8 @@
  * fiber waiting on it and, for a stream, by the "factory.router_stream" userdata;
  * it is freed (through its timer's close callback) when it has finished and neither
  * is left. Budget accounts outlive configurations: a reload keeps what was spent.
+ * They are created on first use, so whoever starts runs clears each one's account
+ * when the run ends (clear_budget), or a long-lived process would keep them all.
  */
 #include "fiber.h"
 #include "http_client.h"
@@ -108,6 +111,7 @@ struct config {
     alias *aliases;
     int naliases;
     json_t *budgets, *prices;
+    double utc_offset;          /* hours: a team's day starts at midnight there */
     int retries, breaker_failures, default_max_tokens;
     double backoff, backoff_max, retry_after_max, breaker_cooldown;
     double connect_timeout, timeout, first_token_timeout, idle_timeout;
@@ -118,7 +122,8 @@ typedef struct account {
     double usd, tokens;         /* spent (today, for a team) */
     double r_usd, r_tokens;     /* reserved by calls in flight */
     double lim_usd, lim_tokens; /* set_budget overrides; < 0: from the configuration */
-    long day;
+    long day;                   /* of the spending, for a team */
+    int calls;                  /* in flight, holding a reservation here */
     struct account *next;
 } account;
 
@@ -178,6 +183,7 @@ typedef struct {
 static struct {
     config *cfg;
     account *accounts;
+    account *cleared;           /* cleared while calls held them: freed as the last settles */
     call *live;
     json_t *records;            /* finished calls, while recording is on */
     int recording, closed;
@@ -531,6 +537,7 @@ static config *cfg_load(const char *text, size_t len, char *err) {
     json_t *limits = json_object_get(root, "limits");
     cfg->refs = 1;
     cfg->budgets = json_incref(json_object_get(root, "budgets"));
+    cfg->utc_offset = jnum(cfg->budgets, "utc_offset", 0);
     cfg->prices = json_incref(json_object_get(root, "prices"));
     cfg->retries = (int)jnum(limits, "retries", 2);
     cfg->backoff = jnum(limits, "backoff", 0.5);
@@ -544,11 +551,11 @@ static config *cfg_load(const char *text, size_t len, char *err) {
     cfg->idle_timeout = jnum(limits, "idle_timeout", 60);
     cfg->default_max_tokens = (int)jnum(limits, "default_max_tokens", 4096);
     size_t np = json_object_size(provs), na = json_object_size(models);
+    int ok = fabs(cfg->utc_offset) <= 14 || cfg_error(err, "budgets.utc_offset must be hours from -14 to 14");
     cfg->providers = (provider *)calloc(np ? np : 1, sizeof *cfg->providers);
     cfg->aliases = (alias *)calloc(na ? na : 1, sizeof *cfg->aliases);
     const char *name;
     json_t *v;
-    int ok = 1;
     json_object_foreach(provs, name, v) {
         if (!ok) break;
         ok = load_provider(cfg, &cfg->providers[cfg->nproviders++], name, v, err);
@@ -586,7 +593,8 @@ static alias *find_alias(config *cfg, const char *name) {
 
 /* ---- budgets ------------------------------------------------------------------------- */
 
-static long today(void) { return (long)(time(NULL) / 86400); }
+/* The day number of now in the configured zone. */
+static long today(config *cfg) { return (long)floor((time(NULL) + cfg->utc_offset * 3600) / 86400); }
 
 static account *get_account(const char *kind, const char *name) {
     char key[256];
@@ -599,15 +607,15 @@ static account *get_account(const char *kind, const char *name) {
         return NULL;
     }
     a->lim_usd = a->lim_tokens = -1;
-    a->day = today();
     a->next = R.accounts;
     R.accounts = a;
     return a;
 }
 
-/* A team's spending starts afresh each UTC day; reservations carry over. */
-static void roll_day(account *a) {
-    long d = today();
+/* A team's spending starts afresh each day (at midnight of budgets.utc_offset);
+ * reservations carry over. */
+static void roll_day(config *cfg, account *a) {
+    long d = today(cfg);
     if (a->key[0] == 't' && a->day != d) {
         a->usd = a->tokens = 0;
         a->day = d;
@@ -629,14 +637,27 @@ static void limits_of(config *cfg, account *a, double *usd, double *tokens) {
     if (a->lim_tokens >= 0) *tokens = a->lim_tokens;
 }
 
+/* Whether a budget applies to run id. A run without one gets no account: a proxy
+ * serving external agents hears of runs but never of their end, so it must not keep
+ * an account for each. */
+static int run_limited(config *cfg, const char *id) {
+    json_t *b = json_object_get(cfg->budgets, "run");
+    if (jnum(b, "usd", -1) >= 0 || jnum(b, "tokens", -1) >= 0) return 1;
+    char key[256];
+    snprintf(key, sizeof key, "run:%s", id);
+    for (account *a = R.accounts; a; a = a->next)
+        if (strcmp(a->key, key) == 0) return 1;
+    return 0;
+}
+
 /* Reserves the call's estimate on every account that applies, or none of them. */
 static int reserve(call *c) {
     const char *kinds[2] = {"team", "run"}, *names[2] = {c->team, c->run};
     for (int i = 0; i < 2; i++) {
-        if (!names[i]) continue;
+        if (!names[i] || (i == 1 && !run_limited(c->cfg, names[i]))) continue;
         account *a = get_account(kinds[i], names[i]);
         if (!a) return cfg_error(c->err, "out of memory");
-        roll_day(a);
+        roll_day(c->cfg, a);
         double lu, lt;
         limits_of(c->cfg, a, &lu, &lt);
         if (lu >= 0 && a->usd + a->r_usd + c->est_usd > lu + 1e-12)
@@ -650,8 +671,49 @@ static int reserve(call *c) {
     for (int i = 0; i < c->nacc; i++) {
         c->acc[i]->r_usd += c->est_usd;
         c->acc[i]->r_tokens += c->est_tokens;
+        c->acc[i]->calls++;
     }
     return 1;
+}
+
+static void free_accounts(account *a) {
+    for (account *n; a; a = n) {
+        n = a->next;
+        free(a->key);
+        free(a);
+    }
+}
+
+/* Frees a once nothing holds it, if it was cleared. */
+static void forget_cleared(account *a) {
+    for (account **pp = &R.cleared; *pp; pp = &(*pp)->next) {
+        if (*pp == a) {
+            *pp = a->next;
+            a->next = NULL;
+            free_accounts(a);
+            return;
+        }
+    }
+}
+
+/* Drops an account: what it spent and its override. A call in flight keeps it until
+ * it settles; a later call starts a new one. */
+static void clear_account(const char *kind, const char *name) {
+    char key[256];
+    snprintf(key, sizeof key, "%s:%s", kind, name);
+    for (account **pp = &R.accounts; *pp; pp = &(*pp)->next) {
+        account *a = *pp;
+        if (strcmp(a->key, key) != 0) continue;
+        *pp = a->next;
+        a->next = NULL;
+        if (a->calls == 0) {
+            free_accounts(a);
+        } else {
+            a->next = R.cleared;
+            R.cleared = a;
+        }
+        return;
+    }
 }
 
 static double call_cost(call *c) {
@@ -665,9 +727,10 @@ static void settle(call *c) {
         account *a = c->acc[i];
         a->r_usd -= c->est_usd;
         a->r_tokens -= c->est_tokens;
-        roll_day(a);
+        roll_day(c->cfg, a);
         a->usd += usd;
         a->tokens += tokens;
+        if (--a->calls == 0) forget_cleared(a);
     }
     c->nacc = 0;
 }
@@ -862,16 +925,19 @@ static int breaker_open(config *cfg, provider *p) {
 }
 
 /* Adds to the attempt chain of the call's record, which only a record reads. sent:
- * the attempt in flight (else t was skipped). */
-static void log_attempt(call *c, target *t, int sent, const char *outcome) {
+ * the attempt in flight (else t was skipped); code: its error code, NULL if it
+ * succeeded. The outcome is an error text, scrubbed of keys by set_error. */
+static void log_attempt(call *c, target *t, int sent, const char *code, const char *outcome) {
     if (!R.recording) return;
     if (!c->attempts) c->attempts = json_array();
     json_t *a = json_object();
     json_object_set_new(a, "provider", json_string(t->p->name));
     json_object_set_new(a, "model", json_string(t->model));
     if (sent && c->status) json_object_set_new(a, "status", json_integer(c->status));
+    if (code) json_object_set_new(a, "code", json_string(code));
     json_object_set_new(a, "outcome", json_string(outcome));
-    if (sent && c->attempt_started > 0) json_object_set_new(a, "ms", json_real((now_s() - c->attempt_started) * 1000));
+    if (sent) json_object_set_new(a, "latency_ms", json_real((now_s() - c->attempt_started) * 1000));
+    if (sent && c->retry_after >= 0) json_object_set_new(a, "retry_after_s", json_real(c->retry_after));
     json_array_append_new(c->attempts, a);
 }
 
@@ -905,7 +971,7 @@ static void attempt_failed(call *c, int retryable) {
         p->failures = 0;    /* it answered: the provider works */
     }
     p->trial = 0;
-    log_attempt(c, c->tgt, 1, c->err);
+    log_attempt(c, c->tgt, 1, c->err_code, c->err);
     end_attempt(c);
     if (c->committed) {
         finish(c);
@@ -930,7 +996,7 @@ static void next_target(call *c) {
         target *t = &c->al->t[c->entry];
         if (c->op == OP_EMBED && t->p->kind != K_OPENAI) continue;
         if (breaker_open(c->cfg, t->p)) {
-            log_attempt(c, t, 0, "skipped: circuit open");
+            log_attempt(c, t, 0, "EUNAVAILABLE", "skipped: circuit open");
             if (!c->err_code[0]) set_error(c, "EUNAVAILABLE", "provider %s: circuit open after repeated failures", t->p->name);
             continue;
         }
@@ -1151,7 +1217,7 @@ static void upstream_message(call *c, char *out, size_t size) {
 static void succeed(call *c) {
     c->tgt->p->failures = 0;
     c->tgt->p->trial = 0;
-    log_attempt(c, c->tgt, 1, "ok");
+    log_attempt(c, c->tgt, 1, NULL, "ok");
     c->err_code[0] = 0;
     c->err[0] = 0;
     finish(c);
@@ -1892,7 +1958,7 @@ static int r_stats(lua_State *L) {
                                                       (json_int_t)p->errors, "breaker", br));
     }
     for (account *a = R.accounts; a; a = a->next) {
-        roll_day(a);
+        if (R.cfg) roll_day(R.cfg, a);
         double lu = -1, lt = -1;
         if (R.cfg) limits_of(R.cfg, a, &lu, &lt);
         json_t *o = json_pack("{s:f,s:f,s:f,s:f}", "spent_usd", a->usd, "spent_tokens", a->tokens, "reserved_usd",
@@ -1913,6 +1979,14 @@ static int r_set_budget(lua_State *L) {
     if (!a) return luaL_error(L, "router: out of memory");
     a->lim_usd = luaL_optnumber(L, 3, -1);
     a->lim_tokens = luaL_optnumber(L, 4, -1);
+    return 0;
+}
+
+/* clear_budget("team"|"run", name) */
+static int r_clear_budget(lua_State *L) {
+    const char *kind = luaL_checkstring(L, 1), *name = luaL_checkstring(L, 2);
+    luaL_argcheck(L, strcmp(kind, "team") == 0 || strcmp(kind, "run") == 0, 1, "\"team\" or \"run\" expected");
+    clear_account(kind, name);
     return 0;
 }
 
@@ -1940,12 +2014,9 @@ static int r_gc(lua_State *L) {
     }
     cfg_unref(R.cfg);
     R.cfg = NULL;
-    for (account *a = R.accounts, *n; a; a = n) {
-        n = a->next;
-        free(a->key);
-        free(a);
-    }
-    R.accounts = NULL;
+    free_accounts(R.accounts);
+    free_accounts(R.cleared);
+    R.accounts = R.cleared = NULL;
     json_decref(R.records);
     R.records = NULL;
     return 0;
@@ -1964,6 +2035,7 @@ static const luaL_Reg router_functions[] = {
     {"models", r_models},
     {"stats", r_stats},
     {"set_budget", r_set_budget},
+    {"clear_budget", r_clear_budget},
     {"record", r_record},
     {"records", r_records},
     {NULL, NULL},

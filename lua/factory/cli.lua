@@ -62,13 +62,15 @@ directory): teams/*.lua, pipelines/*.lua and factory.lua. Prints one
   serve = [[
 usage: factory serve [--host H] [--port N] [--config FILE] [--db URL] [--token T]
 
-Serves the OpenAI-compatible model proxy: POST /v1/chat/completions (streamed or
-not), POST /v1/embeddings and GET /v1/models, routed through the aliases,
-fallbacks, rate limits and budgets of factory.lua (./factory.lua, or --config).
-Listens on 127.0.0.1:8420 unless told otherwise and prints its URL. Any host but
-loopback needs a token (--token or $FACTORY_TOKEN) that every client must send as
-its bearer key. With --db, every model call is recorded in the store. On SIGINT
-or SIGTERM it stops accepting, lets requests in flight finish (up to 5 s), exits 0.
+Serves the model proxy: POST /v1/chat/completions (streamed or not), POST
+/v1/embeddings and GET /v1/models (OpenAI's API), and POST /v1/messages
+(Anthropic's), routed through the aliases, fallbacks, rate limits and budgets of
+factory.lua (./factory.lua, or --config), which is reloaded when edited (a broken
+edit is logged and the previous configuration kept). Listens on 127.0.0.1:8420
+unless told otherwise and prints its URL. Any host but loopback needs a token
+(--token or $FACTORY_TOKEN) or keys in factory.lua, sent as the bearer key (or
+x-api-key). With --db, every model call is recorded in the store. On SIGINT or
+SIGTERM it stops accepting, lets requests in flight finish (up to 5 s), exits 0.
 ]],
   version = [[
 usage: factory version

@@ -1,7 +1,11 @@
 -- factory.config: the installation's factory.lua, loaded in the sandbox of
 -- factory.defs (safe functions only, a time limit on the file's run).
 --
---   config.load(path) -> cfg | nil, "file:line: message"
+--   config.load(path [, on_reload]) -> cfg [, watcher] | nil, "file:line: message"
+--       with on_reload, the file is watched too: on_reload(cfg) runs (in the
+--       watcher's fiber) after each edit that loads and validates; an edit that does
+--       not is logged ("reload rejected ... file:line: message") and changes nothing.
+--       watcher:stop() ends the watch.
 --   cfg.router   the table for router.configure
 --   cfg.keys     { [bearer key] = { team = NAME } }  (virtual keys of the proxy)
 --
@@ -14,7 +18,8 @@
 --   models { ["factory/coder"] = { "provider/model", ... } }   ordered fallback chains
 --   prices { ["provider/model"] = { input = USD, output = USD } }  per 1M tokens
 --   budgets { teams = { NAME = { usd_per_day =, tokens_per_day = } },
---             run = { usd =, tokens = } }
+--             run = { usd =, tokens = }, utc_offset = hours }  (days start at midnight
+--             utc_offset hours east of UTC; default 0)
 --   limits { retries =, backoff =, timeout =, first_token_timeout =, ... }  (core/router.c)
 --   keys { ["sk-factory-..."] = { team = "backend_engineering" } }
 --   env "VAR" -> the variable's value, or nil
@@ -90,7 +95,15 @@ local function dsl(cfg)
   return env
 end
 
-function M.load(path)
+local function result(cfg)
+  return {
+    router = { providers = cfg.providers or {}, models = cfg.models or {}, prices = cfg.prices,
+               budgets = cfg.budgets, limits = cfg.limits },
+    keys = cfg.keys or {},
+  }
+end
+
+function M.load(path, on_reload)
   local dir, file = path:match("^(.*)/([^/]*)$")
   if not dir then dir, file = ".", path end
   local cfg
@@ -100,11 +113,16 @@ function M.load(path)
   local problem = reg:load_all()[1]
   if problem then return nil, problem end
   if not cfg then return nil, path .. ":1: cannot read the file" end
-  return {
-    router = { providers = cfg.providers or {}, models = cfg.models or {}, prices = cfg.prices,
-               budgets = cfg.budgets, limits = cfg.limits },
-    keys = cfg.keys or {},
-  }
+  local loaded = result(cfg)
+  if not on_reload then return loaded end
+  -- The registry swaps only a file that loaded: cfg is then what that load collected
+  -- (a rejected load is logged by the registry, file:line, and changes nothing).
+  reg:on_change(function(ev)
+    if ev.action == "swapped" then on_reload(result(cfg)) end
+  end)
+  local handle, werr, wcode = reg:watch()
+  if not handle then return nil, werr, wcode end
+  return loaded, handle
 end
 
 -- The configuration file to use: the one given, else ./factory.lua if it exists.

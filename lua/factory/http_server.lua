@@ -7,6 +7,7 @@
 --   srv:route("GET", "/runs/:id", fn)        req.params.id, percent-decoded
 --   srv:route("GET", "/web/*path", fn)       req.params.path: the rest of the path
 --   srv:port(), srv:host(), srv:url() ("http://127.0.0.1:8420"), srv:close([grace])
+--   srv:set_tokens{ token =, tokens = } -> true | nil, err, code   (see the core)
 -- Routes are tried in the order they were added; a GET route also answers HEAD.
 --
 -- Helpers, on every request and response:
@@ -134,6 +135,7 @@ function Server:route(method, pattern, fn)
   return self
 end
 
+function Server:set_tokens(opts) return self.core:set_tokens(opts) end
 function Server:port() return self.core:port() end
 function Server:host() return self.core:host() end
 function Server:close(grace) return self.core:close(grace) end

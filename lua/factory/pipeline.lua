@@ -220,6 +220,8 @@ function Engine:execute(run_id)
     { run_id }))[1].usd
   self.totals[run_id] = { tokens = 0, cost = spent, started = time.monotonic() }
   local ok, state, detail = pcall(self._execute, self, run, spent)
+  -- The store has every call of this execution: a resumed run starts from it.
+  router.clear_budget("run", run_id)
   unlock()
   self.totals[run_id] = nil
   if not ok then
@@ -243,11 +245,9 @@ function Engine:_execute(run, spent)
     self:_finish(run, "failed", ("no pipeline %q"):format(run.pipeline))
     return "failed", ("no pipeline %q"):format(run.pipeline)
   end
-  -- Router budgets live in memory: a run resumed by another process gets what the
-  -- store says is left; this process's own spending is already in its account.
-  local account = router.stats().budgets["run:" .. run.id]
-  local here = account and account.spent_usd or 0
-  router.set_budget("run", run.id, { usd = math.max(0, pipe.limits.budget_usd - spent + here) })
+  -- Router budgets live in memory, from the start of this execution (execute clears
+  -- the account when it returns): what is left is what the store has not seen spent.
+  router.set_budget("run", run.id, { usd = math.max(0, pipe.limits.budget_usd - spent) })
   assert(self.db:exec("UPDATE runs SET state = 'running', updated_at = ? WHERE id = ?", { time.now(), run.id }))
   self:_emit(run.id, "run_started", { pipeline = pipe.name, stage_index = run.stage_index, stages = #pipe.stages,
                                       resumed = run.stage_index > 0 or run.state ~= "pending" })

@@ -4,7 +4,8 @@
 --   records.mail(q, { sender, recipient, kind, run_id, in_reply_to, subject, body, data })
 --       -> id    every agent<->agent and agent<->human message
 --   records.decision(q, { run_id, stage, team, operative, decision, reasoning, data })
---   records.model_call(q, record, operative)     one router call (router.on_call record)
+--   records.model_call(q, record [, operative])  one router call (router.on_call record),
+--       its first-token latency, error code and attempt chain included
 -- q is a db or a transaction: written inside a transaction, a record commits or
 -- rolls back with the work it describes. Mail, decisions and model calls are also
 -- appended to the hash-chained audit log. Each returns the row id, or raises: a
@@ -46,13 +47,27 @@ function M.decision(q, d)
   return id
 end
 
+-- A call that never reached a provider (a budget error, an unknown alias) has none.
+local function nonempty(s)
+  if s == nil or s == "" then return "-" end
+  return s
+end
+
+-- The chain is a JSON list even when nothing was tried (an empty table would be
+-- stored as {}).
+local function attempts_of(r)
+  if r.attempts and next(r.attempts) then return r.attempts end
+  return "[]"
+end
+
 function M.model_call(q, r, operative)
   local run_id = tonumber(r.run)
   local id = must("model call", q:exec("INSERT INTO model_calls (run_id, team, operative, alias, provider, model,"
-    .. " prompt_tokens, completion_tokens, cost_usd, latency_ms, status, error, created_at)"
-    .. " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-    { run_id, r.team, operative, r.alias, r.provider or "-", r.model or "-", r.prompt_tokens or 0,
-      r.completion_tokens or 0, r.cost_usd or 0, r.latency_ms, r.status, r.error, time.now(), n = 13 })).last_id
+    .. " prompt_tokens, completion_tokens, cost_usd, latency_ms, first_token_ms, status, code, error, attempts,"
+    .. " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    { run_id, r.team, operative, r.alias, nonempty(r.provider), nonempty(r.model), r.prompt_tokens or 0,
+      r.completion_tokens or 0, r.cost_usd or 0, r.latency_ms, r.first_token_ms, r.status, r.code, r.error,
+      attempts_of(r), time.now(), n = 16 })).last_id
   audited(q, "model_call", r.team, run_id,
           { id = id, alias = r.alias, provider = r.provider, model = r.model, status = r.status, code = r.code,
             prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens, cost_usd = r.cost_usd })

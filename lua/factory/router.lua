@@ -13,11 +13,20 @@
 --   router.models() -> { "alias", ... }     router.stats() -> table (providers, budgets)
 --   router.set_budget("team"|"run", name, { usd =, tokens = })   overrides the
 --       configured limit of one team (per day) or run
+--   router.clear_budget("team"|"run", name)   forgets that account (what it spent,
+--       its override); calls in flight settle into the old one. Accounts live in
+--       memory from their first call: clear a run's when the run ends.
+--   Budgets: a team's usd_per_day and tokens_per_day start afresh at midnight
+--       (UTC, or budgets.utc_offset hours east of it); a run's usd and tokens cover
+--       the whole run. A call reserves its estimate on both before it is sent.
 --   router.on_call(fn) -> unsubscribe; fn(record) after every call, in the caller's
 --       fiber: { kind, alias, provider, model, team, run, stream, prompt_tokens,
 --       completion_tokens, cost_usd, latency_ms, first_token_ms, status = "ok" |
---       "error" | "cancelled", code, error, attempts = { { provider, model, status,
---       outcome, ms } } }. Records never hold an API key.
+--       "error" | "cancelled", code, error, attempts = { { provider, model,
+--       status (HTTP), code (error code; none when it succeeded), outcome ("ok" or
+--       the error), latency_ms, retry_after_s } } } (first_token_ms: when the first
+--       chunk came, or the whole answer; none if neither did). The attempts are the
+--       chain in order, skipped providers included. Records never hold an API key.
 -- Error codes: EINVAL (bad request), EALIAS (unknown model), EBUDGET (a budget is
 -- exhausted: the pipeline turns it into BLOCKED), EUPSTREAM (the provider answered
 -- with an error or garbage), EUNAVAILABLE (no provider left to try), ETIMEDOUT,
@@ -129,6 +138,10 @@ end
 function M.set_budget(kind, name, limits)
   limits = limits or {}
   core.set_budget(kind, tostring(name), limits.usd, limits.tokens)
+end
+
+function M.clear_budget(kind, name)
+  core.clear_budget(kind, tostring(name))
 end
 
 M.flush = flush

@@ -10,21 +10,29 @@
 --     until SIGINT or SIGTERM, then stops accepting and gives the requests in flight
 --     GRACE seconds to finish before closing.
 -- Endpoints: POST /v1/chat/completions (stream or not), POST /v1/embeddings,
--- GET /v1/models. Errors are OpenAI-shaped JSON.
+-- GET /v1/models, with OpenAI-shaped JSON errors; and POST /v1/messages, Anthropic's
+-- Messages API (factory.serve_messages), with Anthropic-shaped errors.
 -- Teams: factory.lua's keys { ["sk-..."] = { team = NAME } } are virtual keys: the
--- bearer key picks the team whose budget the call is charged to; with keys
+-- bearer key (or x-api-key) picks the team whose budget the call is charged to; with keys
 -- configured, any other key gets 401 (from the core server, which also lets them
 -- in beyond loopback). token is the operator's key: it is accepted too, and like a
 -- proxy without keys it takes the team from the X-Factory-Team header. X-Factory-Run
 -- names the run.
--- With db, every call is written to the store's model_calls table (by a background
--- fiber, so the response does not wait for the write).
+-- factory.lua is watched: an edit of providers, models, prices, budgets, limits or
+-- keys applies to the calls that start after it (calls in flight finish on the
+-- configuration they started with, and budgets keep what was spent); an edit that
+-- does not load or validate is logged with its file:line and changes nothing.
+-- With db, every call is written to the store (factory.records.model_call: the
+-- model_calls table and the audit log) by a background fiber, so the response does
+-- not wait for the write.
 local server = require "factory.http_server"
 local router = require "factory.router"
 local config = require "factory.config"
 local fiber = require "factory.fiber"
 local signal = require "factory.core.signal"
 local log = require "factory.log"
+local records = require "factory.records"
+local messages = require "factory.serve_messages"
 
 local M = {}
 
@@ -45,9 +53,10 @@ local function send_error(res, err, code)
                                       code = CODES[code] or code:lower() } })
 end
 
+-- The client's key: a bearer token, or Anthropic's x-api-key header.
 local function bearer(req)
   local auth = req.headers["authorization"]
-  return auth and auth:match("^[Bb]earer%s+(.+)$")
+  return auth and auth:match("^[Bb]earer%s+(.-)%s*$") or req.headers["x-api-key"]
 end
 
 -- The team of a request (the core server has checked its key already).
@@ -80,12 +89,11 @@ local function model_call_writer(db)
       if #queue == 0 then wake:wait() end
       local batch = queue
       queue = {}
+      -- A transaction per call: its row and audit record commit together, and a call
+      -- the store refuses (a run id it does not know) costs only its own record.
       for _, r in ipairs(batch) do
-        local _, err = db:exec("INSERT INTO model_calls (run_id, team, alias, provider, model, prompt_tokens, " ..
-          "completion_tokens, cost_usd, latency_ms, status, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-          { tonumber(r.run), r.team, r.alias, r.provider, r.model, r.prompt_tokens, r.completion_tokens,
-            r.cost_usd, r.latency_ms, r.status, r.error, n = 11 })
-        if err then log.warn("serve: cannot record a model call", { error = err }) end
+        local ok, err = db:tx(function(tx) return records.model_call(tx, r) end)
+        if not ok then log.warn("serve: cannot record a model call", { alias = r.alias, error = err }) end
       end
     end
   end)
@@ -98,37 +106,65 @@ local function model_call_writer(db)
   end
 end
 
+local function key_list(keys)
+  local list = {}
+  for key in pairs(keys) do list[#list + 1] = key end
+  return list
+end
+
 function M.start(opts)
   opts = opts or {}
   local path = config.find(opts.config)
   local cfg = { router = { providers = {}, models = {} }, keys = {} }
-  if path then
-    local c, err = config.load(path)
-    if not c then return nil, "EINVAL: " .. err, "EINVAL" end
-    cfg = c
-  end
-  local ok, err, code = router.configure(cfg.router)
-  if not ok then return nil, err, code end
+  local srv, keys, pending
   local closers = {}
-  if opts.db then
-    local db, derr, dcode = require("factory.db").open(opts.db)
-    if not db then return nil, derr, dcode end
-    local mok, merr, mcode = db:migrate()
-    if not mok then return nil, merr, mcode end
-    local record, stop = model_call_writer(db)
-    closers[#closers + 1] = router.on_call(record)
-    closers[#closers + 1] = stop
-    closers[#closers + 1] = function() db:close() end
-  end
-  local keys, tokens = cfg.keys, {}
-  for key in pairs(keys) do tokens[#tokens + 1] = key end
-  local srv, serr, scode = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
-                                      tokens = tokens, header_timeout = opts.header_timeout,
-                                      max_body_bytes = opts.max_body_bytes }
-  if not srv then
+  local function fail(err, code)
     for i = #closers, 1, -1 do closers[i]() end
-    return nil, serr, scode
+    return nil, err, code
   end
+  -- An edit of factory.lua: the server's tokens, then the router; either refusing
+  -- leaves both as they were. One made before the server is up waits for it.
+  local function reload(new)
+    if not srv then
+      pending = new
+      return
+    end
+    local ok, err = srv:set_tokens{ token = opts.token, tokens = key_list(new.keys) }
+    if ok then
+      ok, err = router.configure(new.router)
+      if not ok then srv:set_tokens{ token = opts.token, tokens = key_list(keys) } end
+    end
+    if not ok then
+      return log.warn("serve: reload rejected, keeping the previous configuration: " .. path .. ": " .. err)
+    end
+    keys = new.keys
+    log.info("serve: configuration reloaded", { file = path })
+  end
+  if path then
+    local c, watcher = config.load(path, reload)
+    if not c then return nil, "EINVAL: " .. watcher, "EINVAL" end
+    cfg = c
+    closers[#closers + 1] = watcher.stop
+  end
+  keys = cfg.keys
+  local ok, err, code = router.configure(cfg.router)
+  if not ok then return fail(err, code) end
+  if opts.db then
+    local db
+    db, err, code = require("factory.db").open(opts.db)
+    if not db then return fail(err, code) end
+    closers[#closers + 1] = function() db:close() end
+    ok, err, code = db:migrate()
+    if not ok then return fail(err, code) end
+    local record, stop = model_call_writer(db)
+    closers[#closers + 1] = stop
+    closers[#closers + 1] = router.on_call(record)
+  end
+  srv, err, code = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
+                               tokens = key_list(keys), header_timeout = opts.header_timeout,
+                               max_body_bytes = opts.max_body_bytes }
+  if not srv then return fail(err, code) end
+  if pending then reload(pending) end
   local function call(req, res, fn)
     local team = team_of(req, keys)
     local out, cerr, ccode = fn(req.body, { team = team, run = req.headers["x-factory-run"], raw = true })
@@ -141,6 +177,9 @@ function M.start(opts)
 
   srv:route("POST", "/v1/chat/completions", function(req, res) return call(req, res, router.chat) end)
   srv:route("POST", "/v1/embeddings", function(req, res) return call(req, res, router.embeddings) end)
+  srv:route("POST", "/v1/messages", function(req, res)
+    return messages.handle(req, res, { team = team_of(req, keys), run = req.headers["x-factory-run"] })
+  end)
   srv:route("GET", "/v1/models", function(_, res)
     return res:status(200):header("Content-Type", "application/json"):send(router.models_json())
   end)

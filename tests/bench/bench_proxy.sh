@@ -45,6 +45,18 @@ EOC
 serve_pid=$!
 proxy_url=$(wait_url "$dir/serve.out") || { cat "$dir/serve.out" >&2; fail "factory serve did not start"; }
 
+# CPU seconds (user + system) a process has used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+serve_cpu0=$(cpu "$serve_pid")
+fake_cpu0=$(cpu "$fake_pid")
 "$BIN" tests/bench/proxy.lua "$fake_url" "$proxy_url" "$SEQ" "$CONC_N" 64 || fail "the benchmark client failed"
 rss=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$serve_pid/status") || fail "cannot read the proxy's RSS"
 echo "proxy peak RSS: $rss MB (goal < 50)"
+# The throughput ratio depends on how many cores the three processes share: on a
+# machine with fewer cores than busy processes it measures CPU cost per request,
+# which these figures give directly. proxy.lua sends 200 + SEQ + CONC_N (rounded up
+# to whole fibers) requests each way; the fake upstream serves both.
+per=$(( (CONC_N + 63) / 64 * 64 + 200 + SEQ ))
+awk -v s0="$serve_cpu0" -v s1="$(cpu "$serve_pid")" -v f0="$fake_cpu0" -v f1="$(cpu "$fake_pid")" -v n="$per" \
+    -v cores="$(nproc)" 'BEGIN { printf "CPU per request: proxy %.1f us, fake upstream %.1f us (%d cores)\n",
+                                  (s1 - s0) / n * 1e6, (f1 - f0) / (2 * n) * 1e6, cores }'

@@ -273,6 +273,38 @@ describe("router", function()
     end)
   end
 
+  it("records the attempt chain and the first-token latency of each call", function()
+    configure{ limits = { retries = 1 } }
+    fake:script{ { status = 429, retry_after = 0.05 }, { status = 503, message = "down: " .. KEY_A },
+                 { delay = 0.05 } }
+    assert(router.chat(hello("chain"), { team = "t", run = "r9" }))
+    local r = records[#records]
+    assert.equal("b", r.provider)
+    assert.equal(3, #r.attempts)
+    local a1, a2, a3 = r.attempts[1], r.attempts[2], r.attempts[3]
+    assert.same({ "a", "gpt-test", 429, "EUPSTREAM", 0.05 }, { a1.provider, a1.model, a1.status, a1.code, a1.retry_after_s })
+    assert.same({ "a", "gpt-test", 503, "EUPSTREAM" }, { a2.provider, a2.model, a2.status, a2.code })
+    assert.contains("[REDACTED]", a2.outcome)
+    assert.same({ "b", "claude-test", 200, "ok" }, { a3.provider, a3.model, a3.status, a3.outcome })
+    assert.is_nil(a3.code)
+    for _, a in ipairs(r.attempts) do assert.truthy(a.latency_ms >= 0 and a.latency_ms <= r.latency_ms) end
+    assert.truthy(a3.latency_ms >= 50, a3.latency_ms)
+    assert.truthy(r.first_token_ms >= 50 and r.first_token_ms <= r.latency_ms)
+    -- A stream's first token comes before its end.
+    fake:script{ { chunk_delay = 0.05 } }
+    read_all(assert(router.chat(hello("solo", { stream = true }))))
+    r = records[#records]
+    assert.truthy(r.first_token_ms < r.latency_ms - 40, ("%g / %g"):format(r.first_token_ms, r.latency_ms))
+    assert.same({ "a", 200, "ok" }, { r.attempts[1].provider, r.attempts[1].status, r.attempts[1].outcome })
+    -- A call refused before sending has no first token and an empty chain.
+    configure{ budgets = { run = { tokens = 1 } } }
+    assert.is_nil(router.chat(hello("solo"), { run = "r9" }))
+    r = records[#records]
+    assert.same({ "error", "EBUDGET", {} }, { r.status, r.code, r.attempts })
+    assert.is_nil(r.first_token_ms)
+    no_secrets(records)
+  end)
+
   it("never shows an API key, even when the provider echoes it", function()
     fake:script{ { status = 401, message = "Incorrect API key provided: " .. KEY_A } }
     local res, err = router.chat(hello("solo"))
@@ -407,6 +439,71 @@ describe("router", function()
     router.set_budget("run", "r1", { tokens = 1000 })
     assert(router.chat(hello("solo", { max_tokens = 200 }), { run = "r1" }))
     assert(router.chat(hello("solo", { max_tokens = 200 }), { run = "other" }) == nil)
+  end)
+
+  it("holds a team to its tokens per day, and starts afresh the next day", function()
+    -- The day is UTC-12's: switching to UTC+12 moves it on by exactly one.
+    configure{ budgets = { teams = { daily = { tokens_per_day = 300 } }, utc_offset = -12 } }
+    assert(router.chat(hello("solo", { max_tokens = 100 }), { team = "daily" }))
+    local spent = router.stats().budgets["team:daily"].spent_tokens
+    assert.truthy(spent > 0 and spent < 150, spent)
+    local _, err, code = router.chat(hello("solo", { max_tokens = 290 }), { team = "daily" })
+    assert.equal("EBUDGET", code)
+    assert.contains("team daily has", err)
+    assert.contains("tokens left", err)
+    assert.equal(1, fake:count())
+    configure{ budgets = { teams = { daily = { tokens_per_day = 300 } }, utc_offset = 12 } }
+    assert(router.chat(hello("solo", { max_tokens = 250 }), { team = "daily" }))
+    -- The same day again after a reload: nothing starts afresh.
+    configure{ budgets = { teams = { daily = { tokens_per_day = 300 } }, utc_offset = 12 } }
+    _, _, code = router.chat(hello("solo", { max_tokens = 290 }), { team = "daily" })
+    assert.equal("EBUDGET", code)
+    assert.equal(2, fake:count())
+    local none, cerr = router.configure{ providers = {}, models = {}, budgets = { utc_offset = 15 } }
+    assert.is_nil(none)
+    assert.contains("utc_offset", cerr)
+  end)
+
+  it("holds a run to its USD budget", function()
+    configure{ prices = { ["a/gpt-test"] = { input = 0, output = 1e6 } }, budgets = { run = { usd = 20 } } }
+    -- Each call reserves 10 USD (10 tokens at 1 USD) and spends 6.
+    fake:script{ { usage = { completion = 6 } }, { usage = { completion = 6 } }, { usage = { completion = 6 } } }
+    assert(router.chat(hello("solo", { max_tokens = 10 }), { run = "usd-1" }))
+    assert(router.chat(hello("solo", { max_tokens = 10 }), { run = "usd-1" }))
+    local _, err, code = router.chat(hello("solo", { max_tokens = 10 }), { run = "usd-1" })
+    assert.equal("EBUDGET", code)
+    assert.contains("run usd-1 has 8.0000 of 20.0000 USD left", err)
+    assert(router.chat(hello("solo", { max_tokens = 10 }), { run = "usd-2" }))
+  end)
+
+  it("clear_budget forgets an account; a call in flight settles into the old one", function()
+    for name in pairs(router.stats().budgets) do router.clear_budget(name:match("^(%a+):(.*)$")) end
+    -- A run without a budget needs no account at all.
+    assert(router.chat(hello("solo"), { run = "free" }))
+    assert.same({}, router.stats().budgets)
+    configure{ budgets = { run = { tokens = 10000 } } }
+    assert(router.chat(hello("solo"), { run = "r1" }))
+    router.set_budget("run", "r2", { tokens = 1 })
+    assert.truthy(router.stats().budgets["run:r1"].spent_tokens > 0)
+    router.clear_budget("run", "r1")
+    router.clear_budget("run", "r2")
+    router.clear_budget("run", "never-seen")
+    assert.same({}, router.stats().budgets)
+    -- r2 lost its override with its account.
+    assert(router.chat(hello("solo"), { run = "r2" }))
+    fake:script{ { delay = 0.2 } }
+    local f = fiber.spawn(function() return router.chat(hello("solo"), { run = "r3" }) end)
+    fiber.sleep(0.05)
+    assert.truthy(router.stats().budgets["run:r3"].reserved_tokens > 0)
+    router.clear_budget("run", "r3")
+    assert.is_nil(router.stats().budgets["run:r3"])
+    local ok, res = fiber.join(f, 5)
+    assert.truthy(ok and res)
+    assert.is_nil(router.stats().budgets["run:r3"])
+    assert.truthy(router.stats().budgets["run:r2"])
+    router.clear_budget("run", "r2")
+    assert.same({}, router.stats().budgets)
+    assert.falsy(pcall(router.clear_budget, "nope", "x"))
   end)
 
   it("cancels the upstream request when the caller goes away", function()

@@ -286,6 +286,15 @@ CREATE INDEX learnings_repo ON learnings (repo);
 CREATE INDEX learnings_search ON learnings USING GIN (search);
 ]]
 
+-- What the router knows of a call beyond its totals: when the first token came, the
+-- error code, and the attempt chain (JSON list of { provider, model, status, code,
+-- outcome, latency_ms, retry_after_s }: what was tried, in order, and how it went).
+local MODEL_CALL_DETAIL = [[
+ALTER TABLE model_calls ADD COLUMN first_token_ms ${REAL};
+ALTER TABLE model_calls ADD COLUMN code TEXT;
+ALTER TABLE model_calls ADD COLUMN attempts ${JSON};
+]]
+
 return {
   {
     version = 1,
@@ -298,5 +307,11 @@ return {
     name = "learnings_source",
     sqlite = LEARNINGS_SQLITE,
     postgres = LEARNINGS_POSTGRES,
+  },
+  {
+    version = 3,
+    name = "model call detail",
+    sqlite = expand(MODEL_CALL_DETAIL, "sqlite"),
+    postgres = expand(MODEL_CALL_DETAIL, "postgres"),
   },
 }

@@ -161,6 +161,8 @@ describe("pipeline engine", function()
     assert.same({ "business_analysis", "shared-world" }, { facts[1].bank, facts[2].bank })
     assert.truthy(audit.verify(store))
     assert.truthy(#events > 10)
+    -- The run's budget account went with the run.
+    assert.is_nil(router.stats().budgets["run:" .. run])
   end)
 
   it("asks another team and feeds its answer back to the asker", function()
@@ -256,6 +258,7 @@ describe("pipeline engine", function()
     assert.equal("waiting", state)
     assert.equal(0, fake:count())
     assert.matches("^BLOCKED: budget exhausted: run " .. run .. " has 0.0010 of [%d.]+ USD left", esc.reason)
+    assert.is_nil(router.stats().budgets["run:" .. run])
     local r = rows("SELECT result FROM stage_results WHERE run_id = ?", { run })[1].result
     assert.equal("BLOCKED", r.status)
   end)

@@ -8,6 +8,7 @@ local proc = require "factory.proc"
 local fiber = require "factory.fiber"
 local json = require "factory.json"
 local time = require "factory.core.time"
+local log = require "factory.log"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local TESTS = HERE .. "../../"
@@ -196,25 +197,250 @@ budgets { teams = { poor = { usd_per_day = 5 } } }
     end
   end)
 
+  it("reloads an edited factory.lua while serving; a broken edit keeps the last good one", function()
+    local logged = {}
+    log.set_console({ write = function(_, ...) logged[#logged + 1] = table.concat({ ... }) end })
+    start([[keys { ["sk-one"] = { team = "one" } }]])
+    local one, two = { Authorization = "Bearer sk-one" }, { Authorization = "Bearer sk-two" }
+    local team
+    local unsubscribe = router.on_call(function(r) team = r.team end)
+    local function models(headers)
+      local res = assert(http.request{ url = base .. "/v1/models", headers = headers, timeout = 5 })
+      if res.status ~= 200 then return nil end
+      local ids = {}
+      for _, m in ipairs(json.decode(res.body).data) do ids[#ids + 1] = m.id end
+      table.sort(ids)
+      return table.concat(ids, " ")
+    end
+    local function eventually(what, fn)
+      local deadline = time.monotonic() + 5
+      while not fn() do
+        if time.monotonic() > deadline then error("never happened: " .. what, 2) end
+        fiber.sleep(0.02)
+      end
+    end
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder"), one).status)
+    -- A new model alias and provider, and a key that replaces the old one.
+    write(cfg_path, ([[
+providers { up = { base_url = "%s/v1", api_key = "sk-upstream-secret-1" },
+            other = { base_url = "%s/v1", api_key = "sk-other" } }
+models { ["factory/coder"] = { "up/gpt-test" }, ["factory/fast"] = { "other/gpt-fast" } }
+keys { ["sk-two"] = { team = "two" } }
+]]):format(fake:url(), fake:url()))
+    eventually("the new models are served", function() return models(two) == "factory/coder factory/fast" end)
+    openai_error(post("/v1/chat/completions", chat_body("factory/coder"), one), 401)
+    local res = post("/v1/chat/completions", chat_body("factory/fast"), two)
+    assert.equal(200, res.status, res.body)
+    assert.equal("gpt-fast", json.decode(fake:requests()[#fake:requests()].body).model)
+    assert.equal("two", team)
+    -- A broken edit is reported at its line and changes nothing.
+    write(cfg_path, ('providers { up = { base_url = "%s/v1" } }\n\nmodels { m = { "nope/x" } }\n'):format(fake:url()))
+    eventually("the rejection is logged", function() return table.concat(logged):find("reload rejected", 1, true) end)
+    assert.contains(cfg_path .. ":3: models[\"m\"]: unknown provider", table.concat(logged))
+    assert.equal("factory/coder factory/fast", models(two))
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/fast"), two).status)
+    -- So is one the router refuses.
+    logged = {}
+    write(cfg_path, ([[
+providers { up = { base_url = "%s/v1", api_key = "sk-up" } }
+models { ["factory/coder"] = { "up/gpt-test" } }
+budgets { utc_offset = 99 }
+]]):format(fake:url()))
+    eventually("the rejection is logged", function() return table.concat(logged):find("reload rejected", 1, true) end)
+    assert.contains("utc_offset", table.concat(logged))
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/fast"), two).status)
+    -- Without keys, the proxy is open again (on loopback).
+    write(cfg_path, ('providers { up = { base_url = "%s/v1" } }\nmodels { ["factory/coder"] = { "up/gpt-test" } }\n')
+      :format(fake:url()))
+    eventually("the keys are gone", function() return models() == "factory/coder" end)
+    unsubscribe()
+    log.set_console(nil)
+    for _, line in ipairs(logged) do assert.falsy(line:find("secret", 1, true), line) end
+  end)
+
+  -- The events of a Server-Sent Events body: { { event =, data = decoded }, ... }.
+  local function sse_events(body)
+    local out = {}
+    for block in body:gmatch("(.-)\n\n") do
+      local name, data = block:match("^event: ([^\n]*)\ndata: (.*)$")
+      out[#out + 1] = { event = name, data = json.decode(data) }
+    end
+    return out
+  end
+
+  local function anthropic_error(res, status, type_)
+    assert.equal(status, res.status, res.body)
+    local doc = assert(json.decode(res.body))
+    assert.equal("error", doc.type, res.body)
+    if type_ then assert.equal(type_, doc.error.type, res.body) end
+    assert.truthy(type(doc.error.message) == "string", res.body)
+    return doc.error
+  end
+
+  it("serves Anthropic's Messages API: text, system, tools, both upstream formats", function()
+    start([[keys { ["sk-team-ant"] = { team = "ant" } }]])
+    local team
+    local unsubscribe = router.on_call(function(r) team = r.team end)
+    local key = { ["x-api-key"] = "sk-team-ant", ["anthropic-version"] = "2023-06-01" }
+    local tools = { { name = "get_weather", description = "The weather", input_schema = { type = "object",
+                      properties = { city = { type = "string" } }, required = { "city" } } } }
+    for _, model in ipairs({ "factory/coder", "factory/claude" }) do
+      fake:reset()
+      local res = post("/v1/messages", json.encode({ model = model, max_tokens = 100, system = "Be brief.",
+        messages = { { role = "user", content = { { type = "text", text = "Say hello" } } } } }), key)
+      assert.equal(200, res.status, res.body)
+      local msg = json.decode(res.body)
+      assert.same({ "message", "assistant", "end_turn" }, { msg.type, msg.role, msg.stop_reason }, model)
+      assert.same({ { type = "text", text = "Hello from the fake." } }, msg.content)
+      assert.truthy(msg.usage.input_tokens > 0 and msg.usage.output_tokens > 0, model)
+      assert.equal("ant", team)
+      local sent = json.decode(fake:requests()[1].body)
+      if model == "factory/coder" then
+        assert.same({ role = "system", content = "Be brief." }, sent.messages[1])
+      else
+        assert.equal("Be brief.", sent.system)
+      end
+      -- A tool call, and its result sent back.
+      fake:script{ { tool_calls = { { id = "call_1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
+                   { content = "Sunny." } }
+      res = post("/v1/messages", json.encode({ model = model, max_tokens = 100, tools = tools,
+        tool_choice = { type = "any" }, messages = { { role = "user", content = "Weather in Paris?" } } }), key)
+      msg = json.decode(res.body)
+      assert.equal("tool_use", msg.stop_reason, res.body)
+      assert.same({ type = "tool_use", id = "call_1", name = "get_weather", input = { city = "Paris" } }, msg.content[1])
+      sent = json.decode(fake:requests()[2].body)
+      if model == "factory/coder" then
+        assert.equal("required", sent.tool_choice)
+        assert.equal("get_weather", sent.tools[1]["function"].name)
+        assert.equal("object", sent.tools[1]["function"].parameters.type)
+      else
+        assert.same({ type = "any" }, sent.tool_choice)
+      end
+      res = post("/v1/messages", json.encode({ model = model, max_tokens = 100, tools = tools, messages = {
+        { role = "user", content = "Weather in Paris?" },
+        { role = "assistant", content = msg.content },
+        { role = "user", content = { { type = "tool_result", tool_use_id = "call_1", content = "sunny, 24C" } } } } }),
+        key)
+      assert.equal("Sunny.", json.decode(res.body).content[1].text, res.body)
+      sent = json.decode(fake:requests()[3].body)
+      if model == "factory/coder" then
+        assert.equal("call_1", sent.messages[2].tool_calls[1].id)
+        assert.same({ city = "Paris" }, json.decode(sent.messages[2].tool_calls[1]["function"].arguments))
+        assert.same({ role = "tool", tool_call_id = "call_1", content = "sunny, 24C" }, sent.messages[3])
+      else
+        assert.same({ type = "tool_result", tool_use_id = "call_1", content = "sunny, 24C" }, sent.messages[3].content[1])
+      end
+    end
+    unsubscribe()
+  end)
+
+  it("streams Anthropic's Messages events, tool use included", function()
+    start()
+    for _, model in ipairs({ "factory/coder", "factory/claude" }) do
+      local res = post("/v1/messages", json.encode({ model = model, max_tokens = 100, stream = true,
+        messages = { { role = "user", content = "Say hello" } } }))
+      assert.equal(200, res.status, res.body)
+      assert.matches("^text/event%-stream", res.headers["content-type"])
+      local evs = sse_events(res.body)
+      local names, text = {}, {}
+      for i, ev in ipairs(evs) do
+        assert.equal(ev.event, ev.data.type)
+        if names[#names] ~= ev.event then names[#names + 1] = ev.event end
+        if ev.event == "content_block_delta" then text[#text + 1] = ev.data.delta.text end
+        if i == 1 then assert.equal("assistant", ev.data.message.role) end
+      end
+      assert.same({ "message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                    "message_delta", "message_stop" }, names, model)
+      assert.equal("Hello from the fake.", table.concat(text))
+      local delta = evs[#evs - 1].data
+      assert.equal("end_turn", delta.delta.stop_reason)
+      assert.truthy(delta.usage.output_tokens > 0, model)
+      -- Text, then a tool call: two blocks, the second a tool_use with its input in pieces.
+      fake:script{ { content = "Let me look.", tool_calls = { { id = "c9", name = "lookup", arguments = '{"q":"x"}' } } } }
+      evs = sse_events(post("/v1/messages", json.encode({ model = model, max_tokens = 100, stream = true,
+        tools = { { name = "lookup", input_schema = { type = "object" } } },
+        messages = { { role = "user", content = "Find x" } } })).body)
+      local starts, args = {}, {}
+      for _, ev in ipairs(evs) do
+        if ev.event == "content_block_start" then starts[#starts + 1] = ev.data end
+        if ev.event == "content_block_delta" and ev.data.delta.type == "input_json_delta" then
+          args[#args + 1] = ev.data.delta.partial_json
+          assert.equal(1, ev.data.index)
+        end
+      end
+      assert.equal(2, #starts, model)
+      assert.same({ 0, "text" }, { starts[1].index, starts[1].content_block.type })
+      assert.same({ 1, "tool_use", "c9", "lookup" }, { starts[2].index, starts[2].content_block.type,
+                                                       starts[2].content_block.id, starts[2].content_block.name })
+      assert.same({ q = "x" }, json.decode(table.concat(args)))
+      assert.equal("tool_use", evs[#evs - 1].data.delta.stop_reason)
+      assert.equal("message_stop", evs[#evs].event)
+    end
+  end)
+
+  it("answers bad Messages requests with Anthropic-shaped errors", function()
+    start([[keys { ["sk-team-ant"] = { team = "ant" } }
+budgets { teams = { ant = { tokens_per_day = 10 } } }]])
+    local key = { ["x-api-key"] = "sk-team-ant" }
+    anthropic_error(post("/v1/messages", "{nope", key), 400, "invalid_request_error")
+    anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 5 }), key), 400)
+    anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 5,
+      messages = { { role = "system", content = "x" } } }), key), 400)
+    local err = anthropic_error(post("/v1/messages", json.encode({ model = "claude-nope", max_tokens = 5,
+      messages = { { role = "user", content = "x" } } }), key), 404, "not_found_error")
+    assert.contains("claude-nope", err.message)
+    err = anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 500,
+      messages = { { role = "user", content = "x" } } }), key), 402, "billing_error")
+    assert.contains("budget exhausted", err.message)
+    -- The core server's 401 comes first for a wrong key.
+    assert.equal(401, post("/v1/messages", "{}", { ["x-api-key"] = "sk-wrong" }).status)
+    assert.equal(0, fake:count())
+  end)
+
   it("records every call in the store with --db", function()
     local dir = os.tmpname()
     os.remove(dir)
     assert(proc.run{ argv = { "mkdir", "-p", dir } })
-    start(nil, { db = "sqlite:" .. dir .. "/factory.db" })
-    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder"), { ["X-Factory-Team"] = "qa" }).status)
-    openai_error(post("/v1/chat/completions", chat_body("factory/nope")), 404)
+    start([[
+keys { ["sk-team-qa"] = { team = "qa" } }
+budgets { teams = { qa = { tokens_per_day = 100000 } } }
+]], { db = "sqlite:" .. dir .. "/factory.db" })
+    local auth = { Authorization = "Bearer sk-team-qa" }
+    fake:script{ { status = 503, message = "overloaded, key sk-upstream-secret-1" } }
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder"), auth).status)
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/claude", { stream = true }), auth).status)
+    openai_error(post("/v1/chat/completions", chat_body("factory/nope"), auth), 404)
+    openai_error(post("/v1/chat/completions", chat_body("factory/coder", { max_tokens = 200000 }), auth), 402)
     local db = assert(require("factory.db").open("sqlite:" .. dir .. "/factory.db"))
     local rows
     local deadline = time.monotonic() + 5
     repeat
       fiber.sleep(0.02)
-      rows = assert(db:query("SELECT team, alias, provider, model, status, prompt_tokens FROM model_calls"))
-    until #rows > 0 or time.monotonic() > deadline
+      rows = assert(db:query("SELECT team, alias, provider, model, status, code, prompt_tokens, latency_ms,"
+        .. " first_token_ms, attempts FROM model_calls ORDER BY id"))
+    until #rows >= 3 or time.monotonic() > deadline
+    local audited = assert(db:query("SELECT COUNT(*) AS n FROM audit WHERE kind = 'model_call'"))[1].n
     db:close()
-    assert.equal(1, #rows)
-    assert.same({ team = "qa", alias = "factory/coder", provider = "up", model = "gpt-test", status = "ok",
-                  prompt_tokens = rows[1].prompt_tokens }, rows[1])
     proc.run{ argv = { "rm", "-rf", dir } }
+    assert.equal(3, #rows)
+    assert.equal(3, audited)
+    local coder, claude, broke = rows[1], rows[2], rows[3]
+    assert.same({ "qa", "factory/coder", "up", "gpt-test", "ok" },
+                { coder.team, coder.alias, coder.provider, coder.model, coder.status })
+    assert.truthy(coder.prompt_tokens > 0 and coder.first_token_ms > 0 and coder.first_token_ms <= coder.latency_ms)
+    assert.equal(2, #coder.attempts)
+    assert.same({ "up", 503, "EUPSTREAM" }, { coder.attempts[1].provider, coder.attempts[1].status, coder.attempts[1].code })
+    assert.contains("[REDACTED]", coder.attempts[1].outcome)
+    assert.same({ "up", 200, "ok" }, { coder.attempts[2].provider, coder.attempts[2].status, coder.attempts[2].outcome })
+    assert.same({ "qa", "anthropic", "claude-test", "ok", 1 },
+                { claude.team, claude.provider, claude.model, claude.status, #claude.attempts })
+    assert.truthy(claude.first_token_ms < claude.latency_ms)
+    assert.same({ "qa", "error", "EBUDGET", "-", {} }, { broke.team, broke.status, broke.code, broke.provider, broke.attempts })
+    -- No key reached the store.
+    for _, r in ipairs(rows) do
+      local text = json.encode(r)
+      assert.falsy(text:find("secret", 1, true), text)
+    end
   end)
 
   it("serves the official openai npm SDK: chat, stream, tool call, for both upstream formats", function()
@@ -244,6 +470,34 @@ budgets { teams = { poor = { usd_per_day = 5 } } }
         assert.equal("Use tools.", sent.system)
         assert.equal("tool_result", sent.messages[3].content[1].type)
       end
+      fake:reset()
+    end
+  end, { timeout = 180 })
+
+  it("serves the official Anthropic npm SDK on /v1/messages: message, stream, tool call, both upstreams", function()
+    local npm_dir = TESTS .. "npm"
+    local env = { PATH = os.getenv("PATH"), HOME = os.getenv("HOME") }
+    if not io.open(npm_dir .. "/node_modules/@anthropic-ai/sdk/package.json") then
+      local r = assert(proc.run{ argv = { "npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund" }, cwd = npm_dir,
+                                 env = env, timeout = 120 })
+      assert.equal(0, r.code, "npm ci failed: " .. r.stderr)
+    end
+    start([[keys { ["sk-ant-team"] = { team = "ant" } }]])
+    for _, model in ipairs({ "factory/coder", "factory/claude" }) do
+      fake:script{ {}, {}, { tool_calls = { { id = "call_w1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
+                   { content = "It is sunny in Paris." } }
+      local r = assert(proc.run{ argv = { "node", npm_dir .. "/anthropic_sdk_test.mjs", base, "sk-ant-team", model },
+                                 env = env, timeout = 60 })
+      assert.equal(0, r.code, r.stderr)
+      local out = assert(json.decode(r.stdout))
+      assert.equal("Hello from the fake.", out.chat, model)
+      assert.truthy(out.usage.input_tokens > 0 and out.usage.output_tokens > 0, model)
+      assert.equal("Hello from the fake.", out.stream, model)
+      assert.same({ text = "Hello from the fake.", stop = "end_turn", output_tokens = out.stream_final.output_tokens },
+                  out.stream_final, model)
+      assert.same({ name = "get_weather", args = { city = "Paris" }, stop = "tool_use" }, out.tool, model)
+      assert.equal("It is sunny in Paris.", out.after_tool, model)
+      assert.same({ 404, "not_found_error" }, { out.unknown.status, out.unknown.type }, model)
       fake:reset()
     end
   end, { timeout = 180 })

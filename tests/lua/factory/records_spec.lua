@@ -1,0 +1,38 @@
+-- Specs for factory.records.model_call on SQLite and on the throwaway PostgreSQL
+-- server: a router record (router.on_call) is stored whole, attempt chain included.
+local db = require "factory.db"
+local records = require "factory.records"
+
+local backends = require "tests.tools.backends"
+after_each(backends.cleanup)
+
+for _, b in ipairs(backends.LIST) do
+  local backend, fresh = b[1], b[2]
+
+  describe("records.model_call on " .. backend, function()
+    it("stores the call's fields, first-token latency and attempt chain, and audits it", function()
+      local d = assert(db.open(fresh()))
+      assert(d:migrate())
+      local attempts = {
+        { provider = "cloud", model = "big", status = 429, code = "EUPSTREAM", outcome = "cloud/big: HTTP 429: slow down",
+          latency_ms = 3.5, retry_after_s = 2 },
+        { provider = "local", model = "small", status = 200, outcome = "ok", latency_ms = 40.25 },
+      }
+      local id = records.model_call(d, { kind = "chat", alias = "factory/coder", provider = "local", model = "small",
+        team = "qa", prompt_tokens = 12, completion_tokens = 5, cost_usd = 0.001, latency_ms = 45.5,
+        first_token_ms = 20.5, status = "ok", attempts = attempts }, "tester")
+      records.model_call(d, { alias = "factory/coder", provider = "", model = "", team = "qa", status = "error",
+        code = "EBUDGET", error = "EBUDGET: budget exhausted", latency_ms = 0.1, attempts = {} })
+      local rows = assert(d:query("SELECT id, team, operative, alias, provider, model, prompt_tokens, completion_tokens,"
+        .. " latency_ms, first_token_ms, status, code, error, attempts FROM model_calls ORDER BY id"))
+      assert.equal(2, #rows)
+      assert.same({ id = id, team = "qa", operative = "tester", alias = "factory/coder", provider = "local",
+                    model = "small", prompt_tokens = 12, completion_tokens = 5, latency_ms = 45.5,
+                    first_token_ms = 20.5, status = "ok", attempts = attempts }, rows[1])
+      assert.same({ "-", "-", "EBUDGET", {} }, { rows[2].provider, rows[2].model, rows[2].code, rows[2].attempts })
+      assert.is_nil(rows[2].first_token_ms)
+      assert.equal(2, d:query("SELECT COUNT(*) AS n FROM audit WHERE kind = 'model_call'")[1].n)
+      d:close()
+    end)
+  end)
+end
