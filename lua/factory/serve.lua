@@ -6,6 +6,10 @@
 --                db = URL | nil, token = nil, header_timeout =, max_body_bytes = }
 --     -> server | nil, err, code   (the last two: see factory.core.http_server)
 --     server:url(), server:close([grace])
+--   serve.local_proxy{ [KEY] = { team =, run = } } -> server | nil, err, code
+--     the same proxy on a free loopback port of this process, over the router as it
+--     is configured, accepting only those keys (CLI agents of `factory run`)
+--   serve.mount(srv, keys_fn): the proxy's routes on an http_server
 --   serve.main(opts) -> exit code: `factory serve`: starts, prints the URL, serves
 --     until SIGINT or SIGTERM, then stops accepting and gives the requests in flight
 --     GRACE seconds to finish before closing.
@@ -59,11 +63,13 @@ local function bearer(req)
   return auth and auth:match("^[Bb]earer%s+(.-)%s*$") or req.headers["x-api-key"]
 end
 
--- The team of a request (the core server has checked its key already).
-local function team_of(req, keys)
-  local entry = keys[bearer(req) or ""]
-  if entry then return entry.team or "default" end
-  return req.headers["x-factory-team"]
+-- The team and run of a request (the core server has checked its key already): a
+-- virtual key's, else the operator's headers.
+local function caller_of(req, keys)
+  local entry = keys[bearer(req) or req.headers["x-api-key"] or ""]
+  local run = req.headers["x-factory-run"]
+  if entry then return entry.team or "default", run or (entry.run and tostring(entry.run)) end
+  return req.headers["x-factory-team"], run
 end
 
 local function stream_reply(res, s)
@@ -165,29 +171,45 @@ function M.start(opts)
                                max_body_bytes = opts.max_body_bytes }
   if not srv then return fail(err, code) end
   if pending then reload(pending) end
+  M.mount(srv, function() return keys end)
+  local close = srv.close
+  function srv.close(self, grace)
+    close(self, grace)
+    for i = #closers, 1, -1 do closers[i]() end
+  end
+  return srv
+end
+
+-- The proxy's routes on srv; keys() gives the current virtual keys.
+function M.mount(srv, keys)
   local function call(req, res, fn)
-    local team = team_of(req, keys)
-    local out, cerr, ccode = fn(req.body, { team = team, run = req.headers["x-factory-run"], raw = true })
+    local team, run = caller_of(req, keys())
+    local out, cerr, ccode = fn(req.body, { team = team, run = run, raw = true })
     if not out then return send_error(res, cerr, ccode) end
     if type(out) == "string" then
       return res:status(200):header("Content-Type", "application/json"):send(out)
     end
     return stream_reply(res, out)
   end
-
   srv:route("POST", "/v1/chat/completions", function(req, res) return call(req, res, router.chat) end)
   srv:route("POST", "/v1/embeddings", function(req, res) return call(req, res, router.embeddings) end)
   srv:route("POST", "/v1/messages", function(req, res)
-    return messages.handle(req, res, { team = team_of(req, keys), run = req.headers["x-factory-run"] })
+    local team, run = caller_of(req, keys())
+    return messages.handle(req, res, { team = team, run = run })
   end)
   srv:route("GET", "/v1/models", function(_, res)
     return res:status(200):header("Content-Type", "application/json"):send(router.models_json())
   end)
-  local close = srv.close
-  function srv.close(self, grace)
-    close(self, grace)
-    for i = #closers, 1, -1 do closers[i]() end
-  end
+end
+
+-- A proxy on a free loopback port, in this process, over the router as it is
+-- configured, that accepts only the given virtual keys: what a CLI agent started by
+-- `factory run` talks to, so that its calls are held to, and counted against, its
+-- team and run. keys: { [KEY] = { team =, run = } }.
+function M.local_proxy(keys)
+  local srv, err, code = server.new{ host = "127.0.0.1", port = 0, tokens = key_list(keys) }
+  if not srv then return nil, err, code end
+  M.mount(srv, function() return keys end)
   return srv
 end
 

@@ -14,7 +14,9 @@
 --        "builtin" -> factory.agents.builtin.run; { cli = "claude"|"codex"|"aider"|NAME,
 --        command = argv, format =, heartbeat_timeout =, max_iterations = ... } ->
 --        factory.agents.cli.run with those options (cli names a preset, or command is
---        given), SPEC.md listing the team's learnings)
+--        given), SPEC.md listing the team's learnings, and a model proxy of this
+--        process (factory.serve.local_proxy) with a key of its own for the team and
+--        run in the agent's environment)
 --   result: the agent's TaskResult with result.workspace = { branch, base, commit,
 --   diff_stats = { files, insertions, deletions, per_file } }; a git failure gives a
 --   BLOCKED result that names it. Never raises for the repository's or the agent's
@@ -31,6 +33,7 @@ local git = require "factory.git"
 local workspace = require "factory.agents.workspace"
 local builtin = require "factory.agents.builtin"
 local cli = require "factory.agents.cli"
+local serve = require "factory.serve"
 local objective = require "factory.objective"
 local confidence = require "factory.confidence"
 
@@ -92,6 +95,13 @@ local function agent_of(o)
   return cli.run, extra
 end
 
+local function random_key()
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local bytes = f:read(16)
+  f:close()
+  return "sk-factory-" .. bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end)
+end
+
 function M.run(o)
   local st, op, team = o.stage, o.operative, o.team
   local r, err = git.open(o.repo)
@@ -113,8 +123,22 @@ function M.run(o)
     if kind == "tool_call" then data.stage = st.name end
     emit(kind, data)
   end
+  -- A CLI agent's model calls go through a proxy of this process with a key of its
+  -- own: held to, and counted against, its team and run like the built-in agent's.
+  local proxy
+  if agent == cli.run then
+    local key = random_key()
+    local perr
+    proxy, perr = serve.local_proxy{ [key] = { team = team.name, run = o.run_id } }
+    if not proxy then
+      r:close()
+      return confidence.blocked("cannot start the model proxy for the CLI agent: " .. tostring(perr))
+    end
+    args.proxy_url, args.virtual_key = proxy:url(), key
+  end
   emit("workspace_started", { stage = st.name, branch = name })
   local ws, werr = workspace.run(args)
+  if proxy then proxy:close() end
   r:close()
   if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
   local result = ws.result

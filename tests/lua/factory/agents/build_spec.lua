@@ -252,4 +252,44 @@ describe("build stage", function()
     assert.equal(repo_dir, learned[1].repo)
     assert.equal("The calc tests run with `make -s test` from the repository root", learned[1].text)
   end)
+
+  it("a CLI agent's model calls go through a proxy of the engine, counted for its team and run", function()
+    -- The agent: one chat call through the proxy in its environment, then the box checked.
+    local script = [[
+set -e
+curl -s -f -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \
+  -d '{"model":"factory/coder","messages":[{"role":"user","content":"fix it"}]}' \
+  "$OPENAI_BASE_URL/chat/completions" > reply.json
+printf '%s\n' "$OPENAI_API_KEY" > key.txt
+sed -i 's/- \[ \]/- [x]/' SPEC.md
+echo done
+]]
+    local team = assert(fs.read(ROOT .. "teams/backend_engineering.lua"))
+    team = team:gsub('operative "implementer" {', ('operative "implementer" {\n    agent = { cli = "script", '
+      .. 'command = { "sh", "-c", %q }, format = "plain", heartbeat_timeout = 5 },'):format(script), 1)
+    assert(fs.write(dir .. "/project/teams/backend_engineering.lua", team))
+    assert(fs.write(dir .. "/project/pipelines/onefix.lua", 'return pipeline "onefix" {\n'
+      .. '  stage "fix" { team = "backend_engineering", workspace = "worktree", acceptance = { "fixed" } },\n}'))
+    engine:close()
+    local project = dsl.project(dir .. "/project")
+    assert.same({}, project:load())
+    engine = pipeline.engine{ db = store, project = project }
+    fake:script{ { content = "the fix is a - b" } }
+    local run_id = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong", repo = repo_dir,
+                                         external_id = "cli-proxy" })
+    local st, detail = engine:execute(run_id)
+    assert.equal("succeeded", st, detail and detail.reason)
+    assert.equal(1, fake:count())
+    -- The upstream saw the provider's key; the agent only ever had its virtual key.
+    assert.equal("Bearer sk-test-build-0000", fake:requests()[1].headers["authorization"])
+    local calls = assert(store:query("SELECT team, run_id, alias, status FROM model_calls"))
+    assert.equal(1, #calls)
+    assert.equal("backend_engineering", calls[1].team)
+    assert.equal(run_id, calls[1].run_id)
+    assert.equal("factory/coder", calls[1].alias)
+    local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ?", { run_id }))[1].result
+    local files = {}
+    for _, f in ipairs(fix.workspace.diff_stats.per_file) do files[#files + 1] = f.path end
+    assert.equal("key.txt reply.json", table.concat(files, " "))
+  end)
 end)
