@@ -221,9 +221,11 @@ static void do_open(sq_job *j) {
         sqlite3_extended_result_codes(c->db, 1);
         sqlite3_busy_timeout(c->db, c->busy_ms);
         /* journal_mode is the first statement that reads the file: a file that is
-         * not a database fails here. */
+         * not a database fails here. temp_store: a statement journal (any write
+         * under a savepoint, with a trigger or several rows) is a few pages, not
+         * worth creating and deleting a file for each time. */
         rc = sqlite3_exec(c->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
-                                 " PRAGMA foreign_keys=ON;", NULL, NULL, NULL);
+                                 " PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;", NULL, NULL, NULL);
     }
     if (rc == SQLITE_OK) return;
     if ((rc & 0xff) == SQLITE_CANTOPEN && dir_missing(c->path))

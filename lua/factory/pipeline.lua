@@ -175,7 +175,7 @@ end
 
 -- What the run's stages need to know, read once under the run lock: while this
 -- process holds it, only this process adds stage results, escalations or answers to
--- the run, and it keeps these up to date itself.
+-- the run (a human answers only a run that waits), and it keeps these up to date.
 local function load_state(tx, run)
   run.spent = assert(tx:query("SELECT COALESCE(SUM(cost_usd), 0) AS usd FROM model_calls WHERE run_id = ?",
     { run.id }))[1].usd
@@ -185,6 +185,7 @@ local function load_state(tx, run)
     .. " AND a.kind = 'answer' WHERE e.run_id = ? AND e.kind = 'escalation' AND a.id IS NULL ORDER BY e.id LIMIT 1",
     { run.id }))
   run.escalation = open[1] and open[1].id
+  run.answers = hitl.answers(tx, run.id)
 end
 
 function Engine:execute(run_id)
@@ -329,7 +330,6 @@ function Engine:_stage(run, pipe, st)
     if started then self:_emit(run.id, "stage_started", started) end
     started = nil
   end
-  local answers
   while true do
     if run.escalation then
       flush_started()
@@ -341,7 +341,10 @@ function Engine:_stage(run, pipe, st)
     local team = self.project.teams:get(st.team)
     if not team then error(("stage %s: team %q is not loaded"):format(st.name, st.team)) end
     local op = self:_operative(team, st)
-    answers = answers or hitl.answers(db, run.id, st.name)
+    local answers = {}
+    for _, a in ipairs(run.answers) do
+      if a.stage == st.name then answers[#answers + 1] = a end
+    end
     local total, recent = attempts(run, st.name, answers)
     if recent >= limits.max_iterations then
       flush_started()
@@ -417,7 +420,7 @@ function Engine:_stage(run, pipe, st)
     if not answer then
       return self:_escalate(run, st, team, op, ("%s (asked of %s)"):format(c.question, c.team), why)
     end
-    answers = nil -- the broker's answer is in the store now
+    run.answers = hitl.answers(db, run.id)
   end
 end
 
