@@ -13,7 +13,10 @@
 --       .backend. COMMIT when fn returns; ROLLBACK when fn raises or returns nil, err,
 --       and then db:tx returns nil, err. On SQLite it is BEGIN IMMEDIATE: the write
 --       lock is taken up front, so two writers queue on the busy timeout instead of
---       one failing when it upgrades from reader to writer.
+--       one failing when it upgrades from reader to writer. SQLite also groups
+--       commits: transactions (and db:exec calls) that queue while one runs join its
+--       transaction, each under a savepoint of its own (its failure undoes only its
+--       work), and all return after their one shared COMMIT.
 --   db:notify(channel, payload)  db:listen(channel) -> listener
 --       listener:wait([timeout]) -> { channel =, payload = } | nil, err, code;  listener:close()
 --       PostgreSQL: LISTEN/NOTIFY on a dedicated connection (tx:notify is delivered at
@@ -32,14 +35,18 @@
 -- exec's last_id: on SQLite the rowid an INSERT inserted; on both backends a
 -- statement's RETURNING id fills it (the portable way, and the right id for upserts).
 --
--- Connections: SQLite has one (every call queues on it; its work runs on the libuv
--- thread pool, where waiting out another process's lock ties up a pool thread). PostgreSQL has a pool of up to `pool` connections, opened on demand;
--- a dropped connection is replaced, reconnecting with exponential backoff for up to
--- 10 s. A transaction pins one connection until it ends, so keep transactions short.
+-- Connections: SQLite has one writer (every transaction, exec and script queues on it;
+-- BEGIN and COMMIT run on the libuv thread pool, where waiting out another process's
+-- lock ties up a pool thread; statements in between run inline) and, for db:query
+-- from fibers, one reader, which sees only committed data. PostgreSQL has a pool of
+-- up to `pool` connections, opened on demand; a dropped connection is replaced,
+-- reconnecting with exponential backoff for up to 10 s. A transaction pins one
+-- connection until it ends, so keep transactions short.
 -- Inside db:tx use the tx object: calling db:query from the same fiber raises,
--- because it would run outside the transaction (or wait forever on SQLite).
+-- because it would run outside the transaction.
 -- If a fiber dies holding a connection (cancelled, timed out), the next caller
--- reclaims it: rolled back on SQLite, closed and replaced on PostgreSQL.
+-- reclaims it: rolled back on SQLite (in a group, only that caller's savepoint),
+-- closed and replaced on PostgreSQL.
 local sqlite = require "factory.core.db_sqlite"
 local pg = require "factory.core.db_pg"
 local corefiber = require "factory.core.fiber"
