@@ -13,7 +13,10 @@
 --       .backend. COMMIT when fn returns; ROLLBACK when fn raises or returns nil, err,
 --       and then db:tx returns nil, err. On SQLite it is BEGIN IMMEDIATE: the write
 --       lock is taken up front, so two writers queue on the busy timeout instead of
---       one failing when it upgrades from reader to writer.
+--       one failing when it upgrades from reader to writer. SQLite also groups
+--       commits: transactions (and db:exec calls) that queue while one runs join its
+--       transaction, each under a savepoint of its own (its failure undoes only its
+--       work), and all return after their one shared COMMIT.
 --   db:notify(channel, payload)  db:listen(channel) -> listener
 --       listener:wait([timeout]) -> { channel =, payload = } | nil, err, code;  listener:close()
 --       PostgreSQL: LISTEN/NOTIFY on a dedicated connection (tx:notify is delivered at
@@ -32,14 +35,18 @@
 -- exec's last_id: on SQLite the rowid an INSERT inserted; on both backends a
 -- statement's RETURNING id fills it (the portable way, and the right id for upserts).
 --
--- Connections: SQLite has one (every call queues on it; its work runs on the libuv
--- thread pool, where waiting out another process's lock ties up a pool thread). PostgreSQL has a pool of up to `pool` connections, opened on demand;
--- a dropped connection is replaced, reconnecting with exponential backoff for up to
--- 10 s. A transaction pins one connection until it ends, so keep transactions short.
+-- Connections: SQLite has one writer (every transaction, exec and script queues on it;
+-- BEGIN and COMMIT run on the libuv thread pool, where waiting out another process's
+-- lock ties up a pool thread; statements in between run inline) and, for db:query
+-- from fibers, one reader, which sees only committed data. PostgreSQL has a pool of
+-- up to `pool` connections, opened on demand; a dropped connection is replaced,
+-- reconnecting with exponential backoff for up to 10 s. A transaction pins one
+-- connection until it ends, so keep transactions short.
 -- Inside db:tx use the tx object: calling db:query from the same fiber raises,
--- because it would run outside the transaction (or wait forever on SQLite).
+-- because it would run outside the transaction.
 -- If a fiber dies holding a connection (cancelled, timed out), the next caller
--- reclaims it: rolled back on SQLite, closed and replaced on PostgreSQL.
+-- reclaims it: rolled back on SQLite (in a group, only that caller's savepoint),
+-- closed and replaced on PostgreSQL.
 local sqlite = require "factory.core.db_sqlite"
 local pg = require "factory.core.db_pg"
 local corefiber = require "factory.core.fiber"
@@ -177,31 +184,77 @@ local function remove_entry(self, e)
   if e.conn then e.conn:close() end
 end
 
--- Hands the connection to the first waiter still parked, else leaves it idle.
+local function hand_off(self, e)
+  while #self.waiters > 0 do
+    local w = table.remove(self.waiters, 1)
+    e.owner = w
+    if w:wake(e) then return true end
+    e.owner = nil
+  end
+  return false
+end
+
+local function settle(g, ok, err, code)
+  for _, m in ipairs(g.members) do
+    m.ok, m.err, m.code = ok, err, code
+    if m.fiber ~= MAIN then m.fiber:wake(true) end
+  end
+end
+
+-- One COMMIT, one fsync, for every member of the group.
+local function commit_group(self, e)
+  local g = e.group
+  g.committing = true
+  e.conn:inline(false)
+  local ok, err, code = e.conn:script("COMMIT")
+  if not ok then e.conn:script("ROLLBACK") end
+  e.group = nil
+  settle(g, ok, err, code)
+end
+
+-- Hands the connection to the first waiter still parked, else leaves it idle. An
+-- open SQLite group passes to the next waiter with the connection; the last one
+-- commits it (a caller outside any fiber cannot wait for someone else's COMMIT).
 local function release(self, e)
+  local me = e.owner
   e.owner = nil
+  if e.group then
+    if me ~= MAIN and not e.group.broken and not self.closed and hand_off(self, e) then return end
+    e.owner = me
+    commit_group(self, e)
+    e.owner = nil
+  end
   if self.closed or not usable(e) then
     remove_entry(self, e)
     local w = table.remove(self.waiters, 1)
     if w then w:wake(true) end
     return
   end
-  while #self.waiters > 0 do
-    local w = table.remove(self.waiters, 1)
-    e.owner = w
-    if w:wake(e) then return end
-    e.owner = nil
-  end
+  hand_off(self, e)
 end
 
 -- Frees a connection whose owner died without releasing it (a cancelled fiber
 -- unwinds nothing): its open transaction would hold locks. A PostgreSQL connection is
 -- closed, which ends the transaction and leaves no one queued behind a statement the
--- dead fiber left running; SQLite's one connection is rolled back and reused.
+-- dead fiber left running; SQLite's one connection is rolled back and reused. In a
+-- SQLite group only the dead member's savepoint is rolled back; a dead committer's
+-- COMMIT ran on regardless, and a ROLLBACK queued behind it fails exactly when that
+-- COMMIT succeeded.
 local function reclaim(self, e, me)
   e.owner = me
   if self.backend == "postgres" then
     e.conn:close()
+  elseif e.group and e.group.committing then
+    local g = e.group
+    e.group = nil
+    if e.conn:script("ROLLBACK") then
+      settle(g, nil, "EIO: the transaction's COMMIT failed", "EIO")
+    else
+      settle(g, true)
+    end
+  elseif e.member then
+    e.member = false
+    if not (e.conn:run("ROLLBACK TO member") and e.conn:run("RELEASE member")) then e.group.broken = true end
   elseif e.in_tx then
     e.in_tx = false
     e.conn:script("ROLLBACK")
@@ -209,13 +262,15 @@ local function reclaim(self, e, me)
   release(self, e)
 end
 
+local function misuse(level)
+  error("db: called on the database inside db:tx from the same fiber (it would run outside "
+    .. "the transaction); use the tx object", level + 1)
+end
+
 -- level: of the caller to blame for misuse.
 local function acquire(self, level)
   local me = corefiber.current() or MAIN
-  if self.tx_owners[me] then
-    error("db: called on the database inside db:tx from the same fiber (it would run outside "
-      .. "the transaction); use the tx object", level + 1)
-  end
+  if self.tx_owners[me] then misuse(level + 1) end
   while true do
     if self.closed then return nil, "ECLOSED: the database is closed", "ECLOSED" end
     local idle, dead
@@ -284,6 +339,13 @@ function M.open(url)
   if spec.backend == "sqlite" then
     conn, err, code = sqlite.open(spec.path, { create_dir = spec.create_dir })
     self.max = 1
+    if conn then
+      self.reader, err, code = sqlite.open(spec.path)
+      if not self.reader then
+        conn:close()
+        return nil, err, code
+      end
+    end
   else
     conn, err, code = pg_connect(spec, 0)
     self.max = spec.pool
@@ -306,19 +368,17 @@ local function exec_on(conn, backend, sql, args, n)
   return exec_result(rows, meta)
 end
 
+-- SQLite reads from fibers go to a second connection, which WAL lets read the last
+-- committed state while the writer's group is open: a read neither waits for a group
+-- nor sees work that is not committed yet. Its statements queue in C, one at a time.
 function DB:query(sql, params)
   local args, n = prepare(sql, params)
+  local me = corefiber.current()
+  if self.reader and me and not self.closed then
+    if self.tx_owners[me] then misuse(2) end
+    return query_on(self.reader, "sqlite", sql, args, n)
+  end
   return with_conn(self, query_on, self.backend, sql, args, n)
-end
-
-function DB:exec(sql, params)
-  local args, n = prepare(sql, params)
-  return with_conn(self, exec_on, self.backend, sql, args, n)
-end
-
-function DB:script(sql)
-  prepare(sql)
-  return with_conn(self, function(conn) return conn:script(sql) end)
 end
 
 local function tx_error_text(err)
@@ -339,38 +399,153 @@ local function deliver(self, channel, payload)
   end
 end
 
-function DB:tx(fn, ...)
-  if type(fn) ~= "function" then error("db:tx: expected a function, got " .. type(fn), 2) end
+local function tx_failed(res)
+  return not res[1] or (res[2] == nil and res[3] ~= nil)
+end
+
+-- What db:tx returns for fn's results res (pack(xpcall(fn, ...))) once its work is
+-- undone.
+local function tx_error(res)
+  if res[1] then return nil, res[3], res[4] end
+  -- A fiber cancelling itself must stay cancelled.
+  if type(res[2]) == "table" and res[2].code == "ECANCELED" then error(res[2], 0) end
+  return nil, tx_error_text(res[2])
+end
+
+local function run_fn(self, me, conn, fn, ...)
+  self.tx_owners[me] = true
+  local tx = setmetatable({ backend = self.backend, _conn = conn, _notes = {} }, Tx)
+  local res = pack(xpcall(fn, function(x) return x end, tx, ...))
+  tx._conn = nil
+  self.tx_owners[me] = nil
+  return res, tx._notes
+end
+
+local function pg_tx(self, fn, ...)
   local me = corefiber.current() or MAIN
-  local e, err, code = acquire(self, 2)
+  local e, err, code = acquire(self, 3)
   if not e then return nil, err, code end
-  local ok, berr, bcode = e.conn:script(self.backend == "sqlite" and "BEGIN IMMEDIATE" or "BEGIN")
+  local ok, berr, bcode = e.conn:script("BEGIN")
   if not ok then
     release(self, e)
     return nil, berr, bcode
   end
   e.in_tx = true
-  self.tx_owners[me] = true
-  local tx = setmetatable({ backend = self.backend, _conn = e.conn, _notes = {} }, Tx)
-  local res = pack(xpcall(fn, function(x) return x end, tx, ...))
-  tx._conn = nil
-  self.tx_owners[me] = nil
-  local raised = not res[1]
-  if raised or (res[2] == nil and res[3] ~= nil) then
+  local res = run_fn(self, me, e.conn, fn, ...)
+  if tx_failed(res) then
     e.conn:script("ROLLBACK")
     e.in_tx = false
     release(self, e)
-    if not raised then return nil, res[3], res[4] end
-    -- A fiber cancelling itself must stay cancelled.
-    if type(res[2]) == "table" and res[2].code == "ECANCELED" then error(res[2], 0) end
-    return nil, tx_error_text(res[2])
+    return tx_error(res)
   end
   local cok, cerr, ccode = e.conn:script("COMMIT")
   if not cok then e.conn:script("ROLLBACK") end
   e.in_tx = false
   release(self, e)
   if not cok then return nil, cerr, ccode end
-  for _, note in ipairs(tx._notes) do deliver(self, note[1], note[2]) end
+  return unpack(res, 2, res.n)
+end
+
+-- SQLite group commit. A transaction that finds the connection idle opens a group
+-- (BEGIN IMMEDIATE); everyone queued for the connection meanwhile runs inside that
+-- same transaction when their turn comes, each db:tx under a SAVEPOINT of its own so
+-- that its failure undoes only its work; the last in line COMMITs, and every member
+-- returns only after that COMMIT (so, as before, a db:tx that returned is on disk).
+-- Under load one fsync serves every caller who queued during the previous one.
+local function nudge(self, e, g)
+  if e.group == g and e.owner ~= nil and not alive(e.owner) then
+    local x = acquire(self, 3)
+    if x then release(self, x) end
+  end
+end
+
+local function member(self, e, me, fn, ...)
+  local conn, g = e.conn, e.group
+  local sok, serr, scode = conn:run("SAVEPOINT member")
+  if not sok then
+    g.broken = true
+    release(self, e)
+    return nil, serr, scode
+  end
+  e.member = true
+  local res, notes = run_fn(self, me, conn, fn, ...)
+  local failed = tx_failed(res)
+  if failed and not conn:run("ROLLBACK TO member") then g.broken = true end
+  if not conn:run("RELEASE member") then g.broken = true end
+  e.member = false
+  if failed then
+    release(self, e)
+    return tx_error(res)
+  end
+  local m = { fiber = me }
+  g.members[#g.members + 1] = m
+  release(self, e)
+  while m.ok == nil do
+    corefiber.park(1)
+    if m.ok == nil then nudge(self, e, g) end
+  end
+  if not m.ok then return nil, m.err, m.code end
+  for _, note in ipairs(notes) do deliver(self, note[1], note[2]) end
+  return unpack(res, 2, res.n)
+end
+
+local function sqlite_tx(self, fn, ...)
+  local me = corefiber.current() or MAIN
+  local e, err, code = acquire(self, 3)
+  if not e then return nil, err, code end
+  if not e.group then
+    e.in_tx = true
+    local ok, berr, bcode = e.conn:script("BEGIN IMMEDIATE")
+    e.in_tx = false
+    if not ok then
+      release(self, e)
+      return nil, berr, bcode
+    end
+    -- Holding the write lock, no statement can wait for another process.
+    e.conn:inline(true)
+    e.group = { members = {} }
+  end
+  return member(self, e, me, fn, ...)
+end
+
+function DB:tx(fn, ...)
+  if type(fn) ~= "function" then error("db:tx: expected a function, got " .. type(fn), 2) end
+  if self.backend == "sqlite" then return sqlite_tx(self, fn, ...) end
+  return pg_tx(self, fn, ...)
+end
+
+local function exec_member(tx, sql, args, n)
+  return exec_on(tx._conn, "sqlite", sql, args, n)
+end
+
+-- On SQLite a statement that finds a group open joins it (and waits for its COMMIT);
+-- one that finds the connection idle commits on its own.
+function DB:exec(sql, params)
+  local args, n = prepare(sql, params)
+  if self.backend == "sqlite" then
+    local me = corefiber.current() or MAIN
+    local e, err, code = acquire(self, 2)
+    if not e then return nil, err, code end
+    if e.group then return member(self, e, me, exec_member, sql, args, n) end
+    local res = pack(pcall(exec_on, e.conn, "sqlite", sql, args, n))
+    release(self, e)
+    if not res[1] then error(res[2], 0) end
+    return unpack(res, 2, res.n)
+  end
+  return with_conn(self, exec_on, self.backend, sql, args, n)
+end
+
+-- A script (DDL, its own BEGIN/COMMIT) never runs inside someone else's group.
+function DB:script(sql)
+  prepare(sql)
+  local e, err, code = acquire(self, 2)
+  if not e then return nil, err, code end
+  local res = pack(pcall(function()
+    if e.group then commit_group(self, e) end
+    return e.conn:script(sql)
+  end))
+  release(self, e)
+  if not res[1] then error(res[2], 0) end
   return unpack(res, 2, res.n)
 end
 
@@ -413,6 +588,7 @@ function DB:close()
     local e = self.entries[i]
     if e.owner == nil or not alive(e.owner) then remove_entry(self, e) end
   end
+  if self.reader then self.reader:close() end
   for l in pairs(self.listeners) do l:close() end
   local waiters = self.waiters
   self.waiters = {}

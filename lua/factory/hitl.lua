@@ -6,8 +6,9 @@
 --   hitl.get(db, id) -> { id, run_id, stage, team, question, reason, answer = text | nil }
 --   hitl.list(db [, { all = bool }]) -> open escalations (all: answered ones too), oldest first
 --   hitl.answer(db, id, text [, who]) -> true | nil, err, code   (ENOENT, EANSWERED)
---   hitl.answers(db, run_id, stage) -> { { from, question, answer, human = bool, at } }
---       every answer the stage's objective received, from teams and humans, in order
+--   hitl.answers(db, run_id [, stage]) -> { { from, question, answer, human = bool, at, stage } }
+--       every answer the stage's objective received (without stage: every stage's),
+--       from teams and humans, in order
 local records = require "factory.records"
 local time = require "factory.core.time"
 
@@ -69,9 +70,9 @@ function M.answers(db, run_id, stage)
   local out = {}
   for _, r in ipairs(rows) do
     local d = type(r.data) == "table" and r.data or {}
-    if d.stage == stage and (d.depth or 1) == 1 then
+    if (stage == nil or d.stage == stage) and (d.depth or 1) == 1 then
       out[#out + 1] = { from = r.sender, question = r.question, answer = r.body, human = r.asked == "escalation",
-                        at = r.created_at }
+                        at = r.created_at, stage = d.stage }
     end
   end
   return out

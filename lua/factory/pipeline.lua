@@ -121,7 +121,7 @@ function Engine:_model_call(r)
   local totals = run_id and self.totals[run_id]
   if not totals then return end
   local operative = self.active[run_id .. "\0" .. tostring(r.team)]
-  records.model_call(self.db, r, operative)
+  assert(self.db:tx(records.model_call, r, operative))
   totals.tokens = totals.tokens + (r.prompt_tokens or 0) + (r.completion_tokens or 0)
   totals.cost = totals.cost + (r.cost_usd or 0)
   self:_notify(run_id, "model_call", { team = r.team, operative = operative, alias = r.alias, status = r.status,
@@ -175,7 +175,8 @@ end
 
 -- ---- the run lock ----------------------------------------------------------------
 
-function Engine:_lock(run_id)
+-- start(tx) runs in the transaction that takes the lock.
+function Engine:_lock(run_id, start)
   local name = "run:" .. run_id
   local ok, err = self.db:tx(function(tx)
     local now = time.now()
@@ -187,6 +188,7 @@ function Engine:_lock(run_id)
     assert(tx:exec("DELETE FROM locks WHERE name = ?", { name }))
     assert(tx:exec("INSERT INTO locks (name, owner, expires_at, acquired_at) VALUES (?, ?, ?, ?)",
       { name, self.owner, now + LOCK_TTL, now }))
+    start(tx)
     return true
   end)
   if not ok then return nil, err end
@@ -196,9 +198,10 @@ function Engine:_lock(run_id)
       self.db:exec("UPDATE locks SET expires_at = ? WHERE name = ? AND owner = ?", { time.now() + LOCK_TTL, name, self.owner })
     end
   end)
-  return function()
+  -- released: the lock was already deleted, with the run's last stage.
+  return function(released)
     beat:cancel("released")
-    self.db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { name, self.owner })
+    if not released then self.db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { name, self.owner }) end
   end
 end
 
@@ -210,19 +213,39 @@ local function load_run(db, run_id)
   return rows[1]
 end
 
+-- What the run's stages need to know, read once under the run lock: while this
+-- process holds it, only this process adds stage results, escalations or answers to
+-- the run (a human answers only a run that waits), and it keeps these up to date.
+local function load_state(tx, run)
+  run.spent = assert(tx:query("SELECT COALESCE(SUM(cost_usd), 0) AS usd FROM model_calls WHERE run_id = ?",
+    { run.id }))[1].usd
+  run.results = assert(tx:query("SELECT stage, team, status, result, created_at FROM stage_results WHERE run_id = ?"
+    .. " ORDER BY id", { run.id }))
+  local open = assert(tx:query("SELECT e.id FROM mail e LEFT JOIN mail a ON a.in_reply_to = e.id"
+    .. " AND a.kind = 'answer' WHERE e.run_id = ? AND e.kind = 'escalation' AND a.id IS NULL ORDER BY e.id LIMIT 1",
+    { run.id }))
+  run.escalation = open[1] and open[1].id
+  run.answers = hitl.answers(tx, run.id)
+end
+
 function Engine:execute(run_id)
   local run = load_run(self.db, run_id)
   if not run then return "failed", ("no run %s"):format(tostring(run_id)) end
   if FINISHED[run.state] then return run.state, run.error end
-  local unlock, err = self:_lock(run_id)
+  local pipe = self.project.pipelines:get(run.pipeline)
+  local unlock, err = self:_lock(run_id, function(tx)
+    load_state(tx, run)
+    if pipe then
+      assert(tx:exec("UPDATE runs SET state = 'running', updated_at = ? WHERE id = ?", { time.now(), run.id }))
+      records.event(tx, run.id, "run_started", self:_started(run, pipe))
+    end
+  end)
   if not unlock then return "busy", err end
-  local spent = assert(self.db:query("SELECT COALESCE(SUM(cost_usd), 0) AS usd FROM model_calls WHERE run_id = ?",
-    { run_id }))[1].usd
-  self.totals[run_id] = { tokens = 0, cost = spent, started = time.monotonic() }
-  local ok, state, detail = pcall(self._execute, self, run, spent)
+  self.totals[run_id] = { tokens = 0, cost = run.spent, started = time.monotonic() }
+  local ok, state, detail = pcall(self._execute, self, run, pipe)
   -- The store has every call of this execution: a resumed run starts from it.
   router.clear_budget("run", run_id)
-  unlock()
+  unlock(run.unlocked)
   self.totals[run_id] = nil
   if not ok then
     log.error("pipeline: run failed", { run = run_id, error = tostring(state) })
@@ -239,18 +262,20 @@ function Engine:_finish(run, state, why)
   self:_emit(run.id, "run_finished", { state = state, error = why })
 end
 
-function Engine:_execute(run, spent)
-  local pipe = self.project.pipelines:get(run.pipeline)
+function Engine:_started(run, pipe)
+  return { pipeline = pipe.name, stage_index = run.stage_index, stages = #pipe.stages,
+           resumed = run.stage_index > 0 or run.state ~= "pending" }
+end
+
+function Engine:_execute(run, pipe)
   if not pipe then
     self:_finish(run, "failed", ("no pipeline %q"):format(run.pipeline))
     return "failed", ("no pipeline %q"):format(run.pipeline)
   end
   -- Router budgets live in memory, from the start of this execution (execute clears
   -- the account when it returns): what is left is what the store has not seen spent.
-  router.set_budget("run", run.id, { usd = math.max(0, pipe.limits.budget_usd - spent) })
-  assert(self.db:exec("UPDATE runs SET state = 'running', updated_at = ? WHERE id = ?", { time.now(), run.id }))
-  self:_emit(run.id, "run_started", { pipeline = pipe.name, stage_index = run.stage_index, stages = #pipe.stages,
-                                      resumed = run.stage_index > 0 or run.state ~= "pending" })
+  router.set_budget("run", run.id, { usd = math.max(0, pipe.limits.budget_usd - run.spent) })
+  self:_notify(run.id, "run_started", self:_started(run, pipe))
   for i = run.stage_index + 1, #pipe.stages do
     if time.now() - run.created_at > pipe.limits.timeout_s then
       local why = ("the run exceeded its time limit of %g s (timeout_s)"):format(pipe.limits.timeout_s)
@@ -298,17 +323,16 @@ function Engine:_objective(run, team, op, o)
   return result
 end
 
-local function inputs_of(db, run, st, pipe)
-  local rows = assert(db:query("SELECT stage, team, result FROM stage_results WHERE run_id = ? AND status = 'COMPLETE'"
-    .. " ORDER BY id", { run.id }))
+local function inputs_of(run, st, pipe)
   local wanted
   if #st.inputs > 0 then
     wanted = {}
     for _, name in ipairs(st.inputs) do wanted[name] = true end
   end
   local out = {}
-  for _, r in ipairs(rows) do
-    if pipe.stage[r.stage] and pipe.stage[r.stage].index < st.index and (not wanted or wanted[r.stage]) then
+  for _, r in ipairs(run.results) do
+    if r.status == "COMPLETE" and pipe.stage[r.stage] and pipe.stage[r.stage].index < st.index
+        and (not wanted or wanted[r.stage]) then
       out[#out + 1] = { stage = r.stage, team = r.team, text = confidence.artifact_text(r.result) }
     end
   end
@@ -317,18 +341,19 @@ end
 
 -- The attempts so far, and those since the last human answer (the iteration cap
 -- counts those: a human who answers grants a fresh set of iterations).
-local function attempts(db, run_id, stage, answers)
-  local rows = assert(db:query("SELECT created_at FROM stage_results WHERE run_id = ? AND stage = ? ORDER BY attempt",
-    { run_id, stage }))
+local function attempts(run, stage, answers)
   local since = 0
   for _, a in ipairs(answers) do
     if a.human then since = math.max(since, a.at) end
   end
-  local recent = 0
-  for _, r in ipairs(rows) do
-    if r.created_at > since then recent = recent + 1 end
+  local total, recent = 0, 0
+  for _, r in ipairs(run.results) do
+    if r.stage == stage then
+      total = total + 1
+      if r.created_at > since then recent = recent + 1 end
+    end
   end
-  return #rows, recent
+  return total, recent
 end
 
 local function questions_asked(db, run_id, stage, team)
@@ -352,34 +377,51 @@ end
 
 function Engine:_stage(run, pipe, st)
   local db, limits = self.db, pipe.limits
-  self:_emit(run.id, "stage_started", { stage = st.name, index = st.index, team = st.team })
+  -- stage_started is written with the first objective_started (one commit), unless
+  -- the stage ends before that.
+  local started = { stage = st.name, index = st.index, team = st.team }
+  local function flush_started()
+    if started then self:_emit(run.id, "stage_started", started) end
+    started = nil
+  end
   while true do
-    local open = db:query("SELECT e.id FROM mail e LEFT JOIN mail a ON a.in_reply_to = e.id AND a.kind = 'answer'"
-      .. " WHERE e.run_id = ? AND e.kind = 'escalation' AND a.id IS NULL ORDER BY e.id LIMIT 1", { run.id })
-    if open and open[1] then
+    if run.escalation then
+      flush_started()
       assert(db:exec("UPDATE runs SET state = 'waiting', updated_at = ? WHERE id = ?", { time.now(), run.id }))
-      return "waiting", hitl.get(db, open[1].id)
+      return "waiting", hitl.get(db, run.escalation)
     end
     -- The definitions as they are now; this objective keeps them even if a file is
     -- reloaded while it runs.
     local team = self.project.teams:get(st.team)
     if not team then error(("stage %s: team %q is not loaded"):format(st.name, st.team)) end
     local op = self:_operative(team, st)
-    local answers = hitl.answers(db, run.id, st.name)
-    local total, recent = attempts(db, run.id, st.name, answers)
+    local answers = {}
+    for _, a in ipairs(run.answers) do
+      if a.stage == st.name then answers[#answers + 1] = a end
+    end
+    local total, recent = attempts(run, st.name, answers)
     if recent >= limits.max_iterations then
+      flush_started()
       return self:_escalate(run, st, team, op, "The stage made no progress: decide how to continue, or answer what it "
         .. "keeps missing.", ("iteration limit reached: %d attempts (max_iterations)"):format(recent))
     end
-    self:_emit(run.id, "objective_started", { stage = st.name, team = team.name, operative = op.name,
-                                              attempt = total + 1 })
-    local result = self:_objective(run, team, op, { stage = st, inputs = inputs_of(db, run, st, pipe), answers = answers,
+    local objective_started = { stage = st.name, team = team.name, operative = op.name, attempt = total + 1 }
+    assert(db:tx(function(tx)
+      if started then records.event(tx, run.id, "stage_started", started) end
+      records.event(tx, run.id, "objective_started", objective_started)
+      return true
+    end))
+    if started then self:_notify(run.id, "stage_started", started) end
+    started = nil
+    self:_notify(run.id, "objective_started", objective_started)
+    local result = self:_objective(run, team, op, { stage = st, inputs = inputs_of(run, st, pipe), answers = answers,
                                                     retries = limits.retries, attempt = total + 1 })
     local gate = confidence.gate(result)
     local attempt = total + 1
     local last = st.index == #pipe.stages
-    db:tx(function(tx)
-      local now = time.now()
+    local now
+    local recorded = db:tx(function(tx)
+      now = time.now()
       assert(tx:exec("INSERT INTO stage_results (run_id, stage, attempt, team, operative, status, result, created_at)"
         .. " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", { run.id, st.name, attempt, team.name, op.name, result.status, result, now }))
       records.decision(tx, { run_id = run.id, stage = st.name, team = team.name, operative = op.name,
@@ -398,9 +440,17 @@ function Engine:_stage(run, pipe, st)
       memory.learn(tx, team.name, run.id, result.learnings,
         { repo = run.data.repo, objective = run.data.anchor:match("^[^\n]*") })
       records.event(tx, run.id, "stage_completed", { stage = st.name, team = team.name, attempt = attempt })
-      if last then records.event(tx, run.id, "run_finished", { state = "succeeded" }) end
+      if last then
+        records.event(tx, run.id, "run_finished", { state = "succeeded" })
+        assert(tx:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { "run:" .. run.id, self.owner }))
+      end
       return true
     end)
+    if recorded then
+      run.results[#run.results + 1] = { stage = st.name, team = team.name, status = result.status, result = result,
+                                         created_at = now }
+      run.unlocked = gate == "advance" and last
+    end
     self:_notify(run.id, "task_result", { stage = st.name, team = team.name, operative = op.name, attempt = attempt,
                                           status = result.status })
     if gate == "advance" then
@@ -425,6 +475,7 @@ function Engine:_stage(run, pipe, st)
     if not answer then
       return self:_escalate(run, st, team, op, ("%s (asked of %s)"):format(c.question, c.team), why)
     end
+    run.answers = hitl.answers(db, run.id)
   end
 end
 

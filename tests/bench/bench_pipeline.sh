@@ -35,7 +35,8 @@ url=$(head -n 1 "$dir/fake.url")
 [ -n "$url" ] || { cat "$dir/fake.err" >&2; fail "the fake model did not start"; }
 
 echo "Fake model: tests/tools/fake_model.lua as its own process ($url), shared by both sides."
-echo "SQLite: Factory's factory.db choice (WAL, synchronous=FULL: every commit fsynced);"
+echo "SQLite: Factory's factory.db choice (WAL, synchronous=FULL: every commit fsynced; transactions that"
+echo "        queue for the writer meanwhile share the next commit, and each returns only once it is on disk);"
 echo "LangGraph's SqliteSaver: WAL, better-sqlite3's default synchronous=FULL (the same durability)."
 "$BIN" tests/bench/pipeline.lua "$url" "$dir/factory.db" "$RUNS" "$CONC" "$dir/shared.json" >"$dir/factory.out" \
     || { cat "$dir/factory.out" >&2; fail "factory failed"; }

@@ -251,7 +251,8 @@ local overhead = (wall_all - model_all) / math.max(1, n_all)
 print(("  %-14s %22.2f %10.2f %11.2f"):format("all stages", wall_all / n_all, model_all / n_all, overhead))
 local cpu_ms = (cpu1 - cpu0) * 1000 / (runs * 5)
 print(("factory: stage wall minus model %.2f ms at concurrency %d (with %d runs in flight a stage also waits"
-  .. " its turn on the one SQLite connection and the one Lua thread)"):format(overhead, conc, conc))
+  .. " for its group's commit on the one SQLite writer, and its turn on the one Lua thread)"):format(overhead, conc,
+  conc))
 print(("factory: engine CPU per stage %.3f ms (user+sys of the whole process, %.3f ms of it system);"
   .. " wall per stage at this throughput %.3f ms"):format(cpu_ms, (sys1 - sys0) * 1000 / (runs * 5),
   secs * 1000 / (runs * 5)))

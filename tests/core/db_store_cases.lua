@@ -286,6 +286,35 @@ return function(backend, fresh)
       assert.equal(16 * 5 * 2, count(d, "SELECT COUNT(*) AS n FROM t WHERE s = ?", { "tx" }))
     end },
 
+    { "among concurrent transactions a failing one undoes only its own work", function(d)
+      assert(d:exec(T))
+      assert(d:exec("CREATE UNIQUE INDEX t_i ON t (i)"))
+      local workers = {}
+      for w = 1, 12 do
+        workers[w] = fiber.spawn(function()
+          local ok, err = d:tx(function(tx)
+            assert(tx:exec("INSERT INTO t (i, s) VALUES (?, ?)", { w, "kept" }))
+            if w % 3 == 0 then error("EBAD: worker " .. w .. " gives up") end
+            -- a constraint violation, returned as a value: undone like a raise
+            if w % 3 == 1 then return tx:exec("INSERT INTO t (i) VALUES (?)", { w }) end
+            return true
+          end)
+          -- committed by the time db:tx returns, for everyone else to see
+          assert.equal(w % 3 == 2 and 1 or 0, count(d, "SELECT COUNT(*) AS n FROM t WHERE i = ?", { w }))
+          return ok, err
+        end)
+      end
+      local ok, outcomes = fiber.all(workers, 20)
+      assert.truthy(ok)
+      for w, o in ipairs(outcomes) do
+        assert.truthy(o.ok, tostring(o[1]))
+        if w % 3 == 2 then assert.equal(true, o[1]) else assert.equal(nil, o[1]) end
+        if w % 3 == 0 then assert.truthy(tostring(o[2]):find("EBAD: worker", 1, true)) end
+        if w % 3 == 1 then assert.truthy(tostring(o[2]):find("ECONSTRAINT", 1, true)) end
+      end
+      assert.equal(4, count(d))
+    end },
+
     { "other fibers never see a transaction's rows before it commits", function(d)
       assert(d:exec(T))
       local writer = fiber.spawn(function()
