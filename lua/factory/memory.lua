@@ -1,10 +1,17 @@
 -- factory.memory: the memory banks (one per team, plus `shared-world` across teams)
 -- and the learnings agents record for later objectives.
 --
---   memory.retain(q, bank, facts, { source =, run_id = }) -> number of new facts
---       facts are de-duplicated per bank (case and spacing do not make a new fact)
---   memory.recall(db, banks, query [, limit]) -> { { bank =, content = }, ... }
---       full-text search (SQLite FTS5 / PostgreSQL tsvector), best first
+--   memory.retain(q, bank, facts, { source =, run_id =, vectors = { [i] = embedding } })
+--       -> number of new facts; facts are de-duplicated per bank (case and spacing do
+--       not make a new fact); vectors[i] is stored as facts[i]'s embedding
+--   memory.recall(db, banks, query [, limit [, vector]]) -> { { bank =, content = }, ... }
+--       full-text search (SQLite FTS5 / PostgreSQL tsvector), best first; with vector
+--       (the query's embedding) the facts nearest in meaning too (cosine similarity
+--       over the newest MAX_SCAN embedded facts of the banks), the two rankings
+--       merged by reciprocal rank
+--   memory.embed(texts, { team =, run = }) -> { vector, ... } | nil
+--       embeddings through the `local/embed` alias; nil when no such alias is
+--       configured or the call fails (recall then falls back to words alone)
 --   memory.learn(q, team, run_id, texts [, { repo =, objective = }]) -> number of new learnings
 --       repo: the repository the learning is about (a path or URL); objective: the
 --       objective it came from. A text already stored for the same team and repo
@@ -19,8 +26,13 @@
 -- q is a db or a transaction. Database errors are raised (they are bugs or outages,
 -- not outcomes).
 local time = require "factory.core.time"
+local router = require "factory.router"
+local log = require "factory.log"
 
 local M = { SHARED = "shared-world" }
+
+local EMBED = "local/embed"
+local MAX_SCAN, MIN_SIMILARITY = 2000, 0.2
 
 local function normal(text)
   return (text:gsub("%s+", " "):gsub("^ ", ""):gsub(" $", ""))
@@ -29,15 +41,17 @@ end
 function M.retain(q, bank, facts, opts)
   opts = opts or {}
   local added = 0
-  for _, fact in ipairs(facts) do
+  for i, fact in ipairs(facts) do
     local content = normal(fact)
     if content ~= "" then
       local rows = assert(q:query("SELECT id FROM memory_facts WHERE bank = ? AND lower(content) = lower(?) LIMIT 1",
         { bank, content }))
       if #rows == 0 then
         local now = time.now()
-        assert(q:exec("INSERT INTO memory_facts (bank, content, source, run_id, created_at, updated_at)"
-          .. " VALUES (?, ?, ?, ?, ?, ?)", { bank, content, opts.source, opts.run_id, now, now, n = 6 }))
+        local vector = opts.vectors and opts.vectors[i]
+        assert(q:exec("INSERT INTO memory_facts (bank, content, source, run_id, created_at, updated_at, embedding)"
+          .. " VALUES (?, ?, ?, ?, ?, ?, ?)", { bank, content, opts.source, opts.run_id, now, now,
+          vector, n = 7 }))
         added = added + 1
       end
     end
@@ -67,9 +81,9 @@ local function words(query)
   return out
 end
 
-function M.recall(db, banks, query, limit)
+local function words_recall(db, banks, query, limit)
   local ws = words(query or "")
-  if #ws == 0 or #banks == 0 then return {} end
+  if #ws == 0 then return {} end
   local marks = ("?, "):rep(#banks):sub(1, -3)
   local params = {}
   local sql
@@ -86,9 +100,85 @@ function M.recall(db, banks, query, limit)
       .. " WHERE memory_facts_fts MATCH ? AND f.bank IN (" .. marks .. ") ORDER BY memory_facts_fts.rank LIMIT ?"
     for _, b in ipairs(banks) do params[#params + 1] = b end
   end
-  params[#params + 1] = limit or 8
-  return assert(db:query(sql, params))
+  params[#params + 1] = limit
+  local rows = assert(db:query(sql, params))
+  for i, r in ipairs(rows) do rows[i] = { bank = r.bank, content = r.content } end
+  return rows
 end
+
+function M.embed(texts, opts)
+  if #texts == 0 or not router.has_alias(EMBED) then return nil end
+  opts = opts or {}
+  local res, err = router.embeddings({ model = EMBED, input = texts }, { team = opts.team, run = opts.run })
+  local data = res and res.data
+  if type(data) ~= "table" or #data ~= #texts then
+    log.warn("memory: embeddings unavailable, recall uses words only", { error = tostring(err or "bad reply") })
+    return nil
+  end
+  local out = {}
+  for i, d in ipairs(data) do
+    local v = d.embedding
+    if type(v) ~= "table" or #v == 0 then return nil end
+    out[(tonumber(d.index) or (i - 1)) + 1] = v
+  end
+  return out
+end
+
+local function cosine(a, b)
+  local dot, na, nb = 0, 0, 0
+  for i = 1, math.min(#a, #b) do
+    local x, y = tonumber(a[i]) or 0, tonumber(b[i]) or 0
+    dot, na, nb = dot + x * y, na + x * x, nb + y * y
+  end
+  if na == 0 or nb == 0 then return 0 end
+  return dot / math.sqrt(na * nb)
+end
+
+local function nearest(db, banks, vector, limit)
+  local marks = ("?, "):rep(#banks):sub(1, -3)
+  local params = {}
+  for i, b in ipairs(banks) do params[i] = b end
+  params[#params + 1] = MAX_SCAN
+  local rows = assert(db:query("SELECT bank, content, embedding FROM memory_facts WHERE embedding IS NOT NULL"
+    .. " AND bank IN (" .. marks .. ") ORDER BY id DESC LIMIT ?", params))
+  local scored = {}
+  for _, r in ipairs(rows) do
+    local score = type(r.embedding) == "table" and cosine(vector, r.embedding) or 0
+    if score >= MIN_SIMILARITY then scored[#scored + 1] = { bank = r.bank, content = r.content, score = score } end
+  end
+  table.sort(scored, function(a, b) return a.score > b.score end)
+  local out = {}
+  for i = 1, math.min(limit, #scored) do out[i] = { bank = scored[i].bank, content = scored[i].content } end
+  return out
+end
+
+-- Reciprocal rank fusion: a fact high in either list ranks high.
+local function fuse(lists, limit)
+  local score, first, order = {}, {}, {}
+  for _, list in ipairs(lists) do
+    for rank, f in ipairs(list) do
+      local key = f.bank .. "\0" .. f.content
+      if not score[key] then
+        score[key], first[key] = 0, f
+        order[#order + 1] = key
+      end
+      score[key] = score[key] + 1 / (60 + rank)
+    end
+  end
+  table.sort(order, function(a, b) return score[a] > score[b] end)
+  local out = {}
+  for i = 1, math.min(limit, #order) do out[i] = first[order[i]] end
+  return out
+end
+
+function M.recall(db, banks, query, limit, vector)
+  limit = limit or 8
+  if #banks == 0 then return {} end
+  local by_words = words_recall(db, banks, query, limit)
+  if not vector then return by_words end
+  return fuse({ by_words, nearest(db, banks, vector, limit) }, limit)
+end
+
 
 function M.learn(q, team, run_id, texts, opts)
   opts = opts or {}

@@ -301,7 +301,9 @@ function Engine:_objective(run, team, op, o)
   o.run_id, o.team, o.operative = run.id, team, op
   o.anchor = run.data.anchor
   local topic = o.question and o.question.text or (o.stage.objective or o.stage.name)
-  o.memory = memory.recall(self.db, { team.name, memory.SHARED }, o.anchor .. " " .. topic, team.recall)
+  local about = o.anchor .. " " .. topic
+  local vector = memory.embed({ about }, { team = team.name, run = run.id })
+  o.memory = memory.recall(self.db, { team.name, memory.SHARED }, about, team.recall, vector and vector[1])
   o.learnings = memory.learnings(self.db, team.name, nil, o.anchor .. " " .. topic)
   o.db = self.db
   o.emit = function(kind, data) self:_emit(run.id, kind, data) end
@@ -420,6 +422,7 @@ function Engine:_stage(run, pipe, st)
     local attempt = total + 1
     local last = st.index == #pipe.stages
     local now
+    local vectors = gate == "advance" and memory.embed(result.verified_facts, { team = team.name, run = run.id })
     local recorded = db:tx(function(tx)
       now = time.now()
       assert(tx:exec("INSERT INTO stage_results (run_id, stage, attempt, team, operative, status, result, created_at)"
@@ -435,8 +438,9 @@ function Engine:_stage(run, pipe, st)
         .. " finished_at = ? WHERE id = ? AND stage_index = ?",
         { st.index, st.name, last and "succeeded" or "running", now, last and now or nil, run.id, st.index - 1, n = 7 }))
       if changed.changes ~= 1 then error("run " .. run.id .. " advanced behind this process's back") end
-      memory.retain(tx, team.name, result.verified_facts, { source = st.name, run_id = run.id })
-      memory.retain(tx, memory.SHARED, result.verified_facts, { source = team.name .. "/" .. st.name, run_id = run.id })
+      memory.retain(tx, team.name, result.verified_facts, { source = st.name, run_id = run.id, vectors = vectors })
+      memory.retain(tx, memory.SHARED, result.verified_facts, { source = team.name .. "/" .. st.name, run_id = run.id,
+                                                                vectors = vectors })
       memory.learn(tx, team.name, run.id, result.learnings,
         { repo = run.data.repo, objective = run.data.anchor:match("^[^\n]*") })
       records.event(tx, run.id, "stage_completed", { stage = st.name, team = team.name, attempt = attempt })

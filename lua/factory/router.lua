@@ -11,6 +11,7 @@
 --                              | nil at the end | nil, err, code;   s:close()
 --   router.embeddings(request, opts) -> response | nil, err, code   (opts: team, run, raw)
 --   router.models() -> { "alias", ... }     router.stats() -> table (providers, budgets)
+--   router.has_alias(name) -> whether name is a configured alias
 --   router.set_budget("team"|"run", name, { usd =, tokens = })   overrides the
 --       configured limit of one team (per day) or run
 --   router.clear_budget("team"|"run", name)   forgets that account (what it spent,
@@ -120,6 +121,13 @@ function M.embeddings(request, opts)
                                          opts.run and tostring(opts.run))
   if not res then return flushed(nil, err, code) end
   return flushed(decoded(res, opts.raw))
+end
+
+function M.has_alias(name)
+  for _, id in ipairs(M.models()) do
+    if id == name then return true end
+  end
+  return false
 end
 
 function M.models()

@@ -2,7 +2,9 @@
 -- and Anthropic (POST /v1/messages) wire formats, streaming included, with the
 -- event shapes the real APIs send. Never used outside tests.
 --
--- As a module:  local fake = require("fake_model").start{ port = 0 }
+-- As a module:  local fake = require("fake_model").start{ port = 0, embed = fn(text) -> vector | nil }
+--   (embed: what /v1/embeddings answers for each input, taking no scripted reply;
+--   without it embeddings requests take the next scripted reply and answer a constant vector)
 --   fake:url(), fake:script{ reply, ... }, fake:requests(), fake:count(), fake:reset(),
 --   fake:close()
 -- As a program: factory tests/tools/fake_model.lua [--port N] prints its URL, then
@@ -210,7 +212,9 @@ function Fake:handle(kind, req, res)
   self.n = self.n + 1
   local entry = { path = req.path, headers = req.headers, body = req.body }
   if #self.log < MAX_LOG then self.log[#self.log + 1] = entry end
-  local reply = table.remove(self.queue, 1) or {}
+  -- With an embed function, embeddings are computed, never scripted: the queue is
+  -- left to the chat requests around them.
+  local reply = (kind == "embeddings" and self.embed) and {} or table.remove(self.queue, 1) or {}
   if reply.delay then fiber.sleep(reply.delay) end
   local auth = kind == "anthropic" and req.headers["x-api-key"] or req.headers["authorization"]
   if not auth then return res:json(401, error_body(kind, 401, "missing API key")) end
@@ -236,7 +240,10 @@ function Fake:handle(kind, req, res)
   if kind == "embeddings" then
     local inputs = type(body.input) == "table" and body.input or { body.input }
     local data = {}
-    for i = 1, #inputs do data[i] = { object = "embedding", index = i - 1, embedding = { 0.1, 0.2, 0.3 } } end
+    for i = 1, #inputs do
+      data[i] = { object = "embedding", index = i - 1,
+                  embedding = self.embed and self.embed(inputs[i]) or { 0.1, 0.2, 0.3 } }
+    end
     local p = tokens_of(body)
     return res:json(200, { object = "list", data = data, model = body.model,
                            usage = { prompt_tokens = p, total_tokens = p } })
@@ -263,7 +270,7 @@ end
 
 function M.start(opts)
   opts = opts or {}
-  local self = setmetatable({ queue = {}, log = {}, n = 0 }, Fake)
+  local self = setmetatable({ queue = {}, log = {}, n = 0, embed = opts.embed }, Fake)
   local srv, err = server.new{ host = "127.0.0.1", port = opts.port or 0 }
   if not srv then return nil, err end
   self.srv = srv

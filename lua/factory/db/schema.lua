@@ -295,6 +295,12 @@ ALTER TABLE model_calls ADD COLUMN code TEXT;
 ALTER TABLE model_calls ADD COLUMN attempts ${JSON};
 ]]
 
+-- 4: a fact's embedding (JSON array of numbers) from the `local/embed` alias, when
+-- one is configured: recall by meaning as well as by words.
+local FACT_EMBEDDING = [[
+ALTER TABLE memory_facts ADD COLUMN embedding ${JSON};
+]]
+
 return {
   {
     version = 1,
@@ -313,5 +319,11 @@ return {
     name = "model call detail",
     sqlite = expand(MODEL_CALL_DETAIL, "sqlite"),
     postgres = expand(MODEL_CALL_DETAIL, "postgres"),
+  },
+  {
+    version = 4,
+    name = "fact embeddings",
+    sqlite = expand(FACT_EMBEDDING, "sqlite"),
+    postgres = expand(FACT_EMBEDDING, "postgres"),
   },
 }
