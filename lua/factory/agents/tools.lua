@@ -1,8 +1,14 @@
 -- factory.agents.tools: the built-in agent's tools, confined to one worktree.
 --
 --   tools.new(root, { secrets = { "NAME", ... }, timeout = SECONDS (default 120),
---                     max_output = BYTES (default 64 KiB), max_read = BYTES (default 256 KiB) })
+--                     max_output = BYTES (default 64 KiB), max_read = BYTES (default 256 KiB),
+--                     lock = fn(relpath) -> true | nil, err, code })
 --       -> box | nil, err, code
+--       lock: asked before write_file or edit_file changes a file, with the path
+--       relative to the worktree after confinement (links resolved, "./" and ".."
+--       gone), e.g. factory.agents.locks.acquire on the objective's behalf. A refusal
+--       ("ECONFLICT: ...") is the tool's error and the file stays untouched; a lock
+--       function that raises gives "ELOCK: ...".
 --   box:read_file(path) -> text
 --   box:write_file(path, text) -> "wrote N bytes to PATH"
 --   box:edit_file(path, old, new) -> "edited PATH"   (old must occur exactly once)
@@ -53,6 +59,18 @@ local function shown(path)
 end
 
 local function epath(path, reason) return fail("EPATH", shown(path) .. ": " .. reason) end
+
+-- The lock callback's verdict on rel: true, or nil, err, code.
+local function take_lock(self, rel)
+  if not self.lock then return true end
+  local ok, v, err, code = pcall(self.lock, rel)
+  if not ok then return fail("ELOCK", "cannot lock " .. rel .. ": " .. tostring(v)) end
+  if not v then
+    err = err or "ECONFLICT: " .. rel .. " is locked"
+    return nil, err, code or tostring(err):match("^(E%u+):") or "ECONFLICT"
+  end
+  return true
+end
 
 local function inside(root, real)
   return real == root or real:sub(1, #root + 1) == root .. "/"
@@ -153,6 +171,8 @@ function Box:write_file(path, text)
   local st = fs.stat(full)
   if st and st.type == "directory" then return fail("EISDIR", shown(path) .. " is a directory") end
   local ok, err
+  ok, err, code = take_lock(self, rel)
+  if not ok then return nil, err, code end
   ok, err, code = parent_dirs(full)
   if not ok then return nil, err, code end
   -- Resolve again: a directory created above must not have become something else.
@@ -192,6 +212,8 @@ function Box:edit_file(path, old, new)
   end
   local a, b = text:find(old, 1, true)
   local ok
+  ok, err, code = take_lock(self, rel)
+  if not ok then return nil, err, code end
   ok, err, code = fs.write(full, text:sub(1, a - 1) .. new .. text:sub(b + 1))
   if not ok then return nil, err, code end
   self.changes = self.changes + 1
@@ -326,7 +348,7 @@ function M.new(root, opts)
   return setmetatable({
     root = real, secrets = secrets, changes = 0,
     timeout = opts.timeout or 120, max_output = opts.max_output or 64 * 1024,
-    max_read = opts.max_read or 256 * 1024,
+    max_read = opts.max_read or 256 * 1024, lock = opts.lock,
   }, Box)
 end
 
