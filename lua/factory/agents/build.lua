@@ -9,7 +9,10 @@
 --      notify = fn(kind, data): for the agent's frequent events (a CLI agent's
 --        agent_progress and agent_heartbeat), shown live but not stored,
 --      repo = DIR (the run's repository), attempt = n (the stage's attempt number),
---      db = the store (a CLI agent stores the learnings it leaves there),
+--      db = the store: the built-in agent takes a file lock (factory.agents.locks,
+--        owner "run:RUN/stage", supervisor the team) before it changes a file, all
+--        released at the end; a CLI agent stores the learnings it leaves there,
+--      process = the engine process's "host:pid:n" (a lock of a dead one is taken over),
 --      agent = fn(args) -> result, stats   (default: by the operative's `agent`:
 --        "builtin" -> factory.agents.builtin.run; { cli = "claude"|"codex"|"aider"|NAME,
 --        command = argv, format =, heartbeat_timeout =, max_iterations = ... } ->
@@ -34,6 +37,7 @@ local workspace = require "factory.agents.workspace"
 local builtin = require "factory.agents.builtin"
 local cli = require "factory.agents.cli"
 local serve = require "factory.serve"
+local locks = require "factory.agents.locks"
 local objective = require "factory.objective"
 local confidence = require "factory.confidence"
 
@@ -136,9 +140,19 @@ function M.run(o)
     end
     args.proxy_url, args.virtual_key = proxy:url(), key
   end
+  -- The built-in agent locks each file before it changes it; a file another
+  -- objective holds is a conflict its team is told of, never an overwrite.
+  local owner = ("run:%d/%s"):format(o.run_id, st.name)
+  if o.db and agent ~= cli.run then
+    args.lock = function(rel)
+      return locks.acquire(o.db, { repo = o.repo, path = rel, owner = owner, supervisor = team.name, run_id = o.run_id,
+                                   process = o.process })
+    end
+  end
   emit("workspace_started", { stage = st.name, branch = name })
   local ws, werr = workspace.run(args)
   if proxy then proxy:close() end
+  if args.lock then locks.release_all(o.db, owner) end
   r:close()
   if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
   local result = ws.result

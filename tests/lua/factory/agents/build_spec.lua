@@ -292,4 +292,24 @@ echo done
     for _, f in ipairs(fix.workspace.diff_stats.per_file) do files[#files + 1] = f.path end
     assert.equal("key.txt reply.json", table.concat(files, " "))
   end)
+
+  it("a file another objective holds is a recorded conflict, not an overwrite", function()
+    local locks = require "factory.agents.locks"
+    assert(locks.acquire(store, { repo = repo_dir, path = "src/calc.c", owner = "run:99/fix" }))
+    script_run()
+    local run_id = submit()
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
+    assert.equal(nil, fix.result.workspace.commit) -- the edit was refused: nothing to commit
+    local conflicts = assert(store:query("SELECT data FROM events WHERE kind = 'file_conflict'"))
+    assert.equal(1, #conflicts)
+    assert.equal("run:" .. run_id .. "/fix", conflicts[1].data.owner)
+    local mail = assert(store:query("SELECT sender, recipient, subject FROM mail WHERE kind = 'conflict'"))
+    assert.equal(1, #mail)
+    assert.equal("backend_engineering", mail[1].recipient)
+    assert.equal("file conflict: src/calc.c", mail[1].subject)
+    -- The run's own locks are gone; the other objective's stays.
+    assert.same({}, locks.held(store, "run:" .. run_id .. "/fix"))
+    assert.equal("run:99/fix", locks.holder(store, { repo = repo_dir, path = "src/calc.c" }).owner)
+  end)
 end)
