@@ -25,12 +25,13 @@
 -- that leaves the worktree, lexically (`..`, an absolute path) or through a symbolic
 -- link anywhere along it, gives "EPATH: <path>: <reason>".
 --
--- Confinement is checked in Lua: the path is normalised, then each existing
--- component is examined with lstat and every symbolic link resolved with realpath
--- and required to stay in the worktree. The kernel is then handed the resolved
--- path, which contains no link left unchecked. A process racing us inside the
--- worktree (run_command has returned; nothing of ours runs meanwhile) could still
--- swap a component between check and use; closing that needs openat/O_NOFOLLOW in C.
+-- Confinement is checked twice. In Lua, for an error that says what is wrong: the
+-- path is normalised, then each existing component is examined with lstat and every
+-- symbolic link resolved with realpath and required to stay in the worktree. Then
+-- by the kernel, for the file itself: reads and writes go through
+-- fs.read_beneath / fs.write_beneath (openat2 with RESOLVE_BENEATH from the
+-- worktree's root), so a component swapped for a link between the check and the
+-- use (by a process left running by run_command) still cannot lead out.
 local fs = require "factory.core.fs"
 local env = require "factory.core.env"
 local proc = require "factory.proc"
@@ -70,6 +71,12 @@ local function take_lock(self, rel)
     return nil, err, code or tostring(err):match("^(E%u+):") or "ECONFLICT"
   end
   return true
+end
+
+-- The kernel refusing a path beneath the root (EXDEV) is a path leaving the worktree.
+local function beneath_error(path, err, code)
+  if code == "EXDEV" then return epath(path, "leads outside the worktree (refused by the kernel)") end
+  return nil, err, code
 end
 
 local function inside(root, real)
@@ -147,8 +154,8 @@ function Box:read_file(path)
   if not st then return nil, err, code end
   if st.type ~= "file" then return fail("EISDIR", shown(path) .. " is a " .. st.type .. ", not a file") end
   local text
-  text, err, code = fs.read(full)
-  if not text then return nil, err, code end
+  text, err, code = fs.read_beneath(self.root, rel)
+  if not text then return beneath_error(path, err, code) end
   if #text > self.max_read then
     return text:sub(1, self.max_read) .. ("\n[truncated: %s has %d bytes; showing the first %d]"):format(
       rel, #text, self.max_read)
@@ -156,12 +163,6 @@ function Box:read_file(path)
   return text
 end
 
--- Creates the missing directories above full (all inside the root: resolve said so).
-local function parent_dirs(full)
-  local dir = full:match("^(.*)/[^/]+$")
-  if dir and dir ~= "" and not fs.exists(dir) then return fs.mkdir_p(dir) end
-  return true
-end
 
 function Box:write_file(path, text)
   if type(text) ~= "string" then return fail("EINVAL", "write_file: text must be a string") end
@@ -173,13 +174,8 @@ function Box:write_file(path, text)
   local ok, err
   ok, err, code = take_lock(self, rel)
   if not ok then return nil, err, code end
-  ok, err, code = parent_dirs(full)
-  if not ok then return nil, err, code end
-  -- Resolve again: a directory created above must not have become something else.
-  local again, rerr, rcode = self:resolve(path)
-  if again ~= full then return nil, rerr or "EPATH: " .. shown(path) .. ": changed while writing", rcode or "EPATH" end
-  ok, err, code = fs.write(full, text)
-  if not ok then return nil, err, code end
+  ok, err, code = fs.write_beneath(self.root, rel, text, { parents = true })
+  if not ok then return beneath_error(path, err, code) end
   self.changes = self.changes + 1
   return ("wrote %d bytes to %s"):format(#text, rel)
 end
@@ -214,8 +210,8 @@ function Box:edit_file(path, old, new)
   local ok
   ok, err, code = take_lock(self, rel)
   if not ok then return nil, err, code end
-  ok, err, code = fs.write(full, text:sub(1, a - 1) .. new .. text:sub(b + 1))
-  if not ok then return nil, err, code end
+  ok, err, code = fs.write_beneath(self.root, rel, text:sub(1, a - 1) .. new .. text:sub(b + 1))
+  if not ok then return beneath_error(path, err, code) end
   self.changes = self.changes + 1
   return "edited " .. rel
 end

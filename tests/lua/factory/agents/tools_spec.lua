@@ -139,6 +139,41 @@ describe("escape attempts (acceptance 2)", function()
   end)
 end)
 
+describe("a directory swapped for a link between the check and the use", function()
+  -- resolve() checks a/b while it is a directory; a process left running by
+  -- run_command then replaces it with a link to the outside before the file is
+  -- opened. The kernel (openat2 RESOLVE_BENEATH) refuses what the check let through.
+  local function racing(tool, ...)
+    local resolve = box.resolve
+    box.resolve = function(self, p)
+      local full, rel, code = resolve(self, p)
+      sh("rm -rf a/b && ln -s " .. base .. "/outside a/b")
+      return full, rel, code
+    end
+    local res, err, code = box[tool](box, ...)
+    box.resolve = resolve
+    return res, err, code
+  end
+
+  it("a read is refused", function()
+    local res, err, code = racing("read_file", "a/b/secret.txt")
+    assert.is_nil(res)
+    assert.equal("EPATH", code)
+    assert.equal("EPATH: a/b/secret.txt: leads outside the worktree (refused by the kernel)", err)
+  end)
+
+  it("a write is refused and nothing outside is touched", function()
+    local before = outside_state()
+    local res, _, code = racing("write_file", "a/b/secret.txt", "PWNED")
+    assert.is_nil(res)
+    assert.equal("EPATH", code)
+    res, _, code = racing("write_file", "a/b/new/dir/file.txt", "PWNED")
+    assert.is_nil(res)
+    assert.equal("EPATH", code)
+    assert.same(before, outside_state())
+  end)
+end)
+
 describe("run_command environment (acceptance 5)", function()
   local NAMES = { "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "FACTORY_TEST_SECRET" }
   local saved = {}
