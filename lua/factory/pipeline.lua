@@ -33,11 +33,10 @@
 -- run's git repository in a worktree and branch: factory.agents.build)
 -- workspace_started, agent_done, workspace_done, or workspace_skipped when the run
 -- has no git repository. Each also goes to the events table.
-local ffi = require "ffi"
 local fiber = require "factory.fiber"
+local engine_id = require "factory.engine_id"
 local router = require "factory.router"
 local time = require "factory.core.time"
-local proc = require "factory.proc"
 local log = require "factory.log"
 local records = require "factory.records"
 local memory = require "factory.memory"
@@ -47,7 +46,6 @@ local confidence = require "factory.confidence"
 local clarify = require "factory.clarify"
 local hitl = require "factory.hitl"
 
-ffi.cdef "int kill(int pid, int sig);"
 
 local M = {}
 
@@ -57,25 +55,10 @@ local LOCK_TTL, LOCK_BEAT = 30, 10
 local Engine = {}
 Engine.__index = Engine
 
--- Read once at load, synchronously: fs.read would yield, and a module may be
--- required outside any fiber.
-local HOST = (function()
-  local f = io.open("/proc/sys/kernel/hostname")
-  local name = f and f:read("*l")
-  if f then f:close() end
-  return name or "localhost"
-end)()
-
-local function alive_here(owner)
-  local host, pid = owner:match("^(.*):(%d+):%d+$")
-  if host ~= HOST then return nil end
-  return ffi.C.kill(tonumber(pid), 0) == 0 or ffi.errno() == 1 -- EPERM: it exists
-end
-
 function M.engine(opts)
   local self = setmetatable({ db = assert(opts.db, "pipeline.engine: db is required"), project = opts.project,
                               on_event = opts.on_event, active = {}, totals = {} }, Engine)
-  self.owner = ("%s:%d:%d"):format(HOST, proc.getpid(), math.random(1, 1e9))
+  self.owner = engine_id.new()
   self.unhook = router.on_call(function(r) self:_model_call(r) end)
   self.config_budgets = type(opts.budgets) == "table" and type(opts.budgets.teams) == "table" and opts.budgets.teams
     or {}
@@ -182,7 +165,7 @@ function Engine:_lock(run_id, start)
     local now = time.now()
     local rows = assert(tx:query("SELECT owner, expires_at FROM locks WHERE name = ?", { name }))
     local held = rows[1]
-    if held and held.owner ~= self.owner and held.expires_at > now and alive_here(held.owner) ~= false then
+    if held and held.owner ~= self.owner and held.expires_at > now and engine_id.alive_here(held.owner) ~= false then
       return nil, ("EBUSY: run %d is being executed by %s"):format(run_id, held.owner), "EBUSY"
     end
     assert(tx:exec("DELETE FROM locks WHERE name = ?", { name }))

@@ -6,7 +6,7 @@
 --   (embed: what /v1/embeddings answers for each input, taking no scripted reply;
 --   without it embeddings requests take the next scripted reply and answer a constant vector)
 --   fake:url(), fake:script{ reply, ... }, fake:requests(), fake:count(), fake:reset(),
---   fake:close()
+--   fake:close(), fake:router_config{ [alias] = "model" } (a router configuration for it)
 -- As a program: factory tests/tools/fake_model.lua [--port N] prints its URL, then
 --   serves until killed; it is scripted over HTTP:
 --   POST /_fake/script  [reply, ...]   appends to the queue of replies
@@ -34,6 +34,9 @@ local Fake = {}
 Fake.__index = Fake
 
 local MAX_LOG = 1000
+
+M.API_KEY = "sk-test-fake-0000000000"
+
 
 local function tokens_of(body)
   local n = 0
@@ -294,6 +297,20 @@ function M.start(opts)
 end
 
 function Fake:url() return self.srv:url() end
+
+-- A router configuration sending each alias to this fake (provider "fake", key
+-- M.API_KEY), with the tests' short limits and no retries.
+--   models: { [alias] = "model" }; extra: more top-level fields (prices, budgets...)
+function Fake:router_config(models, extra)
+  local cfg = {
+    providers = { fake = { base_url = self:url() .. "/v1", api_key = M.API_KEY } },
+    models = {},
+    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 1000 },
+  }
+  for alias, model in pairs(models) do cfg.models[alias] = { "fake/" .. model } end
+  for k, v in pairs(extra or {}) do cfg[k] = v end
+  return cfg
+end
 function Fake:count() return self.n end
 function Fake:requests() return self.log end
 function Fake:close() self.srv:close() end

@@ -31,32 +31,15 @@
 -- db:tx is BEGIN IMMEDIATE (the write lock is taken first, so transactions queue);
 -- on PostgreSQL the row is inserted with ON CONFLICT DO NOTHING and then read
 -- FOR UPDATE, so two askers serialise on the row and exactly one wins.
-local ffi = require "ffi"
 local time = require "factory.core.time"
 local records = require "factory.records"
+local engine_id = require "factory.engine_id"
 
-pcall(ffi.cdef, "int kill(int pid, int sig);")
 
 local M = {}
 
 M.DEFAULT_TTL = 3600
 
-local HOST = (function()
-  local f = io.open("/proc/sys/kernel/hostname")
-  local name = f and f:read("*l")
-  if f then f:close() end
-  return name or "localhost"
-end)()
-M.HOST = HOST
-
--- true / false for a "host:pid:n" process of this host, nil when it cannot be told.
-local function alive_here(process)
-  if type(process) ~= "string" then return nil end
-  local host, pid = process:match("^(.*):(%d+):%d+$")
-  if host ~= HOST then return nil end
-  return ffi.C.kill(tonumber(pid), 0) == 0 or ffi.errno() == 1 -- EPERM: it exists
-end
-M.alive_here = alive_here
 
 local function normalize(path)
   if type(path) ~= "string" or path == "" then error("locks: path must be a non-empty string", 3) end
@@ -116,7 +99,7 @@ function M.acquire(db, o)
         if held.owner == o.owner then
           how = "extended"
         elseif held.expires_at <= now
-            or alive_here(type(held.data) == "table" and held.data.process or nil) == false then
+            or engine_id.alive_here(type(held.data) == "table" and held.data.process or nil) == false then
           how = "taken over"
         end
         if how then

@@ -82,12 +82,13 @@ local time = require "factory.core.time"
 local log = require "factory.log"
 local records = require "factory.records"
 local locks = require "factory.agents.locks"
+local engine_id = require "factory.engine_id"
 
 pcall(ffi.cdef, "int kill(int pid, int sig);")
 
 local M = {}
 
-local HOST = locks.HOST
+local HOST = engine_id.HOST
 local SIGKILL = 9
 local FOREVER = 10 * 365 * 86400 -- records are removed, not expired
 local BUDGET_LOCK = 0x4f524348   -- advisory lock key (PostgreSQL) of the budget check
@@ -216,7 +217,7 @@ function M.cleanup(o)
   if not rows then return finish(qerr, qcode) end
   for _, row in ipairs(rows) do
     local d = type(row.data) == "table" and row.data or {}
-    if d.host == HOST and locks.alive_here(row.owner) == false then
+    if d.host == HOST and engine_id.alive_here(row.owner) == false then
       if kill_recorded_group(d) then report.killed[#report.killed + 1] = tonumber(d.pid) end
       db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { row.name, row.owner })
       report.records = report.records + 1
@@ -230,7 +231,7 @@ function M.cleanup(o)
   local dead = {}
   for _, row in ipairs(rows) do
     local path = strip(row.name:sub(#"worktree:" + 1))
-    if locks.alive_here(row.owner) == false then
+    if engine_id.alive_here(row.owner) == false then
       dead[#dead + 1] = row
     else
       protected[path] = true
@@ -274,7 +275,7 @@ function M.cleanup(o)
   if not rows then return finish(qerr, qcode) end
   for _, row in ipairs(rows) do
     local d = type(row.data) == "table" and row.data or {}
-    if locks.alive_here(d.process) == false then
+    if engine_id.alive_here(d.process) == false then
       local res = db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { row.name, row.owner })
       if res then report.locks = report.locks + res.changes end
     end

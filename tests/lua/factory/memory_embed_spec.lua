@@ -37,13 +37,9 @@ end
 local fake
 
 local function configure(with_embed)
-  local models = { ["factory/cheap"] = { "fake/cheap" }, ["factory/architect"] = { "fake/architect" } }
-  if with_embed then models["local/embed"] = { "fake/embed" } end
-  assert(router.configure{
-    providers = { fake = { base_url = fake:url() .. "/v1", api_key = "sk-test-embed-0000" } },
-    models = models,
-    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 1000 },
-  })
+  local models = { ["factory/cheap"] = "cheap", ["factory/architect"] = "architect" }
+  if with_embed then models["local/embed"] = "embed" end
+  assert(router.configure(fake:router_config(models)))
 end
 
 before_each(function() fake = assert(fake_model.start{ embed = embed }) end)

@@ -54,12 +54,8 @@ before_each(function()
   assert(fs.mkdir_p(dir .. "/pipelines"))
   assert(fs.write(dir .. "/pipelines/one.lua", PIPE))
   fake = assert(fake_model.start())
-  assert(router.configure{
-    providers = { fake = { base_url = fake:url() .. "/v1", api_key = "sk-test-budget-0000" } },
-    models = { ["factory/architect"] = { "fake/architect" }, ["factory/cheap"] = { "fake/cheap" } },
-    prices = { ["fake/architect"] = { input = 1, output = 1 } },
-    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 1000 },
-  })
+  assert(router.configure(fake:router_config({ ["factory/architect"] = "architect", ["factory/cheap"] = "cheap" },
+                                              { prices = { ["fake/architect"] = { input = 1, output = 1 } } })))
   store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
   assert(store:migrate())
 end)

@@ -15,6 +15,7 @@ local fs = require "factory.core.fs"
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local ROOT = HERE .. "../../../../"
 local fake_model = dofile(HERE .. "../../../tools/fake_model.lua")
+local sample_repo = dofile(HERE .. "../../../tools/sample_repo.lua")
 local PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin"
 local GIT_ENV = { PATH = PATH, GIT_CONFIG_NOSYSTEM = "1" }
 
@@ -40,25 +41,11 @@ before_each(function()
   local project = dsl.project(dir .. "/project")
   assert.same({}, project:load())
 
-  repo_dir = dir .. "/calc"
-  assert.equal(0, assert(proc.run{ argv = { "cp", "-R", ROOT .. "examples/sample-c-repo", repo_dir },
-                                   env = { PATH = PATH } }).code)
-  fs.remove(repo_dir .. "/build", { recursive = true })
-  local repo = assert(git.init(repo_dir))
-  assert(repo:add_all())
-  assert(repo:commit("sample C repository", { author = { name = "Base", email = "base@factory.test" } }))
-  repo:close()
+  repo_dir = sample_repo.make(dir .. "/calc")
 
   fake = assert(fake_model.start())
-  local models = {}
-  for _, alias in ipairs({ "factory/architect", "factory/coder", "factory/fast", "factory/cheap" }) do
-    models[alias] = { "fake/" .. alias:match("/(.*)") }
-  end
-  assert(router.configure{
-    providers = { fake = { base_url = fake:url() .. "/v1", api_key = "sk-test-build-0000" } },
-    models = models,
-    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 1000 },
-  })
+  assert(router.configure(fake:router_config{ ["factory/architect"] = "architect", ["factory/coder"] = "coder",
+                                               ["factory/fast"] = "fast", ["factory/cheap"] = "cheap" }))
   store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
   assert(store:migrate())
   events = {}
@@ -281,7 +268,7 @@ echo done
     assert.equal("succeeded", st, detail and detail.reason)
     assert.equal(1, fake:count())
     -- The upstream saw the provider's key; the agent only ever had its virtual key.
-    assert.equal("Bearer sk-test-build-0000", fake:requests()[1].headers["authorization"])
+    assert.equal("Bearer " .. fake_model.API_KEY, fake:requests()[1].headers["authorization"])
     local calls = assert(store:query("SELECT team, run_id, alias, status FROM model_calls"))
     assert.equal(1, #calls)
     assert.equal("backend_engineering", calls[1].team)

@@ -13,11 +13,7 @@ local fake, dir
 
 before_each(function()
   fake = assert(fake_model.start())
-  assert(router.configure{
-    providers = { a = { base_url = fake:url() .. "/v1", api_key = "sk-test-key-aaaaaaaaaaaa" } },
-    models = { coder = { "a/gpt-test" } },
-    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 100 },
-  })
+  assert(router.configure(fake:router_config{ coder = "gpt-test" }))
   dir = os.tmpname()
   os.remove(dir)
   assert(fs.mkdir_p(dir .. "/src"))

@@ -12,6 +12,7 @@ local host = require "factory.core.host"
 local json = require "factory.json"
 local router = require "factory.router"
 local locks = require "factory.agents.locks"
+local engine_id = require "factory.engine_id"
 local tools = require "factory.agents.tools"
 local builtin = require "factory.agents.builtin"
 
@@ -30,7 +31,7 @@ local function dead_process()
   local pid = p.pid
   p:wait()
   p:close()
-  return ("%s:%d:1"):format(locks.HOST, pid)
+  return ("%s:%d:1"):format(engine_id.HOST, pid)
 end
 
 for _, b in ipairs(backends.LIST) do
@@ -123,7 +124,7 @@ for _, b in ipairs(backends.LIST) do
       ok, how = locks.acquire(d, { repo = "r", path = "b.c", owner = "B" })
       assert.equal("taken over", how)
       -- A live holder process keeps its lock.
-      local me = ("%s:%d:7"):format(locks.HOST, proc.getpid())
+      local me = ("%s:%d:7"):format(engine_id.HOST, proc.getpid())
       assert(locks.acquire(d, { repo = "r", path = "c.c", owner = "A", process = me }))
       assert.is_nil(locks.acquire(d, { repo = "r", path = "c.c", owner = "B" }))
       assert.equal(2, count(d, "SELECT COUNT(*) AS n FROM events WHERE kind = 'file_lock_taken_over'"))
@@ -291,11 +292,7 @@ describe("the built-in agent and file locks", function()
 
   before_each(function()
     fake = assert(fake_model.start())
-    assert(router.configure{
-      providers = { a = { base_url = fake:url() .. "/v1", api_key = "sk-test-key-aaaaaaaaaaaa" } },
-      models = { coder = { "a/gpt-test" } },
-      limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 100 },
-    })
+    assert(router.configure(fake:router_config{ coder = "gpt-test" }))
     dir = os.tmpname()
     os.remove(dir)
     assert(fs.mkdir_p(dir .. "/src"))

@@ -13,6 +13,7 @@ local fs = require "factory.core.fs"
 local host = require "factory.core.host"
 local tools = require "factory.agents.tools"
 local locks = require "factory.agents.locks"
+local engine_id = require "factory.engine_id"
 local orchestrator = require "factory.agents.orchestrator"
 
 local backends = require "tests.tools.backends"
@@ -306,7 +307,7 @@ describe("orchestrator", function()
     local dead_owner
     do
       local p = assert(proc.spawn{ argv = { "/bin/true" } })
-      dead_owner = ("%s:%d:1"):format(locks.HOST, p.pid)
+      dead_owner = ("%s:%d:1"):format(engine_id.HOST, p.pid)
       p:wait()
       p:close()
     end
@@ -321,13 +322,13 @@ describe("orchestrator", function()
     assert.falsy(alive(lone_pgid))
     assert.truthy(alive(lone))
     assert(d2:exec("INSERT INTO locks (name, owner, expires_at, data) VALUES (?, ?, ?, ?)",
-      { "agent:" .. locks.HOST .. ":" .. lone_pgid, dead_owner, time.now() + 3600,
-        { host = locks.HOST, pid = lone_pgid, pgid = lone_pgid, start = 1 } }))
+      { "agent:" .. engine_id.HOST .. ":" .. lone_pgid, dead_owner, time.now() + 3600,
+        { host = engine_id.HOST, pid = lone_pgid, pgid = lone_pgid, start = 1 } }))
     -- A record whose pid now names another process (different start time) spares it.
     local bystander = assert(proc.spawn{ argv = { "sleep", "30" }, env = { PATH = PATH } })
     assert(d2:exec("INSERT INTO locks (name, owner, expires_at, data) VALUES (?, ?, ?, ?)",
-      { "agent:" .. locks.HOST .. ":" .. bystander.pid, dead_owner, time.now() + 3600,
-        { host = locks.HOST, pid = bystander.pid, pgid = bystander.pid, start = 1 } }))
+      { "agent:" .. engine_id.HOST .. ":" .. bystander.pid, dead_owner, time.now() + 3600,
+        { host = engine_id.HOST, pid = bystander.pid, pgid = bystander.pid, start = 1 } }))
 
     -- Worktrees: one no record names (removed), one of a live engine (kept), one
     -- outside the root (kept), one whose directory is gone (pruned).
@@ -335,7 +336,7 @@ describe("orchestrator", function()
     assert(r:worktree_add("stray", wt_root .. "/stray"))
     assert(r:worktree_add("live", wt_root .. "/live"))
     assert(d2:exec("INSERT INTO locks (name, owner, expires_at) VALUES (?, ?, ?)",
-      { "worktree:" .. wt_root .. "/live", ("%s:%d:5"):format(locks.HOST, proc.getpid()), time.now() + 3600 }))
+      { "worktree:" .. wt_root .. "/live", ("%s:%d:5"):format(engine_id.HOST, proc.getpid()), time.now() + 3600 }))
     assert(r:worktree_add("elsewhere", root .. "/elsewhere"))
     assert(r:worktree_add("gone", root .. "/gone"))
     assert(fs.remove(root .. "/gone", { recursive = true }))
@@ -456,11 +457,7 @@ describe("orchestrator", function()
     local router = require "factory.router"
     local json = require "factory.json"
     local fake = assert(dofile(TOOLS .. "fake_model.lua").start())
-    assert(router.configure{
-      providers = { a = { base_url = fake:url() .. "/v1", api_key = "sk-test-key-aaaaaaaaaaaa" } },
-      models = { coder = { "a/gpt-test" } },
-      limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 100 },
-    })
+    assert(router.configure(fake:router_config{ coder = "gpt-test" }))
     local function call(id, name, args)
       return { tool_calls = { { id = id, name = name, arguments = json.encode(args) } } }
     end

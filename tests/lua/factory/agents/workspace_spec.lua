@@ -10,7 +10,7 @@ local fs = require "factory.core.fs"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local fake_model = dofile(HERE .. "../../../tools/fake_model.lua")
-local SAMPLE = HERE .. "../../../../examples/sample-c-repo"
+local sample_repo = dofile(HERE .. "../../../tools/sample_repo.lua")
 local AUTHOR = { name = "Test Agent", email = "agent@factory.test" }
 local PATH = os.getenv("PATH") or "/usr/local/bin:/usr/bin:/bin"
 
@@ -23,22 +23,11 @@ end
 
 before_each(function()
   fake = assert(fake_model.start())
-  assert(router.configure{
-    providers = { a = { base_url = fake:url() .. "/v1", api_key = "sk-test-key-aaaaaaaaaaaa" } },
-    models = { coder = { "a/gpt-test" } },
-    limits = { retries = 0, timeout = 5, first_token_timeout = 2, idle_timeout = 2, breaker_failures = 100 },
-  })
+  assert(router.configure(fake:router_config{ coder = "gpt-test" }))
   root = os.tmpname()
   os.remove(root)
   assert(fs.mkdir_p(root))
-  repo_dir = root .. "/calc"
-  local cp = assert(proc.run{ argv = { "cp", "-R", SAMPLE, repo_dir }, env = { PATH = PATH } })
-  assert.equal(0, cp.code)
-  proc.run{ argv = { "rm", "-rf", repo_dir .. "/build" }, env = { PATH = PATH } }
-  local repo = assert(git.init(repo_dir))
-  assert(repo:add_all())
-  assert(repo:commit("sample C repository", { author = { name = "Base", email = "base@factory.test" } }))
-  repo:close()
+  repo_dir = sample_repo.make(root .. "/calc")
 end)
 
 after_each(function()
