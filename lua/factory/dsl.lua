@@ -126,6 +126,49 @@ end
 local OPERATIVE_FIELDS = { name = true, prompt = true, model = true, tools = true, max_iterations = true,
                            agent = true, max_tokens = true, temperature = true, context_window = true }
 
+-- A CLI agent's options: those of factory.agents.cli.run a team file may set.
+local CLI_AGENT_FIELDS = { cli = true, command = true, format = true, prompt = true, max_iterations = true,
+                           stuck_idle = true, max_retries = true, heartbeat_timeout = true, iteration_timeout = true,
+                           kill_grace = true, env = true }
+M.CLI_PRESETS = { claude = true, codex = true, aider = true }
+local CLI_FORMATS = { claude = true, codex = true, plain = true }
+
+-- Problems are reported at the operative's line (the agent table has none).
+local function check_cli_agent(op, agent, what)
+  what = what .. " agent"
+  for k in pairs(agent) do
+    if not CLI_AGENT_FIELDS[k] then fail(op, "%s: unknown field '%s'", what, tostring(k)) end
+  end
+  if agent.command ~= nil then
+    local ok = type(agent.command) == "table" and #agent.command > 0
+    for _, a in ipairs(ok and agent.command or {}) do ok = ok and type(a) == "string" end
+    if not ok then fail(op, "%s: command must be a non-empty list of strings (argv)", what) end
+  elseif not M.CLI_PRESETS[agent.cli] then
+    fail(op, "%s: cli %q is not a preset (claude, codex, aider): give its command = { ... }", what, agent.cli)
+  end
+  if agent.format ~= nil and not CLI_FORMATS[agent.format] then
+    fail(op, "%s: format must be \"claude\", \"codex\" or \"plain\", got %s", what, tostring(agent.format))
+  end
+  if agent.prompt ~= nil and type(agent.prompt) ~= "string" then fail(op, "%s: prompt must be a string", what) end
+  for _, k in ipairs({ "max_iterations", "stuck_idle", "max_retries" }) do
+    local v = agent[k]
+    if v ~= nil and (type(v) ~= "number" or v ~= math.floor(v) or v < 1) then
+      fail(op, "%s: %s must be a positive integer, got %s", what, k, tostring(v))
+    end
+  end
+  for _, k in ipairs({ "heartbeat_timeout", "iteration_timeout", "kill_grace" }) do
+    local v = agent[k]
+    if v ~= nil and (type(v) ~= "number" or v <= 0) then
+      fail(op, "%s: %s must be a number of seconds above 0, got %s", what, k, tostring(v))
+    end
+  end
+  if agent.env ~= nil then
+    local ok = type(agent.env) == "table"
+    for k, v in pairs(ok and agent.env or {}) do ok = ok and type(k) == "string" and type(v) == "string" end
+    if not ok then fail(op, "%s: env must map names to strings", what) end
+  end
+end
+
 local function check_operative(op, team, aliases)
   local what = ("operative %q"):format(op.name)
   check_fields(op, OPERATIVE_FIELDS, what)
@@ -144,6 +187,7 @@ local function check_operative(op, team, aliases)
   if agent ~= "builtin" and not (type(agent) == "table" and type(agent.cli) == "string") then
     fail(op, "%s: agent must be \"builtin\" or { cli = \"name\", ... }", what)
   end
+  if type(agent) == "table" then check_cli_agent(op, agent, what) end
   op.agent = agent
 end
 

@@ -12,6 +12,9 @@ local BROKEN = HERE .. "fixtures/broken_defs"
 local EXPECTED = {
   { "teams/asks_itself.lua", 2, 'team "asks_itself": may_ask names the team itself' },
   { "teams/bad_limit.lua", 6, 'operative "second": max_iterations must be a positive integer, got "ten"' },
+  { "teams/cli_agent_no_command.lua", 5, 'operative "worker" agent: cli "gemini" is not a preset (claude, codex, '
+    .. 'aider): give its command = { ... }' },
+  { "teams/cli_agent_typo.lua", 5, "operative \"worker\" agent: unknown field 'heartbeat_timout'" },
   { "teams/duplicate_operative.lua", 6, 'team "duplicate_operative": operative "worker" is defined twice' },
   { "teams/may_ask_nobody.lua", 2, 'team "may_ask_nobody": may_ask names no team: "astrology"' },
   { "teams/misnamed.lua", 2, 'team "renamed" must be defined in renamed.lua' },
