@@ -4,6 +4,7 @@
  *   conn:run(sql, params, n)  -> rows, {changes=, last_id=, json={col...}} | nil, err, code
  *   conn:script(sql)          -> true | nil, err, code   (several statements, no parameters)
  *   conn:inline(on)           -> true   (see below)
+ *   conn:try(sql)             -> true | nil, err, code   (a script run now, never waiting)
  *   conn:close()              -> true
  *
  * Every SQLite call runs on libuv's thread pool: a statement may wait up to the busy
@@ -15,6 +16,10 @@
  * on while it holds the write lock (after BEGIN IMMEDIATE, before COMMIT), when a
  * statement can wait for no other process and a pool round trip would only add two
  * thread switches to a few microseconds of work.
+ * conn:try(sql) runs a script inline with no busy wait: EBUSY, at once, when another
+ * process holds the lock it needs or a job of this connection is still queued. The
+ * Lua layer takes the write lock (BEGIN IMMEDIATE) this way first, and only when it
+ * is taken queues the BEGIN for the pool to wait out the busy timeout there.
  *
  * Statements are prepared once per connection and kept (STMT_CACHE of them, the
  * least recently used replaced): the engine repeats the same few dozen texts.
@@ -668,6 +673,23 @@ static int sq_script(lua_State *L) {
     return submit(L, j);
 }
 
+static int sq_try(lua_State *L) {
+    sq_conn *c = check_conn(L);
+    const char *sql = luaL_checkstring(L, 2);
+    if (c->head) return fb_push_error(L, "EBUSY", "the connection is busy with a queued job");
+    sq_job *j = job_new(c, JOB_SCRIPT);
+    if (!j || !(j->sql = strdup(sql))) {
+        free(j);
+        return luaL_error(L, "sqlite: out of memory");
+    }
+    sqlite3_busy_timeout(c->db, 0);
+    do_job(j);
+    sqlite3_busy_timeout(c->db, c->busy_ms);
+    int n = push_results(L, j);
+    job_free(j);
+    return n;
+}
+
 static int sq_inline(lua_State *L) {
     sq_conn *c = check_conn(L);
     c->inline_jobs = lua_toboolean(L, 2);
@@ -716,6 +738,7 @@ static const luaL_Reg conn_methods[] = {
     {"run",    sq_run},
     {"script", sq_script},
     {"inline", sq_inline},
+    {"try",    sq_try},
     {"close",  sq_close},
     {NULL, NULL},
 };
@@ -726,6 +749,10 @@ static const luaL_Reg sqlite_functions[] = {
 };
 
 int luaopen_factory_core_db_sqlite(lua_State *L) {
+    /* Without memory statistics (nothing reads them) SQLite's allocator takes no
+     * global mutex on every malloc and free. Only the first call, before SQLite
+     * initializes, takes effect; later ones fail harmlessly. */
+    sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
     if (luaL_newmetatable(L, CONN_MT)) {
         lua_newtable(L);
         luaL_register(L, NULL, conn_methods);

@@ -36,8 +36,9 @@
 -- statement's RETURNING id fills it (the portable way, and the right id for upserts).
 --
 -- Connections: SQLite has one writer (every transaction, exec and script queues on it;
--- BEGIN and COMMIT run on the libuv thread pool, where waiting out another process's
--- lock ties up a pool thread; statements in between run inline) and, for db:query
+-- COMMIT, and BEGIN when another process holds the lock, run on the libuv thread
+-- pool, where waiting out that lock or fsync ties up a pool thread; statements in
+-- between run inline) and, for db:query
 -- from fibers, one reader, which sees only committed data. PostgreSQL has a pool of
 -- up to `pool` connections, opened on demand; a dropped connection is replaced,
 -- reconnecting with exponential backoff for up to 10 s. A transaction pins one
@@ -494,9 +495,14 @@ local function sqlite_tx(self, fn, ...)
   local e, err, code = acquire(self, 3)
   if not e then return nil, err, code end
   if not e.group then
-    e.in_tx = true
-    local ok, berr, bcode = e.conn:script("BEGIN IMMEDIATE")
-    e.in_tx = false
+    -- Uncontended, the write lock is taken inline in microseconds; only when another
+    -- process holds it does BEGIN queue for the pool, to wait out the busy timeout.
+    local ok, berr, bcode = e.conn:try("BEGIN IMMEDIATE")
+    if not ok and bcode == "EBUSY" then
+      e.in_tx = true
+      ok, berr, bcode = e.conn:script("BEGIN IMMEDIATE")
+      e.in_tx = false
+    end
     if not ok then
       release(self, e)
       return nil, berr, bcode
