@@ -413,13 +413,18 @@ local function tx_error(res)
   return nil, tx_error_text(res[2])
 end
 
-local function run_fn(self, me, conn, fn, ...)
+-- tx.memo: what fn's statements learned about the database that stays true while
+-- the write lock is held (audit.lua keeps the chain's last record there). A SQLite
+-- group's members read through to the group's memo and add theirs to it only when
+-- their work is kept (memo: the group's, nil for a transaction of its own).
+local function run_fn(self, me, conn, memo, fn, ...)
   self.tx_owners[me] = true
-  local tx = setmetatable({ backend = self.backend, _conn = conn, _notes = {} }, Tx)
+  local tx = setmetatable({ backend = self.backend, _conn = conn, _notes = {},
+                            memo = setmetatable({}, memo and { __index = memo }) }, Tx)
   local res = pack(xpcall(fn, function(x) return x end, tx, ...))
   tx._conn = nil
   self.tx_owners[me] = nil
-  return res, tx._notes
+  return res, tx._notes, tx.memo
 end
 
 local function pg_tx(self, fn, ...)
@@ -432,7 +437,7 @@ local function pg_tx(self, fn, ...)
     return nil, berr, bcode
   end
   e.in_tx = true
-  local res = run_fn(self, me, e.conn, fn, ...)
+  local res = run_fn(self, me, e.conn, nil, fn, ...)
   if tx_failed(res) then
     e.conn:script("ROLLBACK")
     e.in_tx = false
@@ -469,7 +474,7 @@ local function member(self, e, me, fn, ...)
     return nil, serr, scode
   end
   e.member = true
-  local res, notes = run_fn(self, me, conn, fn, ...)
+  local res, notes, memo = run_fn(self, me, conn, g.memo, fn, ...)
   local failed = tx_failed(res)
   if failed and not conn:run("ROLLBACK TO member") then g.broken = true end
   if not conn:run("RELEASE member") then g.broken = true end
@@ -478,6 +483,7 @@ local function member(self, e, me, fn, ...)
     release(self, e)
     return tx_error(res)
   end
+  for k, v in pairs(memo) do g.memo[k] = v end
   local m = { fiber = me }
   g.members[#g.members + 1] = m
   release(self, e)
@@ -509,7 +515,7 @@ local function sqlite_tx(self, fn, ...)
     end
     -- Holding the write lock, no statement can wait for another process.
     e.conn:inline(true)
-    e.group = { members = {} }
+    e.group = { members = {}, memo = {} }
   end
   return member(self, e, me, fn, ...)
 end
