@@ -6,6 +6,7 @@
 --            created; an explicit sqlite path's directory must exist). See db/url.lua.
 --   db.backend                -> "sqlite" | "postgres";  db.url -> the URL without password
 --   db:query(sql, params)     -> { row, ... } | nil, err, code
+--   db:queries({ { sql, params }, ... }) -> { rows, ... } | nil, err, code (the first error)
 --   db:exec(sql, params)      -> { changes = n, last_id = n? } | nil, err, code
 --   db:script(sql)            -> true | nil, err, code     several statements, no parameters (DDL)
 --   db:tx(fn, ...)            -> fn's results | nil, err, code
@@ -380,6 +381,35 @@ function DB:query(sql, params)
     return query_on(self.reader, "sqlite", sql, args, n)
   end
   return with_conn(self, query_on, self.backend, sql, args, n)
+end
+
+-- Several reads at once; on SQLite's reader one job, one pool round trip for all.
+function DB:queries(list)
+  if type(list) ~= "table" then error("db:queries: expected a list of { sql, params }", 2) end
+  local me = corefiber.current()
+  if not (self.reader and me and not self.closed) then
+    local out = {}
+    for i, q in ipairs(list) do
+      local rows, err, code = self:query(q[1], q[2])
+      if not rows then return nil, err, code end
+      out[i] = rows
+    end
+    return out
+  end
+  if self.tx_owners[me] then misuse(2) end
+  local jobs = {}
+  for i, q in ipairs(list) do
+    local args, n = prepare(q[1], q[2])
+    jobs[i] = { q[1], args or {}, n }
+  end
+  local out = self.reader:batch(jobs)
+  for i, r in ipairs(out) do
+    local rows, meta = r[1], r[2]
+    if not rows then return nil, r[2], r[3] end
+    if meta.json then decode_json(rows, meta.json) end
+    out[i] = rows
+  end
+  return out
 end
 
 local function tx_error_text(err)

@@ -9,6 +9,9 @@
 --       (the query's embedding) the facts nearest in meaning too (cosine similarity
 --       over the newest MAX_SCAN embedded facts of the banks), the two rankings
 --       merged by reciprocal rank
+--   memory.context(db, banks, team, query [, limit [, vector]]) -> facts, learnings
+--       memory.recall(db, banks, query, limit, vector) and
+--       memory.learnings(db, team, nil, query) read together: one round trip
 --   memory.embed(texts, { team =, run = }) -> { vector, ... } | nil
 --       embeddings through the `local/embed` alias; nil when no such alias is
 --       configured or the call fails (recall then falls back to words alone)
@@ -81,9 +84,10 @@ local function words(query)
   return out
 end
 
-local function words_recall(db, banks, query, limit)
+-- The full-text recall's statement, or nil when query has no words to look for.
+local function words_sql(db, banks, query, limit)
   local ws = words(query or "")
-  if #ws == 0 then return {} end
+  if #ws == 0 then return nil end
   local marks = ("?, "):rep(#banks):sub(1, -3)
   local params = {}
   local sql
@@ -101,9 +105,18 @@ local function words_recall(db, banks, query, limit)
     for _, b in ipairs(banks) do params[#params + 1] = b end
   end
   params[#params + 1] = limit
-  local rows = assert(db:query(sql, params))
+  return sql, params
+end
+
+local function bank_rows(rows)
   for i, r in ipairs(rows) do rows[i] = { bank = r.bank, content = r.content } end
   return rows
+end
+
+local function words_recall(db, banks, query, limit)
+  local sql, params = words_sql(db, banks, query, limit)
+  if not sql then return {} end
+  return bank_rows(assert(db:query(sql, params)))
 end
 
 function M.embed(texts, opts)
@@ -134,13 +147,17 @@ local function cosine(a, b)
   return dot / math.sqrt(na * nb)
 end
 
-local function nearest(db, banks, vector, limit)
+local function nearest_sql(banks)
   local marks = ("?, "):rep(#banks):sub(1, -3)
   local params = {}
   for i, b in ipairs(banks) do params[i] = b end
   params[#params + 1] = MAX_SCAN
-  local rows = assert(db:query("SELECT bank, content, embedding FROM memory_facts WHERE embedding IS NOT NULL"
-    .. " AND bank IN (" .. marks .. ") ORDER BY id DESC LIMIT ?", params))
+  return "SELECT bank, content, embedding FROM memory_facts WHERE embedding IS NOT NULL"
+    .. " AND bank IN (" .. marks .. ") ORDER BY id DESC LIMIT ?", params
+end
+
+-- The facts of rows (nearest_sql's) nearest to vector, best first.
+local function nearest_of(rows, vector, limit)
   local scored = {}
   for _, r in ipairs(rows) do
     local score = type(r.embedding) == "table" and cosine(vector, r.embedding) or 0
@@ -176,7 +193,7 @@ function M.recall(db, banks, query, limit, vector)
   if #banks == 0 then return {} end
   local by_words = words_recall(db, banks, query, limit)
   if not vector then return by_words end
-  return fuse({ by_words, nearest(db, banks, vector, limit) }, limit)
+  return fuse({ by_words, nearest_of(assert(db:query(nearest_sql(banks))), vector, limit) }, limit)
 end
 
 
@@ -200,8 +217,9 @@ end
 
 local COLUMNS = "l.id, l.team, l.repo, l.objective, l.text, l.run_id, l.created_at"
 
--- Rows of learnings matching text (best first), or the newest when text has no words.
-local function find(db, text, opts)
+-- The statement for the rows of learnings matching text (best first), or the newest
+-- when text has no words.
+local function find_sql(db, text, opts)
   local where, params = {}, {}
   local ws = words(text or "")
   local sql
@@ -235,11 +253,20 @@ local function find(db, text, opts)
     sql = sql .. " ORDER BY learnings_fts.rank, l.id DESC"
   end
   params[#params + 1] = opts.limit or 20
-  return assert(db:query(sql .. " LIMIT ?", params))
+  return sql .. " LIMIT ?", params
+end
+
+local function find(db, text, opts)
+  return assert(db:query(find_sql(db, text, opts)))
 end
 
 function M.search_learnings(db, text, opts)
   return find(db, text, opts or {})
+end
+
+local function texts(rows)
+  for i, r in ipairs(rows) do rows[i] = r.text end
+  return rows
 end
 
 function M.learnings(db, team, limit, query)
@@ -247,8 +274,33 @@ function M.learnings(db, team, limit, query)
   local rows = {}
   if query and #words(query) > 0 then rows = find(db, query, opts) end
   if #rows == 0 then rows = find(db, nil, opts) end
-  for i, r in ipairs(rows) do rows[i] = r.text end
-  return rows
+  return texts(rows)
+end
+
+-- recall(db, banks, query, limit, vector) and learnings(db, team, nil, query) in one
+-- db:queries (one round trip on SQLite), every statement run whether needed or not.
+function M.context(db, banks, team, query, limit, vector)
+  limit = limit or 8
+  local list, at = {}, {}
+  local function add(name, sql, params)
+    if sql then
+      list[#list + 1] = { sql, params }
+      at[name] = #list
+    end
+  end
+  if #banks > 0 then
+    add("words", words_sql(db, banks, query, limit))
+    if vector then add("nearest", nearest_sql(banks)) end
+  end
+  local opts = { team = team, limit = 5 }
+  if query and #words(query) > 0 then add("matching", find_sql(db, query, opts)) end
+  add("newest", find_sql(db, nil, opts))
+  local out = assert(db:queries(list))
+  local facts = at.words and bank_rows(out[at.words]) or {}
+  if at.nearest then facts = fuse({ facts, nearest_of(out[at.nearest], vector, limit) }, limit) end
+  local learned = at.matching and out[at.matching] or {}
+  if #learned == 0 then learned = out[at.newest] end
+  return facts, texts(learned)
 end
 
 return M

@@ -303,8 +303,8 @@ function Engine:_objective(run, team, op, o)
   local topic = o.question and o.question.text or (o.stage.objective or o.stage.name)
   local about = o.anchor .. " " .. topic
   local vector = memory.embed({ about }, { team = team.name, run = run.id })
-  o.memory = memory.recall(self.db, { team.name, memory.SHARED }, about, team.recall, vector and vector[1])
-  o.learnings = memory.learnings(self.db, team.name, nil, o.anchor .. " " .. topic)
+  o.memory, o.learnings = memory.context(self.db, { team.name, memory.SHARED }, team.name, about, team.recall,
+                                          vector and vector[1])
   o.db, o.process = self.db, self.owner
   o.emit = function(kind, data) self:_emit(run.id, kind, data) end
   o.notify = function(kind, data) self:_notify(run.id, kind, data) end
