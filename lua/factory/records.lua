@@ -1,6 +1,7 @@
 -- factory.records: what a run leaves behind, for people and for the audit log.
 --
 --   records.event(q, run_id, kind, data)          the run's timeline (events table)
+--   records.events(q, run_id, { { kind, data }, ... })   several, in order, in one statement
 --   records.mail(q, { sender, recipient, kind, run_id, in_reply_to, subject, body, data })
 --       -> id    every agent<->agent and agent<->human message
 --   records.decision(q, { run_id, stage, team, operative, decision, reasoning, data })
@@ -27,6 +28,21 @@ end
 function M.event(q, run_id, kind, data)
   return must("event", q:exec("INSERT INTO events (run_id, kind, data, created_at) VALUES (?, ?, ?, ?) RETURNING id",
     { run_id, kind, data or {}, time.now() })).last_id
+end
+
+local EVENT_ROW = "(?, ?, ?, ?)"
+
+function M.events(q, run_id, list)
+  if #list == 0 then return end
+  local rows, params = {}, {}
+  for i, e in ipairs(list) do
+    rows[i] = EVENT_ROW
+    local at = (i - 1) * 4
+    params[at + 1], params[at + 2], params[at + 3], params[at + 4] = run_id, e[1], e[2] or {}, time.now()
+  end
+  params.n = #list * 4
+  return must("event", q:exec("INSERT INTO events (run_id, kind, data, created_at) VALUES " .. table.concat(rows, ", ")
+    .. " RETURNING id", params)).last_id
 end
 
 function M.mail(q, m)
