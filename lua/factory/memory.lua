@@ -84,22 +84,24 @@ local function words(query)
   return out
 end
 
--- The full-text recall's statement, or nil when query has no words to look for.
-local function words_sql(db, banks, query, limit)
-  local ws = words(query or "")
+-- The text a full-text search of ws (words' list) matches.
+local function matching(db, ws)
+  if db.backend == "postgres" then return table.concat(ws, " | ") end
+  return '"' .. table.concat(ws, '" OR "') .. '"'
+end
+
+-- The full-text recall's statement for ws (words' list), or nil when it is empty.
+local function words_sql(db, banks, ws, limit)
   if #ws == 0 then return nil end
   local marks = ("?, "):rep(#banks):sub(1, -3)
-  local params = {}
+  local params = { matching(db, ws) }
   local sql
   if db.backend == "postgres" then
-    params[1] = table.concat(ws, " | ")
     sql = "SELECT bank, content FROM memory_facts WHERE search @@ to_tsquery('english', ?) AND bank IN (" .. marks
       .. ") ORDER BY ts_rank(search, to_tsquery('english', ?)) DESC, id DESC LIMIT ?"
     for _, b in ipairs(banks) do params[#params + 1] = b end
     params[#params + 1] = params[1]
   else
-    for i, w in ipairs(ws) do ws[i] = '"' .. w .. '"' end
-    params[1] = table.concat(ws, " OR ")
     sql = "SELECT f.bank, f.content FROM memory_facts_fts JOIN memory_facts f ON f.id = memory_facts_fts.rowid"
       .. " WHERE memory_facts_fts MATCH ? AND f.bank IN (" .. marks .. ") ORDER BY memory_facts_fts.rank LIMIT ?"
     for _, b in ipairs(banks) do params[#params + 1] = b end
@@ -114,7 +116,7 @@ local function bank_rows(rows)
 end
 
 local function words_recall(db, banks, query, limit)
-  local sql, params = words_sql(db, banks, query, limit)
+  local sql, params = words_sql(db, banks, words(query or ""), limit)
   if not sql then return {} end
   return bank_rows(assert(db:query(sql, params)))
 end
@@ -217,21 +219,19 @@ end
 
 local COLUMNS = "l.id, l.team, l.repo, l.objective, l.text, l.run_id, l.created_at"
 
--- The statement for the rows of learnings matching text (best first), or the newest
--- when text has no words.
-local function find_sql(db, text, opts)
+-- The statement for the rows of learnings matching ws (words' list; best first), or
+-- the newest when it is empty.
+local function find_sql(db, ws, opts)
   local where, params = {}, {}
-  local ws = words(text or "")
   local sql
   if #ws == 0 then
     sql = "SELECT " .. COLUMNS .. " FROM learnings l"
   elseif db.backend == "postgres" then
-    params[1] = table.concat(ws, " | ")
+    params[1] = matching(db, ws)
     sql = "SELECT " .. COLUMNS .. " FROM learnings l"
     where[1] = "l.search @@ to_tsquery('english', ?)"
   else
-    for i, w in ipairs(ws) do ws[i] = '"' .. w .. '"' end
-    params[1] = table.concat(ws, " OR ")
+    params[1] = matching(db, ws)
     sql = "SELECT " .. COLUMNS .. " FROM learnings_fts JOIN learnings l ON l.id = learnings_fts.rowid"
     where[1] = "learnings_fts MATCH ?"
   end
@@ -257,7 +257,7 @@ local function find_sql(db, text, opts)
 end
 
 local function find(db, text, opts)
-  return assert(db:query(find_sql(db, text, opts)))
+  return assert(db:query(find_sql(db, words(text or ""), opts)))
 end
 
 function M.search_learnings(db, text, opts)
@@ -272,7 +272,8 @@ end
 function M.learnings(db, team, limit, query)
   local opts = { team = team, limit = limit or 5 }
   local rows = {}
-  if query and #words(query) > 0 then rows = find(db, query, opts) end
+  local ws = words(query or "")
+  if #ws > 0 then rows = assert(db:query(find_sql(db, ws, opts))) end
   if #rows == 0 then rows = find(db, nil, opts) end
   return texts(rows)
 end
@@ -288,13 +289,14 @@ function M.context(db, banks, team, query, limit, vector)
       at[name] = #list
     end
   end
+  local ws = words(query or "")
   if #banks > 0 then
-    add("words", words_sql(db, banks, query, limit))
+    add("words", words_sql(db, banks, ws, limit))
     if vector then add("nearest", nearest_sql(banks)) end
   end
   local opts = { team = team, limit = 5 }
-  if query and #words(query) > 0 then add("matching", find_sql(db, query, opts)) end
-  add("newest", find_sql(db, nil, opts))
+  if #ws > 0 then add("matching", find_sql(db, ws, opts)) end
+  add("newest", find_sql(db, {}, opts))
   local out = assert(db:queries(list))
   local facts = at.words and bank_rows(out[at.words]) or {}
   if at.nearest then facts = fuse({ facts, nearest_of(out[at.nearest], vector, limit) }, limit) end
