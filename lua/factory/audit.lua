@@ -15,7 +15,8 @@
 -- seq 1). Appends are serialized so the chain never forks, across processes too: the
 -- previous record is read inside the appending transaction, under a lock taken first
 -- (PostgreSQL: a transaction-level advisory lock; SQLite: BEGIN IMMEDIATE already
--- holds the database's write lock). seq is the primary key besides.
+-- holds the database's write lock), once per transaction (SQLite: per commit group),
+-- later appends continuing from the one before. seq is the primary key besides.
 local hash = require "factory.core.hash"
 local json = require "factory.json"
 local time = require "factory.core.time"
