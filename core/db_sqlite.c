@@ -4,6 +4,9 @@
  *   conn:run(sql, params, n)  -> rows, {changes=, last_id=, json={col...}} | nil, err, code
  *   conn:script(sql)          -> true | nil, err, code   (several statements, no parameters)
  *   conn:inline(on)           -> true   (see below)
+ *   conn:try(sql)             -> true | nil, err, code   (a script run now, never waiting)
+ *   conn:batch({ {sql, params, n}, ... }) -> { {rows, meta} | {nil, err, code}, ... }
+ *       the statements as one job: one pool round trip instead of one each
  *   conn:close()              -> true
  *
  * Every SQLite call runs on libuv's thread pool: a statement may wait up to the busy
@@ -15,6 +18,10 @@
  * on while it holds the write lock (after BEGIN IMMEDIATE, before COMMIT), when a
  * statement can wait for no other process and a pool round trip would only add two
  * thread switches to a few microseconds of work.
+ * conn:try(sql) runs a script inline with no busy wait: EBUSY, at once, when another
+ * process holds the lock it needs or a job of this connection is still queued. The
+ * Lua layer takes the write lock (BEGIN IMMEDIATE) this way first, and only when it
+ * is taken queues the BEGIN for the pool to wait out the busy timeout there.
  *
  * Statements are prepared once per connection and kept (STMT_CACHE of them, the
  * least recently used replaced): the engine repeats the same few dozen texts.
@@ -47,7 +54,7 @@
 
 #define CONN_MT "factory.sqlite"
 
-enum { JOB_OPEN, JOB_RUN, JOB_SCRIPT, JOB_CLOSE };
+enum { JOB_OPEN, JOB_RUN, JOB_SCRIPT, JOB_CLOSE, JOB_BATCH };
 enum { COL_PLAIN, COL_BOOL, COL_JSON };
 
 typedef struct {
@@ -79,6 +86,8 @@ typedef struct sq_job {
     int has_last_id;
     const char *code; /* NULL on success */
     char *msg;
+    struct sq_job **parts; /* JOB_BATCH: its JOB_RUN statements, run in order */
+    int nparts;
 } sq_job;
 
 enum { STMT_CACHE = 64 };
@@ -375,6 +384,9 @@ static void do_job(sq_job *j) {
     case JOB_OPEN: do_open(j); break;
     case JOB_RUN: do_run(j); break;
     case JOB_SCRIPT: do_script(j); break;
+    case JOB_BATCH:
+        for (int i = 0; i < j->nparts; i++) do_run(j->parts[i]);
+        break;
     case JOB_CLOSE:
         cache_clear(j->conn);
         sqlite3_close_v2(j->conn->db);
@@ -388,6 +400,8 @@ static void work_cb(uv_work_t *req) { do_job((sq_job *)req->data); }
 /* ---- jobs and connections on the loop thread ------------------------------------ */
 
 static void job_free(sq_job *j) {
+    for (int i = 0; i < j->nparts; i++) job_free(j->parts[i]);
+    free(j->parts);
     free(j->sql);
     for (int i = 0; i < j->nparams; i++) value_free(&j->params[i]);
     free(j->params);
@@ -418,7 +432,8 @@ static void after_work_cb(uv_work_t *req, int status);
 
 static void start(sq_conn *c) {
     /* A statement whose fiber gave up before it started is dropped, not run. */
-    while (c->head && !c->head->fiber && (c->head->kind == JOB_RUN || c->head->kind == JOB_SCRIPT)) {
+    while (c->head && !c->head->fiber && (c->head->kind == JOB_RUN || c->head->kind == JOB_SCRIPT
+                                               || c->head->kind == JOB_BATCH)) {
         sq_job *j = c->head;
         c->head = j->next;
         if (!c->head) c->tail = NULL;
@@ -453,10 +468,23 @@ static void push_value(lua_State *L, const sq_value *v, int kind) {
     }
 }
 
-/* Pushes what a finished run/script job returns. */
+/* Pushes what a finished run/script/batch job returns. */
 static int push_results(lua_State *L, sq_job *j) {
     lua_checkstack(L, 8);
     if (j->code) return fb_push_error(L, j->code, "%s", j->msg);
+    if (j->kind == JOB_BATCH) {
+        lua_createtable(L, j->nparts, 0);
+        for (int i = 0; i < j->nparts; i++) {
+            lua_newtable(L);
+            int t = lua_gettop(L);
+            int n = push_results(L, j->parts[i]);
+            for (int k = n; k >= 1; k--) lua_rawseti(L, t, k);
+            lua_pushinteger(L, n);
+            lua_setfield(L, t, "n");
+            lua_rawseti(L, -2, i + 1);
+        }
+        return 1;
+    }
     if (j->kind == JOB_SCRIPT) {
         lua_pushboolean(L, 1);
         return 1;
@@ -657,6 +685,44 @@ static int sq_run(lua_State *L) {
     return submit(L, j);
 }
 
+static int sq_batch(lua_State *L) {
+    sq_conn *c = check_conn(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int count = (int)lua_objlen(L, 2);
+    /* Everything that can raise is checked before anything is allocated. */
+    for (int i = 1; i <= count; i++) {
+        lua_rawgeti(L, 2, i);
+        int part = lua_gettop(L);
+        luaL_checktype(L, part, LUA_TTABLE);
+        lua_rawgeti(L, part, 1);
+        if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "sqlite: batch statement %d has no SQL text", i);
+        lua_rawgeti(L, part, 3);
+        int n = (int)lua_tointeger(L, -1);
+        lua_rawgeti(L, part, 2);
+        check_params(L, lua_gettop(L), n);
+        lua_settop(L, part - 1);
+    }
+    sq_job *j = job_new(c, JOB_BATCH);
+    if (!j) return luaL_error(L, "sqlite: out of memory");
+    if (count > 0 && !(j->parts = (sq_job **)calloc((size_t)count, sizeof *j->parts))) goto oom;
+    for (int i = 1; i <= count; i++) {
+        lua_rawgeti(L, 2, i);
+        int part = lua_gettop(L);
+        lua_rawgeti(L, part, 1);
+        lua_rawgeti(L, part, 2);
+        lua_rawgeti(L, part, 3);
+        int n = (int)lua_tointeger(L, -1);
+        sq_job *p = job_new(c, JOB_RUN);
+        if (p) j->parts[j->nparts++] = p;
+        if (!p || !(p->sql = strdup(lua_tostring(L, part + 1))) || !read_params(L, part + 2, n, p)) goto oom;
+        lua_settop(L, part - 1);
+    }
+    return submit(L, j);
+oom:
+    job_free(j);
+    return luaL_error(L, "sqlite: out of memory");
+}
+
 static int sq_script(lua_State *L) {
     sq_conn *c = check_conn(L);
     const char *sql = luaL_checkstring(L, 2);
@@ -666,6 +732,23 @@ static int sq_script(lua_State *L) {
         return luaL_error(L, "sqlite: out of memory");
     }
     return submit(L, j);
+}
+
+static int sq_try(lua_State *L) {
+    sq_conn *c = check_conn(L);
+    const char *sql = luaL_checkstring(L, 2);
+    if (c->head) return fb_push_error(L, "EBUSY", "the connection is busy with a queued job");
+    sq_job *j = job_new(c, JOB_SCRIPT);
+    if (!j || !(j->sql = strdup(sql))) {
+        free(j);
+        return luaL_error(L, "sqlite: out of memory");
+    }
+    sqlite3_busy_timeout(c->db, 0);
+    do_job(j);
+    sqlite3_busy_timeout(c->db, c->busy_ms);
+    int n = push_results(L, j);
+    job_free(j);
+    return n;
 }
 
 static int sq_inline(lua_State *L) {
@@ -716,6 +799,8 @@ static const luaL_Reg conn_methods[] = {
     {"run",    sq_run},
     {"script", sq_script},
     {"inline", sq_inline},
+    {"try",    sq_try},
+    {"batch",  sq_batch},
     {"close",  sq_close},
     {NULL, NULL},
 };
@@ -726,6 +811,10 @@ static const luaL_Reg sqlite_functions[] = {
 };
 
 int luaopen_factory_core_db_sqlite(lua_State *L) {
+    /* Without memory statistics (nothing reads them) SQLite's allocator takes no
+     * global mutex on every malloc and free. Only the first call, before SQLite
+     * initializes, takes effect; later ones fail harmlessly. */
+    sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
     if (luaL_newmetatable(L, CONN_MT)) {
         lua_newtable(L);
         luaL_register(L, NULL, conn_methods);

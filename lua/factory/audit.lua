@@ -15,7 +15,8 @@
 -- seq 1). Appends are serialized so the chain never forks, across processes too: the
 -- previous record is read inside the appending transaction, under a lock taken first
 -- (PostgreSQL: a transaction-level advisory lock; SQLite: BEGIN IMMEDIATE already
--- holds the database's write lock). seq is the primary key besides.
+-- holds the database's write lock), once per transaction (SQLite: per commit group),
+-- later appends continuing from the one before. seq is the primary key besides.
 local hash = require "factory.core.hash"
 local json = require "factory.json"
 local time = require "factory.core.time"
@@ -42,13 +43,19 @@ local function digest(r)
 end
 
 local function append_tx(tx, record)
-  if tx.backend == "postgres" then
-    local ok, err, code = tx:query("SELECT pg_advisory_xact_lock(?)", { LOCK_KEY })
-    if not ok then return nil, err, code end
+  -- Under the lock the chain's end moves only by appends through here: a transaction
+  -- (or SQLite commit group) takes the lock and reads the end once, and keeps the end
+  -- in its memo.
+  local last = tx.memo.audit_last
+  if last == nil then
+    if tx.backend == "postgres" then
+      local ok, err, code = tx:query("SELECT pg_advisory_xact_lock(?)", { LOCK_KEY })
+      if not ok then return nil, err, code end
+    end
+    local rows, err, code = tx:query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+    if not rows then return nil, err, code end
+    last = rows[1] or false
   end
-  local rows, err, code = tx:query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-  if not rows then return nil, err, code end
-  local last = rows[1]
   local payload = record.payload
   if type(payload) == "table" then payload = assert(json.encode(payload)) end
   local r = {
@@ -56,11 +63,11 @@ local function append_tx(tx, record)
     actor = record.actor, run_id = record.run_id, payload = payload or "", created_at = time.now(),
   }
   r.hash = digest(r)
-  local ok
-  ok, err, code = tx:exec("INSERT INTO audit (seq, prev_hash, hash, kind, actor, run_id, payload, created_at)"
+  local ok, err, code = tx:exec("INSERT INTO audit (seq, prev_hash, hash, kind, actor, run_id, payload, created_at)"
     .. " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     { r.seq, r.prev_hash, r.hash, r.kind, r.actor, r.run_id, r.payload, r.created_at, n = 8 })
   if not ok then return nil, err, code end
+  tx.memo.audit_last = { seq = r.seq, hash = r.hash }
   return { seq = r.seq, hash = r.hash }
 end
 

@@ -6,6 +6,7 @@
 --            created; an explicit sqlite path's directory must exist). See db/url.lua.
 --   db.backend                -> "sqlite" | "postgres";  db.url -> the URL without password
 --   db:query(sql, params)     -> { row, ... } | nil, err, code
+--   db:queries({ { sql, params }, ... }) -> { rows, ... } | nil, err, code (the first error)
 --   db:exec(sql, params)      -> { changes = n, last_id = n? } | nil, err, code
 --   db:script(sql)            -> true | nil, err, code     several statements, no parameters (DDL)
 --   db:tx(fn, ...)            -> fn's results | nil, err, code
@@ -36,8 +37,9 @@
 -- statement's RETURNING id fills it (the portable way, and the right id for upserts).
 --
 -- Connections: SQLite has one writer (every transaction, exec and script queues on it;
--- BEGIN and COMMIT run on the libuv thread pool, where waiting out another process's
--- lock ties up a pool thread; statements in between run inline) and, for db:query
+-- COMMIT, and BEGIN when another process holds the lock, run on the libuv thread
+-- pool, where waiting out that lock or fsync ties up a pool thread; statements in
+-- between run inline) and, for db:query
 -- from fibers, one reader, which sees only committed data. PostgreSQL has a pool of
 -- up to `pool` connections, opened on demand; a dropped connection is replaced,
 -- reconnecting with exponential backoff for up to 10 s. A transaction pins one
@@ -381,6 +383,35 @@ function DB:query(sql, params)
   return with_conn(self, query_on, self.backend, sql, args, n)
 end
 
+-- Several reads at once; on SQLite's reader one job, one pool round trip for all.
+function DB:queries(list)
+  if type(list) ~= "table" then error("db:queries: expected a list of { sql, params }", 2) end
+  local me = corefiber.current()
+  if not (self.reader and me and not self.closed) then
+    local out = {}
+    for i, q in ipairs(list) do
+      local rows, err, code = self:query(q[1], q[2])
+      if not rows then return nil, err, code end
+      out[i] = rows
+    end
+    return out
+  end
+  if self.tx_owners[me] then misuse(2) end
+  local jobs = {}
+  for i, q in ipairs(list) do
+    local args, n = prepare(q[1], q[2])
+    jobs[i] = { q[1], args or {}, n }
+  end
+  local out = self.reader:batch(jobs)
+  for i, r in ipairs(out) do
+    local rows, meta = r[1], r[2]
+    if not rows then return nil, r[2], r[3] end
+    if meta.json then decode_json(rows, meta.json) end
+    out[i] = rows
+  end
+  return out
+end
+
 local function tx_error_text(err)
   if type(err) == "table" then
     return tostring(err.code or "EFAIL") .. ": " .. tostring(err.message), err.code or "EFAIL"
@@ -412,13 +443,18 @@ local function tx_error(res)
   return nil, tx_error_text(res[2])
 end
 
-local function run_fn(self, me, conn, fn, ...)
+-- tx.memo: what fn's statements learned about the database that stays true while
+-- the write lock is held (audit.lua keeps the chain's last record there). A SQLite
+-- group's members read through to the group's memo and add theirs to it only when
+-- their work is kept (memo: the group's, nil for a transaction of its own).
+local function run_fn(self, me, conn, memo, fn, ...)
   self.tx_owners[me] = true
-  local tx = setmetatable({ backend = self.backend, _conn = conn, _notes = {} }, Tx)
+  local tx = setmetatable({ backend = self.backend, _conn = conn, _notes = {},
+                            memo = setmetatable({}, memo and { __index = memo }) }, Tx)
   local res = pack(xpcall(fn, function(x) return x end, tx, ...))
   tx._conn = nil
   self.tx_owners[me] = nil
-  return res, tx._notes
+  return res, tx._notes, tx.memo
 end
 
 local function pg_tx(self, fn, ...)
@@ -431,7 +467,7 @@ local function pg_tx(self, fn, ...)
     return nil, berr, bcode
   end
   e.in_tx = true
-  local res = run_fn(self, me, e.conn, fn, ...)
+  local res = run_fn(self, me, e.conn, nil, fn, ...)
   if tx_failed(res) then
     e.conn:script("ROLLBACK")
     e.in_tx = false
@@ -468,7 +504,7 @@ local function member(self, e, me, fn, ...)
     return nil, serr, scode
   end
   e.member = true
-  local res, notes = run_fn(self, me, conn, fn, ...)
+  local res, notes, memo = run_fn(self, me, conn, g.memo, fn, ...)
   local failed = tx_failed(res)
   if failed and not conn:run("ROLLBACK TO member") then g.broken = true end
   if not conn:run("RELEASE member") then g.broken = true end
@@ -477,6 +513,7 @@ local function member(self, e, me, fn, ...)
     release(self, e)
     return tx_error(res)
   end
+  for k, v in pairs(memo) do g.memo[k] = v end
   local m = { fiber = me }
   g.members[#g.members + 1] = m
   release(self, e)
@@ -494,16 +531,21 @@ local function sqlite_tx(self, fn, ...)
   local e, err, code = acquire(self, 3)
   if not e then return nil, err, code end
   if not e.group then
-    e.in_tx = true
-    local ok, berr, bcode = e.conn:script("BEGIN IMMEDIATE")
-    e.in_tx = false
+    -- Uncontended, the write lock is taken inline in microseconds; only when another
+    -- process holds it does BEGIN queue for the pool, to wait out the busy timeout.
+    local ok, berr, bcode = e.conn:try("BEGIN IMMEDIATE")
+    if not ok and bcode == "EBUSY" then
+      e.in_tx = true
+      ok, berr, bcode = e.conn:script("BEGIN IMMEDIATE")
+      e.in_tx = false
+    end
     if not ok then
       release(self, e)
       return nil, berr, bcode
     end
     -- Holding the write lock, no statement can wait for another process.
     e.conn:inline(true)
-    e.group = { members = {} }
+    e.group = { members = {}, memo = {} }
   end
   return member(self, e, me, fn, ...)
 end

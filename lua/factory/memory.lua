@@ -9,6 +9,9 @@
 --       (the query's embedding) the facts nearest in meaning too (cosine similarity
 --       over the newest MAX_SCAN embedded facts of the banks), the two rankings
 --       merged by reciprocal rank
+--   memory.context(db, banks, team, query [, limit [, vector]]) -> facts, learnings
+--       memory.recall(db, banks, query, limit, vector) and
+--       memory.learnings(db, team, nil, query) read together: one round trip
 --   memory.embed(texts, { team =, run = }) -> { vector, ... } | nil
 --       embeddings through the `local/embed` alias; nil when no such alias is
 --       configured or the call fails (recall then falls back to words alone)
@@ -81,29 +84,41 @@ local function words(query)
   return out
 end
 
-local function words_recall(db, banks, query, limit)
-  local ws = words(query or "")
-  if #ws == 0 then return {} end
+-- The text a full-text search of ws (words' list) matches.
+local function matching(db, ws)
+  if db.backend == "postgres" then return table.concat(ws, " | ") end
+  return '"' .. table.concat(ws, '" OR "') .. '"'
+end
+
+-- The full-text recall's statement for ws (words' list), or nil when it is empty.
+local function words_sql(db, banks, ws, limit)
+  if #ws == 0 then return nil end
   local marks = ("?, "):rep(#banks):sub(1, -3)
-  local params = {}
+  local params = { matching(db, ws) }
   local sql
   if db.backend == "postgres" then
-    params[1] = table.concat(ws, " | ")
     sql = "SELECT bank, content FROM memory_facts WHERE search @@ to_tsquery('english', ?) AND bank IN (" .. marks
       .. ") ORDER BY ts_rank(search, to_tsquery('english', ?)) DESC, id DESC LIMIT ?"
     for _, b in ipairs(banks) do params[#params + 1] = b end
     params[#params + 1] = params[1]
   else
-    for i, w in ipairs(ws) do ws[i] = '"' .. w .. '"' end
-    params[1] = table.concat(ws, " OR ")
     sql = "SELECT f.bank, f.content FROM memory_facts_fts JOIN memory_facts f ON f.id = memory_facts_fts.rowid"
       .. " WHERE memory_facts_fts MATCH ? AND f.bank IN (" .. marks .. ") ORDER BY memory_facts_fts.rank LIMIT ?"
     for _, b in ipairs(banks) do params[#params + 1] = b end
   end
   params[#params + 1] = limit
-  local rows = assert(db:query(sql, params))
+  return sql, params
+end
+
+local function bank_rows(rows)
   for i, r in ipairs(rows) do rows[i] = { bank = r.bank, content = r.content } end
   return rows
+end
+
+local function words_recall(db, banks, query, limit)
+  local sql, params = words_sql(db, banks, words(query or ""), limit)
+  if not sql then return {} end
+  return bank_rows(assert(db:query(sql, params)))
 end
 
 function M.embed(texts, opts)
@@ -134,13 +149,17 @@ local function cosine(a, b)
   return dot / math.sqrt(na * nb)
 end
 
-local function nearest(db, banks, vector, limit)
+local function nearest_sql(banks)
   local marks = ("?, "):rep(#banks):sub(1, -3)
   local params = {}
   for i, b in ipairs(banks) do params[i] = b end
   params[#params + 1] = MAX_SCAN
-  local rows = assert(db:query("SELECT bank, content, embedding FROM memory_facts WHERE embedding IS NOT NULL"
-    .. " AND bank IN (" .. marks .. ") ORDER BY id DESC LIMIT ?", params))
+  return "SELECT bank, content, embedding FROM memory_facts WHERE embedding IS NOT NULL"
+    .. " AND bank IN (" .. marks .. ") ORDER BY id DESC LIMIT ?", params
+end
+
+-- The facts of rows (nearest_sql's) nearest to vector, best first.
+local function nearest_of(rows, vector, limit)
   local scored = {}
   for _, r in ipairs(rows) do
     local score = type(r.embedding) == "table" and cosine(vector, r.embedding) or 0
@@ -176,7 +195,7 @@ function M.recall(db, banks, query, limit, vector)
   if #banks == 0 then return {} end
   local by_words = words_recall(db, banks, query, limit)
   if not vector then return by_words end
-  return fuse({ by_words, nearest(db, banks, vector, limit) }, limit)
+  return fuse({ by_words, nearest_of(assert(db:query(nearest_sql(banks))), vector, limit) }, limit)
 end
 
 
@@ -200,20 +219,19 @@ end
 
 local COLUMNS = "l.id, l.team, l.repo, l.objective, l.text, l.run_id, l.created_at"
 
--- Rows of learnings matching text (best first), or the newest when text has no words.
-local function find(db, text, opts)
+-- The statement for the rows of learnings matching ws (words' list; best first), or
+-- the newest when it is empty.
+local function find_sql(db, ws, opts)
   local where, params = {}, {}
-  local ws = words(text or "")
   local sql
   if #ws == 0 then
     sql = "SELECT " .. COLUMNS .. " FROM learnings l"
   elseif db.backend == "postgres" then
-    params[1] = table.concat(ws, " | ")
+    params[1] = matching(db, ws)
     sql = "SELECT " .. COLUMNS .. " FROM learnings l"
     where[1] = "l.search @@ to_tsquery('english', ?)"
   else
-    for i, w in ipairs(ws) do ws[i] = '"' .. w .. '"' end
-    params[1] = table.concat(ws, " OR ")
+    params[1] = matching(db, ws)
     sql = "SELECT " .. COLUMNS .. " FROM learnings_fts JOIN learnings l ON l.id = learnings_fts.rowid"
     where[1] = "learnings_fts MATCH ?"
   end
@@ -235,20 +253,56 @@ local function find(db, text, opts)
     sql = sql .. " ORDER BY learnings_fts.rank, l.id DESC"
   end
   params[#params + 1] = opts.limit or 20
-  return assert(db:query(sql .. " LIMIT ?", params))
+  return sql .. " LIMIT ?", params
+end
+
+local function find(db, text, opts)
+  return assert(db:query(find_sql(db, words(text or ""), opts)))
 end
 
 function M.search_learnings(db, text, opts)
   return find(db, text, opts or {})
 end
 
+local function texts(rows)
+  for i, r in ipairs(rows) do rows[i] = r.text end
+  return rows
+end
+
 function M.learnings(db, team, limit, query)
   local opts = { team = team, limit = limit or 5 }
   local rows = {}
-  if query and #words(query) > 0 then rows = find(db, query, opts) end
+  local ws = words(query or "")
+  if #ws > 0 then rows = assert(db:query(find_sql(db, ws, opts))) end
   if #rows == 0 then rows = find(db, nil, opts) end
-  for i, r in ipairs(rows) do rows[i] = r.text end
-  return rows
+  return texts(rows)
+end
+
+-- recall(db, banks, query, limit, vector) and learnings(db, team, nil, query) in one
+-- db:queries (one round trip on SQLite), every statement run whether needed or not.
+function M.context(db, banks, team, query, limit, vector)
+  limit = limit or 8
+  local list, at = {}, {}
+  local function add(name, sql, params)
+    if sql then
+      list[#list + 1] = { sql, params }
+      at[name] = #list
+    end
+  end
+  local ws = words(query or "")
+  if #banks > 0 then
+    add("words", words_sql(db, banks, ws, limit))
+    if vector then add("nearest", nearest_sql(banks)) end
+  end
+  local opts = { team = team, limit = 5 }
+  if #ws > 0 then add("matching", find_sql(db, ws, opts)) end
+  add("newest", find_sql(db, {}, opts))
+  local out = assert(db:queries(list))
+  local facts = at.words and bank_rows(out[at.words]) or {}
+  if at.nearest then facts = fuse({ facts, nearest_of(out[at.nearest], vector, limit) }, limit) end
+  local learned = at.matching and out[at.matching] or {}
+  if #learned == 0 then learned = out[at.newest] end
+  return facts, texts(learned)
 end
 
 return M

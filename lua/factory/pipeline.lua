@@ -286,8 +286,8 @@ function Engine:_objective(run, team, op, o)
   local topic = o.question and o.question.text or (o.stage.objective or o.stage.name)
   local about = o.anchor .. " " .. topic
   local vector = memory.embed({ about }, { team = team.name, run = run.id })
-  o.memory = memory.recall(self.db, { team.name, memory.SHARED }, about, team.recall, vector and vector[1])
-  o.learnings = memory.learnings(self.db, team.name, nil, o.anchor .. " " .. topic)
+  o.memory, o.learnings = memory.context(self.db, { team.name, memory.SHARED }, team.name, about, team.recall,
+                                          vector and vector[1])
   o.db, o.process = self.db, self.owner
   o.emit = function(kind, data) self:_emit(run.id, kind, data) end
   o.notify = function(kind, data) self:_notify(run.id, kind, data) end
@@ -391,9 +391,10 @@ function Engine:_stage(run, pipe, st)
         .. "keeps missing.", ("iteration limit reached: %d attempts (max_iterations)"):format(recent))
     end
     local objective_started = { stage = st.name, team = team.name, operative = op.name, attempt = total + 1 }
+    local events = { { "objective_started", objective_started } }
+    if started then table.insert(events, 1, { "stage_started", started }) end
     assert(db:tx(function(tx)
-      if started then records.event(tx, run.id, "stage_started", started) end
-      records.event(tx, run.id, "objective_started", objective_started)
+      records.events(tx, run.id, events)
       return true
     end))
     if started then self:_notify(run.id, "stage_started", started) end
@@ -414,9 +415,13 @@ function Engine:_stage(run, pipe, st)
         decision = ({ advance = "advance", clarify = "ask " .. tostring(result.clarification_needed and
           result.clarification_needed.team), escalate = "escalate to a human" })[gate] .. " (" .. result.status .. ")",
         reasoning = result.reasoning, data = { blockers = result.blockers, assumptions = result.assumptions_made } })
-      records.event(tx, run.id, "task_result", { stage = st.name, team = team.name, operative = op.name,
-                                                 attempt = attempt, status = result.status })
-      if gate ~= "advance" then return true end
+      -- The run's events of this commit go in one statement, at the end.
+      local events = { { "task_result", { stage = st.name, team = team.name, operative = op.name, attempt = attempt,
+                                          status = result.status } } }
+      if gate ~= "advance" then
+        records.events(tx, run.id, events)
+        return true
+      end
       local changed = assert(tx:exec("UPDATE runs SET stage_index = ?, stage = ?, state = ?, updated_at = ?,"
         .. " finished_at = ? WHERE id = ? AND stage_index = ?",
         { st.index, st.name, last and "succeeded" or "running", now, last and now or nil, run.id, st.index - 1, n = 7 }))
@@ -426,11 +431,12 @@ function Engine:_stage(run, pipe, st)
                                                                 vectors = vectors })
       memory.learn(tx, team.name, run.id, result.learnings,
         { repo = run.data.repo, objective = run.data.anchor:match("^[^\n]*") })
-      records.event(tx, run.id, "stage_completed", { stage = st.name, team = team.name, attempt = attempt })
+      events[#events + 1] = { "stage_completed", { stage = st.name, team = team.name, attempt = attempt } }
       if last then
-        records.event(tx, run.id, "run_finished", { state = "succeeded" })
+        events[#events + 1] = { "run_finished", { state = "succeeded" } }
         assert(tx:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { "run:" .. run.id, self.owner }))
       end
+      records.events(tx, run.id, events)
       return true
     end)
     if recorded then

@@ -71,10 +71,15 @@ function M.on_call(fn)
   end
 end
 
+-- The configured aliases as a set, built on first use after each configure
+-- (has_alias is asked on every objective).
+local aliases
+
 function M.configure(cfg)
   if type(cfg) ~= "table" then error("router.configure: expected a table", 2) end
   local text, err, code = json.encode(cfg)
   if not text then return nil, err, code end
+  aliases = nil
   return core.configure(text)
 end
 
@@ -124,10 +129,11 @@ function M.embeddings(request, opts)
 end
 
 function M.has_alias(name)
-  for _, id in ipairs(M.models()) do
-    if id == name then return true end
+  if not aliases then
+    aliases = {}
+    for _, id in ipairs(M.models()) do aliases[id] = true end
   end
-  return false
+  return aliases[name] == true
 end
 
 function M.models()

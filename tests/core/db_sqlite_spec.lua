@@ -49,6 +49,22 @@ describe("sqlite backend", function()
     d:close()
   end)
 
+  it("full-text indexes fed one row per transaction stay a few segments (crisismerge 2)", function()
+    local d = assert(db.open("sqlite:" .. temp_path()))
+    assert(d:migrate())
+    for i = 1, 20 do
+      assert(d:exec("INSERT INTO memory_facts (bank, content, created_at, updated_at) VALUES (?, ?, ?, ?)",
+        { "b", "fact number " .. i, i, i }))
+    end
+    assert.same({ { v = 2 } }, d:query("SELECT v FROM memory_facts_fts_config WHERE k = 'crisismerge'"))
+    assert.same({ { v = 2 } }, d:query("SELECT v FROM learnings_fts_config WHERE k = 'crisismerge'"))
+    -- The averages and structure records, and the leaves of at most a few segments
+    -- (FTS5's defaults leave one segment per transaction here, over 20 rows).
+    assert.truthy(d:query("SELECT COUNT(*) AS n FROM memory_facts_fts_data")[1].n <= 6)
+    assert.equal(20, #d:query("SELECT rowid FROM memory_facts_fts WHERE memory_facts_fts MATCH 'fact'"))
+    d:close()
+  end)
+
   it("a missing directory is a one-line ENOENT naming it, and is not created", function()
     local dir = temp_path() .. ".d"
     local d, err, code = db.open("sqlite:" .. dir .. "/factory.db")

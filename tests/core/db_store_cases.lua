@@ -92,6 +92,24 @@ return function(backend, fresh)
       assert.same({ 1, 2, 3 }, rows[2].j)
     end },
 
+    { "queries runs several reads together: each one's rows in order, JSON decoded; the first error fails it", function(d)
+      assert(d:exec(T))
+      assert(d:exec("INSERT INTO t (i, j) VALUES (?, ?)", { 1, { a = 1 } }))
+      assert(d:exec("INSERT INTO t (i, s) VALUES (?, ?)", { 2, "two" }))
+      local out = assert(d:queries({
+        { "SELECT i, j FROM t WHERE j IS NOT NULL" },
+        { "SELECT s FROM t WHERE i = ?", { 2 } },
+        { "SELECT i FROM t WHERE i > ?", { 5 } },
+      }))
+      assert.same({ { { i = 1, j = { a = 1 } } }, { { s = "two" } }, {} }, out)
+      assert.same({}, assert(d:queries({})))
+      local ok, err, code = d:queries({ { "SELECT i FROM t" }, { "SELECT nope FROM t" } })
+      assert.is_nil(ok)
+      assert.equal("ESQL", code)
+      assert.truthy(tostring(err):find("nope", 1, true))
+      assert.equal(2, count(d))
+    end },
+
     { "tx commits and returns fn's results", function(d)
       assert(d:exec(T))
       local a, b = d:tx(function(tx, x)

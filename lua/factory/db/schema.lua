@@ -301,6 +301,20 @@ local FACT_EMBEDDING = [[
 ALTER TABLE memory_facts ADD COLUMN embedding ${JSON};
 ]]
 
+-- 5: full-text indexes that stay compact under many small transactions. FTS5 adds
+-- a segment per transaction and merges them only every 64 pages written, or once 16
+-- pile up at a level (crisismerge); every query looks each of its words up in every
+-- segment, so a memory bank fed one fact per commit answered ever slower. Merging as
+-- soon as two segments share a level keeps a few segments at most, for rewriting
+-- each entry a logarithmic number of times; the existing indexes are merged now.
+-- PostgreSQL's tsvector indexes need nothing.
+local FTS_MERGE_SQLITE = [[
+INSERT INTO memory_facts_fts (memory_facts_fts, rank) VALUES ('crisismerge', 2);
+INSERT INTO learnings_fts (learnings_fts, rank) VALUES ('crisismerge', 2);
+INSERT INTO memory_facts_fts (memory_facts_fts) VALUES ('optimize');
+INSERT INTO learnings_fts (learnings_fts) VALUES ('optimize');
+]]
+
 return {
   {
     version = 1,
@@ -325,5 +339,11 @@ return {
     name = "fact embeddings",
     sqlite = expand(FACT_EMBEDDING, "sqlite"),
     postgres = expand(FACT_EMBEDDING, "postgres"),
+  },
+  {
+    version = 5,
+    name = "compact full-text indexes",
+    sqlite = FTS_MERGE_SQLITE,
+    postgres = "SELECT 1;",
   },
 }

@@ -1,5 +1,6 @@
--- Specs for factory.records.model_call on SQLite and on the throwaway PostgreSQL
--- server: a router record (router.on_call) is stored whole, attempt chain included.
+-- Specs for factory.records on SQLite and on the throwaway PostgreSQL server: a
+-- router record (router.on_call) is stored whole, attempt chain included; events
+-- written together keep their order.
 local db = require "factory.db"
 local records = require "factory.records"
 
@@ -32,6 +33,23 @@ for _, b in ipairs(backends.LIST) do
       assert.same({ "-", "-", "EBUDGET", {} }, { rows[2].provider, rows[2].model, rows[2].code, rows[2].attempts })
       assert.is_nil(rows[2].first_token_ms)
       assert.equal(2, d:query("SELECT COUNT(*) AS n FROM audit WHERE kind = 'model_call'")[1].n)
+      d:close()
+    end)
+  end)
+
+  describe("records.events on " .. backend, function()
+    it("stores several events in order in one statement, and an empty list as nothing", function()
+      local d = assert(db.open(fresh()))
+      assert(d:migrate())
+      records.event(d, nil, "first", { n = 1 })
+      assert(d:tx(function(tx)
+        records.events(tx, nil, { { "second", { n = 2 } }, { "third" }, { "fourth", { n = 4 } } })
+        records.events(tx, nil, {})
+        return true
+      end))
+      local rows = assert(d:query("SELECT kind, data FROM events ORDER BY id"))
+      assert.same({ { kind = "first", data = { n = 1 } }, { kind = "second", data = { n = 2 } },
+                    { kind = "third", data = {} }, { kind = "fourth", data = { n = 4 } } }, rows)
       d:close()
     end)
   end)
