@@ -9,21 +9,7 @@ set -u
 BIN=${FACTORY_BIN:-./factory}
 if [ "${BENCH_SIZE:-full}" = tiny ]; then RUNS=2; CALLS=5; else RUNS=50; CALLS=20; fi
 
-dir=$(mktemp -d)
-fake_pid=""
-cleanup() {
-    [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null && wait "$fake_pid" 2>/dev/null
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-"$BIN" tests/tools/fake_model.lua >"$dir/fake.url" 2>"$dir/fake.err" &
-fake_pid=$!
-i=0
-while [ ! -s "$dir/fake.url" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
-url=$(head -n 1 "$dir/fake.url")
-[ -n "$url" ] || { cat "$dir/fake.err" >&2; echo "bench_agent: the fake model did not start" >&2; exit 1; }
+. tests/bench/fake_model.sh
 
 echo "agent loop: $RUNS runs x $CALLS tool calls + finish per tool, fake model in its own process ($url)"
 "$BIN" tests/bench/agent.lua "$url" "$RUNS" "$CALLS" >"$dir/out" 2>&1 || { cat "$dir/out" >&2; exit 1; }

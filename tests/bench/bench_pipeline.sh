@@ -18,21 +18,7 @@ CONC=16
 LG=tests/bench/langgraph
 
 fail() { echo "bench_pipeline: $*" >&2; exit 1; }
-dir=$(mktemp -d)
-fake_pid=""
-cleanup() {
-    [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null && wait "$fake_pid" 2>/dev/null
-    rm -rf "$dir"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-"$BIN" tests/tools/fake_model.lua >"$dir/fake.url" 2>"$dir/fake.err" &
-fake_pid=$!
-i=0
-while [ ! -s "$dir/fake.url" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
-url=$(head -n 1 "$dir/fake.url")
-[ -n "$url" ] || { cat "$dir/fake.err" >&2; fail "the fake model did not start"; }
+. tests/bench/fake_model.sh
 
 echo "Fake model: tests/tools/fake_model.lua as its own process ($url), shared by both sides."
 echo "SQLite: Factory's factory.db choice (WAL, synchronous=FULL: every commit fsynced; transactions that"
