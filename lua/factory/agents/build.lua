@@ -10,8 +10,8 @@
 --        agent_progress and agent_heartbeat), shown live but not stored,
 --      repo = DIR (the run's repository), attempt = n (the stage's attempt number),
 --      db = the store: the built-in agent takes a file lock (factory.agents.locks,
---        owner "run:RUN/stage", supervisor the team) before it changes a file, all
---        released at the end; a CLI agent stores the learnings it leaves there,
+--        owner "run:RUN/stage", supervisor the team) before it changes a file, kept
+--        from expiring while the agent works and all released at the end; a CLI agent stores the learnings it leaves there,
 --      process = the engine process's "host:pid:n" (a lock of a dead one is taken over),
 --      agent = fn(args) -> result, stats   (default: by the operative's `agent`:
 --        "builtin" -> factory.agents.builtin.run; { cli = "claude"|"codex"|"aider"|NAME,
@@ -149,10 +149,14 @@ function M.run(o)
                                    process = o.process })
     end
   end
+  local stop_keeping = args.lock and locks.keep(o.db, owner)
   emit("workspace_started", { stage = st.name, branch = name })
   local ws, werr = workspace.run(args)
   if proxy then proxy:close() end
-  if args.lock then locks.release_all(o.db, owner) end
+  if stop_keeping then
+    stop_keeping()
+    locks.release_all(o.db, owner)
+  end
   r:close()
   if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
   local result = ws.result

@@ -23,6 +23,10 @@
 --       the owner's unexpired file locks, by name
 --   locks.holder(db, { repo =, path = }) -> { owner, expires_at, acquired_at } | nil
 --   locks.name(repo, path) -> "file:REPO:PATH"  (the row's name)
+--   locks.keep(db, owner [, ttl]) -> stop()
+--       while an objective works: every ttl/3 seconds its unexpired file locks are
+--       extended to ttl again, so a lock taken early is not lost in a long attempt;
+--       stop() ends it (call before release_all)
 --
 -- Failures are values: nil, "ECODE: message", "ECODE" (a store error keeps the
 -- store's code). Misuse (missing repo/path/owner) raises.
@@ -32,6 +36,8 @@
 -- on PostgreSQL the row is inserted with ON CONFLICT DO NOTHING and then read
 -- FOR UPDATE, so two askers serialise on the row and exactly one wins.
 local time = require "factory.core.time"
+local fiber = require "factory.fiber"
+local log = require "factory.log"
 local records = require "factory.records"
 local engine_id = require "factory.engine_id"
 
@@ -135,6 +141,20 @@ function M.acquire(db, o)
   if not res then return nil, err, code end
   if res.conflict then return nil, conflict_text(path, res.conflict), "ECONFLICT", res.conflict end
   return true, res.how
+end
+
+function M.keep(db, owner, ttl)
+  if type(owner) ~= "string" then error("locks.keep: owner is required", 2) end
+  ttl = tonumber(ttl) or M.DEFAULT_TTL
+  local beat = fiber.spawn(function()
+    while true do
+      fiber.sleep(ttl / 3)
+      local ok, err = db:exec("UPDATE locks SET expires_at = ? WHERE owner = ? AND name LIKE 'file:%' AND expires_at > ?",
+        { time.now() + ttl, owner, time.now() })
+      if not ok then log.warn("locks: could not extend the file locks", { owner = owner, error = tostring(err) }) end
+    end
+  end)
+  return function() beat:cancel("released") end
 end
 
 function M.release(db, o)

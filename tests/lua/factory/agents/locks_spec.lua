@@ -46,6 +46,26 @@ for _, b in ipairs(backends.LIST) do
   end
 
   describe("locks on " .. backend, function()
+    it("keep extends an owner's file locks while it works, and not after stop", function()
+      local d = open()
+      local function expires(path)
+        return assert(d:query("SELECT expires_at FROM locks WHERE name = ?", { locks.name("r1", path) }))[1].expires_at
+      end
+      assert(locks.acquire(d, { repo = "r1", path = "a.c", owner = "run:7/build", ttl = 0.6 }))
+      assert(locks.acquire(d, { repo = "r1", path = "b.c", owner = "run:8/build", ttl = 0.6 }))
+      local stop = locks.keep(d, "run:7/build", 0.6)
+      fiber.sleep(1.0)
+      local kept, unkept, now = expires("a.c"), expires("b.c"), time.now()
+      stop()
+      -- run:7's lock outlived its first expiry; run:8's, not kept, expired.
+      assert.truthy(kept > now)
+      assert.truthy(unkept <= now)
+      fiber.sleep(0.7)
+      assert.truthy(expires("a.c") <= time.now())
+      assert.equal(nil, locks.holder(d, { repo = "r1", path = "a.c" }))
+      d:close()
+    end)
+
     it("acquires, extends for the same owner, refuses another owner", function()
       local d = open()
       local ok, how = locks.acquire(d, { repo = "r1", path = "src/x.c", owner = "run:1/build" })
