@@ -10,6 +10,7 @@
 -- has no place for them).
 --
 --   messages.handle(req, res, opts)   opts: { team =, run = } (the proxy's choice)
+--   messages.count_tokens(req, res)   POST /v1/messages/count_tokens: an estimate
 --   messages.to_openai(request) -> OpenAI chat request table | nil, message
 --   messages.from_openai(response, model) -> Messages response table
 -- Errors have Anthropic's shape: {"type":"error","error":{"type":...,"message":...}}.
@@ -244,6 +245,20 @@ function M.handle(req, res, opts)
   end
   if request.stream then return stream_reply(res, out, request.model) end
   return res:json(200, M.from_openai(out, request.model))
+end
+
+-- POST /v1/messages/count_tokens: what Claude Code asks before a long request. The
+-- providers behind the router have no common token counter, so this is the router's
+-- own estimate (a token per 4 bytes of the translated request, as its budget
+-- reservations count), not a tokenizer's exact figure.
+function M.count_tokens(req, res)
+  local body, derr = json.decode(req.body)
+  if not body then return send_error(res, 400, "the request body is not valid JSON: " .. derr) end
+  body.max_tokens = body.max_tokens or 1
+  local request, err = M.to_openai(body)
+  if not request then return send_error(res, 400, err) end
+  request.max_tokens, request.stream = nil, nil
+  return res:json(200, { input_tokens = math.ceil(#json.encode(request.messages) / 4) })
 end
 
 return M

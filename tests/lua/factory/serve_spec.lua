@@ -277,6 +277,23 @@ budgets { utc_offset = 99 }
     return doc.error
   end
 
+  it("answers /v1/messages/count_tokens with an estimate, without calling a model", function()
+    start([[keys { ["sk-team-ant"] = { team = "ant" } }]])
+    local key = { ["x-api-key"] = "sk-team-ant", ["anthropic-version"] = "2023-06-01" }
+    local short = post("/v1/messages/count_tokens", json.encode({ model = "factory/coder",
+      messages = { { role = "user", content = "Say hello" } } }), key)
+    assert.equal(200, short.status, short.body)
+    local long = post("/v1/messages/count_tokens", json.encode({ model = "factory/coder", system = "Be brief.",
+      messages = { { role = "user", content = ("many words "):rep(400) } } }), key)
+    local a, b = json.decode(short.body).input_tokens, json.decode(long.body).input_tokens
+    assert.truthy(a > 0 and b > 1000, a .. " " .. b)
+    assert.equal(0, fake:count())
+    local bad = post("/v1/messages/count_tokens", "{not json", key)
+    assert.equal(400, bad.status)
+    assert.equal("invalid_request_error", json.decode(bad.body).error.type)
+    assert.equal(401, post("/v1/messages/count_tokens", "{}", {}).status)
+  end)
+
   it("serves Anthropic's Messages API: text, system, tools, both upstream formats", function()
     start([[keys { ["sk-team-ant"] = { team = "ant" } }]])
     local team
