@@ -38,7 +38,7 @@ typedef struct {
 enum {
     OP_OPEN, OP_INIT, OP_HEAD, OP_WT_ADD, OP_WT_LIST, OP_WT_REMOVE, OP_WT_PRUNE, OP_STATUS,
     OP_DIFF_STATS, OP_DIFF, OP_ADD_ALL, OP_ADD, OP_COMMIT, OP_BRANCHES, OP_FETCH, OP_PUSH,
-    OP_REMOTE_ADD,
+    OP_REMOTE_ADD, OP_BRANCH_DELETE,
 };
 
 /* One result row: a worktree, a status entry, a file's diff stats, a branch. */
@@ -215,6 +215,22 @@ static int gj_wt_add(git_job *j, git_repository *repo) {
     }
     git_reference_free(branch);
     return rc < 0 ? -1 : 0;
+}
+
+/* A branch checked out anywhere (the main tree or a worktree) is refused: its
+ * worktree would be left on a branch that no longer exists. */
+static int gj_branch_delete(git_job *j, git_repository *repo) {
+    git_reference *ref = NULL;
+    int rc = git_branch_lookup(&ref, repo, j->s1, GIT_BRANCH_LOCAL);
+    if (rc == GIT_ENOTFOUND) return gj_failf(j, "ENOTFOUND", "no branch named '%s'", j->s1);
+    if (rc < 0) return gj_fail(j, rc, j->s1);
+    if (git_branch_is_checked_out(ref) > 0) {
+        git_reference_free(ref);
+        return gj_failf(j, "ELOCKED", "branch '%s' is checked out", j->s1);
+    }
+    rc = git_branch_delete(ref);
+    git_reference_free(ref);
+    return rc < 0 ? gj_fail(j, rc, j->s1) : 0;
 }
 
 static int gj_wt_list(git_job *j, git_repository *repo) {
@@ -590,6 +606,7 @@ static void gj_run(git_job *j) {
     case OP_FETCH: gj_fetch(j, repo); break;
     case OP_PUSH: gj_push_remote(j, repo); break;
     case OP_REMOTE_ADD: gj_remote_add(j, repo); break;
+    case OP_BRANCH_DELETE: gj_branch_delete(j, repo); break;
     default: break;
     }
     uv_mutex_unlock(&j->h->lock);
@@ -864,6 +881,11 @@ static int repo_worktree_remove(lua_State *L) {
     return gj_start(L, j);
 }
 
+static int repo_branch_delete(lua_State *L) {
+    git_handle *h = check_repo(L);
+    return gj_start(L, gj_new_s(L, h, OP_BRANCH_DELETE, check_str(L, 2), NULL, NULL));
+}
+
 static int repo_diff_stats(lua_State *L) {
     git_handle *h = check_repo(L);
     return gj_start(L, gj_new_s(L, h, OP_DIFF_STATS, opt_str(L, 2), NULL, NULL));
@@ -1006,6 +1028,7 @@ static const luaL_Reg repo_methods[] = {
     {"add",             repo_add},
     {"commit",          repo_commit},
     {"branches",        repo_branches},
+    {"branch_delete",   repo_branch_delete},
     {"remote_add",      repo_remote_add},
     {"fetch",           repo_fetch},
     {"push",            repo_push},

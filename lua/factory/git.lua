@@ -38,6 +38,8 @@
 --       commits the index on HEAD; without author, user.name/user.email from the
 --       configuration; committer defaults to the author
 --   repo:branches() -> {{name, oid, head}, ...}
+--   repo:branch_delete(name) -> true        a local branch; ELOCKED when it is checked
+--                                           out (here or in a worktree), ENOTFOUND
 --   repo:remote_add(name, url) -> true
 --   repo:fetch(remote) -> true              a remote's name, or a path/URL
 --   repo:push(remote, refspec) -> true      e.g. "refs/heads/x:refs/heads/x"

@@ -54,7 +54,8 @@
 --   (give check = false to spawn/run for a process whose failure is the agent's own
 --   business). Processes the agent left running are killed (their whole group).
 --   After every attempt: the objective's file locks are released, its worktree is
---   removed (the branch stays; a successful attempt's changes are committed on it).
+--   removed (a successful attempt's branch stays, its changes committed on it; a failed
+--   attempt's branch is deleted).
 --   An attempt the daily budget cannot pay for is not started: the job ends
 --   "not_started" (no attempt yet) or "failed" (a retry), error "EBUDGET: ...".
 --
@@ -638,6 +639,12 @@ function Orch:_attempt(att, ok, err, code)
     end
   end
   self:_cleanup_attempt(att)
+  -- A failed attempt's branch holds no commit of its own: it goes with its worktree.
+  if err and att.made then
+    local dok, derr = self.repo:branch_delete(att.name)
+    if not dok then log.warn("orchestrator: cannot delete a failed attempt's branch", { branch = att.name,
+                                                                                        error = tostring(derr) }) end
+  end
   self:_attempt_done(att, err, code)
 end
 

@@ -274,6 +274,10 @@ describe("orchestrator", function()
       for _, pid in ipairs(grandchildren) do assert.falsy(alive(pid), "grandchild " .. pid) end
       no_worktrees()
       assert.equal(0, count(d, "SELECT COUNT(*) AS n FROM locks"))
+      -- The branches left: main and one per objective; the 20 failed attempts' are gone.
+      local r = assert(git.open(repo_dir))
+      assert.equal(181, #r:branches())
+      r:close()
       orch:close()
       assert.less(40, time.monotonic() - started)
     end, { timeout = 90 })
