@@ -22,15 +22,7 @@ usage: factory audit verify [--db URL]
             (default: $FACTORY_DB, else .factory/factory.db in this directory)
 ]]
 
-local function fail(msg)
-  io.stderr:write("factory audit: ", msg, "\n")
-  return 1
-end
-
-local function usage_error(msg)
-  io.stderr:write("factory audit: ", msg, " (see 'factory audit --help')\n")
-  return 2
-end
+local fail, usage_error = cli_args.reporters("audit")
 
 local function parse(args)
   local parsed, err = cli_args.db_and_words(args)

@@ -2,9 +2,23 @@
 -- (`factory db ...`, `factory audit ...`).
 --
 --   db_and_words(args) -> { url = URL | nil, words = { ... } } | nil, message
+--   reporters(command) -> fail(msg) -> 1, usage_error(msg) -> 2
+--       a subcommand's messages on stderr, "factory COMMAND: msg"; a usage error
+--       points at `factory COMMAND --help`
 -- Accepts `--db URL` and `--db=URL` anywhere; any other flag is an error, the rest
 -- are the positional words in order.
 local M = {}
+
+function M.reporters(command)
+  local prefix = "factory " .. command .. ": "
+  return function(msg)
+    io.stderr:write(prefix, msg, "\n")
+    return 1
+  end, function(msg)
+    io.stderr:write(prefix, msg, (" (see 'factory %s --help')\n"):format(command))
+    return 2
+  end
+end
 
 function M.db_and_words(args)
   local url, words = nil, {}

@@ -12,6 +12,7 @@
 local db = require "factory.db"
 local memory = require "factory.memory"
 local time = require "factory.core.time"
+local cli_args = require "factory.cli_args"
 
 local M = {}
 
@@ -32,15 +33,7 @@ usage: factory learnings [--team T] [--repo R] [--limit N] [--db URL]
 
 local FLAGS = { ["--team"] = "team", ["--repo"] = "repo", ["--limit"] = "limit", ["--db"] = "db" }
 
-local function fail(msg)
-  io.stderr:write("factory learnings: ", msg, "\n")
-  return 1
-end
-
-local function usage_error(msg)
-  io.stderr:write("factory learnings: ", msg, " (see 'factory learnings --help')\n")
-  return 2
-end
+local fail, usage_error = cli_args.reporters("learnings")
 
 local function parse(args)
   local opts, words = {}, {}

@@ -20,15 +20,7 @@ usage: factory db migrate [--db URL]
             (default: $FACTORY_DB, else .factory/factory.db in this directory)
 ]]
 
-local function fail(msg)
-  io.stderr:write("factory db: ", msg, "\n")
-  return 1
-end
-
-local function usage_error(msg)
-  io.stderr:write("factory db: ", msg, " (see 'factory db --help')\n")
-  return 2
-end
+local fail, usage_error = cli_args.reporters("db")
 
 local function parse(args)
   local parsed, err = cli_args.db_and_words(args)
