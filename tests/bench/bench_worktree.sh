@@ -7,11 +7,14 @@
 #
 # Where it runs: the system temporary directory (a disk, where users' worktrees
 # live) and /dev/shm (tmpfs: the git work alone), or only BENCH_DIR when it is set.
-# On an ext4 without a journal (this development machine's disk, mounted with
-# online discard) each file creation scans past the inodes deleted in the last
-# dirty_expire seconds and each delete issues a discard: costs that grow with the
-# deletion rate, so they charge the faster side more per file, and the disk figure
-# drifts with the round length.
+# Both sides make their worktrees in one directory prepared as Factory prepares its
+# worktree root: marked as the top of unrelated trees (FS_TOPDIR_FL), so that ext4
+# gives each worktree a block group of its own. On an ext4 without a journal (this
+# development machine's disk, mounted with online discard) each file creation still
+# scans past the inodes deleted in its group in the last half minute (in .git, where
+# both sides create their files too) and each delete issues a discard: costs that
+# grow with the deletion rate, so they charge the faster side more per file, and the
+# disk figure drifts with the round length.
 # Environment: BENCH_SIZE=tiny|full, BENCH_DIR, FACTORY_BIN, BUILD.
 set -eu
 trap '[ $? -eq 0 ] || echo "bench_worktree: a run failed" >&2' EXIT

@@ -6,7 +6,8 @@
 --   cli:     git worktree add -q -b NAME PATH main
 --            git worktree remove PATH                     -- dirty check + delete
 -- Both sides keep the branch they created (neither command deletes it), so refs
--- accumulate the same way on both. Rounds alternate which side goes first, each
+-- accumulate the same way on both. Both make their worktrees in one directory,
+-- prepared as Factory prepares its worktree root (factory.agents.workspace.root). Rounds alternate which side goes first, each
 -- side does one untimed warm-up, and the best round of each is reported.
 -- Usage: factory tests/bench/worktree.lua N ROUNDS [DIR]   (DIR: where to work,
 -- default the system temporary directory)
@@ -16,6 +17,7 @@ local fs = require "factory.core.fs"
 local proc = require "factory.proc"
 local time = require "factory.core.time"
 local fiber = require "factory.fiber"
+local workspace = require "factory.agents.workspace"
 
 local N, ROUNDS, DIR = tonumber(arg[1]) or 20, tonumber(arg[2]) or 3, arg[3]
 
@@ -25,6 +27,8 @@ local function main()
   if DIR and DIR ~= "" then root = DIR .. "/" .. root:match("[^/]+$") end
   assert(fs.mkdir_p(root))
   local dir = root .. "/repo"
+  local wt = root .. "/wt"
+  assert(workspace.root(wt))
   local repo = assert(git.init(dir))
   for i = 1, 50 do
     assert(fs.mkdir_p(dir .. "/d" .. (i % 5)))
@@ -40,12 +44,12 @@ local function main()
   local seq = 0
   local sides = {
     { label = "libgit2", best = 0, one = function(name)
-        assert(repo:worktree_add(name, root .. "/wt/" .. name, { base = "main" }))
+        assert(repo:worktree_add(name, wt .. "/" .. name, { base = "main" }))
         assert(repo:worktree_remove(name))
       end },
     { label = "cli", best = 0, one = function(name)
-        cli("worktree", "add", "-q", "-b", name, root .. "/wt/" .. name, "main")
-        cli("worktree", "remove", root .. "/wt/" .. name)
+        cli("worktree", "add", "-q", "-b", name, wt .. "/" .. name, "main")
+        cli("worktree", "remove", wt .. "/" .. name)
       end },
   }
   local function run(side, n)

@@ -128,6 +128,39 @@ describe("fs file operations", function()
     assert.equal("ENOENT", rcode)
   end)
 
+  it("set_topdir marks an ext2/3/4 directory (lsattr shows T) and answers ENOTSUP on tmpfs", function()
+    -- /tmp, and a directory next to the build (the disk the checkout is on): at least
+    -- one is ext4 on the machines this runs on, and each is checked for what it is.
+    local disk = "build/fs_spec_topdir." .. root:match("[^/]+$")
+    assert(fs.mkdir_p(disk))
+    local marked = 0
+    for _, dir in ipairs({ root, disk }) do
+      local kind = sh("stat -f -c %T " .. dir):match("^(%S+)")
+      local ok, err, code = fs.set_topdir(dir)
+      if kind == "ext2/ext3" then
+        assert.equal(true, ok, err)
+        assert.truthy(sh("lsattr -d " .. dir):match("^%S*T%S* "), "lsattr shows the T flag")
+        assert.equal(true, fs.set_topdir(dir), "marking again is a no-op")
+        marked = marked + 1
+      else
+        assert.truthy(ok or code == "ENOTSUP", ("on %s: %s"):format(kind, tostring(err)))
+      end
+    end
+    assert(fs.remove(disk, { recursive = true }))
+    assert.truthy(marked > 0 or sh("stat -f -c %T /tmp build"):find("ext") == nil, "an ext4 directory was marked")
+    if fs.exists("/dev/shm") then
+      local shm = "/dev/shm/fs_spec_topdir." .. root:match("[^/]+$")
+      assert(fs.mkdir_p(shm))
+      local ok, err, code = fs.set_topdir(shm)
+      fs.remove(shm, { recursive = true })
+      assert.equal(nil, ok)
+      assert.equal("ENOTSUP", code)
+      assert.contains(shm, err)
+    end
+    local _, _, code = fs.set_topdir(root .. "/missing")
+    assert.equal("ENOENT", code)
+  end)
+
   it("errors carry the errno code, its text and the path", function()
     local cases = {
       { function() return fs.read(root .. "/missing") end, "ENOENT", "no such file or directory", root .. "/missing" },

@@ -84,6 +84,7 @@ local log = require "factory.log"
 local records = require "factory.records"
 local locks = require "factory.agents.locks"
 local engine_id = require "factory.engine_id"
+local workspace = require "factory.agents.workspace"
 
 pcall(ffi.cdef, "int kill(int pid, int sig);")
 
@@ -296,7 +297,7 @@ function M.new(o)
   local repo_path = strip(r:path())
   local root = o.worktree_root or (dirname(repo_path) .. "/.factory-worktrees")
   local ok
-  ok, err, code = fs.mkdir_p(root)
+  ok, err, code = workspace.root(root)
   if not ok and not fs.exists(root) then
     r:close()
     return nil, err, code

@@ -24,7 +24,12 @@
 --
 --   workspace.remove(repo, branch) -> true | nil, err, code
 --       removes a worktree left with keep = true (the branch stays).
+--
+--   workspace.root(dir) -> true | nil, err, code
+--       makes DIR (with parents) ready to hold worktrees: marked as the top of
+--       unrelated trees (factory.core.fs.set_topdir), where the filesystem supports it.
 local git = require "factory.git"
+local fs = require "factory.core.fs"
 local builtin = require "factory.agents.builtin"
 
 local M = {}
@@ -43,6 +48,14 @@ end
 local function dirname(p)
   p = p:gsub("/+$", "")
   return p:match("^(.*)/[^/]*$") or "."
+end
+
+function M.root(dir)
+  local ok, err, code = fs.mkdir_p(dir)
+  if not ok then return nil, err, code end
+  -- Only a placement hint: a filesystem without it works the same, a little slower.
+  fs.set_topdir(dir)
+  return true
 end
 
 function M.remove(repo, branch)
@@ -67,7 +80,10 @@ function M.run(o)
 
   -- The branch starts at the base's latest commit; its oid is kept for the diff stats.
   local default_path = dirname(r:path()) .. "/.factory-worktrees/" .. o.branch
-  local ok, e, c = r:worktree_add(o.branch, o.path or default_path, { base = o.base })
+  local ok, e, c = true, nil, nil
+  if not o.path then ok, e, c = M.root(dirname(default_path)) end
+  if not ok then return fail(e, c) end
+  ok, e, c = r:worktree_add(o.branch, o.path or default_path, { base = o.base })
   if not ok then return fail(e, c) end
   local path
   for _, w in ipairs(r:worktrees()) do

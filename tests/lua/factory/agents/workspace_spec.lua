@@ -148,6 +148,18 @@ describe("workspace", function()
     repo:close()
   end)
 
+  it("makes its default worktree root a top directory where the filesystem has the flag", function()
+    fake:script{ call("finish", { status = "BLOCKED", reasoning = "cannot", blockers = { "no idea" } }) }
+    local ws = assert(workspace.run{ repo = repo_dir, branch = "spread", objective = "Look only", model = "coder" })
+    assert.equal(root .. "/.factory-worktrees/spread", ws.path)
+    local res = assert(proc.run{ argv = { "stat", "-f", "-c", "%T", root }, env = { PATH = PATH } })
+    if res.stdout:match("^ext") then
+      local attrs = assert(proc.run{ argv = { "lsattr", "-d", root .. "/.factory-worktrees" }, env = { PATH = PATH } })
+      assert.truthy(attrs.stdout:match("^%S*T%S* "), "lsattr: " .. attrs.stdout)
+    end
+    assert.equal(true, fs.stat(root .. "/.factory-worktrees").type == "directory")
+  end)
+
   it("refuses a branch name that is taken", function()
     local ws, err, code = workspace.run{ repo = repo_dir, branch = "main", path = root .. "/wt/m",
                                          objective = "x", model = "coder" }
