@@ -8,6 +8,7 @@
 --       watcher:stop() ends the watch.
 --   cfg.router   the table for router.configure
 --   cfg.keys     { [bearer key] = { team = NAME } }  (virtual keys of the proxy)
+--   cfg.agents   the agents section ({} when absent), for factory.agents.pool
 --
 -- factory.lua calls these functions (each at most once), nothing else runs:
 --   providers { NAME = { base_url =, api_key = env "VAR", kind = "openai"|"anthropic",
@@ -22,9 +23,13 @@
 --             utc_offset hours east of UTC; default 0)
 --   limits { retries =, backoff =, timeout =, first_token_timeout =, ... }  (core/router.c)
 --   keys { ["sk-factory-..."] = { team = "backend_engineering" } }
+--   agents { max_concurrent = 4, cooldown = SECONDS, daily_iterations = n }
+--       coding agents of pipeline build stages (factory.agents.pool): how many run at
+--       once, how long between two starts, how many agent iterations a UTC day pays for
 --   env "VAR" -> the variable's value, or nil
 local fs = require "factory.core.fs"
 local defs = require "factory.defs"
+local pool = require "factory.agents.pool"
 
 local M = {}
 
@@ -35,7 +40,7 @@ local DEFAULT_URLS = {
   openrouter = "https://openrouter.ai/api/v1",
 }
 
-local SECTIONS = { "providers", "models", "prices", "budgets", "limits", "keys" }
+local SECTIONS = { "providers", "models", "prices", "budgets", "limits", "keys", "agents" }
 
 local function fail(msg) error(msg, 0) end
 
@@ -78,7 +83,12 @@ local function check_keys(t)
   end
 end
 
-local CHECKS = { providers = check_providers, keys = check_keys }
+local function check_agents(t)
+  local ok, err = pool.check(t)
+  if not ok then fail(err) end
+end
+
+local CHECKS = { providers = check_providers, keys = check_keys, agents = check_agents }
 
 -- The DSL of one load: one function per section, collecting into cfg.
 local function dsl(cfg)
@@ -100,6 +110,7 @@ local function result(cfg)
     router = { providers = cfg.providers or {}, models = cfg.models or {}, prices = cfg.prices,
                budgets = cfg.budgets, limits = cfg.limits },
     keys = cfg.keys or {},
+    agents = cfg.agents or {},
   }
 end
 

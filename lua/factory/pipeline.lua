@@ -1,7 +1,9 @@
 -- factory.pipeline: the engine that executes runs, durably.
 --
 --   pipeline.engine{ db =, project = (factory.dsl project), on_event = fn(ev) | nil,
---                    budgets = the router configuration's budgets | nil } -> engine
+--                    budgets = the router configuration's budgets | nil,
+--                    agents = factory.lua's agents section | nil (factory.agents.pool:
+--                      the build stages' coding agents) } -> engine
 --   engine:submit{ pipeline =, title =, body =, repo =, source = "cli", external_id = }
 --     -> run_id, resumed   (an unfinished run of the same work item and pipeline is
 --                           continued rather than started twice)
@@ -42,6 +44,7 @@ local records = require "factory.records"
 local memory = require "factory.memory"
 local objective = require "factory.objective"
 local build = require "factory.agents.build"
+local agent_pool = require "factory.agents.pool"
 local confidence = require "factory.confidence"
 local clarify = require "factory.clarify"
 local hitl = require "factory.hitl"
@@ -59,6 +62,9 @@ function M.engine(opts)
   local self = setmetatable({ db = assert(opts.db, "pipeline.engine: db is required"), project = opts.project,
                               on_event = opts.on_event, active = {}, totals = {} }, Engine)
   self.owner = engine_id.new()
+  local agents = opts.agents or {}
+  self.pool = agent_pool.new{ db = self.db, max_concurrent = agents.max_concurrent, cooldown = agents.cooldown,
+                              daily_iterations = agents.daily_iterations }
   self.unhook = router.on_call(function(r) self:_model_call(r) end)
   self.config_budgets = type(opts.budgets) == "table" and type(opts.budgets.teams) == "table" and opts.budgets.teams
     or {}
@@ -288,7 +294,7 @@ function Engine:_objective(run, team, op, o)
   local vector = memory.embed({ about }, { team = team.name, run = run.id })
   o.memory, o.learnings = memory.context(self.db, { team.name, memory.SHARED }, team.name, about, team.recall,
                                           vector and vector[1])
-  o.db, o.process = self.db, self.owner
+  o.db, o.process, o.pool = self.db, self.owner, self.pool
   o.emit = function(kind, data) self:_emit(run.id, kind, data) end
   o.notify = function(kind, data) self:_notify(run.id, kind, data) end
   local result

@@ -3,7 +3,8 @@
 --   run_cli.main(command, args [, opts]) -> exit code   (inside a fiber)
 --       command: "run" | "resume" | "hitl" | "runs"; args: what follows it.
 --       opts.router: a router configuration to use instead of factory.lua (the
---       offline replay demo passes one).
+--       offline replay demo passes one); opts.agents: factory.lua's agents section
+--       to go with it.
 --   run_cli.HELP[command]: the help text.
 -- Exit codes: 0 the run succeeded (or the command did its job), 1 the run failed or
 -- the command could not do it, 2 usage error, 3 the run waits for a human
@@ -226,13 +227,13 @@ end
 -- ---- run / resume -----------------------------------------------------------------
 
 local function engine_for(flags, opts, on_event, redraw)
-  local router_cfg = opts.router
+  local router_cfg, agents = opts.router, opts.agents
   if not router_cfg then
     local path = config.find(flags.config)
     if not path then return nil, "no factory.lua here: give --config FILE (providers and models for the router)" end
     local cfg, err = config.load(path)
     if not cfg then return nil, err end
-    router_cfg = cfg.router
+    router_cfg, agents = cfg.router, cfg.agents
   end
   local ok, err = router.configure(router_cfg)
   if not ok then return nil, err end
@@ -242,7 +243,8 @@ local function engine_for(flags, opts, on_event, redraw)
   local project = dsl.project(flags.project or ".", { aliases = dsl.aliases_of(router_cfg) })
   for _, p in ipairs(project:load()) do io.stderr:write("factory: ", p, "\n") end
   local watch = project:watch()
-  local engine = pipeline.engine{ db = d, project = project, on_event = on_event, budgets = router_cfg.budgets }
+  local engine = pipeline.engine{ db = d, project = project, on_event = on_event, budgets = router_cfg.budgets,
+                                  agents = agents }
   return { db = d, engine = engine, redraw = redraw, close = function()
     engine:close()
     watch:stop()

@@ -13,6 +13,10 @@
 --        owner "run:RUN/stage", supervisor the team) before it changes a file, kept
 --        from expiring while the agent works and all released at the end; a CLI agent stores the learnings it leaves there,
 --      process = the engine process's "host:pid:n" (a lock of a dead one is taken over),
+--      pool = a factory.agents.pool | nil: the stage waits for a place in it before its
+--        worktree is made, and pays its agent iterations from the pool's daily budget
+--        (the built-in agent one per stage attempt, a CLI agent one per process); a
+--        spent budget gives BLOCKED with the reason,
 --      agent = fn(args) -> result, stats   (default: by the operative's `agent`:
 --        "builtin" -> factory.agents.builtin.run; { cli = "claude"|"codex"|"aider"|NAME,
 --        command = argv, format =, heartbeat_timeout =, max_iterations = ... } ->
@@ -118,12 +122,32 @@ function M.run(o)
   local emit = o.emit or function() end
   local notify = o.notify or function() end
   local agent, args = agent_of(o)
+  local leave = o.pool and o.pool:enter()
+  local function blocked(why)
+    if leave then leave() end
+    r:close()
+    return confidence.blocked(why)
+  end
+  if o.pool then
+    -- A CLI agent pays per process, from inside its loop; the pool records each
+    -- iteration, so the loop's own agent_iteration events are only shown.
+    if agent == cli.run then
+      args.charge = function(iteration, attempt)
+        return o.pool:charge(o.run_id, { stage = st.name, iteration = iteration, attempt = attempt })
+      end
+    else
+      local paid, why = o.pool:charge(o.run_id, { stage = st.name, attempt = o.attempt or 1 })
+      if not paid then return blocked((tostring(why):gsub("^E%u+: ", ""))) end
+    end
+  end
   args.repo, args.branch, args.agent = r, name, agent
   args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
   args.message = ("factory: %s (run %d, stage %s)"):format(o.anchor:match("^[^\n]*"), o.run_id, st.name)
   args.model, args.team, args.run = op.model or team.model, team.name, o.run_id
   args.emit = function(kind, data)
-    if kind == "agent_progress" or kind == "agent_heartbeat" then return notify(kind, data) end
+    if kind == "agent_progress" or kind == "agent_heartbeat" or (kind == "agent_iteration" and args.charge) then
+      return notify(kind, data)
+    end
     if kind == "tool_call" then data.stage = st.name end
     emit(kind, data)
   end
@@ -134,10 +158,7 @@ function M.run(o)
     local key = random_key()
     local perr
     proxy, perr = serve.local_proxy{ [key] = { team = team.name, run = o.run_id } }
-    if not proxy then
-      r:close()
-      return confidence.blocked("cannot start the model proxy for the CLI agent: " .. tostring(perr))
-    end
+    if not proxy then return blocked("cannot start the model proxy for the CLI agent: " .. tostring(perr)) end
     args.proxy_url, args.virtual_key = proxy:url(), key
   end
   -- The built-in agent locks each file before it changes it; a file another
@@ -151,13 +172,17 @@ function M.run(o)
   end
   local stop_keeping = args.lock and locks.keep(o.db, owner)
   emit("workspace_started", { stage = st.name, branch = name })
-  local ws, werr = workspace.run(args)
+  -- Whatever happens in there (a cancelled fiber raises), the place, the proxy, the
+  -- locks and the repository are given back.
+  local ran, ws, werr = pcall(workspace.run, args)
+  if leave then leave() end
   if proxy then proxy:close() end
   if stop_keeping then
     stop_keeping()
     locks.release_all(o.db, owner)
   end
   r:close()
+  if not ran then error(ws, 0) end
   if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
   local result = ws.result
   result.workspace = { branch = ws.branch, base = ws.base, commit = ws.commit, diff_stats = ws.diff_stats }

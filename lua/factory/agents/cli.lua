@@ -29,6 +29,9 @@
 --        repo_name = the repository the learnings are about (default: the worktree's
 --          main repository path, read from its .git file),
 --        keep_files = true to leave SPEC.md and .ai/ in the worktree,
+--        charge = fn(iteration, attempt) -> true | nil, err | nil: asked before each
+--          agent process starts (factory.agents.pool's daily budget); a refusal ends
+--          the loop BLOCKED with its reason,
 --        emit = fn(kind, data) | nil }
 --   The agent's environment is built, never inherited: PATH, HOME, LANG, TERM=dumb,
 --   OPENAI_BASE_URL = PROXY/v1 and ANTHROPIC_BASE_URL = PROXY (from proxy_url),
@@ -465,6 +468,13 @@ function M.run(o)
           .. (last_error and ("; last error: " .. last_error) or "")))
       end
       n = n + 1
+    end
+    if o.charge then
+      local paid, why = o.charge(n, retries_in_row + 1)
+      if not paid then
+        local reason = tostring(why):gsub("^E%u+: ", "")
+        return finish(confidence.blocked(reason))
+      end
     end
     stats.iterations = stats.iterations + 1
     user_emit("agent_iteration", { iteration = n, attempt = retries_in_row + 1 })

@@ -85,6 +85,7 @@ local records = require "factory.records"
 local locks = require "factory.agents.locks"
 local engine_id = require "factory.engine_id"
 local workspace = require "factory.agents.workspace"
+local pool = require "factory.agents.pool"
 
 pcall(ffi.cdef, "int kill(int pid, int sig);")
 
@@ -93,8 +94,6 @@ local M = {}
 local HOST = engine_id.HOST
 local SIGKILL = 9
 local FOREVER = 10 * 365 * 86400 -- records are removed, not expired
-local BUDGET_LOCK = 0x4f524348   -- advisory lock key (PostgreSQL) of the budget check
-local DAY = 86400
 
 M.DEFAULT_AUTHOR = { name = "Factory Agent", email = "agent@factory.local" }
 
@@ -392,28 +391,12 @@ function Orch:_dispatch_loop()
   end
 end
 
--- Counts one agent iteration against the daily budget, in one transaction (on
--- PostgreSQL under an advisory lock, so that two engines cannot both take the last).
+-- Counts one agent iteration against the daily budget (factory.agents.pool).
 function Orch:_charge(job, attempt)
-  local budget = self.daily_iterations
-  local day = math.floor(time.now() / DAY) * DAY
-  local res, err, code = self.db:tx(function(tx)
-    if budget then
-      if tx.backend == "postgres" then assert(tx:query("SELECT pg_advisory_xact_lock(?)", { BUDGET_LOCK })) end
-      local used = assert(tx:query("SELECT COUNT(*) AS n FROM events WHERE kind = 'agent_iteration'"
-        .. " AND created_at >= ?", { day }))[1].n
-      if used >= budget then return { exhausted = used } end
-    end
-    records.event(tx, job.run_id, "agent_iteration", { objective = job.id, attempt = job.attempts + attempt,
-                                                       owner = job.owner })
-    return { ok = true }
-  end)
-  if not res then return nil, err, code end
-  if res.exhausted then
-    return nil, ("EBUDGET: the daily budget of %d agent iterations is used up (%d today, UTC); objective %s"
-      .. " not started"):format(budget, res.exhausted, job.id), "EBUDGET"
-  end
-  return true
+  local ok, err, code = pool.charge(self.db, self.daily_iterations, job.run_id,
+    { objective = job.id, attempt = job.attempts + attempt, owner = job.owner })
+  if not ok and code == "EBUDGET" then return nil, ("%s; objective %s not started"):format(err, job.id), code end
+  return ok, err, code
 end
 
 function Orch:_finish(job, status, err, code)

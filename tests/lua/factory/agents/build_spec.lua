@@ -11,6 +11,7 @@ local git = require "factory.git"
 local json = require "factory.json"
 local proc = require "factory.proc"
 local fs = require "factory.core.fs"
+local fiber = require "factory.fiber"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local ROOT = HERE .. "../../../../"
@@ -298,5 +299,78 @@ echo done
     -- The run's own locks are gone; the other objective's stays.
     assert.same({}, locks.held(store, "run:" .. run_id .. "/fix"))
     assert.equal("run:99/fix", locks.holder(store, { repo = repo_dir, path = "src/calc.c" }).owner)
+  end)
+
+  -- The engine's agent pool (factory.lua's agents section) holds build stages of
+  -- parallel runs to its places and pays their agents from the daily budget.
+  local function onefix_engine(agents)
+    assert(fs.write(dir .. "/project/pipelines/onefix.lua", 'return pipeline "onefix" {\n'
+      .. '  stage "fix" { team = "backend_engineering", workspace = "worktree",\n'
+      .. '    acceptance = { "calc_sub subtracts", "make test passes" } },\n}'))
+    engine:close()
+    local project = dsl.project(dir .. "/project")
+    assert.same({}, project:load())
+    engine = pipeline.engine{ db = store, project = project, agents = agents,
+                              on_event = function(ev) events[#events + 1] = ev end }
+  end
+
+  it("parallel runs' build stages wait for a place in the agent pool", function()
+    onefix_engine{ max_concurrent = 1 }
+    local replies = {}
+    for _ = 1, 2 do
+      for _, r in ipairs(FIX) do replies[#replies + 1] = r end
+    end
+    fake:script(replies)
+    local runs, fibers = {}, {}
+    for i = 1, 2 do
+      runs[i] = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong " .. i, repo = repo_dir,
+                                      external_id = "pool-" .. i })
+    end
+    for i = 1, 2 do fibers[i] = fiber.spawn(function() return engine:execute(runs[i]) end) end
+    local ok, outcomes = fiber.all(fibers)
+    assert.equal(true, ok)
+    for i = 1, 2 do assert.equal("succeeded", outcomes[i][1]) end
+    -- One agent at a time: each worktree is done before the next one starts.
+    local seq = {}
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" or ev.kind == "workspace_done" then seq[#seq + 1] = ev.kind end
+    end
+    assert.same({ "workspace_started", "workspace_done", "workspace_started", "workspace_done" }, seq)
+    local paid = assert(store:query("SELECT COUNT(*) AS n FROM events WHERE kind = 'agent_iteration'"))[1].n
+    assert.equal(2, paid)
+  end)
+
+  it("a spent daily iteration budget blocks the build stage with the reason, before any worktree", function()
+    onefix_engine{ daily_iterations = 0 }
+    local run_id = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong", repo = repo_dir,
+                                         external_id = "pool-budget" })
+    local st, esc = engine:execute(run_id)
+    assert.equal("waiting", st)
+    assert.equal("BLOCKED: the daily budget of 0 agent iterations is used up (0 today, UTC)", esc.reason)
+    assert.equal(0, fake:count())
+    local repo = assert(git.open(repo_dir))
+    assert.equal(0, #repo:worktrees())
+    assert.equal(1, #repo:branches())
+    repo:close()
+  end)
+
+  it("a CLI agent pays each process from the daily budget and stops, BLOCKED, when it is spent", function()
+    local state = dir .. "/agent-state"
+    assert(fs.mkdir_p(state))
+    local team = assert(fs.read(ROOT .. "teams/backend_engineering.lua"))
+    team = team:gsub('operative "implementer" {', ('operative "implementer" {\n    agent = { cli = "fake", '
+      .. 'command = { "sh", %q, "work", %q }, format = "claude", heartbeat_timeout = 5 },'):format(
+      assert(fs.realpath(ROOT .. "tests/tools/fake_claude.sh")), state), 1)
+    assert(fs.write(dir .. "/project/teams/backend_engineering.lua", team))
+    onefix_engine{ daily_iterations = 1 }
+    local run_id = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong", repo = repo_dir,
+                                         external_id = "cli-budget" })
+    local st, esc = engine:execute(run_id)
+    assert.equal("waiting", st)
+    assert.equal("1", (assert(fs.read(state .. "/calls")):gsub("%s+$", ""))) -- the second process never started
+    assert.equal("BLOCKED: the daily budget of 1 agent iterations is used up (1 today, UTC)", esc.reason)
+    -- Each process is counted once: by the pool, not again from the agent's own event.
+    local paid = assert(store:query("SELECT COUNT(*) AS n FROM events WHERE kind = 'agent_iteration'"))[1].n
+    assert.equal(1, paid)
   end)
 end)
