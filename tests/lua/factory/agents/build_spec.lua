@@ -110,6 +110,32 @@ local function branch_oid(name)
   return oid
 end
 
+-- A one-stage pipeline "onefix" (the fix stage, two acceptance items), and the engine
+-- restarted to load it, with factory.lua's agents section.
+local function onefix_engine(agents)
+  assert(fs.write(dir .. "/project/pipelines/onefix.lua", 'return pipeline "onefix" {\n'
+    .. '  stage "fix" { team = "backend_engineering", workspace = "worktree",\n'
+    .. '    acceptance = { "calc_sub subtracts", "make test passes" } },\n}'))
+  engine:close()
+  local project = dsl.project(dir .. "/project")
+  assert.same({}, project:load())
+  engine = pipeline.engine{ db = store, project = project, agents = agents,
+                            on_event = function(ev) events[#events + 1] = ev end }
+end
+
+-- backend_engineering's implementer made a CLI agent: tests/tools/fake_claude.sh in
+-- "work" mode, counting its calls in a state directory, which is returned.
+local function fake_cli_agent()
+  local state = dir .. "/agent-state"
+  assert(fs.mkdir_p(state))
+  local team = assert(fs.read(ROOT .. "teams/backend_engineering.lua"))
+  team = team:gsub('operative "implementer" {', ('operative "implementer" {\n    agent = { cli = "fake", '
+    .. 'command = { "sh", %q, "work", %q }, format = "claude", heartbeat_timeout = 5 },'):format(
+    assert(fs.realpath(ROOT .. "tests/tools/fake_claude.sh")), state), 1)
+  assert(fs.write(dir .. "/project/teams/backend_engineering.lua", team))
+  return state
+end
+
 describe("build stage", function()
   it("fixes the failing test on its own branch; the run records the diff stats; main is untouched", function()
     script_run()
@@ -203,20 +229,8 @@ describe("build stage", function()
   end)
 
   it("an operative with agent = { cli = ... } runs the CLI agent loop in the worktree", function()
-    local state = dir .. "/agent-state"
-    assert(fs.mkdir_p(state))
-    local team = assert(fs.read(ROOT .. "teams/backend_engineering.lua"))
-    team = team:gsub('operative "implementer" {', ('operative "implementer" {\n    agent = { cli = "fake", '
-      .. 'command = { "sh", %q, "work", %q }, format = "claude", heartbeat_timeout = 5 },'):format(
-      assert(fs.realpath(ROOT .. "tests/tools/fake_claude.sh")), state), 1)
-    assert(fs.write(dir .. "/project/teams/backend_engineering.lua", team))
-    assert(fs.write(dir .. "/project/pipelines/onefix.lua", 'return pipeline "onefix" {\n'
-      .. '  stage "fix" { team = "backend_engineering", workspace = "worktree",\n'
-      .. '    acceptance = { "calc_sub subtracts", "make test passes" } },\n}'))
-    engine:close()
-    local project = dsl.project(dir .. "/project")
-    assert.same({}, project:load())
-    engine = pipeline.engine{ db = store, project = project, on_event = function(ev) events[#events + 1] = ev end }
+    local state = fake_cli_agent()
+    onefix_engine()
     local run_id = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong", repo = repo_dir,
                                          external_id = "cli-agent" })
     local st, detail = engine:execute(run_id)
@@ -256,12 +270,7 @@ echo done
     team = team:gsub('operative "implementer" {', ('operative "implementer" {\n    agent = { cli = "script", '
       .. 'command = { "sh", "-c", %q }, format = "plain", heartbeat_timeout = 5 },'):format(script), 1)
     assert(fs.write(dir .. "/project/teams/backend_engineering.lua", team))
-    assert(fs.write(dir .. "/project/pipelines/onefix.lua", 'return pipeline "onefix" {\n'
-      .. '  stage "fix" { team = "backend_engineering", workspace = "worktree", acceptance = { "fixed" } },\n}'))
-    engine:close()
-    local project = dsl.project(dir .. "/project")
-    assert.same({}, project:load())
-    engine = pipeline.engine{ db = store, project = project }
+    onefix_engine()
     fake:script{ { content = "the fix is a - b" } }
     local run_id = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong", repo = repo_dir,
                                          external_id = "cli-proxy" })
@@ -303,16 +312,6 @@ echo done
 
   -- The engine's agent pool (factory.lua's agents section) holds build stages of
   -- parallel runs to its places and pays their agents from the daily budget.
-  local function onefix_engine(agents)
-    assert(fs.write(dir .. "/project/pipelines/onefix.lua", 'return pipeline "onefix" {\n'
-      .. '  stage "fix" { team = "backend_engineering", workspace = "worktree",\n'
-      .. '    acceptance = { "calc_sub subtracts", "make test passes" } },\n}'))
-    engine:close()
-    local project = dsl.project(dir .. "/project")
-    assert.same({}, project:load())
-    engine = pipeline.engine{ db = store, project = project, agents = agents,
-                              on_event = function(ev) events[#events + 1] = ev end }
-  end
 
   it("parallel runs' build stages wait for a place in the agent pool", function()
     onefix_engine{ max_concurrent = 1 }
@@ -355,13 +354,7 @@ echo done
   end)
 
   it("a CLI agent pays each process from the daily budget and stops, BLOCKED, when it is spent", function()
-    local state = dir .. "/agent-state"
-    assert(fs.mkdir_p(state))
-    local team = assert(fs.read(ROOT .. "teams/backend_engineering.lua"))
-    team = team:gsub('operative "implementer" {', ('operative "implementer" {\n    agent = { cli = "fake", '
-      .. 'command = { "sh", %q, "work", %q }, format = "claude", heartbeat_timeout = 5 },'):format(
-      assert(fs.realpath(ROOT .. "tests/tools/fake_claude.sh")), state), 1)
-    assert(fs.write(dir .. "/project/teams/backend_engineering.lua", team))
+    local state = fake_cli_agent()
     onefix_engine{ daily_iterations = 1 }
     local run_id = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong", repo = repo_dir,
                                          external_id = "cli-budget" })
