@@ -27,15 +27,19 @@ DIRS=${BENCH_DIR:-${TMPDIR:-/tmp}}
 say() { printf '%-58s %s\n' "$1" "$2"; }
 echo "worktree bench, 50-file repo, best of $ROUNDS alternating rounds of $N per side;"
 echo "  libgit2: worktree_add (new branch + checkout) + worktree_remove (dirty check);"
-echo "  cli: git worktree add -b + git worktree remove (dirty check); both keep the branch"
+echo "  cli: git worktree add -b + git worktree remove (dirty check); both keep the branch;"
+echo "  files: the checkout's files written and removed with no git (what the filesystem costs)"
 for dir in $DIRS; do
     fstype=$(stat -f -c %T "$dir" 2>/dev/null || echo '?')
     out=$("$BIN" tests/bench/worktree.lua "$N" "$ROUNDS" "$dir")
     lib=$(echo "$out" | awk '$1 == "libgit2" { print $2 }')
     cli=$(echo "$out" | awk '$1 == "cli" { print $2 }')
-    case "$lib$cli" in ''|*[!0-9]*) echo "bench_worktree: no figures in: $out" >&2; exit 1;; esac
+    files=$(echo "$out" | awk '$1 == "files" { print $2 }')
+    case "$lib$cli$files" in ''|*[!0-9]*) echo "bench_worktree: no figures in: $out" >&2; exit 1;; esac
     echo "in $dir ($fstype):"
     say "  worktree create+remove, factory.git (libgit2):" "$lib per s"
     say "  worktree create+remove, git CLI processes:" "$cli per s"
+    say "  the same files written and removed, no git (the floor):" "$files per s"
+    say "  filesystem share of a libgit2 create+remove:" "$(awk -v a="$lib" -v f="$files" 'BEGIN { printf "%.0f%%", 100 * a / f }')"
     say "  worktree ratio libgit2/CLI:" "$(awk -v a="$lib" -v b="$cli" 'BEGIN { printf "%.2f", a / b }') (goal >= 3)"
 done

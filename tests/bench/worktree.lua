@@ -7,11 +7,13 @@
 --            git worktree remove PATH                     -- dirty check + delete
 -- Both sides keep the branch they created (neither command deletes it), so refs
 -- accumulate the same way on both. Both make their worktrees in one directory,
--- prepared as Factory prepares its worktree root (factory.agents.workspace.root). Rounds alternate which side goes first, each
--- side does one untimed warm-up, and the best round of each is reported.
+-- prepared as Factory prepares its worktree root (factory.agents.workspace.root).
+-- A third side, "files", writes and removes the same files with no git at all: the
+-- filesystem's own cost, which bounds both. Rounds rotate which side goes first,
+-- each side does one untimed warm-up, and the best round of each is reported.
 -- Usage: factory tests/bench/worktree.lua N ROUNDS [DIR]   (DIR: where to work,
 -- default the system temporary directory)
--- Prints "libgit2 RATE", "cli RATE" (the best round of each).
+-- Prints "libgit2 RATE", "cli RATE", "files RATE" (the best round of each).
 local git = require "factory.git"
 local fs = require "factory.core.fs"
 local proc = require "factory.proc"
@@ -51,6 +53,22 @@ local function main()
         cli("worktree", "add", "-q", "-b", name, wt .. "/" .. name, "main")
         cli("worktree", "remove", wt .. "/" .. name)
       end },
+    -- The filesystem's floor: the checkout's files written and removed with no git,
+    -- in a plain coroutine so that each call runs at once on this thread; append,
+    -- not write, for a plain open-write-close (write is durable: temp file, fsync).
+    { label = "files", best = 0, one = function(name)
+        local co = coroutine.create(function()
+          local top = wt .. "/" .. name
+          for i = 1, 50 do
+            if i <= 5 then assert(fs.mkdir_p(("%s/d%d"):format(top, i % 5))) end
+            assert(fs.append(("%s/d%d/f%d.c"):format(top, i % 5, i), ("int v%d = %d;\n"):format(i, i):rep(40)))
+          end
+          assert(fs.append(top .. "/.git", "gitdir: " .. dir .. "/.git/worktrees/" .. name .. "\n"))
+          assert(fs.remove(top, { recursive = true }))
+        end)
+        local ok, err = coroutine.resume(co)
+        assert(ok and coroutine.status(co) == "dead", err)
+      end },
   }
   local function run(side, n)
     local t0 = time.monotonic()
@@ -62,9 +80,8 @@ local function main()
   end
   for _, side in ipairs(sides) do run(side, 1) end -- warm-up, untimed
   for r = 1, ROUNDS do
-    local first = r % 2 == 1 and 1 or 2
-    for k = 0, 1 do
-      local side = sides[(first + k - 1) % 2 + 1]
+    for k = 0, #sides - 1 do
+      local side = sides[(r + k - 1) % #sides + 1]
       side.best = math.max(side.best, run(side, N))
     end
   end
