@@ -52,6 +52,8 @@
 #define STREAM_HIGH_WATER ((size_t)256 << 10)
 #define POOL_MAX 64
 #define MAX_REDIRECTS 10
+/* Idle connections kept for reuse (all hosts together). */
+#define MAX_CONNECTS 256L
 
 typedef struct {
     char *data;
@@ -84,6 +86,7 @@ struct req {
 typedef struct {
     uint32_t events;            /* registered in the epoll set (0: not registered) */
     int idle;                   /* curl said REMOVE; still registered (see socket_cb) */
+    int owned;                  /* opened and (to come) closed through our callbacks */
 } hc_fd;
 
 typedef struct {
@@ -317,12 +320,15 @@ static void process(void);
  * one uv_poll_t. Curl drops its interest in a connection after every transfer
  * (REMOVE) and asks again for the next request on the same kept-alive connection;
  * with a uv_poll_t per socket that costs a handle, an ioctl and three epoll_ctl per
- * request. Here a REMOVEd socket simply stays registered (idle): asking again is one
- * EPOLL_CTL_MOD, which also tells whether the registration still holds (curl may
- * have closed the socket meanwhile, which removes it from the set, and opened
- * another with the same number). An idle socket that reports an event (the peer
- * closed it) is taken out of the set. A closed socket is never left in a set that
- * libuv or anyone else sees. */
+ * request. Here a REMOVEd socket simply stays registered (idle). A connection's
+ * socket is opened and closed through opensocket_cb and closesocket_cb, which take it
+ * out of the set before closing it, so asking again for the same events on it costs
+ * no system call. Curl closes its other sockets (the resolver's) by itself, so for
+ * them asking again is one EPOLL_CTL_MOD, which also tells whether the registration
+ * still holds (the socket may have been closed, which removes it from the set, and
+ * another opened with the same number). An idle socket that reports an event (the
+ * peer closed it) is taken out of the set. A closed socket is never left in a set
+ * that libuv or anyone else sees. */
 static hc_fd *fd_state(curl_socket_t fd) {
     if (fd >= hc.nfds) {
         int n = hc.nfds ? hc.nfds : 64;
@@ -352,7 +358,10 @@ static int socket_cb(CURL *e, curl_socket_t s, int what, void *userp, void *sock
         st->idle = st->events != 0;
         return 0;
     }
-    if (want == st->events && !st->idle) return 0;
+    if (want == st->events && (st->owned || !st->idle)) {
+        st->idle = 0;
+        return 0;
+    }
     struct epoll_event ev = {.events = want, .data.fd = s};
     if (!st->events || epoll_ctl(hc.epfd, EPOLL_CTL_MOD, s, &ev) != 0) {
         if (epoll_ctl(hc.epfd, EPOLL_CTL_ADD, s, &ev) != 0 &&
@@ -362,6 +371,14 @@ static int socket_cb(CURL *e, curl_socket_t s, int what, void *userp, void *sock
     st->events = want;
     st->idle = 0;
     return 0;
+}
+
+static int closesocket_cb(void *clientp, curl_socket_t fd) {
+    if (fd < hc.nfds) {
+        fd_forget(fd, &hc.fds[fd]);
+        hc.fds[fd].owned = 0;
+    }
+    return close(fd);
 }
 
 static void poll_cb(uv_poll_t *p, int status, int events) {
@@ -387,7 +404,15 @@ static void poll_cb(uv_poll_t *p, int status, int events) {
  * inherit them and keep connections open. */
 static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose, struct curl_sockaddr *a) {
     curl_socket_t fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
-    return fd < 0 ? CURL_SOCKET_BAD : fd;
+    if (fd < 0) return CURL_SOCKET_BAD;
+    hc_fd *st = fd_state(fd);
+    if (!st) {
+        close(fd);
+        return CURL_SOCKET_BAD;
+    }
+    /* A new socket is in no set, whatever was known of an earlier one of this number. */
+    *st = (hc_fd){.owned = 1};
+    return fd;
 }
 
 static void run_timeouts(void) {
@@ -579,6 +604,10 @@ static int multi_init(void) {
     uv_unref((uv_handle_t *)&hc.keep);
     curl_multi_setopt(hc.multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
     curl_multi_setopt(hc.multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+    /* curl's default keeps 4 idle connections per transfer in the multi at the time
+     * one ends; handles leave the multi as their transfers end, so under a varying
+     * load that closes connections a moment later needed again. */
+    curl_multi_setopt(hc.multi, CURLMOPT_MAXCONNECTS, MAX_CONNECTS);
     return 1;
 }
 
@@ -692,6 +721,7 @@ static void easy_setup(CURL *e, req *r, const char *url, long timeout, long conn
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
     /* Proxy CONNECT responses would look like the final response headers. */
     curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout);
