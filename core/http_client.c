@@ -7,7 +7,7 @@
  * curl_multi_socket_action, then process() collects finished transfers and wakes
  * the fibers waiting on them.
  * Connections, DNS and TLS sessions live in the multi handle, so they are reused
- * across requests; finished easy handles go back to a small pool.
+ * across requests; finished easy handles go back to small pools (see detach).
  *
  * Lua never runs inside a curl callback: callbacks only record what happened and
  * queue the request; process() delivers the queue after curl has returned, since
@@ -100,8 +100,10 @@ static struct {
     uv_async_t keep;            /* never sent: ref'd while some fiber waits */
     req *live;
     req *qhead, *qtail;
-    CURL *pool[POOL_MAX];
+    CURL *pool[POOL_MAX];       /* reset, for requests from Lua */
     int npool;
+    CURL *cpool[POOL_MAX];      /* set up for requests from C, which they only complete */
+    int ncpool;
     int running;                /* easy handles in the multi */
     int waiting;                /* fibers waiting on a request */
     int epfd;                   /* the private epoll set of curl's sockets */
@@ -162,12 +164,19 @@ static fb_fiber *unwait(req *r) {
     return f;
 }
 
-/* Takes r's transfer out of curl; its easy handle goes back to the pool. */
+/* Takes r's transfer out of curl; its easy handle goes back to a pool. A request from
+ * Lua may set any option, so its handle is reset; one from C sets the same options
+ * each time, so its handle keeps them for the next (a reset and a new setup cost
+ * about as much as the rest of curl's work for a request on a kept-alive
+ * connection). */
 static void detach(req *r) {
     if (!r->easy) return;
     curl_multi_remove_handle(hc.multi, r->easy);
     hc.running--;
-    if (hc.npool < POOL_MAX) {
+    if (r->cb && hc.ncpool < POOL_MAX) {
+        curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, NULL);    /* freed below */
+        hc.cpool[hc.ncpool++] = r->easy;
+    } else if (!r->cb && hc.npool < POOL_MAX) {
         curl_easy_reset(r->easy);
         hc.pool[hc.npool++] = r->easy;
     } else {
@@ -708,22 +717,27 @@ oom:
     return NULL;
 }
 
-static void easy_setup(CURL *e, req *r, const char *url, long timeout, long connect_timeout) {
-    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)r);
-    curl_easy_setopt(e, CURLOPT_URL, url);
+/* The options every request has. */
+static void easy_setup_handle(CURL *e) {
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
     curl_easy_setopt(e, CURLOPT_USERAGENT, "factory/" FACTORY_VERSION);
-    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
     curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
-    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
-    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
     curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
     /* Proxy CONNECT responses would look like the final response headers. */
     curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
+}
+
+/* The options of request r that every request sets. */
+static void easy_setup(CURL *e, req *r, const char *url, long timeout, long connect_timeout) {
+    curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)r);
+    curl_easy_setopt(e, CURLOPT_URL, url);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
 }
@@ -778,6 +792,7 @@ static int hc_request(lua_State *L) {
     if (hc.live) hc.live->prev = r;
     hc.live = r;
 
+    easy_setup_handle(e);
     easy_setup(e, r, url, timeout, connect_timeout);
     if (!stream && max_body < (size_t)INT64_MAX)
         curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)max_body);
@@ -820,7 +835,9 @@ hc_req *hc_start(const hc_options *rq, const hc_callbacks *cb, void *ud) {
     if (hc.closed || fb_closing()) return NULL;
     if (!hc.multi && !multi_init()) return NULL;
     req *r = (req *)calloc(1, sizeof *r);
-    CURL *e = hc.npool > 0 ? hc.pool[--hc.npool] : curl_easy_init();
+    CURL *e = NULL;
+    if (hc.ncpool > 0) e = hc.cpool[--hc.ncpool];
+    else if ((e = curl_easy_init())) easy_setup_handle(e);
     struct curl_slist *list = NULL;
     int ok = r && e;
     for (const char *const *h = rq->headers; ok && h && *h; h++) {
@@ -848,10 +865,12 @@ hc_req *hc_start(const hc_options *rq, const hc_callbacks *cb, void *ud) {
     if (rq->body) {
         curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)rq->body_len);
         curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, rq->body);
-        if (strcmp(rq->method, "POST") != 0) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, rq->method);
-    } else if (strcmp(rq->method, "GET") != 0) {
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, rq->method);
+    } else {
+        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
     }
+    /* A pooled handle keeps the method of its last request: set or clear it. */
+    int plain = strcmp(rq->method, rq->body ? "POST" : "GET") == 0;
+    curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, plain ? NULL : rq->method);
     if (curl_multi_add_handle(hc.multi, e) != CURLM_OK) {
         curl_easy_cleanup(e);
         req_free(r);
@@ -961,7 +980,7 @@ static int hc_stats(lua_State *L) {
     lua_setfield(L, -2, "requests");
     lua_pushinteger(L, sockets);
     lua_setfield(L, -2, "sockets");
-    lua_pushinteger(L, hc.npool);
+    lua_pushinteger(L, hc.npool + hc.ncpool);
     lua_setfield(L, -2, "pooled");
     lua_pushnumber(L, (lua_Number)hc.buffered);
     lua_setfield(L, -2, "buffered");
@@ -972,6 +991,7 @@ static int hc_stats(lua_State *L) {
 static int hc_gc(lua_State *L) {
     for (req *r = hc.live; r; r = r->next) detach(r);
     while (hc.npool > 0) curl_easy_cleanup(hc.pool[--hc.npool]);
+    while (hc.ncpool > 0) curl_easy_cleanup(hc.cpool[--hc.ncpool]);
     if (hc.multi) {
         curl_multi_cleanup(hc.multi);
         hc.multi = NULL;
