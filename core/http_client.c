@@ -7,7 +7,7 @@
  * curl_multi_socket_action, then process() collects finished transfers and wakes
  * the fibers waiting on them.
  * Connections, DNS and TLS sessions live in the multi handle, so they are reused
- * across requests; finished easy handles go back to a small pool.
+ * across requests; finished easy handles go back to small pools (see detach).
  *
  * Lua never runs inside a curl callback: callbacks only record what happened and
  * queue the request; process() delivers the queue after curl has returned, since
@@ -52,6 +52,8 @@
 #define STREAM_HIGH_WATER ((size_t)256 << 10)
 #define POOL_MAX 64
 #define MAX_REDIRECTS 10
+/* Idle connections kept for reuse (all hosts together). */
+#define MAX_CONNECTS 256L
 
 typedef struct {
     char *data;
@@ -84,6 +86,7 @@ struct req {
 typedef struct {
     uint32_t events;            /* registered in the epoll set (0: not registered) */
     int idle;                   /* curl said REMOVE; still registered (see socket_cb) */
+    int owned;                  /* opened and (to come) closed through our callbacks */
 } hc_fd;
 
 typedef struct {
@@ -97,8 +100,10 @@ static struct {
     uv_async_t keep;            /* never sent: ref'd while some fiber waits */
     req *live;
     req *qhead, *qtail;
-    CURL *pool[POOL_MAX];
+    CURL *pool[POOL_MAX];       /* reset, for requests from Lua */
     int npool;
+    CURL *cpool[POOL_MAX];      /* set up for requests from C, which they only complete */
+    int ncpool;
     int running;                /* easy handles in the multi */
     int waiting;                /* fibers waiting on a request */
     int epfd;                   /* the private epoll set of curl's sockets */
@@ -159,12 +164,19 @@ static fb_fiber *unwait(req *r) {
     return f;
 }
 
-/* Takes r's transfer out of curl; its easy handle goes back to the pool. */
+/* Takes r's transfer out of curl; its easy handle goes back to a pool. A request from
+ * Lua may set any option, so its handle is reset; one from C sets the same options
+ * each time, so its handle keeps them for the next (a reset and a new setup cost
+ * about as much as the rest of curl's work for a request on a kept-alive
+ * connection). */
 static void detach(req *r) {
     if (!r->easy) return;
     curl_multi_remove_handle(hc.multi, r->easy);
     hc.running--;
-    if (hc.npool < POOL_MAX) {
+    if (r->cb && hc.ncpool < POOL_MAX) {
+        curl_easy_setopt(r->easy, CURLOPT_HTTPHEADER, NULL);    /* freed below */
+        hc.cpool[hc.ncpool++] = r->easy;
+    } else if (!r->cb && hc.npool < POOL_MAX) {
         curl_easy_reset(r->easy);
         hc.pool[hc.npool++] = r->easy;
     } else {
@@ -317,12 +329,15 @@ static void process(void);
  * one uv_poll_t. Curl drops its interest in a connection after every transfer
  * (REMOVE) and asks again for the next request on the same kept-alive connection;
  * with a uv_poll_t per socket that costs a handle, an ioctl and three epoll_ctl per
- * request. Here a REMOVEd socket simply stays registered (idle): asking again is one
- * EPOLL_CTL_MOD, which also tells whether the registration still holds (curl may
- * have closed the socket meanwhile, which removes it from the set, and opened
- * another with the same number). An idle socket that reports an event (the peer
- * closed it) is taken out of the set. A closed socket is never left in a set that
- * libuv or anyone else sees. */
+ * request. Here a REMOVEd socket simply stays registered (idle). A connection's
+ * socket is opened and closed through opensocket_cb and closesocket_cb, which take it
+ * out of the set before closing it, so asking again for the same events on it costs
+ * no system call. Curl closes its other sockets (the resolver's) by itself, so for
+ * them asking again is one EPOLL_CTL_MOD, which also tells whether the registration
+ * still holds (the socket may have been closed, which removes it from the set, and
+ * another opened with the same number). An idle socket that reports an event (the
+ * peer closed it) is taken out of the set. A closed socket is never left in a set
+ * that libuv or anyone else sees. */
 static hc_fd *fd_state(curl_socket_t fd) {
     if (fd >= hc.nfds) {
         int n = hc.nfds ? hc.nfds : 64;
@@ -352,7 +367,10 @@ static int socket_cb(CURL *e, curl_socket_t s, int what, void *userp, void *sock
         st->idle = st->events != 0;
         return 0;
     }
-    if (want == st->events && !st->idle) return 0;
+    if (want == st->events && (st->owned || !st->idle)) {
+        st->idle = 0;
+        return 0;
+    }
     struct epoll_event ev = {.events = want, .data.fd = s};
     if (!st->events || epoll_ctl(hc.epfd, EPOLL_CTL_MOD, s, &ev) != 0) {
         if (epoll_ctl(hc.epfd, EPOLL_CTL_ADD, s, &ev) != 0 &&
@@ -362,6 +380,14 @@ static int socket_cb(CURL *e, curl_socket_t s, int what, void *userp, void *sock
     st->events = want;
     st->idle = 0;
     return 0;
+}
+
+static int closesocket_cb(void *clientp, curl_socket_t fd) {
+    if (fd < hc.nfds) {
+        fd_forget(fd, &hc.fds[fd]);
+        hc.fds[fd].owned = 0;
+    }
+    return close(fd);
 }
 
 static void poll_cb(uv_poll_t *p, int status, int events) {
@@ -387,7 +413,15 @@ static void poll_cb(uv_poll_t *p, int status, int events) {
  * inherit them and keep connections open. */
 static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose, struct curl_sockaddr *a) {
     curl_socket_t fd = socket(a->family, a->socktype | SOCK_CLOEXEC, a->protocol);
-    return fd < 0 ? CURL_SOCKET_BAD : fd;
+    if (fd < 0) return CURL_SOCKET_BAD;
+    hc_fd *st = fd_state(fd);
+    if (!st) {
+        close(fd);
+        return CURL_SOCKET_BAD;
+    }
+    /* A new socket is in no set, whatever was known of an earlier one of this number. */
+    *st = (hc_fd){.owned = 1};
+    return fd;
 }
 
 static void run_timeouts(void) {
@@ -579,6 +613,10 @@ static int multi_init(void) {
     uv_unref((uv_handle_t *)&hc.keep);
     curl_multi_setopt(hc.multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
     curl_multi_setopt(hc.multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+    /* curl's default keeps 4 idle connections per transfer in the multi at the time
+     * one ends; handles leave the multi as their transfers end, so under a varying
+     * load that closes connections a moment later needed again. */
+    curl_multi_setopt(hc.multi, CURLMOPT_MAXCONNECTS, MAX_CONNECTS);
     return 1;
 }
 
@@ -679,21 +717,27 @@ oom:
     return NULL;
 }
 
+/* The options every request has. */
+static void easy_setup_handle(CURL *e) {
+    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "factory/" FACTORY_VERSION);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
+    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
+    /* Proxy CONNECT responses would look like the final response headers. */
+    curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
+}
+
+/* The options of request r that every request sets. */
 static void easy_setup(CURL *e, req *r, const char *url, long timeout, long connect_timeout) {
     curl_easy_setopt(e, CURLOPT_PRIVATE, (char *)r);
     curl_easy_setopt(e, CURLOPT_URL, url);
-    curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
-    curl_easy_setopt(e, CURLOPT_USERAGENT, "factory/" FACTORY_VERSION);
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
-    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
     curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
-    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
-    curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
-    /* Proxy CONNECT responses would look like the final response headers. */
-    curl_easy_setopt(e, CURLOPT_SUPPRESS_CONNECT_HEADERS, 1L);
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout);
 }
@@ -748,6 +792,7 @@ static int hc_request(lua_State *L) {
     if (hc.live) hc.live->prev = r;
     hc.live = r;
 
+    easy_setup_handle(e);
     easy_setup(e, r, url, timeout, connect_timeout);
     if (!stream && max_body < (size_t)INT64_MAX)
         curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)max_body);
@@ -790,7 +835,9 @@ hc_req *hc_start(const hc_options *rq, const hc_callbacks *cb, void *ud) {
     if (hc.closed || fb_closing()) return NULL;
     if (!hc.multi && !multi_init()) return NULL;
     req *r = (req *)calloc(1, sizeof *r);
-    CURL *e = hc.npool > 0 ? hc.pool[--hc.npool] : curl_easy_init();
+    CURL *e = NULL;
+    if (hc.ncpool > 0) e = hc.cpool[--hc.ncpool];
+    else if ((e = curl_easy_init())) easy_setup_handle(e);
     struct curl_slist *list = NULL;
     int ok = r && e;
     for (const char *const *h = rq->headers; ok && h && *h; h++) {
@@ -818,10 +865,12 @@ hc_req *hc_start(const hc_options *rq, const hc_callbacks *cb, void *ud) {
     if (rq->body) {
         curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)rq->body_len);
         curl_easy_setopt(e, CURLOPT_COPYPOSTFIELDS, rq->body);
-        if (strcmp(rq->method, "POST") != 0) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, rq->method);
-    } else if (strcmp(rq->method, "GET") != 0) {
-        curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, rq->method);
+    } else {
+        curl_easy_setopt(e, CURLOPT_HTTPGET, 1L);
     }
+    /* A pooled handle keeps the method of its last request: set or clear it. */
+    int plain = strcmp(rq->method, rq->body ? "POST" : "GET") == 0;
+    curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, plain ? NULL : rq->method);
     if (curl_multi_add_handle(hc.multi, e) != CURLM_OK) {
         curl_easy_cleanup(e);
         req_free(r);
@@ -931,7 +980,7 @@ static int hc_stats(lua_State *L) {
     lua_setfield(L, -2, "requests");
     lua_pushinteger(L, sockets);
     lua_setfield(L, -2, "sockets");
-    lua_pushinteger(L, hc.npool);
+    lua_pushinteger(L, hc.npool + hc.ncpool);
     lua_setfield(L, -2, "pooled");
     lua_pushnumber(L, (lua_Number)hc.buffered);
     lua_setfield(L, -2, "buffered");
@@ -942,6 +991,7 @@ static int hc_stats(lua_State *L) {
 static int hc_gc(lua_State *L) {
     for (req *r = hc.live; r; r = r->next) detach(r);
     while (hc.npool > 0) curl_easy_cleanup(hc.pool[--hc.npool]);
+    while (hc.ncpool > 0) curl_easy_cleanup(hc.cpool[--hc.ncpool]);
     if (hc.multi) {
         curl_multi_cleanup(hc.multi);
         hc.multi = NULL;

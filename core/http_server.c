@@ -328,16 +328,33 @@ static void wreq_abort(void *op) {
     conn_close((conn *)w->req.handle->data);
 }
 
-/* Queues w's bytes on c (taking w). Returns 0 when the connection failed. */
+enum { SUBMIT_FAILED, SUBMIT_QUEUED, SUBMIT_WRITTEN };
+
+/* Sends w's bytes on c (taking w): SUBMIT_WRITTEN when the socket took them all at
+ * once (w is freed), SUBMIT_QUEUED when the rest went to a uv_write (w is its
+ * request), SUBMIT_FAILED when the connection failed. Writing directly first spares
+ * a response that fits the socket buffer (nearly all) the write request's round
+ * through the loop, and the epoll_ctl libuv makes when its write queue drains. A
+ * write that fails here is left to uv_write to fail again and report, as before. */
 static int conn_submit(conn *c, wreq *w) {
     uv_buf_t b = uv_buf_init(w->b.data, (unsigned)w->b.len);
+    int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (n > 0 && (size_t)n == w->b.len) {
+        buf_free(&w->b);
+        free(w);
+        return SUBMIT_WRITTEN;
+    }
+    if (n > 0) {
+        b.base += n;
+        b.len -= (unsigned)n;
+    }
     if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
         buf_free(&w->b);
         free(w);
         conn_close(c);
-        return 0;
+        return SUBMIT_FAILED;
     }
-    return 1;
+    return SUBMIT_QUEUED;
 }
 
 static const char *http_date(void) {
@@ -762,10 +779,11 @@ static int response_emit(lua_State *L, response *r, int mode, const char *data, 
         return luaL_error(L, "http_server: out of memory");
     }
     r->state = mode == OUT_CHUNK ? R_STREAMING : R_DONE;
-    int queued = w->b.len > 0;
-    if (!queued) free(w);
-    else if (!conn_submit(c, w)) return push_reset(L);
-    int pending = queued && c->tcp.write_queue_size > 0;
+    int sent = SUBMIT_WRITTEN;
+    if (w->b.len > 0) sent = conn_submit(c, w);
+    else free(w);
+    if (sent == SUBMIT_FAILED) return push_reset(L);
+    int pending = sent == SUBMIT_QUEUED && c->tcp.write_queue_size > 0;
     if (r->state == R_DONE) response_done(c, L);
     fb_fiber *f = fb_current(L);
     if (wait && pending && f) {

@@ -15,6 +15,7 @@
  *       stream nil: as the request's "stream" says
  *   embeddings(request_json, team, run)   -> body_json | nil, err, code
  *   stream:read([timeout]) -> chunk_json | nil (end) | nil, err, code;  stream:close()
+ *   stream:usage() -> prompt_tokens, completion_tokens, reported (see stream_usage)
  *   set_budget("team"|"run", name, usd, tokens)   overrides the configured limits
  *   clear_budget("team"|"run", name)   forgets the account: its spending and override
  *   models(), stats() -> JSON text;  record(on);  records() -> JSON array text | nil
@@ -887,15 +888,24 @@ static int push_err(lua_State *L, call *c) { return fb_push_error(L, c->err_code
 
 static void stream_wake(call *c);
 
+/* The call's token counts as they stand: the provider's, once it has reported them,
+ * else the router's estimate (the request's bytes / 4, and the content so far / 4). */
+static void usage_now(call *c, long *prompt, long *completion) {
+    if (c->have_usage) {
+        *prompt = c->prompt_tokens;
+        *completion = c->completion_tokens;
+    } else {
+        *prompt = (long)c->est_prompt;
+        *completion = (long)((c->content_chars + 3) / 4);
+    }
+}
+
 /* The call is over (c->err_code says how): settle, record, tell the waiting fiber. */
 static void finish(call *c) {
     if (c->done) return;
     end_attempt(c);
     c->done = 1;
-    if (!c->have_usage && c->tgt) {
-        c->prompt_tokens = (long)c->est_prompt;
-        c->completion_tokens = (long)((c->content_chars + 3) / 4);
-    }
+    if (c->tgt) usage_now(c, &c->prompt_tokens, &c->completion_tokens);
     if (c->err_code[0] && !c->committed && !c->have_usage) c->prompt_tokens = c->completion_tokens = 0;
     if (c->tgt) c->tgt->p->trial = 0;
     settle(c);
@@ -1926,6 +1936,20 @@ static int stream_close(lua_State *L) {
     return 0;
 }
 
+/* stream:usage() -> prompt_tokens, completion_tokens, reported: the provider's counts
+ * if it has sent them (an Anthropic stream does before its content, an OpenAI one in
+ * its last chunk), else the router's estimate; once the stream has ended, the counts
+ * the call was settled and recorded with. */
+static int stream_usage(lua_State *L) {
+    call *c = check_stream(L);
+    long prompt = c->prompt_tokens, completion = c->completion_tokens;
+    if (!c->done) usage_now(c, &prompt, &completion);
+    lua_pushinteger(L, prompt);
+    lua_pushinteger(L, completion);
+    lua_pushboolean(L, c->have_usage);
+    return 3;
+}
+
 static void push_json(lua_State *L, json_t *o) {
     char *s = json_dumps(o, JSON_COMPACT);
     json_decref(o);
@@ -2025,6 +2049,7 @@ static int r_gc(lua_State *L) {
 static const luaL_Reg stream_methods[] = {
     {"read", stream_read},
     {"close", stream_close},
+    {"usage", stream_usage},
     {NULL, NULL},
 };
 

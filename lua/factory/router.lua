@@ -9,6 +9,10 @@
 --       Returns the OpenAI response table (raw: the JSON text). With stream, a stream:
 --         s:read([timeout]) -> chunk (OpenAI chat.completion.chunk; raw: JSON text)
 --                              | nil at the end | nil, err, code;   s:close()
+--         s:usage() -> prompt_tokens, completion_tokens, reported: the provider's counts
+--           once it has sent them (Anthropic: before the content; OpenAI: in the last
+--           chunk), else the router's estimate (request bytes / 4, content so far / 4);
+--           after the end, what the call was charged and recorded with.
 --   router.embeddings(request, opts) -> response | nil, err, code   (opts: team, run, raw)
 --   router.models() -> { "alias", ... }     router.stats() -> table (providers, budgets)
 --   router.has_alias(name) -> whether name is a configured alias
@@ -104,6 +108,10 @@ function Stream:read(timeout)
     return nil, err, code
   end
   return decoded(chunk, self.raw)
+end
+
+function Stream:usage()
+  return self.core:usage()
 end
 
 function Stream:close()

@@ -154,19 +154,24 @@ function M.from_openai(resp, model)
            usage = { input_tokens = usage.prompt_tokens or 0, output_tokens = usage.completion_tokens or 0 } }
 end
 
--- The stream of OpenAI chunks s, as Messages events.
+-- The stream of OpenAI chunks s, as Messages events. Like Anthropic's, message_start
+-- carries the input tokens and message_delta the final counts. An Anthropic upstream
+-- reports its input tokens before any content; an OpenAI one only in its last chunk,
+-- so message_start has the router's estimate then. message_delta has what the router
+-- charged and recorded: the upstream's counts, or its estimate if it sent none.
 local function stream_reply(res, s, model)
   local function event(name, data)
     data.type = name
     return res:sse{ event = name, data = assert(json.encode(data)) }
   end
   local started, block, index, tools = false, nil, -1, {}
-  local stop, usage = "end_turn", { input_tokens = 0, output_tokens = 0 }
+  local stop = "end_turn"
   local function start(id)
     started = true
+    local input = s:usage()
     return event("message_start", { message = { id = "msg_" .. tostring(id or ""), type = "message",
       role = "assistant", model = model, content = json.empty_array, stop_reason = json.null,
-      stop_sequence = json.null, usage = { input_tokens = 0, output_tokens = 0 } } })
+      stop_sequence = json.null, usage = { input_tokens = input, output_tokens = 0 } } })
   end
   local function close_block()
     if block then
@@ -193,9 +198,6 @@ local function stream_reply(res, s, model)
       break
     end
     if not started and not start(chunk.id) then return s:close() end
-    if type(chunk.usage) == "table" then
-      usage = { input_tokens = chunk.usage.prompt_tokens or 0, output_tokens = chunk.usage.completion_tokens or 0 }
-    end
     local ok = true
     for _, c in ipairs(type(chunk.choices) == "table" and chunk.choices or {}) do
       local d = type(c.delta) == "table" and c.delta or {}
@@ -222,9 +224,10 @@ local function stream_reply(res, s, model)
     if not ok then return s:close() end
   end
   if not started then start() end
+  local input, output = s:usage()
   local _ = close_block()
     and event("message_delta", { delta = { stop_reason = stop, stop_sequence = json.null },
-                                 usage = { input_tokens = usage.input_tokens, output_tokens = usage.output_tokens } })
+                                 usage = { input_tokens = input, output_tokens = output } })
     and event("message_stop", {})
   return res:finish()
 end

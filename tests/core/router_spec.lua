@@ -202,6 +202,33 @@ describe("router", function()
     assert.truthy(chunks[#chunks].usage.total_tokens > 0)
   end)
 
+  it("tells a stream's reader its token counts: reported, else estimated, then as recorded", function()
+    -- Anthropic reports the input tokens before the content.
+    fake:script{ { content = "abcdefgh", usage = { prompt = 21, completion = 3 } } }
+    local s = assert(router.chat(hello("anth", { stream = true })))
+    assert.truthy(s:read())
+    local prompt, _, reported = s:usage()
+    assert.same({ 21, true }, { prompt, reported })
+    read_all(s)
+    assert.same({ 21, 3, true }, { s:usage() })
+    s:close()
+    -- An OpenAI upstream reports in its last chunk: until then, the router's estimate.
+    local body = json.encode({ model = "solo", messages = { { role = "user", content = "Say hello" } }, stream = true })
+    fake:script{ { content = "abcdefgh", chunk_delay = 0.02 } }
+    local rec
+    local unsubscribe = router.on_call(function(r) rec = r end)
+    s = assert(router.chat(body))
+    assert.truthy(s:read())
+    prompt, _, reported = s:usage()
+    assert.same({ math.floor(#body / 4) + 1, false }, { prompt, reported })
+    read_all(s)
+    local p2, c2, reported2 = s:usage()
+    s:close()
+    router.flush()
+    unsubscribe()
+    assert.same({ rec.prompt_tokens, rec.completion_tokens, true }, { p2, c2, reported2 })
+  end)
+
   it("serves embeddings from OpenAI-format providers only", function()
     local res = assert(router.embeddings({ model = "chain", input = { "a", "b" } }))
     assert.equal(2, #res.data)

@@ -395,6 +395,32 @@ budgets { utc_offset = 99 }
     end
   end)
 
+  it("streams a message's input tokens in message_start and its final counts in message_delta", function()
+    start()
+    local recorded
+    local unsubscribe = router.on_call(function(r) recorded = r end)
+    for _, model in ipairs({ "factory/coder", "factory/claude" }) do
+      -- Slow chunks: an OpenAI upstream's usage, in its last chunk, comes well after message_start.
+      fake:script{ { content = "Counted tokens.", usage = { prompt = 37, completion = 5 }, chunk_delay = 0.02 } }
+      local res = post("/v1/messages", json.encode({ model = model, max_tokens = 100, stream = true,
+        messages = { { role = "user", content = "Say hello" } } }))
+      assert.equal(200, res.status, res.body)
+      local evs = sse_events(res.body)
+      assert.equal("message_start", evs[1].event)
+      local first = evs[1].data.message.usage
+      if model == "factory/claude" then
+        assert.equal(37, first.input_tokens)    -- the upstream's own count, sent before the content
+      else
+        assert.truthy(first.input_tokens > 0, model)   -- the router's estimate
+      end
+      assert.equal("message_delta", evs[#evs - 1].event)
+      assert.same({ input_tokens = 37, output_tokens = 5 }, evs[#evs - 1].data.usage, model)
+      router.flush()
+      assert.same({ 37, 5 }, { recorded.prompt_tokens, recorded.completion_tokens }, model)
+    end
+    unsubscribe()
+  end)
+
   it("answers bad Messages requests with Anthropic-shaped errors", function()
     start([[keys { ["sk-team-ant"] = { team = "ant" } }
 budgets { teams = { ant = { tokens_per_day = 10 } } }]])
