@@ -98,13 +98,14 @@ function Engine:_team_budget(name)
 end
 
 -- Router records arrive in whichever fiber next passes through the router, so the
--- operative is found by run and team, not by fiber.
+-- operative is found by run and team, not by fiber. The record is posted, not
+-- waited for: it commits before (or with) the stage's result that follows it.
 function Engine:_model_call(r)
   local run_id = tonumber(r.run)
   local totals = run_id and self.totals[run_id]
   if not totals then return end
   local operative = self.active[run_id .. "\0" .. tostring(r.team)]
-  assert(self.db:tx(records.model_call, r, operative))
+  self.db:post(records.model_call, r, operative)
   totals.tokens = totals.tokens + (r.prompt_tokens or 0) + (r.completion_tokens or 0)
   totals.cost = totals.cost + (r.cost_usd or 0)
   self:_notify(run_id, "model_call", { team = r.team, operative = operative, alias = r.alias, status = r.status,
@@ -362,7 +363,7 @@ end
 
 function Engine:_stage(run, pipe, st)
   local db, limits = self.db, pipe.limits
-  -- stage_started is written with the first objective_started (one commit), unless
+  -- stage_started is written with the first objective_started (one write), unless
   -- the stage ends before that.
   local started = { stage = st.name, index = st.index, team = st.team }
   local function flush_started()
@@ -393,10 +394,9 @@ function Engine:_stage(run, pipe, st)
     local objective_started = { stage = st.name, team = team.name, operative = op.name, attempt = total + 1 }
     local events = { { "objective_started", objective_started } }
     if started then table.insert(events, 1, { "stage_started", started }) end
-    assert(db:tx(function(tx)
-      records.events(tx, run.id, events)
-      return true
-    end))
+    -- Posted: the objective need not wait for its timeline's commit, which comes
+    -- before (or with) the attempt's result.
+    db:post(records.events, run.id, events)
     if started then self:_notify(run.id, "stage_started", started) end
     started = nil
     self:_notify(run.id, "objective_started", objective_started)
