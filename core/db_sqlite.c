@@ -5,8 +5,12 @@
  *   conn:script(sql)          -> true | nil, err, code   (several statements, no parameters)
  *   conn:inline(on)           -> true   (see below)
  *   conn:try(sql)             -> true | nil, err, code   (a script run now, never waiting)
- *   conn:batch({ {sql, params, n}, ... }) -> { {rows, meta} | {nil, err, code}, ... }
- *       the statements as one job: one pool round trip instead of one each
+ *   conn:batch({ {sql, params, n [, if_rows = k]}, ... })
+ *                             -> { {rows, meta} | {nil, err, code}, ... }
+ *       the statements as one job: one pool round trip instead of one each, and one
+ *       read transaction, so every statement sees the same snapshot. if_rows = k: the
+ *       statement runs only if statement k (an earlier one) returned rows; otherwise
+ *       it returns no rows (a read that could not find anything is not made).
  *   conn:close()              -> true
  *
  * Every SQLite call runs on libuv's thread pool: a statement may wait up to the busy
@@ -88,6 +92,7 @@ typedef struct sq_job {
     char *msg;
     struct sq_job **parts; /* JOB_BATCH: its JOB_RUN statements, run in order */
     int nparts;
+    int if_rows; /* a batch part: run only if part if_rows (1-based) returned rows; 0: always */
 } sq_job;
 
 enum { STMT_CACHE = 64 };
@@ -384,9 +389,20 @@ static void do_job(sq_job *j) {
     case JOB_OPEN: do_open(j); break;
     case JOB_RUN: do_run(j); break;
     case JOB_SCRIPT: do_script(j); break;
-    case JOB_BATCH:
-        for (int i = 0; i < j->nparts; i++) do_run(j->parts[i]);
+    case JOB_BATCH: {
+        /* One read transaction for the batch: one snapshot, and one look at the WAL
+         * instead of one per statement. Outside any transaction only (a batch never
+         * runs inside the writer's). */
+        int own = sqlite3_get_autocommit(j->conn->db) && j->nparts > 1
+                  && sqlite3_exec(j->conn->db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK;
+        for (int i = 0; i < j->nparts; i++) {
+            sq_job *p = j->parts[i];
+            sq_job *cond = p->if_rows ? j->parts[p->if_rows - 1] : NULL;
+            if (!cond || (!cond->code && cond->ncells > 0)) do_run(p);
+        }
+        if (own) sqlite3_exec(j->conn->db, "COMMIT", NULL, NULL, NULL);
         break;
+    }
     case JOB_CLOSE:
         cache_clear(j->conn);
         sqlite3_close_v2(j->conn->db);
@@ -700,6 +716,10 @@ static int sq_batch(lua_State *L) {
         int n = (int)lua_tointeger(L, -1);
         lua_rawgeti(L, part, 2);
         check_params(L, lua_gettop(L), n);
+        lua_getfield(L, part, "if_rows");
+        lua_Integer k = lua_tointeger(L, -1);
+        if (!lua_isnil(L, -1) && (k < 1 || k >= i))
+            return luaL_error(L, "sqlite: batch statement %d: if_rows must name an earlier statement", i);
         lua_settop(L, part - 1);
     }
     sq_job *j = job_new(c, JOB_BATCH);
@@ -715,6 +735,8 @@ static int sq_batch(lua_State *L) {
         sq_job *p = job_new(c, JOB_RUN);
         if (p) j->parts[j->nparts++] = p;
         if (!p || !(p->sql = strdup(lua_tostring(L, part + 1))) || !read_params(L, part + 2, n, p)) goto oom;
+        lua_getfield(L, part, "if_rows");
+        p->if_rows = (int)lua_tointeger(L, -1);
         lua_settop(L, part - 1);
     }
     return submit(L, j);

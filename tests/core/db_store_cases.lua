@@ -103,6 +103,15 @@ return function(backend, fresh)
         { "SELECT i FROM t WHERE i > ?", { 5 } },
       }))
       assert.same({ { { i = 1, j = { a = 1 } } }, { { s = "two" } }, {} }, out)
+      -- if_rows: a read that depends on an earlier one finding rows
+      out = assert(d:queries({
+        { "SELECT i FROM t WHERE i > ?", { 5 } },
+        { "SELECT s FROM t WHERE i = ?", { 2 }, if_rows = 1 },
+        { "SELECT s FROM t WHERE i = ?", { 2 } },
+        { "SELECT i FROM t WHERE s = ?", { "two" }, if_rows = 3 },
+      }))
+      assert.same({ {}, {}, { { s = "two" } }, { { i = 2 } } }, out)
+      assert.error_matches(function() d:queries({ { "SELECT 1 AS x", if_rows = 1 } }) end, "if_rows")
       assert.same({}, assert(d:queries({})))
       local ok, err, code = d:queries({ { "SELECT i FROM t" }, { "SELECT nope FROM t" } })
       assert.is_nil(ok)
