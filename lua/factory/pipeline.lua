@@ -120,9 +120,10 @@ function Engine:_notify(run_id, kind, data)
   if not ok then log.warn("pipeline: on_event failed", { error = tostring(err) }) end
 end
 
--- An event for the timeline and for whoever watches the run.
-function Engine:_emit(run_id, kind, data, q)
-  records.event(q or self.db, run_id, kind, data)
+-- An event for the timeline and for whoever watches the run. Posted: nothing waits
+-- for its commit, which comes before (or with) the run's next recorded step.
+function Engine:_emit(run_id, kind, data)
+  self.db:post(records.event, run_id, kind, data)
   self:_notify(run_id, kind, data)
 end
 
@@ -241,9 +242,14 @@ end
 
 function Engine:_finish(run, state, why)
   local now = time.now()
-  assert(self.db:exec("UPDATE runs SET state = ?, error = ?, updated_at = ?, finished_at = ? WHERE id = ?",
-    { state, why, now, now, run.id, n = 5 }))
-  self:_emit(run.id, "run_finished", { state = state, error = why })
+  local finished = { state = state, error = why }
+  assert(self.db:tx(function(tx)
+    assert(tx:exec("UPDATE runs SET state = ?, error = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+      { state, why, now, now, run.id, n = 5 }))
+    records.event(tx, run.id, "run_finished", finished)
+    return true
+  end))
+  self:_notify(run.id, "run_finished", finished)
 end
 
 function Engine:_started(run, pipe)
