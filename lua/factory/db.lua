@@ -230,15 +230,21 @@ local function commit_group(self, e)
   settle(g, ok, err, code)
 end
 
+-- Posted writes (db:post): run into an open group by whoever holds the writer next,
+-- and committed by a fiber of their own only when the writer is left idle.
+local run_posted, spawn_flusher
+
 -- Hands the connection to the first waiter still parked, else leaves it idle. An
 -- open SQLite group passes to the next waiter with the connection; the last one
--- commits it (a caller outside any fiber cannot wait for someone else's COMMIT).
+-- takes in the writes posted meanwhile and commits it (a caller outside any fiber
+-- cannot wait for someone else's COMMIT).
 local function release(self, e)
   local me = e.owner
   e.owner = nil
   if e.group then
     if me ~= MAIN and not e.group.broken and not self.closed and hand_off(self, e) then return end
     e.owner = me
+    if not e.group.broken then run_posted(self, e, me) end
     commit_group(self, e)
     e.owner = nil
   end
@@ -248,7 +254,7 @@ local function release(self, e)
     if w then w:wake(true) end
     return
   end
-  hand_off(self, e)
+  if not hand_off(self, e) and self.posted and #self.posted > 0 then spawn_flusher(self) end
 end
 
 -- Frees a connection whose owner died without releasing it (a cancelled fiber
@@ -522,7 +528,7 @@ end
 
 -- Runs the writes posted so far in e's open group (the caller holds e), in order,
 -- each under a savepoint of its own so that a failure undoes only its work.
-local function run_posted(self, e, me)
+function run_posted(self, e, me)
   local list = self.posted
   if #list == 0 then return end
   self.posted = {}
@@ -626,6 +632,10 @@ local function flush_posted(self)
   if not ok then log.error("db: posted writes could not be committed", { error = tostring(err) }) end
 end
 
+function spawn_flusher(self)
+  if not self.flusher and corefiber.current() then self.flusher = corefiber.spawn(flush_posted, self) end
+end
+
 function DB:post(fn, ...)
   if type(fn) ~= "function" then error("db:post: expected a function, got " .. type(fn), 2) end
   local me = corefiber.current()
@@ -636,7 +646,9 @@ function DB:post(fn, ...)
     return
   end
   self.posted[#self.posted + 1] = { fn = fn, args = pack(...) }
-  if not self.flusher then self.flusher = corefiber.spawn(flush_posted, self) end
+  -- A writer in use takes the write in before it is left idle (release).
+  local e = self.entries[1]
+  if not e or e.owner == nil then spawn_flusher(self) end
 end
 
 local function exec_member(tx, sql, args, n)
