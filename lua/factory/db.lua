@@ -19,7 +19,8 @@
 --       one failing when it upgrades from reader to writer. SQLite also groups
 --       commits: transactions (and db:exec calls) that queue while one runs join its
 --       transaction, each under a savepoint of its own (its failure undoes only its
---       work), and all return after their one shared COMMIT.
+--       work), and all return after their one shared COMMIT. When the previous group
+--       had several members, a group lingers 1 ms before its COMMIT for more to join.
 --   db:post(fn, ...)          -> nothing; fn(tx, ...) runs in a transaction soon
 --       A write nobody waits for. On SQLite fn runs in the writer's next group, before
 --       any db:tx, db:exec or db:script that starts after this call (one writer, in
@@ -76,6 +77,9 @@ local DB, Tx, Listener = {}, {}, {}
 DB.__index, Tx.__index, Listener.__index = DB, Tx, Listener
 
 local MAIN = {} -- the owner of a connection taken outside any fiber
+-- How long a SQLite group waits for more members before its COMMIT, once, when the
+-- previous group had several (one tick of the loop's timers).
+local LINGER = 0.001
 local RECONNECT_FOR = 10
 local TRANSIENT = { ECONNREFUSED = true, ECONNRESET = true, ECONNECT = true, ETIMEDOUT = true }
 
@@ -222,6 +226,7 @@ end
 -- One COMMIT, one fsync, for every member of the group.
 local function commit_group(self, e)
   local g = e.group
+  self.last_group = #g.members
   g.committing = true
   e.conn:inline(false)
   local ok, err, code = e.conn:script("COMMIT")
@@ -242,7 +247,20 @@ local function release(self, e)
   local me = e.owner
   e.owner = nil
   if e.group then
-    if me ~= MAIN and not e.group.broken and not self.closed and hand_off(self, e) then return end
+    if me ~= MAIN and not e.group.broken and not self.closed then
+      if hand_off(self, e) then return end
+      -- Under concurrent writers a COMMIT (an fsync, and every page the group
+      -- changed written to the WAL) is worth sharing: the group waits a moment, once,
+      -- for whoever is about to write. A lone writer (the last group had one member)
+      -- commits at once.
+      if not e.group.lingered and (self.last_group or 0) >= 2 then
+        e.group.lingered = true
+        e.owner = me
+        corefiber.sleep(LINGER)
+        e.owner = nil
+        if not e.group.broken and not self.closed and hand_off(self, e) then return end
+      end
+    end
     e.owner = me
     if not e.group.broken then run_posted(self, e, me) end
     commit_group(self, e)
