@@ -382,7 +382,7 @@ function M.open(url)
     conn, err, code = sqlite.open(spec.path, { create_dir = spec.create_dir })
     self.max = 1
     if conn then
-      self.reader, err, code = sqlite.open(spec.path)
+      self.reader, err, code = sqlite.open(spec.path, { reader = true })
       if not self.reader then
         conn:close()
         return nil, err, code
