@@ -272,7 +272,7 @@ local function release(self, e)
     if w then w:wake(true) end
     return
   end
-  if not hand_off(self, e) and self.posted and #self.posted > 0 then spawn_flusher(self) end
+  if not hand_off(self, e) and #self.posted > 0 then spawn_flusher(self) end
 end
 
 -- Frees a connection whose owner died without releasing it (a cancelled fiber

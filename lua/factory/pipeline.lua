@@ -19,7 +19,9 @@
 -- advances runs.stage_index, so after a crash execute() starts at the first
 -- unfinished stage and never re-runs, or re-pays, a finished one. Every other
 -- attempt is recorded too (stage_results, attempt = n), which keeps the iteration
--- cap across restarts. One process at a time executes a run: it holds the lock
+-- cap across restarts. Timeline events and model-call records are posted (db:post):
+-- nothing waits for their commit, and they are on disk no later than the stage
+-- result recorded after them. One process at a time executes a run: it holds the lock
 -- "run:ID" (released at the end; a lock whose process died on this host is taken
 -- over at once, any other when it expires).
 --
