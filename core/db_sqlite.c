@@ -1,12 +1,17 @@
 /* core/db_sqlite.c — factory.core.db_sqlite: SQLite connections for lua/factory/db.lua.
  *
- *   open(path [, {create_dir=, busy_timeout_ms=}]) -> conn | nil, err, code
+ *   open(path [, {create_dir=, busy_timeout_ms=, reader=}]) -> conn | nil, err, code
+ *       reader = true: a connection only read through (see "Reads" below)
  *   conn:run(sql, params, n)  -> rows, {changes=, last_id=, json={col...}} | nil, err, code
  *   conn:script(sql)          -> true | nil, err, code   (several statements, no parameters)
  *   conn:inline(on)           -> true   (see below)
  *   conn:try(sql)             -> true | nil, err, code   (a script run now, never waiting)
- *   conn:batch({ {sql, params, n}, ... }) -> { {rows, meta} | {nil, err, code}, ... }
- *       the statements as one job: one pool round trip instead of one each
+ *   conn:batch({ {sql, params, n [, if_rows = k]}, ... })
+ *                             -> { {rows, meta} | {nil, err, code}, ... }
+ *       the statements as one job: one pool round trip instead of one each, and one
+ *       read transaction, so every statement sees the same snapshot. if_rows = k: the
+ *       statement runs only if statement k (an earlier one) returned rows; otherwise
+ *       it returns no rows (a read that could not find anything is not made).
  *   conn:close()              -> true
  *
  * Every SQLite call runs on libuv's thread pool: a statement may wait up to the busy
@@ -22,6 +27,12 @@
  * process holds the lock it needs or a job of this connection is still queued. The
  * Lua layer takes the write lock (BEGIN IMMEDIATE) this way first, and only when it
  * is taken queues the BEGIN for the pool to wait out the busy timeout there.
+ *
+ * Reads: on a reader connection, statements and batches queued behind each other
+ * (several fibers reading at once) run as one pool job, in one read transaction: one
+ * round trip, and one snapshot whose pages the later reads find in the cache (a
+ * connection's cache is dropped whenever another one commits). Each read still sees
+ * only what was committed before it was made.
  *
  * Statements are prepared once per connection and kept (STMT_CACHE of them, the
  * least recently used replaced): the engine repeats the same few dozen texts.
@@ -88,9 +99,11 @@ typedef struct sq_job {
     char *msg;
     struct sq_job **parts; /* JOB_BATCH: its JOB_RUN statements, run in order */
     int nparts;
+    int if_rows; /* a batch part: run only if part if_rows (1-based) returned rows; 0: always */
+    int train;   /* the head of a reader's train: it and the train - 1 jobs after it run as one */
 } sq_job;
 
-enum { STMT_CACHE = 64 };
+enum { STMT_CACHE = 64, MAX_TRAIN = 32 };
 
 typedef struct {
     char *sql; /* NULL: a free slot */
@@ -101,7 +114,7 @@ typedef struct {
 struct sq_conn {
     sqlite3 *db;
     char *path;
-    int create_dir, busy_ms, inline_jobs;
+    int create_dir, busy_ms, inline_jobs, reader;
     sq_job *head, *tail; /* head is the running job */
     sq_cached cache[STMT_CACHE];
     uint64_t clock;
@@ -384,9 +397,20 @@ static void do_job(sq_job *j) {
     case JOB_OPEN: do_open(j); break;
     case JOB_RUN: do_run(j); break;
     case JOB_SCRIPT: do_script(j); break;
-    case JOB_BATCH:
-        for (int i = 0; i < j->nparts; i++) do_run(j->parts[i]);
+    case JOB_BATCH: {
+        /* One read transaction for the batch: one snapshot, and one look at the WAL
+         * instead of one per statement. Outside any transaction only (a batch never
+         * runs inside the writer's). */
+        int own = sqlite3_get_autocommit(j->conn->db) && j->nparts > 1
+                  && sqlite3_exec(j->conn->db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK;
+        for (int i = 0; i < j->nparts; i++) {
+            sq_job *p = j->parts[i];
+            sq_job *cond = p->if_rows ? j->parts[p->if_rows - 1] : NULL;
+            if (!cond || (!cond->code && cond->ncells > 0)) do_run(p);
+        }
+        if (own) sqlite3_exec(j->conn->db, "COMMIT", NULL, NULL, NULL);
         break;
+    }
     case JOB_CLOSE:
         cache_clear(j->conn);
         sqlite3_close_v2(j->conn->db);
@@ -395,7 +419,23 @@ static void do_job(sq_job *j) {
     }
 }
 
-static void work_cb(uv_work_t *req) { do_job((sq_job *)req->data); }
+static void work_cb(uv_work_t *req) {
+    sq_job *j = (sq_job *)req->data;
+    if (j->train <= 1) {
+        do_job(j);
+        return;
+    }
+    /* The train's jobs were linked before it started; the loop thread only ever
+     * appends behind the last. A batch inside the train's transaction opens none. */
+    sqlite3 *db = j->conn->db;
+    int n = j->train;
+    int own = sqlite3_get_autocommit(db) && sqlite3_exec(db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK;
+    for (int i = 0; i < n; i++) {
+        do_job(j);
+        if (i + 1 < n) j = j->next;
+    }
+    if (own) sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+}
 
 /* ---- jobs and connections on the loop thread ------------------------------------ */
 
@@ -439,7 +479,14 @@ static void start(sq_conn *c) {
         if (!c->head) c->tail = NULL;
         job_free(j);
     }
-    if (c->head) uv_queue_work(fb_loop(), &c->head->req, work_cb, after_work_cb);
+    sq_job *h = c->head;
+    if (!h) return;
+    h->train = 1;
+    if (c->reader && (h->kind == JOB_RUN || h->kind == JOB_BATCH))
+        for (sq_job *j = h->next; j && h->train < MAX_TRAIN && (j->kind == JOB_RUN || j->kind == JOB_BATCH);
+             j = j->next)
+            h->train++;
+    uv_queue_work(fb_loop(), &h->req, work_cb, after_work_cb);
 }
 
 static void enqueue(sq_conn *c, sq_job *j) {
@@ -523,12 +570,37 @@ static int push_results(lua_State *L, sq_job *j) {
     return 2;
 }
 
+/* Completes a reader's train (j, its head, heads the queue): every job of it leaves
+ * the queue, and the next job starts, before the first fiber is woken. A fiber is
+ * read only when its turn comes: one woken before may have cancelled it. */
+static void finish_train(sq_conn *c, sq_job *j) {
+    sq_job *done[MAX_TRAIN];
+    int n = j->train;
+    for (int i = 0; i < n; i++) {
+        done[i] = c->head;
+        c->head = c->head->next;
+    }
+    if (!c->head) c->tail = NULL;
+    start(c);
+    for (int i = 0; i < n; i++) {
+        sq_job *d = done[i];
+        fb_fiber *f = d->fiber;
+        int k = f ? push_results(fb_co(f), d) : 0;
+        job_free(d);
+        if (f) fb_wake(f, k);
+    }
+}
+
 /* All bookkeeping happens before fb_wake: the woken fiber runs at once and may
  * queue more jobs or drop the connection. */
 static void after_work_cb(uv_work_t *req, int status) {
     (void)status;
     sq_job *j = (sq_job *)req->data;
     sq_conn *c = j->conn;
+    if (j->train > 1) {
+        finish_train(c, j);
+        return;
+    }
     fb_fiber *f = j->fiber;
     c->head = j->next;
     if (!c->head) c->tail = NULL;
@@ -598,8 +670,11 @@ static int sq_open(lua_State *L) {
     size_t len;
     const char *path = luaL_checklstring(L, 1, &len);
     if (!len || strlen(path) != len) return luaL_argerror(L, 1, "expected a file path");
-    int create_dir = 0, busy_ms = 5000;
+    int create_dir = 0, busy_ms = 5000, reader = 0;
     if (lua_istable(L, 2)) {
+        lua_getfield(L, 2, "reader");
+        reader = lua_toboolean(L, -1);
+        lua_pop(L, 1);
         lua_getfield(L, 2, "create_dir");
         create_dir = lua_toboolean(L, -1);
         lua_getfield(L, 2, "busy_timeout_ms");
@@ -614,6 +689,7 @@ static int sq_open(lua_State *L) {
         return luaL_error(L, "sqlite.open: out of memory");
     }
     c->create_dir = create_dir;
+    c->reader = reader;
     c->busy_ms = busy_ms;
     return submit(L, j);
 }
@@ -700,6 +776,10 @@ static int sq_batch(lua_State *L) {
         int n = (int)lua_tointeger(L, -1);
         lua_rawgeti(L, part, 2);
         check_params(L, lua_gettop(L), n);
+        lua_getfield(L, part, "if_rows");
+        lua_Integer k = lua_tointeger(L, -1);
+        if (!lua_isnil(L, -1) && (k < 1 || k >= i))
+            return luaL_error(L, "sqlite: batch statement %d: if_rows must name an earlier statement", i);
         lua_settop(L, part - 1);
     }
     sq_job *j = job_new(c, JOB_BATCH);
@@ -715,6 +795,8 @@ static int sq_batch(lua_State *L) {
         sq_job *p = job_new(c, JOB_RUN);
         if (p) j->parts[j->nparts++] = p;
         if (!p || !(p->sql = strdup(lua_tostring(L, part + 1))) || !read_params(L, part + 2, n, p)) goto oom;
+        lua_getfield(L, part, "if_rows");
+        p->if_rows = (int)lua_tointeger(L, -1);
         lua_settop(L, part - 1);
     }
     return submit(L, j);

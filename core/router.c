@@ -18,7 +18,7 @@
  *   stream:usage() -> prompt_tokens, completion_tokens, reported (see stream_usage)
  *   set_budget("team"|"run", name, usd, tokens)   overrides the configured limits
  *   clear_budget("team"|"run", name)   forgets the account: its spending and override
- *   models(), stats() -> JSON text;  record(on);  records() -> JSON array text | nil
+ *   models(), stats() -> JSON text;  record(on);  records() -> { record, ... } | nil
  *
  * A call reserves its estimated cost against every budget that applies (team per
  * day, run) before anything is sent and settles with the real usage when it ends:
@@ -2019,9 +2019,46 @@ static int r_record(lua_State *L) {
     return 0;
 }
 
+/* Pushes v as Lua values: objects and arrays as tables, null as json.null (the
+ * lightuserdata NULL, as lua-cjson decodes it), numbers as numbers. */
+static void push_value(lua_State *L, json_t *v) {
+    luaL_checkstack(L, 4, "router: records nested too deeply");
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: {
+        const char *k;
+        json_t *x;
+        lua_createtable(L, 0, (int)json_object_size(v));
+        json_object_foreach(v, k, x) {
+            push_value(L, x);
+            lua_setfield(L, -2, k);
+        }
+        break;
+    }
+    case JSON_ARRAY: {
+        size_t i;
+        json_t *x;
+        lua_createtable(L, (int)json_array_size(v), 0);
+        json_array_foreach(v, i, x) {
+            push_value(L, x);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        break;
+    }
+    case JSON_STRING: lua_pushlstring(L, json_string_value(v), json_string_length(v)); break;
+    case JSON_INTEGER: lua_pushnumber(L, (lua_Number)json_integer_value(v)); break;
+    case JSON_REAL: lua_pushnumber(L, json_real_value(v)); break;
+    case JSON_TRUE: lua_pushboolean(L, 1); break;
+    case JSON_FALSE: lua_pushboolean(L, 0); break;
+    default: lua_pushlightuserdata(L, NULL); break;
+    }
+}
+
+/* records() -> the records of the calls that ended since the last call, as a list
+ * of tables (none: nothing). Built from the record objects directly: no JSON text. */
 static int r_records(lua_State *L) {
     if (!json_array_size(R.records)) return 0;
-    push_json(L, R.records);
+    push_value(L, R.records);
+    json_decref(R.records);
     R.records = json_array();
     return 1;
 }

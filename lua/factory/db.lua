@@ -6,7 +6,9 @@
 --            created; an explicit sqlite path's directory must exist). See db/url.lua.
 --   db.backend                -> "sqlite" | "postgres";  db.url -> the URL without password
 --   db:query(sql, params)     -> { row, ... } | nil, err, code
---   db:queries({ { sql, params }, ... }) -> { rows, ... } | nil, err, code (the first error)
+--   db:queries({ { sql, params [, if_rows = k] }, ... }) -> { rows, ... } | nil, err, code
+--       (the first error); all read from one snapshot on SQLite. if_rows = k: the read
+--       is made only if read k (an earlier one) found rows, else its rows are {}.
 --   db:exec(sql, params)      -> { changes = n, last_id = n? } | nil, err, code
 --   db:script(sql)            -> true | nil, err, code     several statements, no parameters (DDL)
 --   db:tx(fn, ...)            -> fn's results | nil, err, code
@@ -17,7 +19,18 @@
 --       one failing when it upgrades from reader to writer. SQLite also groups
 --       commits: transactions (and db:exec calls) that queue while one runs join its
 --       transaction, each under a savepoint of its own (its failure undoes only its
---       work), and all return after their one shared COMMIT.
+--       work), and all return after their one shared COMMIT. When the previous group
+--       had several members, a group lingers 1 ms before its COMMIT for more to join.
+--   db:post(fn, ...)          -> nothing; fn(tx, ...) runs in a transaction soon
+--       A write nobody waits for. On SQLite fn runs in the writer's next group, before
+--       any db:tx, db:exec or db:script that starts after this call (one writer, in
+--       order), under a savepoint of its own, and its COMMIT is not waited for: a
+--       later db:tx or db:exec that returned implies fn's work is on disk too, while
+--       reads may not see it until it commits. A fiber of its own commits it when
+--       nobody else comes. fn must only run statements on tx: it runs in whichever
+--       fiber holds the writer next. fn failing, or its group's COMMIT, cannot be
+--       returned to anyone: it is logged as an error. PostgreSQL, and callers outside
+--       any fiber: db:tx at once, failures logged alike.
 --   db:notify(channel, payload)  db:listen(channel) -> listener
 --       listener:wait([timeout]) -> { channel =, payload = } | nil, err, code;  listener:close()
 --       PostgreSQL: LISTEN/NOTIFY on a dedicated connection (tx:notify is delivered at
@@ -56,6 +69,7 @@ local time = require "factory.core.time"
 local json = require "factory.json"
 local dburl = require "factory.db.url"
 local sqltext = require "factory.db.sql"
+local log = require "factory.log"
 
 local M = { null = json.null }
 
@@ -63,6 +77,9 @@ local DB, Tx, Listener = {}, {}, {}
 DB.__index, Tx.__index, Listener.__index = DB, Tx, Listener
 
 local MAIN = {} -- the owner of a connection taken outside any fiber
+-- How long a SQLite group waits for more members before its COMMIT, once, when the
+-- previous group had several (one tick of the loop's timers).
+local LINGER = 0.001
 local RECONNECT_FOR = 10
 local TRANSIENT = { ECONNREFUSED = true, ECONNRESET = true, ECONNECT = true, ETIMEDOUT = true }
 
@@ -201,11 +218,15 @@ local function settle(g, ok, err, code)
     m.ok, m.err, m.code = ok, err, code
     if m.fiber ~= MAIN then m.fiber:wake(true) end
   end
+  if not ok and g.posted > 0 then
+    log.error("db: posted writes were lost: their COMMIT failed", { writes = g.posted, error = tostring(err) })
+  end
 end
 
 -- One COMMIT, one fsync, for every member of the group.
 local function commit_group(self, e)
   local g = e.group
+  self.last_group = #g.members
   g.committing = true
   e.conn:inline(false)
   local ok, err, code = e.conn:script("COMMIT")
@@ -214,15 +235,34 @@ local function commit_group(self, e)
   settle(g, ok, err, code)
 end
 
+-- Posted writes (db:post): run into an open group by whoever holds the writer next,
+-- and committed by a fiber of their own only when the writer is left idle.
+local run_posted, spawn_flusher
+
 -- Hands the connection to the first waiter still parked, else leaves it idle. An
 -- open SQLite group passes to the next waiter with the connection; the last one
--- commits it (a caller outside any fiber cannot wait for someone else's COMMIT).
+-- takes in the writes posted meanwhile and commits it (a caller outside any fiber
+-- cannot wait for someone else's COMMIT).
 local function release(self, e)
   local me = e.owner
   e.owner = nil
   if e.group then
-    if me ~= MAIN and not e.group.broken and not self.closed and hand_off(self, e) then return end
+    if me ~= MAIN and not e.group.broken and not self.closed then
+      if hand_off(self, e) then return end
+      -- Under concurrent writers a COMMIT (an fsync, and every page the group
+      -- changed written to the WAL) is worth sharing: the group waits a moment, once,
+      -- for whoever is about to write. A lone writer (the last group had one member)
+      -- commits at once.
+      if not e.group.lingered and (self.last_group or 0) >= 2 then
+        e.group.lingered = true
+        e.owner = me
+        corefiber.sleep(LINGER)
+        e.owner = nil
+        if not e.group.broken and not self.closed and hand_off(self, e) then return end
+      end
+    end
     e.owner = me
+    if not e.group.broken then run_posted(self, e, me) end
     commit_group(self, e)
     e.owner = nil
   end
@@ -232,7 +272,7 @@ local function release(self, e)
     if w then w:wake(true) end
     return
   end
-  hand_off(self, e)
+  if not hand_off(self, e) and #self.posted > 0 then spawn_flusher(self) end
 end
 
 -- Frees a connection whose owner died without releasing it (a cancelled fiber
@@ -335,14 +375,14 @@ function M.open(url)
   local self = setmetatable({
     backend = spec.backend, url = spec.display, entries = {}, waiters = {},
     tx_owners = setmetatable({}, { __mode = "k" }), listeners = setmetatable({}, { __mode = "k" }),
-    spec = spec,
+    spec = spec, posted = {},
   }, DB)
   local conn
   if spec.backend == "sqlite" then
     conn, err, code = sqlite.open(spec.path, { create_dir = spec.create_dir })
     self.max = 1
     if conn then
-      self.reader, err, code = sqlite.open(spec.path)
+      self.reader, err, code = sqlite.open(spec.path, { reader = true })
       if not self.reader then
         conn:close()
         return nil, err, code
@@ -386,13 +426,22 @@ end
 -- Several reads at once; on SQLite's reader one job, one pool round trip for all.
 function DB:queries(list)
   if type(list) ~= "table" then error("db:queries: expected a list of { sql, params }", 2) end
+  for i, q in ipairs(list) do
+    if q.if_rows ~= nil and not (type(q.if_rows) == "number" and q.if_rows >= 1 and q.if_rows < i) then
+      error(("db:queries: read %d: if_rows must name an earlier read"):format(i), 2)
+    end
+  end
   local me = corefiber.current()
   if not (self.reader and me and not self.closed) then
     local out = {}
     for i, q in ipairs(list) do
-      local rows, err, code = self:query(q[1], q[2])
-      if not rows then return nil, err, code end
-      out[i] = rows
+      if q.if_rows and #out[q.if_rows] == 0 then
+        out[i] = {}
+      else
+        local rows, err, code = self:query(q[1], q[2])
+        if not rows then return nil, err, code end
+        out[i] = rows
+      end
     end
     return out
   end
@@ -400,7 +449,7 @@ function DB:queries(list)
   local jobs = {}
   for i, q in ipairs(list) do
     local args, n = prepare(q[1], q[2])
-    jobs[i] = { q[1], args or {}, n }
+    jobs[i] = { q[1], args or {}, n, if_rows = q.if_rows }
   end
   local out = self.reader:batch(jobs)
   for i, r in ipairs(out) do
@@ -495,8 +544,36 @@ local function nudge(self, e, g)
   end
 end
 
+-- Runs the writes posted so far in e's open group (the caller holds e), in order,
+-- each under a savepoint of its own so that a failure undoes only its work.
+function run_posted(self, e, me)
+  local list = self.posted
+  if #list == 0 then return end
+  self.posted = {}
+  local conn, g = e.conn, e.group
+  for _, p in ipairs(list) do
+    local failed, err = true, "EIO: the group's savepoint failed"
+    if not g.broken and conn:run("SAVEPOINT posted") then
+      local res, _, memo = run_fn(self, me, conn, g.memo, p.fn, unpack(p.args, 1, p.args.n))
+      failed = tx_failed(res)
+      if failed then
+        err = res[1] and res[3] or tx_error_text(res[2])
+        if not conn:run("ROLLBACK TO posted") then g.broken = true end
+      else
+        for k, v in pairs(memo) do g.memo[k] = v end
+        g.posted = g.posted + 1
+      end
+      if not conn:run("RELEASE posted") then g.broken = true end
+    else
+      g.broken = true
+    end
+    if failed then log.error("db: a posted write failed; its work was undone", { error = tostring(err) }) end
+  end
+end
+
 local function member(self, e, me, fn, ...)
   local conn, g = e.conn, e.group
+  run_posted(self, e, me)
   local sok, serr, scode = conn:run("SAVEPOINT member")
   if not sok then
     g.broken = true
@@ -526,27 +603,34 @@ local function member(self, e, me, fn, ...)
   return unpack(res, 2, res.n)
 end
 
+-- Opens a group on e (held by the caller) unless one is open; on failure e is
+-- released.
+local function open_group(self, e)
+  if e.group then return true end
+  -- Uncontended, the write lock is taken inline in microseconds; only when another
+  -- process holds it does BEGIN queue for the pool, to wait out the busy timeout.
+  local ok, err, code = e.conn:try("BEGIN IMMEDIATE")
+  if not ok and code == "EBUSY" then
+    e.in_tx = true
+    ok, err, code = e.conn:script("BEGIN IMMEDIATE")
+    e.in_tx = false
+  end
+  if not ok then
+    release(self, e)
+    return nil, err, code
+  end
+  -- Holding the write lock, no statement can wait for another process.
+  e.conn:inline(true)
+  e.group = { members = {}, memo = {}, posted = 0 }
+  return true
+end
+
 local function sqlite_tx(self, fn, ...)
   local me = corefiber.current() or MAIN
   local e, err, code = acquire(self, 3)
   if not e then return nil, err, code end
-  if not e.group then
-    -- Uncontended, the write lock is taken inline in microseconds; only when another
-    -- process holds it does BEGIN queue for the pool, to wait out the busy timeout.
-    local ok, berr, bcode = e.conn:try("BEGIN IMMEDIATE")
-    if not ok and bcode == "EBUSY" then
-      e.in_tx = true
-      ok, berr, bcode = e.conn:script("BEGIN IMMEDIATE")
-      e.in_tx = false
-    end
-    if not ok then
-      release(self, e)
-      return nil, berr, bcode
-    end
-    -- Holding the write lock, no statement can wait for another process.
-    e.conn:inline(true)
-    e.group = { members = {}, memo = {} }
-  end
+  local ok, gerr, gcode = open_group(self, e)
+  if not ok then return nil, gerr, gcode end
   return member(self, e, me, fn, ...)
 end
 
@@ -554,6 +638,35 @@ function DB:tx(fn, ...)
   if type(fn) ~= "function" then error("db:tx: expected a function, got " .. type(fn), 2) end
   if self.backend == "sqlite" then return sqlite_tx(self, fn, ...) end
   return pg_tx(self, fn, ...)
+end
+
+local function nothing() return true end
+
+-- Commits what was posted when no one else took it into a group meanwhile.
+local function flush_posted(self)
+  self.flusher = nil
+  if #self.posted == 0 or self.closed then return end
+  local ok, err = self:tx(nothing)
+  if not ok then log.error("db: posted writes could not be committed", { error = tostring(err) }) end
+end
+
+function spawn_flusher(self)
+  if not self.flusher and corefiber.current() then self.flusher = corefiber.spawn(flush_posted, self) end
+end
+
+function DB:post(fn, ...)
+  if type(fn) ~= "function" then error("db:post: expected a function, got " .. type(fn), 2) end
+  local me = corefiber.current()
+  if self.tx_owners[me or MAIN] then misuse(2) end
+  if self.backend ~= "sqlite" or not me or self.closed then
+    local ok, err = self:tx(fn, ...)
+    if not ok then log.error("db: a posted write failed", { error = tostring(err) }) end
+    return
+  end
+  self.posted[#self.posted + 1] = { fn = fn, args = pack(...) }
+  -- A writer in use takes the write in before it is left idle (release).
+  local e = self.entries[1]
+  if not e or e.owner == nil then spawn_flusher(self) end
 end
 
 local function exec_member(tx, sql, args, n)
@@ -568,6 +681,10 @@ function DB:exec(sql, params)
     local me = corefiber.current() or MAIN
     local e, err, code = acquire(self, 2)
     if not e then return nil, err, code end
+    if not e.group and #self.posted > 0 then
+      local ok, gerr, gcode = open_group(self, e)
+      if not ok then return nil, gerr, gcode end
+    end
     if e.group then return member(self, e, me, exec_member, sql, args, n) end
     local res = pack(pcall(exec_on, e.conn, "sqlite", sql, args, n))
     release(self, e)
@@ -577,13 +694,21 @@ function DB:exec(sql, params)
   return with_conn(self, exec_on, self.backend, sql, args, n)
 end
 
--- A script (DDL, its own BEGIN/COMMIT) never runs inside someone else's group.
+-- A script (DDL, its own BEGIN/COMMIT) never runs inside someone else's group, nor
+-- before writes posted earlier.
 function DB:script(sql)
   prepare(sql)
   local e, err, code = acquire(self, 2)
   if not e then return nil, err, code end
+  if not e.group and #self.posted > 0 then
+    local ok, gerr, gcode = open_group(self, e)
+    if not ok then return nil, gerr, gcode end
+  end
   local res = pack(pcall(function()
-    if e.group then commit_group(self, e) end
+    if e.group then
+      run_posted(self, e, corefiber.current() or MAIN)
+      commit_group(self, e)
+    end
     return e.conn:script(sql)
   end))
   release(self, e)
@@ -625,6 +750,7 @@ end
 
 function DB:close()
   if self.closed then return true end
+  if #self.posted > 0 then flush_posted(self) end
   self.closed = true
   for i = #self.entries, 1, -1 do
     local e = self.entries[i]

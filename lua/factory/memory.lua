@@ -11,7 +11,8 @@
 --       merged by reciprocal rank
 --   memory.context(db, banks, team, query [, limit [, vector]]) -> facts, learnings
 --       memory.recall(db, banks, query, limit, vector) and
---       memory.learnings(db, team, nil, query) read together: one round trip
+--       memory.learnings(db, team, nil, query) read together: one round trip, and
+--       no full-text search of the learnings of a team that has none
 --   memory.embed(texts, { team =, run = }) -> { vector, ... } | nil
 --       embeddings through the `local/embed` alias; nil when no such alias is
 --       configured or the call fails (recall then falls back to words alone)
@@ -279,13 +280,14 @@ function M.learnings(db, team, limit, query)
 end
 
 -- recall(db, banks, query, limit, vector) and learnings(db, team, nil, query) in one
--- db:queries (one round trip on SQLite), every statement run whether needed or not.
+-- db:queries (one round trip on SQLite). The team's newest learnings are read first:
+-- only a team that has some is searched (the search is what costs).
 function M.context(db, banks, team, query, limit, vector)
   limit = limit or 8
   local list, at = {}, {}
-  local function add(name, sql, params)
+  local function add(name, sql, params, if_rows)
     if sql then
-      list[#list + 1] = { sql, params }
+      list[#list + 1] = { sql, params, if_rows = if_rows }
       at[name] = #list
     end
   end
@@ -295,8 +297,11 @@ function M.context(db, banks, team, query, limit, vector)
     if vector then add("nearest", nearest_sql(banks)) end
   end
   local opts = { team = team, limit = 5 }
-  if #ws > 0 then add("matching", find_sql(db, ws, opts)) end
   add("newest", find_sql(db, {}, opts))
+  if #ws > 0 then
+    local sql, params = find_sql(db, ws, opts)
+    add("matching", sql, params, at.newest)
+  end
   local out = assert(db:queries(list))
   local facts = at.words and bank_rows(out[at.words]) or {}
   if at.nearest then facts = fuse({ facts, nearest_of(out[at.nearest], vector, limit) }, limit) end

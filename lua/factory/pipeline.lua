@@ -21,7 +21,9 @@
 -- advances runs.stage_index, so after a crash execute() starts at the first
 -- unfinished stage and never re-runs, or re-pays, a finished one. Every other
 -- attempt is recorded too (stage_results, attempt = n), which keeps the iteration
--- cap across restarts. One process at a time executes a run: it holds the lock
+-- cap across restarts. Timeline events and model-call records are posted (db:post):
+-- nothing waits for their commit, and they are on disk no later than the stage
+-- result recorded after them. One process at a time executes a run: it holds the lock
 -- "run:ID" (released at the end; a lock whose process died on this host is taken
 -- over at once, any other when it expires).
 --
@@ -104,13 +106,14 @@ function Engine:_team_budget(name)
 end
 
 -- Router records arrive in whichever fiber next passes through the router, so the
--- operative is found by run and team, not by fiber.
+-- operative is found by run and team, not by fiber. The record is posted, not
+-- waited for: it commits before (or with) the stage's result that follows it.
 function Engine:_model_call(r)
   local run_id = tonumber(r.run)
   local totals = run_id and self.totals[run_id]
   if not totals then return end
   local operative = self.active[run_id .. "\0" .. tostring(r.team)]
-  assert(self.db:tx(records.model_call, r, operative))
+  self.db:post(records.model_call, r, operative)
   totals.tokens = totals.tokens + (r.prompt_tokens or 0) + (r.completion_tokens or 0)
   totals.cost = totals.cost + (r.cost_usd or 0)
   self:_notify(run_id, "model_call", { team = r.team, operative = operative, alias = r.alias, status = r.status,
@@ -125,9 +128,10 @@ function Engine:_notify(run_id, kind, data)
   if not ok then log.warn("pipeline: on_event failed", { error = tostring(err) }) end
 end
 
--- An event for the timeline and for whoever watches the run.
-function Engine:_emit(run_id, kind, data, q)
-  records.event(q or self.db, run_id, kind, data)
+-- An event for the timeline and for whoever watches the run. Posted: nothing waits
+-- for its commit, which comes before (or with) the run's next recorded step.
+function Engine:_emit(run_id, kind, data)
+  self.db:post(records.event, run_id, kind, data)
   self:_notify(run_id, kind, data)
 end
 
@@ -246,9 +250,14 @@ end
 
 function Engine:_finish(run, state, why)
   local now = time.now()
-  assert(self.db:exec("UPDATE runs SET state = ?, error = ?, updated_at = ?, finished_at = ? WHERE id = ?",
-    { state, why, now, now, run.id, n = 5 }))
-  self:_emit(run.id, "run_finished", { state = state, error = why })
+  local finished = { state = state, error = why }
+  assert(self.db:tx(function(tx)
+    assert(tx:exec("UPDATE runs SET state = ?, error = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+      { state, why, now, now, run.id, n = 5 }))
+    records.event(tx, run.id, "run_finished", finished)
+    return true
+  end))
+  self:_notify(run.id, "run_finished", finished)
 end
 
 function Engine:_started(run, pipe)
@@ -368,7 +377,7 @@ end
 
 function Engine:_stage(run, pipe, st)
   local db, limits = self.db, pipe.limits
-  -- stage_started is written with the first objective_started (one commit), unless
+  -- stage_started is written with the first objective_started (one write), unless
   -- the stage ends before that.
   local started = { stage = st.name, index = st.index, team = st.team }
   local function flush_started()
@@ -399,10 +408,9 @@ function Engine:_stage(run, pipe, st)
     local objective_started = { stage = st.name, team = team.name, operative = op.name, attempt = total + 1 }
     local events = { { "objective_started", objective_started } }
     if started then table.insert(events, 1, { "stage_started", started }) end
-    assert(db:tx(function(tx)
-      records.events(tx, run.id, events)
-      return true
-    end))
+    -- Posted: the objective need not wait for its timeline's commit, which comes
+    -- before (or with) the attempt's result.
+    db:post(records.events, run.id, events)
     if started then self:_notify(run.id, "stage_started", started) end
     started = nil
     self:_notify(run.id, "objective_started", objective_started)

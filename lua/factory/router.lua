@@ -47,9 +47,8 @@ local hooks = {}
 -- Records are produced in C as calls end; they are handed to the hooks by whichever
 -- fiber next passes through here, so a hook never runs inside a libuv callback.
 local function flush()
-  local text = core.records()
-  if not text then return end
-  local records = json.decode(text)
+  local records = core.records()
+  if not records then return end
   for _, r in ipairs(records) do
     for _, fn in ipairs(hooks) do
       local ok, err = pcall(fn, r)

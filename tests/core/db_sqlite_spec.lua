@@ -142,6 +142,47 @@ describe("sqlite backend", function()
     d:close()
   end)
 
+  it("reads queued behind a long one run together, each with its own rows or error; a cancelled one is dropped",
+    function()
+    local d = assert(db.open("sqlite:" .. temp_path()))
+    assert(d:exec("CREATE TABLE t (i INTEGER)"))
+    for i = 1, 6 do assert(d:exec("INSERT INTO t (i) VALUES (?)", { i })) end
+    local slow = fiber.spawn(function()
+      return d:query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000)"
+        .. " SELECT COUNT(*) AS n FROM c")
+    end)
+    fiber.yield()
+    local readers = {}
+    for k = 1, 6 do
+      readers[k] = fiber.spawn(function()
+        if k == 3 then return d:query("SELECT nope FROM t") end
+        if k == 4 then return d:queries({ { "SELECT i FROM t WHERE i > ?", { 9 } },
+                                          { "SELECT i FROM t", if_rows = 1 }, { "SELECT COUNT(*) AS n FROM t" } }) end
+        return d:query("SELECT i FROM t WHERE i <= ? ORDER BY i", { k })
+      end)
+    end
+    readers[5]:cancel("test")
+    local _, outcomes = fiber.all(readers, 10)
+    for k, o in ipairs(outcomes) do
+      if k == 3 then
+        assert.is_nil(o[1])
+        assert.equal("ESQL", o[3])
+      elseif k == 4 then
+        assert.same({ {}, {}, { { n = 6 } } }, o[1])
+      elseif k == 5 then
+        assert.falsy(o.ok)
+      else
+        assert.truthy(o.ok, tostring(o[1]))
+        assert.equal(k, #o[1])
+        assert.equal(k, o[1][k].i)
+      end
+    end
+    local sok, rows = fiber.join(slow)
+    assert.truthy(sok)
+    assert.equal(300000, rows[1].n)
+    d:close()
+  end)
+
   it("a closed database refuses further use with ECLOSED", function()
     local d = assert(db.open("sqlite:" .. temp_path()))
     d:close()

@@ -7,6 +7,7 @@ local fiber = require "factory.fiber"
 local json = require "factory.json"
 local migrations = require "factory.db.migrations"
 local schema = require "factory.db.schema"
+local log = require "factory.log"
 
 return function(backend, fresh)
   local pg = backend == "postgres"
@@ -102,6 +103,15 @@ return function(backend, fresh)
         { "SELECT i FROM t WHERE i > ?", { 5 } },
       }))
       assert.same({ { { i = 1, j = { a = 1 } } }, { { s = "two" } }, {} }, out)
+      -- if_rows: a read that depends on an earlier one finding rows
+      out = assert(d:queries({
+        { "SELECT i FROM t WHERE i > ?", { 5 } },
+        { "SELECT s FROM t WHERE i = ?", { 2 }, if_rows = 1 },
+        { "SELECT s FROM t WHERE i = ?", { 2 } },
+        { "SELECT i FROM t WHERE s = ?", { "two" }, if_rows = 3 },
+      }))
+      assert.same({ {}, {}, { { s = "two" } }, { { i = 2 } } }, out)
+      assert.error_matches(function() d:queries({ { "SELECT 1 AS x", if_rows = 1 } }) end, "if_rows")
       assert.same({}, assert(d:queries({})))
       local ok, err, code = d:queries({ { "SELECT i FROM t" }, { "SELECT nope FROM t" } })
       assert.is_nil(ok)
@@ -331,6 +341,40 @@ return function(backend, fresh)
         if w % 3 == 1 then assert.truthy(tostring(o[2]):find("ECONSTRAINT", 1, true)) end
       end
       assert.equal(4, count(d))
+    end },
+
+    { "post: committed no later than a later tx or exec, or on its own; a failing write is undone alone, logged", function(d)
+      assert(d:exec(T))
+      assert(d:exec("CREATE UNIQUE INDEX t_i ON t (i)"))
+      local function insert(tx, i) return tx:exec("INSERT INTO t (i, s) VALUES (?, ?)", { i, "posted" }) end
+      local logged = io.tmpfile()
+      log.set_console(logged)
+      local ok, err = fiber.join(fiber.spawn(function()
+        d:post(insert, 1)
+        d:post(insert, 1) -- a constraint violation: undone, logged
+        d:post(insert, 2)
+        assert(d:tx(insert, 3))
+        assert.equal(3, count(d))
+        d:post(insert, 4)
+        assert(d:exec("INSERT INTO t (i) VALUES (?)", { 5 }))
+        assert.equal(5, count(d))
+        -- nobody else writes: it commits anyway
+        d:post(insert, 6)
+        return true
+      end), 10)
+      log.set_console(nil)
+      assert.truthy(ok, tostring(err))
+      for _ = 1, 100 do
+        if count(d) == 6 then break end
+        fiber.sleep(0.01)
+      end
+      assert.equal(6, count(d))
+      logged:seek("set")
+      local text = logged:read("*a")
+      logged:close()
+      local _, failures = text:gsub("ERROR", "")
+      assert.equal(1, failures)
+      assert.truthy(text:find("ECONSTRAINT", 1, true), text)
     end },
 
     { "other fibers never see a transaction's rows before it commits", function(d)
