@@ -7,6 +7,7 @@ local fiber = require "factory.fiber"
 local json = require "factory.json"
 local migrations = require "factory.db.migrations"
 local audit = require "factory.audit"
+local memory = require "factory.memory"
 local schema = require "factory.db.schema"
 local log = require "factory.log"
 
@@ -255,6 +256,9 @@ return function(backend, fresh)
       assert.same({ true, 4 }, { audit.verify(d) })
       assert.equal(1, count(d, "SELECT COUNT(*) AS n FROM events WHERE kind = 'agent_iteration' AND created_at >= ?",
         { 5 }))
+      assert.equal(1, memory.retain(d, "b", { "Tasks live in tasks.lua" }))
+      assert.equal(0, memory.retain(d, "b", { "tasks  LIVE in tasks.lua" }))
+      assert.equal(1, memory.retain(d, "c", { "tasks live in tasks.lua" }))
     end },
 
     { "two connections migrating at once apply each migration once", function(d, url)

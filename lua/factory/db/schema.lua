@@ -315,7 +315,7 @@ INSERT INTO memory_facts_fts (memory_facts_fts) VALUES ('optimize');
 INSERT INTO learnings_fts (learnings_fts) VALUES ('optimize');
 ]]
 
--- 6: indexes that cost fewer pages per commit. events_kind (kind, id) took an insert
+-- 6: indexes for what runs per stage. events_kind (kind, id) took an insert
 -- at the end of every kind's range, a page per kind and commit, for one reader: the
 -- daily count of agent iterations (factory.agents.pool), which a partial index over
 -- those events alone serves better (by time, not by scanning every iteration ever).
@@ -323,10 +323,15 @@ INSERT INTO learnings_fts (learnings_fts) VALUES ('optimize');
 -- record up by its hash; no two records can share one anyway, since the hash covers
 -- seq, the primary key, and the chain (each prev_hash the previous hash, checked by
 -- audit.verify) is what guarantees the log. SQLite cannot drop a constraint's
--- index, so its audit table is rebuilt as it was without it.
-local CHEAPER_INDEXES = [[
+-- index, so its audit table is rebuilt as it was without it. memory.retain looks a
+-- bank's fact up by its lowercased text before adding it, inside the stage's
+-- transaction: by (bank, lower(content)) that is one index search, not a scan of
+-- the bank (memory_facts_bank's other readers use the new index's first column).
+local HOT_PATH_INDEXES = [[
 DROP INDEX events_kind;
 CREATE INDEX events_agent_iterations ON events (created_at) WHERE kind = 'agent_iteration';
+DROP INDEX memory_facts_bank;
+CREATE INDEX memory_facts_bank_content ON memory_facts (bank, lower(content));
 ]]
 
 local AUDIT_UNIQUE_SQLITE = [[
@@ -383,8 +388,8 @@ return {
   },
   {
     version = 6,
-    name = "cheaper indexes",
-    sqlite = CHEAPER_INDEXES .. expand(AUDIT_UNIQUE_SQLITE, "sqlite"),
-    postgres = CHEAPER_INDEXES .. AUDIT_UNIQUE_POSTGRES,
+    name = "indexes for the hot paths",
+    sqlite = HOT_PATH_INDEXES .. expand(AUDIT_UNIQUE_SQLITE, "sqlite"),
+    postgres = HOT_PATH_INDEXES .. AUDIT_UNIQUE_POSTGRES,
   },
 }
