@@ -16,7 +16,9 @@
 -- previous record is read inside the appending transaction, under a lock taken first
 -- (PostgreSQL: a transaction-level advisory lock; SQLite: BEGIN IMMEDIATE already
 -- holds the database's write lock), once per transaction (SQLite: per commit group),
--- later appends continuing from the one before. seq is the primary key besides.
+-- later appends continuing from the one before. seq is the primary key besides;
+-- hash has no index (schema 6 dropped its UNIQUE one, a random page per append):
+-- records are found by seq, never by hash.
 local hash = require "factory.core.hash"
 local json = require "factory.json"
 local time = require "factory.core.time"

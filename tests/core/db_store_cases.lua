@@ -6,6 +6,8 @@ local db = require "factory.db"
 local fiber = require "factory.fiber"
 local json = require "factory.json"
 local migrations = require "factory.db.migrations"
+local audit = require "factory.audit"
+local memory = require "factory.memory"
 local schema = require "factory.db.schema"
 local log = require "factory.log"
 
@@ -239,6 +241,24 @@ return function(backend, fresh)
         assert.truthy(tables[name], "table " .. name)
       end
       assert.equal(#ALL, count(d, "SELECT COUNT(*) AS n FROM schema_migrations"))
+    end },
+
+    { "migration 6 keeps an existing audit chain and the events", function(d)
+      local before = {}
+      for _, m in ipairs(schema) do
+        if m.version < 6 then before[#before + 1] = m end
+      end
+      assert(migrations.migrate(d, before))
+      for i = 1, 3 do assert(audit.append(d, { kind = "note", actor = "a", payload = { i = i } })) end
+      assert(d:exec("INSERT INTO events (kind, data, created_at) VALUES (?, ?, ?)", { "agent_iteration", {}, 5 }))
+      assert(d:migrate())
+      assert(audit.append(d, { kind = "note", actor = "a", payload = { i = 4 } }))
+      assert.same({ true, 4 }, { audit.verify(d) })
+      assert.equal(1, count(d, "SELECT COUNT(*) AS n FROM events WHERE kind = 'agent_iteration' AND created_at >= ?",
+        { 5 }))
+      assert.equal(1, memory.retain(d, "b", { "Tasks live in tasks.lua" }))
+      assert.equal(0, memory.retain(d, "b", { "tasks  LIVE in tasks.lua" }))
+      assert.equal(1, memory.retain(d, "c", { "tasks live in tasks.lua" }))
     end },
 
     { "two connections migrating at once apply each migration once", function(d, url)

@@ -315,6 +315,46 @@ INSERT INTO memory_facts_fts (memory_facts_fts) VALUES ('optimize');
 INSERT INTO learnings_fts (learnings_fts) VALUES ('optimize');
 ]]
 
+-- 6: indexes for what runs per stage. events_kind (kind, id) took an insert
+-- at the end of every kind's range, a page per kind and commit, for one reader: the
+-- daily count of agent iterations (factory.agents.pool), which a partial index over
+-- those events alone serves better (by time, not by scanning every iteration ever).
+-- audit.hash's UNIQUE index put each append on a random page, and nothing looks a
+-- record up by its hash; no two records can share one anyway, since the hash covers
+-- seq, the primary key, and the chain (each prev_hash the previous hash, checked by
+-- audit.verify) is what guarantees the log. SQLite cannot drop a constraint's
+-- index, so its audit table is rebuilt as it was without it. memory.retain looks a
+-- bank's fact up by its lowercased text before adding it, inside the stage's
+-- transaction: by (bank, lower(content)) that is one index search, not a scan of
+-- the bank (memory_facts_bank's other readers use the new index's first column).
+local HOT_PATH_INDEXES = [[
+DROP INDEX events_kind;
+CREATE INDEX events_agent_iterations ON events (created_at) WHERE kind = 'agent_iteration';
+DROP INDEX memory_facts_bank;
+CREATE INDEX memory_facts_bank_content ON memory_facts (bank, lower(content));
+]]
+
+local AUDIT_UNIQUE_SQLITE = [[
+CREATE TABLE audit_chain (
+  seq ${INT} PRIMARY KEY,
+  prev_hash TEXT NOT NULL,
+  hash TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  actor TEXT,
+  run_id ${INT},
+  payload TEXT NOT NULL,
+  created_at ${TIME} NOT NULL DEFAULT ${NOW}
+);
+INSERT INTO audit_chain (seq, prev_hash, hash, kind, actor, run_id, payload, created_at)
+  SELECT seq, prev_hash, hash, kind, actor, run_id, payload, created_at FROM audit ORDER BY seq;
+DROP TABLE audit;
+ALTER TABLE audit_chain RENAME TO audit;
+]]
+
+local AUDIT_UNIQUE_POSTGRES = [[
+ALTER TABLE audit DROP CONSTRAINT audit_hash_key;
+]]
+
 return {
   {
     version = 1,
@@ -345,5 +385,11 @@ return {
     name = "compact full-text indexes",
     sqlite = FTS_MERGE_SQLITE,
     postgres = "SELECT 1;",
+  },
+  {
+    version = 6,
+    name = "indexes for the hot paths",
+    sqlite = HOT_PATH_INDEXES .. expand(AUDIT_UNIQUE_SQLITE, "sqlite"),
+    postgres = HOT_PATH_INDEXES .. AUDIT_UNIQUE_POSTGRES,
   },
 }
