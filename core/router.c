@@ -2063,6 +2063,70 @@ static int r_records(lua_State *L) {
     return 1;
 }
 
+/* The value of member key of the object at [v, ve) (checked JSON), the last one
+ * where a key repeats (as a decoder keeps it); 0 if v is no object or has no key. */
+static int js_last(const char *v, const char *ve, const char *key, const char **kv, const char **kve) {
+    js_iter it;
+    int found = 0;
+    if (!js_open(&it, v, ve) || it.close != '}') return 0;
+    while (js_next(&it)) {
+        if (js_is(&it, key)) {
+            *kv = it.v;
+            *kve = it.ve;
+            found = 1;
+        }
+    }
+    return found;
+}
+
+/* content(response_json) -> the first choice's message content (a string) | false
+ * when this cannot say what the JSON decoder would make of the text: it is not
+ * valid JSON as lua-cjson would decode it, or has another shape (router.lua then
+ * decodes it). Saves decoding the whole response into tables for one string. */
+static int r_content(lua_State *L) {
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len), *end = text + len;
+    const char *v = NULL, *ve = NULL, *m, *me, *c, *ce;
+    lua_pushboolean(L, 0);
+    /* \u escapes (lone surrogates fail lua-cjson's decode) are left to the decoder. */
+    if (memmem(text, len, "\\u", 2)) return 1;
+    js_iter it;
+    if (!js_open(&it, text, end) || it.close != '}') return 1;
+    /* lua-cjson refuses more than 200 levels (the top one counts); js_value, more than
+     * JS_MAX_DEPTH below the top: starting this deep makes both limits one. */
+    it.depth = JS_MAX_DEPTH - 199;
+    while (js_next(&it)) {
+        if (js_is(&it, "choices")) {
+            v = it.v;
+            ve = it.ve;
+        }
+    }
+    if (!js_whole(&it) || !v || *v != '[') return 1;
+    js_iter first;
+    js_open(&first, v, ve);
+    if (!js_next(&first) || *first.v != '{' || !js_last(first.v, first.ve, "message", &m, &me) ||
+        !js_last(m, me, "content", &c, &ce) || *c != '"')
+        return 1;
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    const char *p = c + 1, *q = ce - 1, *esc;
+    while ((esc = memchr(p, '\\', (size_t)(q - p)))) {
+        luaL_addlstring(&b, p, (size_t)(esc - p));
+        switch (esc[1]) {
+        case 'b': luaL_addchar(&b, '\b'); break;
+        case 'f': luaL_addchar(&b, '\f'); break;
+        case 'n': luaL_addchar(&b, '\n'); break;
+        case 'r': luaL_addchar(&b, '\r'); break;
+        case 't': luaL_addchar(&b, '\t'); break;
+        default: luaL_addchar(&b, esc[1]); break;     /* " \\ / */
+        }
+        p = esc + 2;
+    }
+    luaL_addlstring(&b, p, (size_t)(q - p));
+    luaL_pushresult(&b);
+    return 1;
+}
+
 /* lua_close: stop every transfer and timer; the calls go with their owners. */
 static int r_gc(lua_State *L) {
     R.closed = 1;
@@ -2100,6 +2164,7 @@ static const luaL_Reg router_functions[] = {
     {"clear_budget", r_clear_budget},
     {"record", r_record},
     {"records", r_records},
+    {"content", r_content},
     {NULL, NULL},
 };
 
