@@ -135,6 +135,32 @@ typedef struct chunk {
     char data[];
 } chunk;
 
+/* One attempt of a call's chain, kept for its record. */
+typedef struct {
+    char *provider, *model, *outcome;
+    char code[16];
+    int has_code;               /* it failed with code */
+    long status;                /* HTTP status; 0: none */
+    double latency_ms;          /* < 0: not sent (skipped) */
+    double retry_after_s;       /* < 0: none */
+} attempt_rec;
+
+/* A finished call's record until records() hands it to Lua: plain C, since building
+ * it as JSON objects first cost more than the rest of its way to the hooks. */
+typedef struct record {
+    struct record *next;
+    int op, stream;
+    char *alias, *provider, *model;
+    char *team, *run, *error;   /* NULL: none */
+    const char *status;
+    char code[16];
+    long prompt_tokens, completion_tokens;
+    double cost_usd, latency_ms;
+    double first_token_ms;      /* < 0: none */
+    attempt_rec *attempts;
+    int nattempts;
+} record;
+
 struct call {
     uv_timer_t timer;           /* first: the call is freed in its close callback */
     config *cfg;
@@ -173,7 +199,8 @@ struct call {
     size_t result_len;
     char err_code[16];
     char err[MAX_ERR];
-    json_t *attempts;
+    attempt_rec *attempts;      /* the chain so far, while recording is on */
+    int nattempts, cattempts;
     fb_fiber *fiber;            /* waiting in chat() or stream:read() */
     call *prev, *next;          /* live calls */
 };
@@ -187,7 +214,7 @@ static struct {
     account *accounts;
     account *cleared;           /* cleared while calls held them: freed as the last settles */
     call *live;
-    json_t *records;            /* finished calls, while recording is on */
+    record *rhead, *rtail;      /* finished calls, while recording is on */
     int recording, closed;
 } R;
 
@@ -754,11 +781,31 @@ static void settle(call *c) {
 
 /* ---- calls: lifetime ------------------------------------------------------------------- */
 
+static void free_attempts(attempt_rec *a, int n) {
+    for (int i = 0; i < n; i++) {
+        free(a[i].provider);
+        free(a[i].model);
+        free(a[i].outcome);
+    }
+    free(a);
+}
+
+static void free_record(record *r) {
+    free(r->alias);
+    free(r->provider);
+    free(r->model);
+    free(r->team);
+    free(r->run);
+    free(r->error);
+    free_attempts(r->attempts, r->nattempts);
+    free(r);
+}
+
 static void call_closed(uv_handle_t *h) {
     call *c = (call *)h;
     free(c->text);
     json_decref(c->req);
-    json_decref(c->attempts);
+    free_attempts(c->attempts, c->nattempts);
     free(c->alias_name);
     free(c->team);
     free(c->run);
@@ -869,26 +916,37 @@ static void end_attempt(call *c) {
 
 static void push_record(call *c, const char *status) {
     if (!R.recording || R.closed) return;
-    json_t *r = json_object();
-    json_object_set_new(r, "kind", json_string(c->op == OP_CHAT ? "chat" : "embeddings"));
-    json_object_set_new(r, "alias", json_string(c->alias_name ? c->alias_name : ""));
-    json_object_set_new(r, "provider", json_string(c->tgt ? c->tgt->p->name : ""));
-    json_object_set_new(r, "model", json_string(c->tgt ? c->tgt->model : ""));
-    if (c->team) json_object_set_new(r, "team", json_string(c->team));
-    if (c->run) json_object_set_new(r, "run", json_string(c->run));
-    json_object_set_new(r, "stream", json_boolean(c->stream));
-    json_object_set_new(r, "prompt_tokens", json_integer(c->prompt_tokens));
-    json_object_set_new(r, "completion_tokens", json_integer(c->completion_tokens));
-    json_object_set_new(r, "cost_usd", json_real(call_cost(c)));
-    json_object_set_new(r, "latency_ms", json_real((now_s() - c->started) * 1000));
-    if (c->first_at > 0) json_object_set_new(r, "first_token_ms", json_real((c->first_at - c->started) * 1000));
-    json_object_set_new(r, "status", json_string(status));
+    record *r = (record *)calloc(1, sizeof *r);
+    if (!r) return;
+    r->op = c->op;
+    r->stream = c->stream;
+    r->status = status;
+    r->alias = strdup(c->alias_name ? c->alias_name : "");
+    r->provider = strdup(c->tgt ? c->tgt->p->name : "");
+    r->model = strdup(c->tgt ? c->tgt->model : "");
+    r->team = dup_str(c->team);
+    r->run = dup_str(c->run);
+    r->prompt_tokens = c->prompt_tokens;
+    r->completion_tokens = c->completion_tokens;
+    r->cost_usd = call_cost(c);
+    r->latency_ms = (now_s() - c->started) * 1000;
+    r->first_token_ms = c->first_at > 0 ? (c->first_at - c->started) * 1000 : -1;
     if (c->err_code[0]) {
-        json_object_set_new(r, "code", json_string(c->err_code));
-        json_object_set_new(r, "error", json_string(c->err));
+        memcpy(r->code, c->err_code, sizeof r->code);
+        r->error = strdup(c->err);
     }
-    json_object_set_new(r, "attempts", c->attempts ? json_incref(c->attempts) : json_array());
-    json_array_append_new(R.records, r);
+    /* The chain goes to the record: the call is over. */
+    r->attempts = c->attempts;
+    r->nattempts = c->nattempts;
+    c->attempts = NULL;
+    c->nattempts = c->cattempts = 0;
+    if (!r->alias || !r->provider || !r->model || (c->team && !r->team) || (c->run && !r->run) ||
+        (c->err_code[0] && !r->error)) {
+        free_record(r);
+        return;
+    }
+    if (R.rtail) R.rtail->next = r; else R.rhead = r;
+    R.rtail = r;
 }
 
 static void set_error(call *c, const char *code, const char *fmt, ...) {
@@ -955,16 +1013,32 @@ static int breaker_open(config *cfg, provider *p) {
  * succeeded. The outcome is an error text, scrubbed of keys by set_error. */
 static void log_attempt(call *c, target *t, int sent, const char *code, const char *outcome) {
     if (!R.recording) return;
-    if (!c->attempts) c->attempts = json_array();
-    json_t *a = json_object();
-    json_object_set_new(a, "provider", json_string(t->p->name));
-    json_object_set_new(a, "model", json_string(t->model));
-    if (sent && c->status) json_object_set_new(a, "status", json_integer(c->status));
-    if (code) json_object_set_new(a, "code", json_string(code));
-    json_object_set_new(a, "outcome", json_string(outcome));
-    if (sent) json_object_set_new(a, "latency_ms", json_real((now_s() - c->attempt_started) * 1000));
-    if (sent && c->retry_after >= 0) json_object_set_new(a, "retry_after_s", json_real(c->retry_after));
-    json_array_append_new(c->attempts, a);
+    if (c->nattempts == c->cattempts) {
+        int n = c->cattempts ? c->cattempts * 2 : 4;
+        attempt_rec *more = (attempt_rec *)realloc(c->attempts, (size_t)n * sizeof *more);
+        if (!more) return;
+        c->attempts = more;
+        c->cattempts = n;
+    }
+    attempt_rec *a = &c->attempts[c->nattempts];
+    memset(a, 0, sizeof *a);
+    a->provider = strdup(t->p->name);
+    a->model = strdup(t->model);
+    a->outcome = strdup(outcome);
+    if (!a->provider || !a->model || !a->outcome) {
+        free(a->provider);
+        free(a->model);
+        free(a->outcome);
+        return;
+    }
+    if (code) {
+        a->has_code = 1;
+        snprintf(a->code, sizeof a->code, "%s", code);
+    }
+    a->status = sent ? c->status : 0;
+    a->latency_ms = sent ? (now_s() - c->attempt_started) * 1000 : -1;
+    a->retry_after_s = sent && c->retry_after >= 0 ? c->retry_after : -1;
+    c->nattempts++;
 }
 
 static void next_target(call *c);
@@ -2035,47 +2109,70 @@ static int r_record(lua_State *L) {
     return 0;
 }
 
-/* Pushes v as Lua values: objects and arrays as tables, null as json.null (the
- * lightuserdata NULL, as lua-cjson decodes it), numbers as numbers. */
-static void push_value(lua_State *L, json_t *v) {
-    luaL_checkstack(L, 4, "router: records nested too deeply");
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: {
-        const char *k;
-        json_t *x;
-        lua_createtable(L, 0, (int)json_object_size(v));
-        json_object_foreach(v, k, x) {
-            push_value(L, x);
-            lua_setfield(L, -2, k);
-        }
-        break;
+static void set_string(lua_State *L, const char *k, const char *v) {
+    lua_pushstring(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void set_number(lua_State *L, const char *k, double v) {
+    lua_pushnumber(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void push_attempt(lua_State *L, const attempt_rec *a) {
+    lua_createtable(L, 0, 7);
+    set_string(L, "provider", a->provider);
+    set_string(L, "model", a->model);
+    if (a->status) set_number(L, "status", (double)a->status);
+    if (a->has_code) set_string(L, "code", a->code);
+    set_string(L, "outcome", a->outcome);
+    if (a->latency_ms >= 0) set_number(L, "latency_ms", a->latency_ms);
+    if (a->retry_after_s >= 0) set_number(L, "retry_after_s", a->retry_after_s);
+}
+
+static void push_record_table(lua_State *L, const record *r) {
+    lua_createtable(L, 0, 16);
+    set_string(L, "kind", r->op == OP_CHAT ? "chat" : "embeddings");
+    set_string(L, "alias", r->alias);
+    set_string(L, "provider", r->provider);
+    set_string(L, "model", r->model);
+    if (r->team) set_string(L, "team", r->team);
+    if (r->run) set_string(L, "run", r->run);
+    lua_pushboolean(L, r->stream);
+    lua_setfield(L, -2, "stream");
+    set_number(L, "prompt_tokens", (double)r->prompt_tokens);
+    set_number(L, "completion_tokens", (double)r->completion_tokens);
+    set_number(L, "cost_usd", r->cost_usd);
+    set_number(L, "latency_ms", r->latency_ms);
+    if (r->first_token_ms >= 0) set_number(L, "first_token_ms", r->first_token_ms);
+    set_string(L, "status", r->status);
+    if (r->error) {
+        set_string(L, "code", r->code);
+        set_string(L, "error", r->error);
     }
-    case JSON_ARRAY: {
-        size_t i;
-        json_t *x;
-        lua_createtable(L, (int)json_array_size(v), 0);
-        json_array_foreach(v, i, x) {
-            push_value(L, x);
-            lua_rawseti(L, -2, (int)i + 1);
-        }
-        break;
+    lua_createtable(L, r->nattempts, 0);
+    for (int i = 0; i < r->nattempts; i++) {
+        push_attempt(L, &r->attempts[i]);
+        lua_rawseti(L, -2, i + 1);
     }
-    case JSON_STRING: lua_pushlstring(L, json_string_value(v), json_string_length(v)); break;
-    case JSON_INTEGER: lua_pushnumber(L, (lua_Number)json_integer_value(v)); break;
-    case JSON_REAL: lua_pushnumber(L, json_real_value(v)); break;
-    case JSON_TRUE: lua_pushboolean(L, 1); break;
-    case JSON_FALSE: lua_pushboolean(L, 0); break;
-    default: lua_pushlightuserdata(L, NULL); break;
-    }
+    lua_setfield(L, -2, "attempts");
 }
 
 /* records() -> the records of the calls that ended since the last call, as a list
- * of tables (none: nothing). Built from the record objects directly: no JSON text. */
+ * of tables (none: nothing). The list is taken first: a record is freed once its
+ * table is built. */
 static int r_records(lua_State *L) {
-    if (!json_array_size(R.records)) return 0;
-    push_value(L, R.records);
-    json_decref(R.records);
-    R.records = json_array();
+    record *r = R.rhead;
+    if (!r) return 0;
+    R.rhead = R.rtail = NULL;
+    lua_newtable(L);
+    for (int n = 1; r; n++) {
+        record *next = r->next;
+        push_record_table(L, r);
+        lua_rawseti(L, -2, n);
+        free_record(r);
+        r = next;
+    }
     return 1;
 }
 
@@ -2158,8 +2255,12 @@ static int r_gc(lua_State *L) {
     free_accounts(R.accounts);
     free_accounts(R.cleared);
     R.accounts = R.cleared = NULL;
-    json_decref(R.records);
-    R.records = NULL;
+    while (R.rhead) {
+        record *r = R.rhead;
+        R.rhead = r->next;
+        free_record(r);
+    }
+    R.rtail = NULL;
     return 0;
 }
 
@@ -2191,7 +2292,6 @@ int luaopen_factory_core_router(lua_State *L) {
     lua_call(L, 1, 0);
     if (luaL_newmetatable(L, STATE_MT)) {      /* a new Lua state: a fresh start */
         memset(&R, 0, sizeof R);
-        R.records = json_array();
         lua_pushcfunction(L, r_gc);
         lua_setfield(L, -2, "__gc");
         lua_newuserdata(L, 1);
