@@ -287,22 +287,33 @@ static const char *js_number(const char *p, const char *e) {
     return p;
 }
 
-/* Whether any of the 8 bytes at p is '"', '\\' or a control character (below 0x20):
- * the usual test for a zero byte, applied to the word xor each quote and to the
- * word less 0x20 in every byte. */
+/* Where in the 8 bytes at p the first '"', '\\' or control character (below 0x20)
+ * is, 8 if none: the usual test for a zero byte, applied to the word xor each quote
+ * and to the word less 0x20 in every byte. Its flag for the first byte in memory
+ * order is exact (a false one can only follow a true one, little-endian). */
 static int js_special8(const char *p) {
     const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
-    uint64_t w, q, b;
+    uint64_t w, q, b, m;
     memcpy(&w, p, 8);
     q = w ^ (ones * '"');
     b = w ^ (ones * '\\');
-    return (((q - ones) & ~q) | ((b - ones) & ~b) | ((w - ones * 0x20) & ~w)) & highs ? 1 : 0;
+    m = (((q - ones) & ~q) | ((b - ones) & ~b) | ((w - ones * 0x20) & ~w)) & highs;
+    if (!m) return 8;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return 0;   /* borrows run toward lower addresses here: go byte by byte */
+#else
+    return __builtin_ctzll(m) >> 3;
+#endif
 }
 
 static const char *js_string(const char *p, const char *e) {
     for (p++; p < e; p++) {
         /* Requests and replies are mostly long strings: plain runs go 8 bytes a step. */
-        while (e - p >= 8 && !js_special8(p)) p += 8;
+        while (e - p >= 8) {
+            int n = js_special8(p);
+            p += n;
+            if (n < 8) break;
+        }
         if (p >= e) break;
         unsigned char ch = (unsigned char)*p;
         if (ch == '"') return p + 1;
