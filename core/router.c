@@ -79,6 +79,17 @@ enum { T_NONE, T_BACKOFF, T_FIRST, T_IDLE };
 typedef struct call call;
 typedef struct config config;
 
+/* The top-level members of a request (offsets of a member's key and its value's
+ * end), read once when the call starts and copied into every attempt's body. */
+#define MAX_MEMBERS 16
+enum { M_MODEL = 1, M_STREAM = 2 };    /* stream and stream_options */
+
+typedef struct {
+    size_t at[MAX_MEMBERS][2];
+    unsigned char what[MAX_MEMBERS];    /* M_*, or 0 */
+    int n;                              /* -1: more than MAX_MEMBERS (read them again) */
+} members;
+
 typedef struct {
     char *name, *chat_url, *embed_url, *auth, *api_key;
     int kind;
@@ -167,6 +178,7 @@ struct call {
     int op, stream, include_usage;
     char *text;                 /* the caller's request */
     size_t text_len;
+    members mem;                /* of text */
     json_t *req;                /* the same as a tree, when a translation needs it */
     char *alias_name, *team, *run;
     alias direct;               /* a "provider/model" model names its own chain */
@@ -1756,9 +1768,14 @@ static char *upstream_body(call *c) {
     }
     buf b = {0};
     int ok = buf_add(&b, "{\"model\":", 9) && buf_add_jstr(&b, c->tgt->model);
+    const members *m = &c->mem;
+    for (int i = 0; ok && i < m->n; i++) {
+        if (m->what[i] == M_MODEL || (c->op == OP_CHAT && m->what[i] == M_STREAM)) continue;
+        ok = buf_add(&b, ",", 1) && buf_add(&b, c->text + m->at[i][0], m->at[i][1] - m->at[i][0]);
+    }
     js_iter it;
     js_open(&it, c->text, c->text + c->text_len);
-    while (ok && js_next(&it)) {
+    while (ok && m->n < 0 && js_next(&it)) {
         if (js_is(&it, "model") || (c->op == OP_CHAT && (js_is(&it, "stream") || js_is(&it, "stream_options"))))
             continue;
         ok = buf_add(&b, ",", 1) && buf_add(&b, it.k - 1, (size_t)(it.ve - it.k + 1));
@@ -1853,6 +1870,7 @@ typedef struct {
     const char *model, *model_end;      /* the value, quotes included */
     int messages, input, stream, include_usage;
     const char *max_tokens, *max_tokens_end;
+    members mem;
 } request_info;
 
 static int read_request(const char *text, size_t len, request_info *ri) {
@@ -1862,6 +1880,15 @@ static int read_request(const char *text, size_t len, request_info *ri) {
     js_open(&it, text, end);
     if (it.close != '}') return 0;
     while (js_next(&it)) {
+        int what = js_is(&it, "model") ? M_MODEL : js_is(&it, "stream") || js_is(&it, "stream_options") ? M_STREAM : 0;
+        members *m = &ri->mem;
+        if (m->n >= MAX_MEMBERS) {
+            m->n = -1;
+        } else if (m->n >= 0) {
+            m->at[m->n][0] = (size_t)(it.k - 1 - text);
+            m->at[m->n][1] = (size_t)(it.ve - text);
+            m->what[m->n++] = (unsigned char)what;
+        }
         if (js_is(&it, "model")) {
             ri->model = it.v;
             ri->model_end = it.ve;
@@ -1966,6 +1993,7 @@ static int start_call(lua_State *L, int op) {
     c->stream = stream;
     c->text = copy;
     c->text_len = len;
+    c->mem = ri.mem;
     c->req = tree;
     c->alias_name = model;
     c->team = dup_str(team);
