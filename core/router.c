@@ -56,6 +56,7 @@
 #include <lauxlib.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,6 +78,17 @@ enum { T_NONE, T_BACKOFF, T_FIRST, T_IDLE };
 
 typedef struct call call;
 typedef struct config config;
+
+/* The top-level members of a request (offsets of a member's key and its value's
+ * end), read once when the call starts and copied into every attempt's body. */
+#define MAX_MEMBERS 16
+enum { M_MODEL = 1, M_STREAM = 2 };    /* stream and stream_options */
+
+typedef struct {
+    size_t at[MAX_MEMBERS][2];
+    unsigned char what[MAX_MEMBERS];    /* M_*, or 0 */
+    int n;                              /* -1: more than MAX_MEMBERS (read them again) */
+} members;
 
 typedef struct {
     char *name, *chat_url, *embed_url, *auth, *api_key;
@@ -134,12 +146,39 @@ typedef struct chunk {
     char data[];
 } chunk;
 
+/* One attempt of a call's chain, kept for its record. */
+typedef struct {
+    char *provider, *model, *outcome;
+    char code[16];
+    int has_code;               /* it failed with code */
+    long status;                /* HTTP status; 0: none */
+    double latency_ms;          /* < 0: not sent (skipped) */
+    double retry_after_s;       /* < 0: none */
+} attempt_rec;
+
+/* A finished call's record until records() hands it to Lua: plain C, since building
+ * it as JSON objects first cost more than the rest of its way to the hooks. */
+typedef struct record {
+    struct record *next;
+    int op, stream;
+    char *alias, *provider, *model;
+    char *team, *run, *error;   /* NULL: none */
+    const char *status;
+    char code[16];
+    long prompt_tokens, completion_tokens;
+    double cost_usd, latency_ms;
+    double first_token_ms;      /* < 0: none */
+    attempt_rec *attempts;
+    int nattempts;
+} record;
+
 struct call {
     uv_timer_t timer;           /* first: the call is freed in its close callback */
     config *cfg;
     int op, stream, include_usage;
     char *text;                 /* the caller's request */
     size_t text_len;
+    members mem;                /* of text */
     json_t *req;                /* the same as a tree, when a translation needs it */
     char *alias_name, *team, *run;
     alias direct;               /* a "provider/model" model names its own chain */
@@ -172,7 +211,8 @@ struct call {
     size_t result_len;
     char err_code[16];
     char err[MAX_ERR];
-    json_t *attempts;
+    attempt_rec *attempts;      /* the chain so far, while recording is on */
+    int nattempts, cattempts;
     fb_fiber *fiber;            /* waiting in chat() or stream:read() */
     call *prev, *next;          /* live calls */
 };
@@ -186,7 +226,7 @@ static struct {
     account *accounts;
     account *cleared;           /* cleared while calls held them: freed as the last settles */
     call *live;
-    json_t *records;            /* finished calls, while recording is on */
+    record *rhead, *rtail;      /* finished calls, while recording is on */
     int recording, closed;
 } R;
 
@@ -259,8 +299,34 @@ static const char *js_number(const char *p, const char *e) {
     return p;
 }
 
+/* Where in the 8 bytes at p the first '"', '\\' or control character (below 0x20)
+ * is, 8 if none: the usual test for a zero byte, applied to the word xor each quote
+ * and to the word less 0x20 in every byte. Its flag for the first byte in memory
+ * order is exact (a false one can only follow a true one, little-endian). */
+static int js_special8(const char *p) {
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    uint64_t w, q, b, m;
+    memcpy(&w, p, 8);
+    q = w ^ (ones * '"');
+    b = w ^ (ones * '\\');
+    m = (((q - ones) & ~q) | ((b - ones) & ~b) | ((w - ones * 0x20) & ~w)) & highs;
+    if (!m) return 8;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return 0;   /* borrows run toward lower addresses here: go byte by byte */
+#else
+    return __builtin_ctzll(m) >> 3;
+#endif
+}
+
 static const char *js_string(const char *p, const char *e) {
     for (p++; p < e; p++) {
+        /* Requests and replies are mostly long strings: plain runs go 8 bytes a step. */
+        while (e - p >= 8) {
+            int n = js_special8(p);
+            p += n;
+            if (n < 8) break;
+        }
+        if (p >= e) break;
         unsigned char ch = (unsigned char)*p;
         if (ch == '"') return p + 1;
         if (ch < 0x20) return NULL;
@@ -738,11 +804,31 @@ static void settle(call *c) {
 
 /* ---- calls: lifetime ------------------------------------------------------------------- */
 
+static void free_attempts(attempt_rec *a, int n) {
+    for (int i = 0; i < n; i++) {
+        free(a[i].provider);
+        free(a[i].model);
+        free(a[i].outcome);
+    }
+    free(a);
+}
+
+static void free_record(record *r) {
+    free(r->alias);
+    free(r->provider);
+    free(r->model);
+    free(r->team);
+    free(r->run);
+    free(r->error);
+    free_attempts(r->attempts, r->nattempts);
+    free(r);
+}
+
 static void call_closed(uv_handle_t *h) {
     call *c = (call *)h;
     free(c->text);
     json_decref(c->req);
-    json_decref(c->attempts);
+    free_attempts(c->attempts, c->nattempts);
     free(c->alias_name);
     free(c->team);
     free(c->run);
@@ -853,26 +939,37 @@ static void end_attempt(call *c) {
 
 static void push_record(call *c, const char *status) {
     if (!R.recording || R.closed) return;
-    json_t *r = json_object();
-    json_object_set_new(r, "kind", json_string(c->op == OP_CHAT ? "chat" : "embeddings"));
-    json_object_set_new(r, "alias", json_string(c->alias_name ? c->alias_name : ""));
-    json_object_set_new(r, "provider", json_string(c->tgt ? c->tgt->p->name : ""));
-    json_object_set_new(r, "model", json_string(c->tgt ? c->tgt->model : ""));
-    if (c->team) json_object_set_new(r, "team", json_string(c->team));
-    if (c->run) json_object_set_new(r, "run", json_string(c->run));
-    json_object_set_new(r, "stream", json_boolean(c->stream));
-    json_object_set_new(r, "prompt_tokens", json_integer(c->prompt_tokens));
-    json_object_set_new(r, "completion_tokens", json_integer(c->completion_tokens));
-    json_object_set_new(r, "cost_usd", json_real(call_cost(c)));
-    json_object_set_new(r, "latency_ms", json_real((now_s() - c->started) * 1000));
-    if (c->first_at > 0) json_object_set_new(r, "first_token_ms", json_real((c->first_at - c->started) * 1000));
-    json_object_set_new(r, "status", json_string(status));
+    record *r = (record *)calloc(1, sizeof *r);
+    if (!r) return;
+    r->op = c->op;
+    r->stream = c->stream;
+    r->status = status;
+    r->alias = strdup(c->alias_name ? c->alias_name : "");
+    r->provider = strdup(c->tgt ? c->tgt->p->name : "");
+    r->model = strdup(c->tgt ? c->tgt->model : "");
+    r->team = dup_str(c->team);
+    r->run = dup_str(c->run);
+    r->prompt_tokens = c->prompt_tokens;
+    r->completion_tokens = c->completion_tokens;
+    r->cost_usd = call_cost(c);
+    r->latency_ms = (now_s() - c->started) * 1000;
+    r->first_token_ms = c->first_at > 0 ? (c->first_at - c->started) * 1000 : -1;
     if (c->err_code[0]) {
-        json_object_set_new(r, "code", json_string(c->err_code));
-        json_object_set_new(r, "error", json_string(c->err));
+        memcpy(r->code, c->err_code, sizeof r->code);
+        r->error = strdup(c->err);
     }
-    json_object_set_new(r, "attempts", c->attempts ? json_incref(c->attempts) : json_array());
-    json_array_append_new(R.records, r);
+    /* The chain goes to the record: the call is over. */
+    r->attempts = c->attempts;
+    r->nattempts = c->nattempts;
+    c->attempts = NULL;
+    c->nattempts = c->cattempts = 0;
+    if (!r->alias || !r->provider || !r->model || (c->team && !r->team) || (c->run && !r->run) ||
+        (c->err_code[0] && !r->error)) {
+        free_record(r);
+        return;
+    }
+    if (R.rtail) R.rtail->next = r; else R.rhead = r;
+    R.rtail = r;
 }
 
 static void set_error(call *c, const char *code, const char *fmt, ...) {
@@ -939,16 +1036,32 @@ static int breaker_open(config *cfg, provider *p) {
  * succeeded. The outcome is an error text, scrubbed of keys by set_error. */
 static void log_attempt(call *c, target *t, int sent, const char *code, const char *outcome) {
     if (!R.recording) return;
-    if (!c->attempts) c->attempts = json_array();
-    json_t *a = json_object();
-    json_object_set_new(a, "provider", json_string(t->p->name));
-    json_object_set_new(a, "model", json_string(t->model));
-    if (sent && c->status) json_object_set_new(a, "status", json_integer(c->status));
-    if (code) json_object_set_new(a, "code", json_string(code));
-    json_object_set_new(a, "outcome", json_string(outcome));
-    if (sent) json_object_set_new(a, "latency_ms", json_real((now_s() - c->attempt_started) * 1000));
-    if (sent && c->retry_after >= 0) json_object_set_new(a, "retry_after_s", json_real(c->retry_after));
-    json_array_append_new(c->attempts, a);
+    if (c->nattempts == c->cattempts) {
+        int n = c->cattempts ? c->cattempts * 2 : 4;
+        attempt_rec *more = (attempt_rec *)realloc(c->attempts, (size_t)n * sizeof *more);
+        if (!more) return;
+        c->attempts = more;
+        c->cattempts = n;
+    }
+    attempt_rec *a = &c->attempts[c->nattempts];
+    memset(a, 0, sizeof *a);
+    a->provider = strdup(t->p->name);
+    a->model = strdup(t->model);
+    a->outcome = strdup(outcome);
+    if (!a->provider || !a->model || !a->outcome) {
+        free(a->provider);
+        free(a->model);
+        free(a->outcome);
+        return;
+    }
+    if (code) {
+        a->has_code = 1;
+        snprintf(a->code, sizeof a->code, "%s", code);
+    }
+    a->status = sent ? c->status : 0;
+    a->latency_ms = sent ? (now_s() - c->attempt_started) * 1000 : -1;
+    a->retry_after_s = sent && c->retry_after >= 0 ? c->retry_after : -1;
+    c->nattempts++;
 }
 
 static void next_target(call *c);
@@ -1655,9 +1768,14 @@ static char *upstream_body(call *c) {
     }
     buf b = {0};
     int ok = buf_add(&b, "{\"model\":", 9) && buf_add_jstr(&b, c->tgt->model);
+    const members *m = &c->mem;
+    for (int i = 0; ok && i < m->n; i++) {
+        if (m->what[i] == M_MODEL || (c->op == OP_CHAT && m->what[i] == M_STREAM)) continue;
+        ok = buf_add(&b, ",", 1) && buf_add(&b, c->text + m->at[i][0], m->at[i][1] - m->at[i][0]);
+    }
     js_iter it;
     js_open(&it, c->text, c->text + c->text_len);
-    while (ok && js_next(&it)) {
+    while (ok && m->n < 0 && js_next(&it)) {
         if (js_is(&it, "model") || (c->op == OP_CHAT && (js_is(&it, "stream") || js_is(&it, "stream_options"))))
             continue;
         ok = buf_add(&b, ",", 1) && buf_add(&b, it.k - 1, (size_t)(it.ve - it.k + 1));
@@ -1752,6 +1870,7 @@ typedef struct {
     const char *model, *model_end;      /* the value, quotes included */
     int messages, input, stream, include_usage;
     const char *max_tokens, *max_tokens_end;
+    members mem;
 } request_info;
 
 static int read_request(const char *text, size_t len, request_info *ri) {
@@ -1761,6 +1880,15 @@ static int read_request(const char *text, size_t len, request_info *ri) {
     js_open(&it, text, end);
     if (it.close != '}') return 0;
     while (js_next(&it)) {
+        int what = js_is(&it, "model") ? M_MODEL : js_is(&it, "stream") || js_is(&it, "stream_options") ? M_STREAM : 0;
+        members *m = &ri->mem;
+        if (m->n >= MAX_MEMBERS) {
+            m->n = -1;
+        } else if (m->n >= 0) {
+            m->at[m->n][0] = (size_t)(it.k - 1 - text);
+            m->at[m->n][1] = (size_t)(it.ve - text);
+            m->what[m->n++] = (unsigned char)what;
+        }
         if (js_is(&it, "model")) {
             ri->model = it.v;
             ri->model_end = it.ve;
@@ -1865,6 +1993,7 @@ static int start_call(lua_State *L, int op) {
     c->stream = stream;
     c->text = copy;
     c->text_len = len;
+    c->mem = ri.mem;
     c->req = tree;
     c->alias_name = model;
     c->team = dup_str(team);
@@ -2019,47 +2148,138 @@ static int r_record(lua_State *L) {
     return 0;
 }
 
-/* Pushes v as Lua values: objects and arrays as tables, null as json.null (the
- * lightuserdata NULL, as lua-cjson decodes it), numbers as numbers. */
-static void push_value(lua_State *L, json_t *v) {
-    luaL_checkstack(L, 4, "router: records nested too deeply");
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: {
-        const char *k;
-        json_t *x;
-        lua_createtable(L, 0, (int)json_object_size(v));
-        json_object_foreach(v, k, x) {
-            push_value(L, x);
-            lua_setfield(L, -2, k);
-        }
-        break;
+static void set_string(lua_State *L, const char *k, const char *v) {
+    lua_pushstring(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void set_number(lua_State *L, const char *k, double v) {
+    lua_pushnumber(L, v);
+    lua_setfield(L, -2, k);
+}
+
+static void push_attempt(lua_State *L, const attempt_rec *a) {
+    lua_createtable(L, 0, 7);
+    set_string(L, "provider", a->provider);
+    set_string(L, "model", a->model);
+    if (a->status) set_number(L, "status", (double)a->status);
+    if (a->has_code) set_string(L, "code", a->code);
+    set_string(L, "outcome", a->outcome);
+    if (a->latency_ms >= 0) set_number(L, "latency_ms", a->latency_ms);
+    if (a->retry_after_s >= 0) set_number(L, "retry_after_s", a->retry_after_s);
+}
+
+static void push_record_table(lua_State *L, const record *r) {
+    lua_createtable(L, 0, 16);
+    set_string(L, "kind", r->op == OP_CHAT ? "chat" : "embeddings");
+    set_string(L, "alias", r->alias);
+    set_string(L, "provider", r->provider);
+    set_string(L, "model", r->model);
+    if (r->team) set_string(L, "team", r->team);
+    if (r->run) set_string(L, "run", r->run);
+    lua_pushboolean(L, r->stream);
+    lua_setfield(L, -2, "stream");
+    set_number(L, "prompt_tokens", (double)r->prompt_tokens);
+    set_number(L, "completion_tokens", (double)r->completion_tokens);
+    set_number(L, "cost_usd", r->cost_usd);
+    set_number(L, "latency_ms", r->latency_ms);
+    if (r->first_token_ms >= 0) set_number(L, "first_token_ms", r->first_token_ms);
+    set_string(L, "status", r->status);
+    if (r->error) {
+        set_string(L, "code", r->code);
+        set_string(L, "error", r->error);
     }
-    case JSON_ARRAY: {
-        size_t i;
-        json_t *x;
-        lua_createtable(L, (int)json_array_size(v), 0);
-        json_array_foreach(v, i, x) {
-            push_value(L, x);
-            lua_rawseti(L, -2, (int)i + 1);
-        }
-        break;
+    lua_createtable(L, r->nattempts, 0);
+    for (int i = 0; i < r->nattempts; i++) {
+        push_attempt(L, &r->attempts[i]);
+        lua_rawseti(L, -2, i + 1);
     }
-    case JSON_STRING: lua_pushlstring(L, json_string_value(v), json_string_length(v)); break;
-    case JSON_INTEGER: lua_pushnumber(L, (lua_Number)json_integer_value(v)); break;
-    case JSON_REAL: lua_pushnumber(L, json_real_value(v)); break;
-    case JSON_TRUE: lua_pushboolean(L, 1); break;
-    case JSON_FALSE: lua_pushboolean(L, 0); break;
-    default: lua_pushlightuserdata(L, NULL); break;
-    }
+    lua_setfield(L, -2, "attempts");
 }
 
 /* records() -> the records of the calls that ended since the last call, as a list
- * of tables (none: nothing). Built from the record objects directly: no JSON text. */
+ * of tables (none: nothing). The list is taken first: a record is freed once its
+ * table is built. */
 static int r_records(lua_State *L) {
-    if (!json_array_size(R.records)) return 0;
-    push_value(L, R.records);
-    json_decref(R.records);
-    R.records = json_array();
+    record *r = R.rhead;
+    if (!r) return 0;
+    R.rhead = R.rtail = NULL;
+    lua_newtable(L);
+    for (int n = 1; r; n++) {
+        record *next = r->next;
+        push_record_table(L, r);
+        lua_rawseti(L, -2, n);
+        free_record(r);
+        r = next;
+    }
+    return 1;
+}
+
+/* The value of member key of the object at [v, ve) (checked JSON), the last one
+ * where a key repeats (as a decoder keeps it); 0 if v is no object or has no key. */
+static int js_last(const char *v, const char *ve, const char *key, const char **kv, const char **kve) {
+    js_iter it;
+    int found = 0;
+    if (!js_open(&it, v, ve) || it.close != '}') return 0;
+    while (js_next(&it)) {
+        if (js_is(&it, key)) {
+            *kv = it.v;
+            *kve = it.ve;
+            found = 1;
+        }
+    }
+    return found;
+}
+
+/* content(response_json) -> the first choice's message content (a string) | false
+ * when this cannot say what the JSON decoder would make of the text: it is not
+ * valid JSON as lua-cjson would decode it, or has another shape (router.lua then
+ * decodes it). Saves decoding the whole response into tables for one string. */
+static int r_content(lua_State *L) {
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len), *end = text + len;
+    const char *v = NULL, *ve = NULL, *m, *me, *c, *ce;
+    lua_pushboolean(L, 0);
+    /* \u escapes (lone surrogates fail lua-cjson's decode) are left to the decoder. */
+    if (memmem(text, len, "\\u", 2)) return 1;
+    js_iter it;
+    if (!js_open(&it, text, end) || it.close != '}') return 1;
+    /* lua-cjson refuses more than 200 levels (the top one counts); js_value, more than
+     * JS_MAX_DEPTH below the top: starting this deep makes both limits one. */
+    it.depth = JS_MAX_DEPTH - 199;
+    while (js_next(&it)) {
+        if (js_is(&it, "choices")) {
+            v = it.v;
+            ve = it.ve;
+        }
+    }
+    if (!js_whole(&it) || !v || *v != '[') return 1;
+    js_iter first;
+    js_open(&first, v, ve);
+    if (!js_next(&first) || *first.v != '{' || !js_last(first.v, first.ve, "message", &m, &me) ||
+        !js_last(m, me, "content", &c, &ce) || *c != '"')
+        return 1;
+    /* Unescaped, the text is no longer than as it came (luaL_Buffer copies byte by byte). */
+    const char *p = c + 1, *q = ce - 1, *esc;
+    char *out = (char *)malloc((size_t)(q - p) + 1), *o = out;
+    if (!out) return luaL_error(L, "router.content: out of memory");
+    while ((esc = memchr(p, '\\', (size_t)(q - p)))) {
+        memcpy(o, p, (size_t)(esc - p));
+        o += esc - p;
+        switch (esc[1]) {
+        case 'b': *o++ = '\b'; break;
+        case 'f': *o++ = '\f'; break;
+        case 'n': *o++ = '\n'; break;
+        case 'r': *o++ = '\r'; break;
+        case 't': *o++ = '\t'; break;
+        default: *o++ = esc[1]; break;      /* " \\ / */
+        }
+        p = esc + 2;
+    }
+    memcpy(o, p, (size_t)(q - p));
+    o += q - p;
+    lua_pushlstring(L, out, (size_t)(o - out));
+    free(out);
     return 1;
 }
 
@@ -2078,8 +2298,12 @@ static int r_gc(lua_State *L) {
     free_accounts(R.accounts);
     free_accounts(R.cleared);
     R.accounts = R.cleared = NULL;
-    json_decref(R.records);
-    R.records = NULL;
+    while (R.rhead) {
+        record *r = R.rhead;
+        R.rhead = r->next;
+        free_record(r);
+    }
+    R.rtail = NULL;
     return 0;
 }
 
@@ -2100,6 +2324,7 @@ static const luaL_Reg router_functions[] = {
     {"clear_budget", r_clear_budget},
     {"record", r_record},
     {"records", r_records},
+    {"content", r_content},
     {NULL, NULL},
 };
 
@@ -2110,7 +2335,6 @@ int luaopen_factory_core_router(lua_State *L) {
     lua_call(L, 1, 0);
     if (luaL_newmetatable(L, STATE_MT)) {      /* a new Lua state: a fresh start */
         memset(&R, 0, sizeof R);
-        R.records = json_array();
         lua_pushcfunction(L, r_gc);
         lua_setfield(L, -2, "__gc");
         lua_newuserdata(L, 1);

@@ -16,6 +16,7 @@
 local router = require "factory.router"
 local confidence = require "factory.confidence"
 local dsl = require "factory.dsl"
+local json = require "factory.json"
 
 local M = {}
 
@@ -29,7 +30,13 @@ local function bullets(list)
   return table.concat(out, "\n")
 end
 
-local function system_prompt(o)
+-- System prompts depend only on the definitions and on what the objective is (a
+-- stage, or a clarification), so each is built once, with its message's JSON, per
+-- operative definition and team (a reload makes new tables: the old entries go with
+-- them).
+local prompts = setmetatable({}, { __mode = "k" })
+
+local function build_system_prompt(o)
   local team, op = o.team, o.operative
   local parts = {
     ("team: %s; operative: %s; objective: %s"):format(team.name, op.name,
@@ -42,6 +49,24 @@ local function system_prompt(o)
   end
   parts[#parts + 1] = confidence.CONTRACT
   return table.concat(parts, "\n\n")
+end
+
+-- -> the prompt's entry: { text =, json = the system message as JSON }
+local function system_prompt(o)
+  local per_op = prompts[o.operative]
+  if not per_op or per_op.team ~= o.team then
+    per_op = { team = o.team, entries = {} }
+    prompts[o.operative] = per_op
+  end
+  -- A stage name is a key of its own; false stands for a clarification.
+  local key = not o.question and o.stage.name
+  local entry = per_op.entries[key]
+  if not entry then
+    local text = build_system_prompt(o)
+    entry = { text = text, json = assert(json.encode{ role = "system", content = text }) }
+    per_op.entries[key] = entry
+  end
+  return entry
 end
 
 local function anchor_text(o)
@@ -105,7 +130,7 @@ function M.pack(o)
   local op, team = o.operative, o.team
   local window = op.context_window or team.context_window or dsl.DEFAULT_WINDOW
   local limit = math.floor(window * SUMMARY_AT)
-  local system, anchor = system_prompt(o), anchor_text(o)
+  local system, anchor = system_prompt(o).text, anchor_text(o)
   local older, recent = material(o)
   local fixed = tokens(system) + tokens(anchor)
   local old_text, recent_text = table.concat(older, "\n\n"), table.concat(recent, "\n\n")
@@ -133,21 +158,29 @@ function M.pack(o)
   return messages, info
 end
 
-local function reply_text(res)
-  local choice = type(res) == "table" and res.choices and res.choices[1]
-  return choice and choice.message and choice.message.content
+-- The chat request as JSON text; the system message's JSON is the cached one.
+local function request_json(o, messages)
+  local op, team = o.operative, o.team
+  local system = system_prompt(o)
+  local list = {}
+  for i, m in ipairs(messages) do
+    list[i] = m.role == "system" and m.content == system.text and system.json or assert(json.encode(m))
+  end
+  local head = assert(json.encode{ model = op.model or team.model, max_tokens = op.max_tokens,
+                                   temperature = op.temperature })
+  return head:sub(1, -2) .. (head == "{}" and "" or ",") .. '"messages":[' .. table.concat(list, ",") .. "]}"
 end
 
 function M.run(o)
   local messages = M.pack(o)
-  local op, team = o.operative, o.team
+  local team = o.team
   local retries = o.retries or 2
   local problem
   for attempt = 1, retries + 1 do
-    local res, err, code = router.chat({ model = op.model or team.model, messages = messages,
-                                         max_tokens = op.max_tokens, temperature = op.temperature },
-                                       { team = team.name, run = o.run_id })
-    if not res then
+    local raw, err, code = router.chat(request_json(o, messages), { team = team.name, run = o.run_id, raw = true })
+    local text
+    if raw then text, err, code = router.content(raw) end
+    if err then
       local why = tostring(err):gsub("^E%u+: ", "")
       if code == "EBUDGET" then
         return confidence.blocked(why,
@@ -155,7 +188,6 @@ function M.run(o)
       end
       return confidence.blocked(("the model could not be reached (%s): %s"):format(code, why))
     end
-    local text = reply_text(res)
     local result
     result, problem = confidence.parse(text)
     if result then return result end

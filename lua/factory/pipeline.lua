@@ -235,6 +235,9 @@ function Engine:execute(run_id)
   end)
   if not unlock then return "busy", err end
   self.totals[run_id] = { tokens = 0, cost = run.spent, started = time.monotonic() }
+  -- What the run's objectives are given to report with, made once for all of them.
+  run.emit = function(kind, data) self:_emit(run_id, kind, data) end
+  run.notify = function(kind, data) self:_notify(run_id, kind, data) end
   local ok, state, detail = pcall(self._execute, self, run, pipe)
   -- The store has every call of this execution: a resumed run starts from it.
   router.clear_budget("run", run_id)
@@ -304,8 +307,7 @@ function Engine:_objective(run, team, op, o)
   o.memory, o.learnings = memory.context(self.db, { team.name, memory.SHARED }, team.name, about, team.recall,
                                           vector and vector[1])
   o.db, o.process, o.pool = self.db, self.owner, self.pool
-  o.emit = function(kind, data) self:_emit(run.id, kind, data) end
-  o.notify = function(kind, data) self:_notify(run.id, kind, data) end
+  o.emit, o.notify = run.emit, run.notify
   local result
   if o.stage and o.stage.workspace == "worktree" and not o.question then
     o.repo = run.data.repo
@@ -380,13 +382,9 @@ function Engine:_stage(run, pipe, st)
   -- stage_started is written with the first objective_started (one write), unless
   -- the stage ends before that.
   local started = { stage = st.name, index = st.index, team = st.team }
-  local function flush_started()
-    if started then self:_emit(run.id, "stage_started", started) end
-    started = nil
-  end
   while true do
     if run.escalation then
-      flush_started()
+      if started then self:_emit(run.id, "stage_started", started) end
       assert(db:exec("UPDATE runs SET state = 'waiting', updated_at = ? WHERE id = ?", { time.now(), run.id }))
       return "waiting", hitl.get(db, run.escalation)
     end
@@ -401,13 +399,13 @@ function Engine:_stage(run, pipe, st)
     end
     local total, recent = attempts(run, st.name, answers)
     if recent >= limits.max_iterations then
-      flush_started()
+      if started then self:_emit(run.id, "stage_started", started) end
       return self:_escalate(run, st, team, op, "The stage made no progress: decide how to continue, or answer what it "
         .. "keeps missing.", ("iteration limit reached: %d attempts (max_iterations)"):format(recent))
     end
     local objective_started = { stage = st.name, team = team.name, operative = op.name, attempt = total + 1 }
-    local events = { { "objective_started", objective_started } }
-    if started then table.insert(events, 1, { "stage_started", started }) end
+    local events = started and { { "stage_started", started }, { "objective_started", objective_started } }
+      or { { "objective_started", objective_started } }
     -- Posted: the objective need not wait for its timeline's commit, which comes
     -- before (or with) the attempt's result.
     db:post(records.events, run.id, events)
@@ -421,17 +419,27 @@ function Engine:_stage(run, pipe, st)
     local last = st.index == #pipe.stages
     local now
     local vectors = gate == "advance" and memory.embed(result.verified_facts, { team = team.name, run = run.id })
+    -- The same data is recorded and then notified (the record is written first).
+    local task_result = { stage = st.name, team = team.name, operative = op.name, attempt = attempt,
+                          status = result.status }
+    local completed = gate == "advance" and { stage = st.name, team = team.name, attempt = attempt }
+    local decision
+    if gate == "advance" then
+      decision = "advance"
+    elseif gate == "clarify" then
+      decision = "ask " .. tostring(result.clarification_needed and result.clarification_needed.team)
+    else
+      decision = "escalate to a human"
+    end
     local recorded = db:tx(function(tx)
       now = time.now()
       assert(tx:exec("INSERT INTO stage_results (run_id, stage, attempt, team, operative, status, result, created_at)"
         .. " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", { run.id, st.name, attempt, team.name, op.name, result.status, result, now }))
       records.decision(tx, { run_id = run.id, stage = st.name, team = team.name, operative = op.name,
-        decision = ({ advance = "advance", clarify = "ask " .. tostring(result.clarification_needed and
-          result.clarification_needed.team), escalate = "escalate to a human" })[gate] .. " (" .. result.status .. ")",
+        decision = decision .. " (" .. result.status .. ")",
         reasoning = result.reasoning, data = { blockers = result.blockers, assumptions = result.assumptions_made } })
       -- The run's events of this commit go in one statement, at the end.
-      local events = { { "task_result", { stage = st.name, team = team.name, operative = op.name, attempt = attempt,
-                                          status = result.status } } }
+      local events = { { "task_result", task_result } }
       if gate ~= "advance" then
         records.events(tx, run.id, events)
         return true
@@ -445,7 +453,7 @@ function Engine:_stage(run, pipe, st)
                                                                 vectors = vectors })
       memory.learn(tx, team.name, run.id, result.learnings,
         { repo = run.data.repo, objective = run.data.anchor:match("^[^\n]*") })
-      events[#events + 1] = { "stage_completed", { stage = st.name, team = team.name, attempt = attempt } }
+      events[#events + 1] = { "stage_completed", completed }
       if last then
         events[#events + 1] = { "run_finished", { state = "succeeded" } }
         assert(tx:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { "run:" .. run.id, self.owner }))
@@ -458,10 +466,9 @@ function Engine:_stage(run, pipe, st)
                                          created_at = now }
       run.unlocked = gate == "advance" and last
     end
-    self:_notify(run.id, "task_result", { stage = st.name, team = team.name, operative = op.name, attempt = attempt,
-                                          status = result.status })
+    self:_notify(run.id, "task_result", task_result)
     if gate == "advance" then
-      self:_notify(run.id, "stage_completed", { stage = st.name, team = team.name, attempt = attempt })
+      self:_notify(run.id, "stage_completed", completed)
       run.stage_index = st.index
       return "complete"
     end
@@ -477,7 +484,7 @@ function Engine:_stage(run, pipe, st)
         return self:_objective(run, target, target.operative[target.responder],
                                { question = question, answers = got, retries = limits.retries })
       end,
-      emit = function(kind, data) self:_emit(run.id, kind, data) end,
+      emit = run.emit,
     }, c.team, c.question)
     if not answer then
       return self:_escalate(run, st, team, op, ("%s (asked of %s)"):format(c.question, c.team), why)

@@ -111,6 +111,33 @@ describe("router", function()
     assert.equal("other-model", res.model)
   end)
 
+  it("content reads a reply's text as decoding the whole response would", function()
+    local raw = assert(router.chat(hello("solo"), { raw = true }))
+    assert.equal(json.decode(raw).choices[1].message.content, router.content(raw))
+    local function decoded(text)
+      local res, err = json.decode(text)
+      if err then return nil, err end
+      local choice = type(res) == "table" and res.choices and res.choices[1]
+      local c = choice and choice.message and choice.message.content
+      return type(c) == "string" and c or nil
+    end
+    local nested = '{"choices":[{"message":{"content":"x"}}],"deep":'
+    for _, text in ipairs({
+      '{"choices":[{"message":{"content":"q\\"\\\\\\/\\n\\t\\r\\b\\f."}}]}',
+      '{"choices":[{"message":{"content":"a","content":"b"}}],"choices":[{"message":{"content":"c"}}]}',
+      '{"choices":[]}', '{"choices":{}}', '{"choices":"x"}', '{"x":1}', '[1]', '"s"', "null",
+      '{"choices":[{"message":{"content":null}}]}', '{"choices":[{"message":{"content":"\\u00e9\\ud83d\\ude00"}}]}',
+      '{"choices":[{"message":{"content":"\\ud800"}}]}', '{"choices":[{"message":{"content":"x"}}] more',
+      ' { "choices" : [ { "message" : { "content" : "" } } , 1 ] } ',
+      nested .. ("["):rep(199) .. ("]"):rep(199) .. "}", nested .. ("["):rep(200) .. ("]"):rep(200) .. "}",
+    }) do
+      local want, want_err = decoded(text)
+      local got, err = router.content(text)
+      assert.equal(want, got, text:sub(1, 60))
+      assert.equal(want_err ~= nil, err ~= nil, text:sub(1, 60))
+    end
+  end)
+
   it("rejects bad requests with a clear error", function()
     local cases = {
       { "{not json", "EINVAL" },
