@@ -2259,10 +2259,10 @@ static int r_content(lua_State *L) {
     if (!js_next(&first) || *first.v != '{' || !js_last(first.v, first.ve, "message", &m, &me) ||
         !js_last(m, me, "content", &c, &ce) || *c != '"')
         return 1;
-    /* Unescaped, the text is no longer than as it came (luaL_Buffer copies byte by byte). */
+    /* Unescaped, the text is no longer than as it came (luaL_Buffer copies byte by
+     * byte). The scratch space is a userdata: a failing allocation below leaks nothing. */
     const char *p = c + 1, *q = ce - 1, *esc;
-    char *out = (char *)malloc((size_t)(q - p) + 1), *o = out;
-    if (!out) return luaL_error(L, "router.content: out of memory");
+    char *out = (char *)lua_newuserdata(L, (size_t)(q - p) + 1), *o = out;
     while ((esc = memchr(p, '\\', (size_t)(q - p)))) {
         memcpy(o, p, (size_t)(esc - p));
         o += esc - p;
@@ -2279,7 +2279,6 @@ static int r_content(lua_State *L) {
     memcpy(o, p, (size_t)(q - p));
     o += q - p;
     lua_pushlstring(L, out, (size_t)(o - out));
-    free(out);
     return 1;
 }
 
