@@ -1980,9 +1980,9 @@ static int start_call(lua_State *L, int op) {
     if (!read_request(text, len, &ri)) {
         json_error_t je;
         json_t *doc = json_loadb(text, len, 0, &je);
+        const char *why = doc ? (json_is_object(doc) ? "nested too deeply" : "another JSON value") : je.text;
         json_decref(doc);
-        return bad_request(L, "EINVAL", "the request is not a JSON object: %s",
-                           doc ? (json_is_object(doc) ? "nested too deeply" : "another JSON value") : je.text);
+        return bad_request(L, "EINVAL", "the request is not a JSON object: %s", why);
     }
     if (op == OP_CHAT && !ri.messages) return bad_request(L, "EINVAL", "'messages' must be a non-empty array");
     if (op == OP_EMBED && !ri.input) return bad_request(L, "EINVAL", "'input' is required");
