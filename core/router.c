@@ -289,7 +289,7 @@ struct js_walk {
     size_t last;                    /* where the last token yajl reported ends */
     int level, levels, closed;      /* containers open; deepest level reported; top object closed */
     const char *open[JS_LEVELS];    /* where each open container starts */
-    const char *k[JS_LEVELS + 1];
+    const char *k[JS_LEVELS + 1];   /* one more level: a container opening clears its members' key */
     size_t kl[JS_LEVELS + 1];
     js_visit visit;
     void *site;
@@ -362,8 +362,10 @@ static const yajl_callbacks js_callbacks = {
     .yajl_end_array = js_close,
 };
 
-/* Walks [text, text + len), reporting values down to levels to visit: whether the text
- * is one JSON object, nested at most JS_MAX_DEPTH deep, and no visit stopped the walk. */
+/* Walks [text, text + len), reporting values down to levels (< JS_LEVELS) to visit:
+ * whether the text is one JSON object, nested at most JS_MAX_DEPTH deep, and no visit
+ * stopped the walk. One yajl handle a walk: its allocations (five small blocks) cost
+ * about 50 ns, against 250 ns to parse a short request. */
 static int js_walk_text(js_visit visit, void *site, int levels, const char *text, size_t len) {
     js_walk w = {.text = text, .levels = levels, .visit = visit, .site = site};
     w.h = yajl_alloc(&js_callbacks, NULL, &w);
@@ -1904,7 +1906,8 @@ typedef struct {
 static void request_member(request_scan *s, const js_walk *w, const char *v, const char *ve) {
     request_info *ri = s->ri;
     members *m = &ri->mem;
-    int model = js_key_is(w, 1, "model"), stream = js_key_is(w, 1, "stream"), options = js_key_is(w, 1, "stream_options");
+    int model = js_key_is(w, 1, "model"), stream = js_key_is(w, 1, "stream");
+    int options = js_key_is(w, 1, "stream_options");
     if (m->n >= MAX_MEMBERS) {
         m->n = -1;
     } else if (m->n >= 0) {
