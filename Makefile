@@ -27,8 +27,8 @@ CORE_MODULES := fiber json time env proc http_client fs repl db_sqlite db_pg htt
 CORE_OBJS := $(CORE_MODULES:%=$(BUILD)/%.o)
 
 # Recursive (=) so pkg-config runs after `make deps` has installed the packages.
-PKG_CFLAGS = $(shell pkg-config --cflags luajit libuv libcurl sqlite3 libpq libcrypto jansson libgit2)
-PKG_LIBS = $(shell pkg-config --libs luajit libuv libcurl sqlite3 libpq libcrypto jansson libgit2)
+PKG_CFLAGS = $(shell pkg-config --cflags luajit libuv libcurl sqlite3 libpq libcrypto jansson libgit2 yajl)
+PKG_LIBS = $(shell pkg-config --libs luajit libuv libcurl sqlite3 libpq libcrypto jansson libgit2 yajl)
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE -g $(OPT) -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
 	-DFACTORY_VERSION='"$(VERSION)"' -DFACTORY_DATADIR='"$(DATADIR)"' $(PKG_CFLAGS) $(CFLAGS)
 LIBS_ALL = $(PKG_LIBS) -l:liblua5.1-cjson.a -lhttp_parser -ledit -lm $(LDLIBS)

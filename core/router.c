@@ -62,6 +62,7 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <yajl/yajl_parse.h>
 
 #define STREAM_MT "factory.router_stream"
 #define STATE_MT "factory.router"
@@ -267,193 +268,134 @@ static double jnum(json_t *o, const char *k, double def) {
  * and answers in the caller's format, so on that path the router only checks the JSON
  * and reads a handful of members. A jansson tree for that costs more than the rest of
  * the proxy's work for a call (about 65,000 instructions and 120 mallocs to load a
- * 330-byte completion), so this validates the text (RFC 8259 grammar; strings are not
- * checked for UTF-8: the bytes go on as they came) and walks members where they lie.
- * Keys are compared as written: an escaped key matches nothing. */
+ * 330-byte completion), so yajl checks the text (strings are not checked for UTF-8:
+ * the bytes go on as they came) and reports its tokens, and the router notes where the
+ * values it reads lie, from yajl's count of the bytes it has consumed. Keys are
+ * compared as written: an escaped key matches nothing. */
 
-#define JS_MAX_DEPTH 256
+#define JS_MAX_DEPTH 256    /* containers inside the top one */
+#define JS_LEVELS 8         /* levels a walk can report: the deepest read is 7 below the top */
 
-static const char *js_ws(const char *p, const char *e) {
-    while (p < e && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
-    return p;
-}
+typedef struct js_walk js_walk;
 
-static int is_digit(char ch) { return ch >= '0' && ch <= '9'; }
+/* What a walk reports of each value down to its levels (the top object is level 0): a
+ * container when it opens (ve NULL) and when it closes, any other value once. The
+ * value's key is w->k[level] (inside the quotes; NULL in an array). 0 stops the walk. */
+typedef int (*js_visit)(js_walk *w, int level, const char *v, const char *ve);
 
-static const char *js_digits(const char *p, const char *e) {
-    if (p >= e || !is_digit(*p)) return NULL;
-    while (p < e && is_digit(*p)) p++;
-    return p;
-}
+struct js_walk {
+    yajl_handle h;
+    const char *text;
+    size_t last;                    /* where the last token yajl reported ends */
+    int level, levels, closed;      /* containers open; deepest level reported; top object closed */
+    const char *open[JS_LEVELS];    /* where each open container starts */
+    const char *k[JS_LEVELS + 1];   /* one more level: a container opening clears its members' key */
+    size_t kl[JS_LEVELS + 1];
+    js_visit visit;
+    void *site;
+};
 
-static const char *js_number(const char *p, const char *e) {
-    if (p < e && *p == '-') p++;
-    if (p < e && *p == '0') p++;
-    else if (!(p = js_digits(p, e))) return NULL;
-    if (p < e && *p == '.' && !(p = js_digits(p + 1, e))) return NULL;
-    if (p < e && (*p == 'e' || *p == 'E')) {
+/* yajl reports where a token ends; it starts past the whitespace and the ':' or ','
+ * since the last one (yajl's whitespace: \v and \f too). */
+static const char *js_skip(const char *p) {
+    while (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t' || *p == ':' || *p == ',' || *p == '\v' || *p == '\f')
         p++;
-        if (p < e && (*p == '+' || *p == '-')) p++;
-        p = js_digits(p, e);
-    }
     return p;
 }
 
-/* Where in the 8 bytes at p the first '"', '\\' or control character (below 0x20)
- * is, 8 if none: the usual test for a zero byte, applied to the word xor each quote
- * and to the word less 0x20 in every byte. Its flag for the first byte in memory
- * order is exact (a false one can only follow a true one, little-endian). */
-static int js_special8(const char *p) {
-    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
-    uint64_t w, q, b, m;
-    memcpy(&w, p, 8);
-    q = w ^ (ones * '"');
-    b = w ^ (ones * '\\');
-    m = (((q - ones) & ~q) | ((b - ones) & ~b) | ((w - ones * 0x20) & ~w)) & highs;
-    if (!m) return 8;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    return 0;   /* borrows run toward lower addresses here: go byte by byte */
-#else
-    return __builtin_ctzll(m) >> 3;
-#endif
+static int js_scalar(void *ctx) {
+    js_walk *w = (js_walk *)ctx;
+    size_t end = yajl_get_bytes_consumed(w->h);
+    const char *v = js_skip(w->text + w->last);
+    w->last = end;
+    if (w->level == 0) return 0;    /* the top value must be an object */
+    return w->level > w->levels || w->visit(w, w->level, v, w->text + end);
 }
 
-static const char *js_string(const char *p, const char *e) {
-    for (p++; p < e; p++) {
-        /* Requests and replies are mostly long strings: plain runs go 8 bytes a step. */
-        while (e - p >= 8) {
-            int n = js_special8(p);
-            p += n;
-            if (n < 8) break;
-        }
-        if (p >= e) break;
-        unsigned char ch = (unsigned char)*p;
-        if (ch == '"') return p + 1;
-        if (ch < 0x20) return NULL;
-        if (ch != '\\') continue;
-        if (++p >= e) return NULL;
-        if (*p == 'u') {
-            if (e - p < 5) return NULL;
-            for (int i = 1; i <= 4; i++)
-                if (!is_digit(p[i]) && !((p[i] | 0x20) >= 'a' && (p[i] | 0x20) <= 'f')) return NULL;
-            p += 4;
-        } else if (!memchr("\"\\/bfnrt", *p, 8)) {
-            return NULL;
-        }
+static int js_null(void *ctx) { return js_scalar(ctx); }
+static int js_boolean(void *ctx, int b) { return js_scalar(ctx); }
+static int js_number(void *ctx, const char *s, size_t n) { return js_scalar(ctx); }
+static int js_string(void *ctx, const unsigned char *s, size_t n) { return js_scalar(ctx); }
+
+static int js_open(js_walk *w, int object) {
+    int l = w->level++;
+    w->last = yajl_get_bytes_consumed(w->h);
+    if (l > JS_MAX_DEPTH || (l == 0 && !object)) return 0;
+    if (l > w->levels) return 1;
+    w->open[l] = w->text + w->last - 1;
+    w->k[l + 1] = NULL;
+    return w->visit(w, l, w->open[l], NULL);
+}
+
+static int js_start_map(void *ctx) { return js_open((js_walk *)ctx, 1); }
+static int js_start_array(void *ctx) { return js_open((js_walk *)ctx, 0); }
+
+static int js_close(void *ctx) {
+    js_walk *w = (js_walk *)ctx;
+    int l = --w->level;
+    w->last = yajl_get_bytes_consumed(w->h);
+    w->closed = l == 0;
+    return l > w->levels || w->visit(w, l, w->open[l], w->text + w->last);
+}
+
+static int js_key(void *ctx, const unsigned char *s, size_t n) {
+    js_walk *w = (js_walk *)ctx;
+    size_t end = yajl_get_bytes_consumed(w->h);
+    const char *k = js_skip(w->text + w->last);
+    w->last = end;
+    if (w->level <= w->levels) {
+        w->k[w->level] = k + 1;
+        w->kl[w->level] = (size_t)(w->text + end - k - 2);
     }
-    return NULL;
-}
-
-typedef struct {
-    const char *p, *e;          /* where the next member starts; NULL once the text proved invalid */
-    char close;                 /* '}' or ']' */
-    int n, depth, done;
-    const char *k, *v, *ve;     /* the current member: its key (inside the quotes), value, value's end */
-    size_t kl;
-} js_iter;
-
-/* Starts on the object or array at p (after whitespace); 0 if there is none. */
-static int js_open(js_iter *it, const char *p, const char *e) {
-    memset(it, 0, sizeof *it);
-    p = js_ws(p, e);
-    it->e = e;
-    if (p >= e || (*p != '{' && *p != '[')) return 0;
-    it->close = *p == '{' ? '}' : ']';
-    it->p = p + 1;
     return 1;
 }
 
-static const char *js_value(const char *p, const char *e, int depth);
+static const yajl_callbacks js_callbacks = {
+    .yajl_null = js_null,
+    .yajl_boolean = js_boolean,
+    .yajl_number = js_number,
+    .yajl_string = js_string,
+    .yajl_start_map = js_start_map,
+    .yajl_map_key = js_key,
+    .yajl_end_map = js_close,
+    .yajl_start_array = js_start_array,
+    .yajl_end_array = js_close,
+};
 
-/* Steps to the next member (or element), checking it. At the end returns 0 with it->p
- * just past the closing bracket, or NULL if the text is not valid JSON. */
-static int js_next(js_iter *it) {
-    const char *p = it->p, *e = it->e;
-    if (!p || it->done) return 0;
-    p = js_ws(p, e);
-    if (p < e && *p == it->close) {
-        it->p = p + 1;
-        it->done = 1;
-        return 0;
-    }
-    if (it->n > 0) {
-        if (p >= e || *p != ',') goto bad;
-        p = js_ws(p + 1, e);
-    }
-    if (it->close == '}') {
-        const char *ke = p < e && *p == '"' ? js_string(p, e) : NULL;
-        if (!ke) goto bad;
-        it->k = p + 1;
-        it->kl = (size_t)(ke - p - 2);
-        p = js_ws(ke, e);
-        if (p >= e || *p != ':') goto bad;
-        p = js_ws(p + 1, e);
-    }
-    it->v = p;
-    if (!(it->ve = js_value(p, e, it->depth + 1))) goto bad;
-    it->p = it->ve;
-    it->n++;
-    return 1;
-bad:
-    it->p = NULL;
-    return 0;
+/* Walks [text, text + len), reporting values down to levels (< JS_LEVELS) to visit:
+ * whether the text is one JSON object, nested at most JS_MAX_DEPTH deep, and no visit
+ * stopped the walk. One yajl handle a walk: its allocations (five small blocks) cost
+ * about 50 ns, against 250 ns to parse a short request. */
+static int js_walk_text(js_visit visit, void *site, int levels, const char *text, size_t len) {
+    js_walk w = {.text = text, .levels = levels, .visit = visit, .site = site};
+    w.h = yajl_alloc(&js_callbacks, NULL, &w);
+    if (!w.h) return 0;
+    yajl_config(w.h, yajl_dont_validate_strings, 1);
+    /* Once the top object has closed only whitespace may follow, which yajl checks to the
+     * end; a text that ends before then is cut short, whatever yajl would make of it. */
+    int ok = yajl_parse(w.h, (const unsigned char *)text, len) == yajl_status_ok && w.closed &&
+             yajl_complete_parse(w.h) == yajl_status_ok;
+    yajl_free(w.h);
+    return ok;
 }
 
-/* The end of the JSON value at p, or NULL if there is no valid one. */
-static const char *js_value(const char *p, const char *e, int depth) {
-    if (p >= e) return NULL;
-    switch (*p) {
-    case '"':
-        return js_string(p, e);
-    case '{':
-    case '[': {
-        if (depth > JS_MAX_DEPTH) return NULL;
-        js_iter it;
-        js_open(&it, p, e);
-        it.depth = depth;
-        while (js_next(&it)) {}
-        return it.p;
-    }
-    case 't':
-        return e - p >= 4 && memcmp(p, "true", 4) == 0 ? p + 4 : NULL;
-    case 'f':
-        return e - p >= 5 && memcmp(p, "false", 5) == 0 ? p + 5 : NULL;
-    case 'n':
-        return e - p >= 4 && memcmp(p, "null", 4) == 0 ? p + 4 : NULL;
-    default:
-        return js_number(p, e);
-    }
-}
-
-/* Whether the whole text was one valid object, once its iteration has ended. */
-static int js_whole(const js_iter *it) { return it->p && js_ws(it->p, it->e) == it->e; }
-
-static int js_is(const js_iter *it, const char *key) {
+static int js_key_is(const js_walk *w, int level, const char *key) {
     size_t n = strlen(key);
-    return it->kl == n && memcmp(it->k, key, n) == 0;
+    return w->k[level] && w->kl[level] == n && memcmp(w->k[level], key, n) == 0;
 }
 
-/* Finds member key of the (checked) object [p, e): its value in *v, *ve. */
-static int js_get(const char *p, const char *e, const char *key, const char **v, const char **ve) {
-    js_iter it;
-    if (!js_open(&it, p, e) || it.close != '}') return 0;
-    while (js_next(&it)) {
-        if (js_is(&it, key)) {
-            *v = it.v;
-            *ve = it.ve;
-            return 1;
-        }
-    }
-    return 0;
-}
+/* Whether the visit is a value's first: a container's opening or any other value. */
+static int js_starts(const char *v, const char *ve) { return !ve || (*v != '{' && *v != '['); }
 
 /* A (checked) number as a long: its integer part; anything else is 0. A member's
  * value is always followed by its object's closing brace, so strtol stops in time. */
-static long js_long(const char *v) { return *v == '-' || is_digit(*v) ? strtol(v, NULL, 10) : 0; }
+static long js_long(const char *v) { return *v == '-' || (*v >= '0' && *v <= '9') ? strtol(v, NULL, 10) : 0; }
 
 static int js_is_integer(const char *v, const char *ve) {
     if (v < ve && *v == '-') v++;
-    return v < ve && js_digits(v, ve) == ve;
+    if (v == ve) return 0;
+    while (v < ve && *v >= '0' && *v <= '9') v++;
+    return v == ve;
 }
 
 /* Appends s as a JSON string. */
@@ -1346,27 +1288,55 @@ static void succeed(call *c) {
     finish(c);
 }
 
-static void read_usage(call *c, const char *u, const char *ue) {
-    const char *v, *ve;
-    c->prompt_tokens = js_get(u, ue, "prompt_tokens", &v, &ve) ? js_long(v) : 0;
-    c->completion_tokens = js_get(u, ue, "completion_tokens", &v, &ve) ? js_long(v) : 0;
+/* The token counts of an OpenAI usage object: the first prompt_tokens and
+ * completion_tokens of the last "usage" member of the top object. */
+typedef struct {
+    long prompt, completion;
+    int seen;       /* of the members: 1 prompt_tokens, 2 completion_tokens */
+    int have;       /* a usage object closed */
+} usage_read;
+
+static void usage_visit(usage_read *u, const js_walk *w, int level, const char *v, const char *ve) {
+    if (level == 0 || !js_key_is(w, 1, "usage")) return;
+    if (level == 1) {
+        if (*v != '{') return;
+        if (ve) u->have = 1;
+        else u->prompt = u->completion = u->seen = 0;
+    } else if (level == 2 && js_starts(v, ve)) {
+        int bit = js_key_is(w, 2, "prompt_tokens") ? 1 : js_key_is(w, 2, "completion_tokens") ? 2 : 0;
+        if (!bit || (u->seen & bit)) return;
+        u->seen |= bit;
+        *(bit == 1 ? &u->prompt : &u->completion) = js_long(v);
+    }
+}
+
+static void read_usage(call *c, const usage_read *u) {
+    c->prompt_tokens = u->prompt;
+    c->completion_tokens = u->completion;
     c->have_usage = 1;
+}
+
+/* What a completion (or embeddings) body shows the router. */
+typedef struct {
+    const char *list;   /* the member holding the answer: choices or data */
+    int shaped;         /* the last one is an array */
+    usage_read u;
+} result_scan;
+
+static int result_visit(js_walk *w, int level, const char *v, const char *ve) {
+    result_scan *s = (result_scan *)w->site;
+    usage_visit(&s->u, w, level, v, ve);
+    if (level != 1 || !ve) return 1;
+    if (js_key_is(w, 1, s->list)) s->shaped = *v == '[';
+    return !js_key_is(w, 1, "error");
 }
 
 /* An OpenAI-compatible answer goes to the caller as it came, once it is known to be a
  * completion (or embeddings); its usage is read in passing. */
 static int openai_result(call *c) {
-    const char *body = c->body.data ? c->body.data : "";
-    int shaped = 0;
-    js_iter it;
-    js_open(&it, body, body + c->body.len);
-    if (it.close != '}') return 0;
-    while (js_next(&it)) {
-        if (js_is(&it, "error")) return 0;
-        if (js_is(&it, c->op == OP_CHAT ? "choices" : "data")) shaped = *it.v == '[';
-        else if (js_is(&it, "usage") && *it.v == '{') read_usage(c, it.v, it.ve);
-    }
-    if (!shaped || !js_whole(&it)) return 0;
+    result_scan s = {.list = c->op == OP_CHAT ? "choices" : "data"};
+    if (!js_walk_text(result_visit, &s, 2, c->body.data ? c->body.data : "", c->body.len) || !s.shaped) return 0;
+    if (s.u.have) read_usage(c, &s.u);
     c->result = c->body.data;       /* NUL-terminated by buf_add */
     c->result_len = c->body.len;
     c->body = (buf){0};
@@ -1562,50 +1532,88 @@ static void error_message(const char *data, size_t len, char *out, size_t size) 
     json_decref(ev);
 }
 
+/* What an OpenAI stream event shows the router: the text of its choices' deltas and
+ * tool calls counts toward the estimate of the tokens it brings. Each member is the
+ * first of its name in its object; the counts say how many a name has had so far. */
+typedef struct {
+    usage_read u;
+    int error, choices;
+    size_t chars;
+    int delta, content, tools, fn, args;
+} event_scan;
+
+/* Whether the value is in the first tool_calls of the first delta of a choice. */
+static int in_tools(const event_scan *s, const js_walk *w) {
+    return s->delta == 1 && s->tools == 1 && js_key_is(w, 3, "delta") && js_key_is(w, 4, "tool_calls");
+}
+
+static void choice_visit(event_scan *s, const js_walk *w, int level, const char *v, const char *ve) {
+    if (!js_starts(v, ve)) return;
+    switch (level) {
+    case 2:
+        s->delta = 0;
+        break;
+    case 3:
+        if (js_key_is(w, 3, "delta") && ++s->delta == 1) s->content = s->tools = 0;
+        break;
+    case 4:
+        if (s->delta != 1 || !js_key_is(w, 3, "delta")) break;
+        if (js_key_is(w, 4, "content") && ++s->content == 1 && *v == '"') s->chars += (size_t)(ve - v - 2);
+        else if (js_key_is(w, 4, "tool_calls")) s->tools++;
+        break;
+    case 5:
+        if (in_tools(s, w)) s->fn = 0;
+        break;
+    case 6:
+        if (in_tools(s, w) && js_key_is(w, 6, "function") && ++s->fn == 1) s->args = 0;
+        break;
+    case 7:
+        if (in_tools(s, w) && s->fn == 1 && js_key_is(w, 6, "function") && js_key_is(w, 7, "arguments") &&
+            ++s->args == 1 && *v == '"')
+            s->chars += (size_t)(ve - v - 2);
+        break;
+    }
+}
+
+static int event_visit(js_walk *w, int level, const char *v, const char *ve) {
+    event_scan *s = (event_scan *)w->site;
+    if (level == 0) return 1;
+    if (level == 1 && ve && js_key_is(w, 1, "error")) {
+        s->error = 1;
+        return 0;
+    }
+    usage_visit(&s->u, w, level, v, ve);
+    if (!js_key_is(w, 1, "choices")) return 1;
+    if (level == 2 && ve) s->choices++;
+    choice_visit(s, w, level, v, ve);
+    return 1;
+}
+
 /* One event of an OpenAI stream: passed through as it came, after a look at it. */
 static void openai_event(call *c, const char *data, size_t len) {
     if (len == 6 && memcmp(data, "[DONE]", 6) == 0) {
         c->ended_ok = 1;
         return;
     }
-    const char *end = data + len, *v, *ve;
-    int usage = 0, choices = 0;
-    js_iter it, ch, tc;
-    js_open(&it, data, end);
-    while (it.close == '}' && js_next(&it)) {
-        if (js_is(&it, "error")) {
-            char msg[256];
-            error_message(data, len, msg, sizeof msg);
-            stream_failed(c, "%s/%s: %s", msg);
-            return;
-        }
-        if (js_is(&it, "usage") && *it.v == '{') {
-            read_usage(c, it.v, it.ve);
-            usage = 1;
-        } else if (js_is(&it, "choices") && js_open(&ch, it.v, it.ve)) {
-            while (js_next(&ch)) {
-                const char *d, *de;
-                choices++;
-                if (!js_get(ch.v, ch.ve, "delta", &d, &de)) continue;
-                if (js_get(d, de, "content", &v, &ve) && *v == '"') c->content_chars += (size_t)(ve - v - 2);
-                if (!js_get(d, de, "tool_calls", &v, &ve) || !js_open(&tc, v, ve)) continue;
-                while (js_next(&tc)) {
-                    const char *fn, *fe;
-                    if (js_get(tc.v, tc.ve, "function", &fn, &fe) && js_get(fn, fe, "arguments", &v, &ve) && *v == '"')
-                        c->content_chars += (size_t)(ve - v - 2);
-                }
-            }
-        }
+    event_scan s = {0};
+    int ok = js_walk_text(event_visit, &s, 7, data, len);
+    if (s.error) {
+        char msg[256];
+        error_message(data, len, msg, sizeof msg);
+        stream_failed(c, "%s/%s: %s", msg);
+        return;
     }
-    if (it.close != '}' || !js_whole(&it)) {
+    if (!ok) {
         json_error_t je;
         json_t *doc = json_loadb(data, len, JSON_DECODE_ANY, &je);
         json_decref(doc);
         stream_failed(c, "%s/%s: malformed stream event (%s)", doc ? "not an object" : je.text);
         return;
     }
+    if (s.u.have) read_usage(c, &s.u);
+    c->content_chars += s.chars;
     /* The usage chunk was asked for by the router; the caller gets it if it asked too. */
-    if (!(usage && choices == 0) || c->include_usage) emit_raw(c, data, len);
+    if (!(s.u.have && s.choices == 0) || c->include_usage) emit_raw(c, data, len);
 }
 
 static void sse_dispatch(call *c) {
@@ -1756,6 +1764,23 @@ static void on_call_timer(uv_timer_t *t) {
     }
 }
 
+/* The caller's members for the target, when the request has too many to note. */
+typedef struct {
+    call *c;
+    buf *b;
+    int ok;
+} body_copy;
+
+static int copy_visit(js_walk *w, int level, const char *v, const char *ve) {
+    body_copy *bc = (body_copy *)w->site;
+    if (level != 1 || !ve || js_key_is(w, 1, "model") ||
+        (bc->c->op == OP_CHAT && (js_key_is(w, 1, "stream") || js_key_is(w, 1, "stream_options"))))
+        return 1;
+    const char *k = w->k[1] - 1;
+    bc->ok = buf_add(bc->b, ",", 1) && buf_add(bc->b, k, (size_t)(ve - k));
+    return bc->ok;
+}
+
 /* The request for the target, malloc'd (NUL-terminated), or NULL when out of memory.
  * An OpenAI-compatible one gets the caller's members as they came, with the target's
  * model and the stream options the router needs. */
@@ -1773,12 +1798,10 @@ static char *upstream_body(call *c) {
         if (m->what[i] == M_MODEL || (c->op == OP_CHAT && m->what[i] == M_STREAM)) continue;
         ok = buf_add(&b, ",", 1) && buf_add(&b, c->text + m->at[i][0], m->at[i][1] - m->at[i][0]);
     }
-    js_iter it;
-    js_open(&it, c->text, c->text + c->text_len);
-    while (ok && m->n < 0 && js_next(&it)) {
-        if (js_is(&it, "model") || (c->op == OP_CHAT && (js_is(&it, "stream") || js_is(&it, "stream_options"))))
-            continue;
-        ok = buf_add(&b, ",", 1) && buf_add(&b, it.k - 1, (size_t)(it.ve - it.k + 1));
+    if (ok && m->n < 0) {
+        body_copy bc = {c, &b, 1};
+        js_walk_text(copy_visit, &bc, 1, c->text, c->text_len);
+        ok = bc.ok;
     }
     /* Usage comes in a last chunk only when asked for. */
     const char *tail = c->op == OP_EMBED ? "}"
@@ -1873,47 +1896,63 @@ typedef struct {
     members mem;
 } request_info;
 
+/* Where read_request is in a request. */
+typedef struct {
+    request_info *ri;
+    const char *text, *mct, *mct_end;   /* max_completion_tokens */
+    int usage;                          /* include_usage in the current stream_options: 0 none, 1 false, 2 true */
+} request_scan;
+
+static void request_member(request_scan *s, const js_walk *w, const char *v, const char *ve) {
+    request_info *ri = s->ri;
+    members *m = &ri->mem;
+    int model = js_key_is(w, 1, "model"), stream = js_key_is(w, 1, "stream");
+    int options = js_key_is(w, 1, "stream_options");
+    if (m->n >= MAX_MEMBERS) {
+        m->n = -1;
+    } else if (m->n >= 0) {
+        m->at[m->n][0] = (size_t)(w->k[1] - 1 - s->text);
+        m->at[m->n][1] = (size_t)(ve - s->text);
+        m->what[m->n++] = (unsigned char)(model ? M_MODEL : stream || options ? M_STREAM : 0);
+    }
+    if (model) {
+        ri->model = v;
+        ri->model_end = ve;
+    } else if (js_key_is(w, 1, "messages")) {
+        ri->messages = *v == '[' && *js_skip(v + 1) != ']';
+    } else if (js_key_is(w, 1, "input")) {
+        ri->input = 1;
+    } else if (stream) {
+        ri->stream = *v == 't';
+    } else if (options) {
+        ri->include_usage = s->usage == 2;
+        s->usage = 0;
+    } else if (js_key_is(w, 1, "max_completion_tokens")) {
+        s->mct = v;
+        s->mct_end = ve;
+    } else if (js_key_is(w, 1, "max_tokens")) {
+        ri->max_tokens = v;
+        ri->max_tokens_end = ve;
+    }
+}
+
+static int request_visit(js_walk *w, int level, const char *v, const char *ve) {
+    request_scan *s = (request_scan *)w->site;
+    if (level == 1 && ve) request_member(s, w, v, ve);
+    else if (level == 2 && !s->usage && js_key_is(w, 1, "stream_options") && js_key_is(w, 2, "include_usage"))
+        s->usage = *v == 't' ? 2 : 1;
+    return 1;
+}
+
 static int read_request(const char *text, size_t len, request_info *ri) {
-    const char *end = text + len, *mct = NULL, *mct_end = NULL;
-    js_iter it;
+    request_scan s = {.ri = ri, .text = text};
     memset(ri, 0, sizeof *ri);
-    js_open(&it, text, end);
-    if (it.close != '}') return 0;
-    while (js_next(&it)) {
-        int what = js_is(&it, "model") ? M_MODEL : js_is(&it, "stream") || js_is(&it, "stream_options") ? M_STREAM : 0;
-        members *m = &ri->mem;
-        if (m->n >= MAX_MEMBERS) {
-            m->n = -1;
-        } else if (m->n >= 0) {
-            m->at[m->n][0] = (size_t)(it.k - 1 - text);
-            m->at[m->n][1] = (size_t)(it.ve - text);
-            m->what[m->n++] = (unsigned char)what;
-        }
-        if (js_is(&it, "model")) {
-            ri->model = it.v;
-            ri->model_end = it.ve;
-        } else if (js_is(&it, "messages")) {
-            ri->messages = *it.v == '[' && *js_ws(it.v + 1, it.ve) != ']';
-        } else if (js_is(&it, "input")) {
-            ri->input = 1;
-        } else if (js_is(&it, "stream")) {
-            ri->stream = *it.v == 't';
-        } else if (js_is(&it, "stream_options")) {
-            const char *v, *ve;
-            ri->include_usage = js_get(it.v, it.ve, "include_usage", &v, &ve) && *v == 't';
-        } else if (js_is(&it, "max_completion_tokens")) {
-            mct = it.v;
-            mct_end = it.ve;
-        } else if (js_is(&it, "max_tokens")) {
-            ri->max_tokens = it.v;
-            ri->max_tokens_end = it.ve;
-        }
+    if (!js_walk_text(request_visit, &s, 2, text, len)) return 0;
+    if (s.mct) {
+        ri->max_tokens = s.mct;
+        ri->max_tokens_end = s.mct_end;
     }
-    if (mct) {
-        ri->max_tokens = mct;
-        ri->max_tokens_end = mct_end;
-    }
-    return js_whole(&it);
+    return 1;
 }
 
 /* The model a request names (malloc'd), or NULL if it names none. */
@@ -1944,9 +1983,9 @@ static int start_call(lua_State *L, int op) {
     if (!read_request(text, len, &ri)) {
         json_error_t je;
         json_t *doc = json_loadb(text, len, 0, &je);
+        const char *why = doc ? (json_is_object(doc) ? "nested too deeply" : "another JSON value") : je.text;
         json_decref(doc);
-        return bad_request(L, "EINVAL", "the request is not a JSON object: %s",
-                           doc ? (json_is_object(doc) ? "nested too deeply" : "another JSON value") : je.text);
+        return bad_request(L, "EINVAL", "the request is not a JSON object: %s", why);
     }
     if (op == OP_CHAT && !ri.messages) return bad_request(L, "EINVAL", "'messages' must be a non-empty array");
     if (op == OP_EMBED && !ri.input) return bad_request(L, "EINVAL", "'input' is required");
@@ -2215,73 +2254,6 @@ static int r_records(lua_State *L) {
     return 1;
 }
 
-/* The value of member key of the object at [v, ve) (checked JSON), the last one
- * where a key repeats (as a decoder keeps it); 0 if v is no object or has no key. */
-static int js_last(const char *v, const char *ve, const char *key, const char **kv, const char **kve) {
-    js_iter it;
-    int found = 0;
-    if (!js_open(&it, v, ve) || it.close != '}') return 0;
-    while (js_next(&it)) {
-        if (js_is(&it, key)) {
-            *kv = it.v;
-            *kve = it.ve;
-            found = 1;
-        }
-    }
-    return found;
-}
-
-/* content(response_json) -> the first choice's message content (a string) | false
- * when this cannot say what the JSON decoder would make of the text: it is not
- * valid JSON as lua-cjson would decode it, or has another shape (router.lua then
- * decodes it). Saves decoding the whole response into tables for one string. */
-static int r_content(lua_State *L) {
-    size_t len;
-    const char *text = luaL_checklstring(L, 1, &len), *end = text + len;
-    const char *v = NULL, *ve = NULL, *m, *me, *c, *ce;
-    lua_pushboolean(L, 0);
-    /* \u escapes (lone surrogates fail lua-cjson's decode) are left to the decoder. */
-    if (memmem(text, len, "\\u", 2)) return 1;
-    js_iter it;
-    if (!js_open(&it, text, end) || it.close != '}') return 1;
-    /* lua-cjson refuses more than 200 levels (the top one counts); js_value, more than
-     * JS_MAX_DEPTH below the top: starting this deep makes both limits one. */
-    it.depth = JS_MAX_DEPTH - 199;
-    while (js_next(&it)) {
-        if (js_is(&it, "choices")) {
-            v = it.v;
-            ve = it.ve;
-        }
-    }
-    if (!js_whole(&it) || !v || *v != '[') return 1;
-    js_iter first;
-    js_open(&first, v, ve);
-    if (!js_next(&first) || *first.v != '{' || !js_last(first.v, first.ve, "message", &m, &me) ||
-        !js_last(m, me, "content", &c, &ce) || *c != '"')
-        return 1;
-    /* Unescaped, the text is no longer than as it came (luaL_Buffer copies byte by
-     * byte). The scratch space is a userdata: a failing allocation below leaks nothing. */
-    const char *p = c + 1, *q = ce - 1, *esc;
-    char *out = (char *)lua_newuserdata(L, (size_t)(q - p) + 1), *o = out;
-    while ((esc = memchr(p, '\\', (size_t)(q - p)))) {
-        memcpy(o, p, (size_t)(esc - p));
-        o += esc - p;
-        switch (esc[1]) {
-        case 'b': *o++ = '\b'; break;
-        case 'f': *o++ = '\f'; break;
-        case 'n': *o++ = '\n'; break;
-        case 'r': *o++ = '\r'; break;
-        case 't': *o++ = '\t'; break;
-        default: *o++ = esc[1]; break;      /* " \\ / */
-        }
-        p = esc + 2;
-    }
-    memcpy(o, p, (size_t)(q - p));
-    o += q - p;
-    lua_pushlstring(L, out, (size_t)(o - out));
-    return 1;
-}
-
 /* lua_close: stop every transfer and timer; the calls go with their owners. */
 static int r_gc(lua_State *L) {
     R.closed = 1;
@@ -2323,7 +2295,6 @@ static const luaL_Reg router_functions[] = {
     {"clear_budget", r_clear_budget},
     {"record", r_record},
     {"records", r_records},
-    {"content", r_content},
     {NULL, NULL},
 };
 

@@ -4,7 +4,7 @@
 set -eu
 PACKAGES="gcc make pkg-config ca-certificates git procps
 libluajit-5.1-dev libuv1-dev libcurl4-openssl-dev lua-cjson-dev libpq-dev libgit2-dev
-libsqlite3-dev libedit-dev libssl-dev libhttp-parser-dev libjansson-dev curl openssl
+libsqlite3-dev libedit-dev libssl-dev libhttp-parser-dev libjansson-dev libyajl-dev curl openssl
 nginx-light wrk postgresql python3"
 
 # The SDK tests need Node.js 18+ and npm; use the machine's if it has them.

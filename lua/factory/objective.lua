@@ -158,6 +158,14 @@ function M.pack(o)
   return messages, info
 end
 
+-- The first choice's message content, if it is text (confidence.parse says what is
+-- wrong with anything else).
+local function reply_text(res)
+  local choice = type(res) == "table" and res.choices and res.choices[1]
+  local content = type(choice) == "table" and type(choice.message) == "table" and choice.message.content
+  if type(content) == "string" then return content end
+end
+
 -- The chat request as JSON text; the system message's JSON is the cached one.
 local function request_json(o, messages)
   local op, team = o.operative, o.team
@@ -177,10 +185,8 @@ function M.run(o)
   local retries = o.retries or 2
   local problem
   for attempt = 1, retries + 1 do
-    local raw, err, code = router.chat(request_json(o, messages), { team = team.name, run = o.run_id, raw = true })
-    local text
-    if raw then text, err, code = router.content(raw) end
-    if err then
+    local res, err, code = router.chat(request_json(o, messages), { team = team.name, run = o.run_id })
+    if not res then
       local why = tostring(err):gsub("^E%u+: ", "")
       if code == "EBUDGET" then
         return confidence.blocked(why,
@@ -188,6 +194,7 @@ function M.run(o)
       end
       return confidence.blocked(("the model could not be reached (%s): %s"):format(code, why))
     end
+    local text = reply_text(res)
     local result
     result, problem = confidence.parse(text)
     if result then return result end

@@ -13,9 +13,6 @@
 --           once it has sent them (Anthropic: before the content; OpenAI: in the last
 --           chunk), else the router's estimate (request bytes / 4, content so far / 4);
 --           after the end, what the call was charged and recorded with.
---   router.content(response) -> the first choice's message content (a string) of a chat
---       response given as JSON text (router.chat with raw), nil when it has none
---       | nil, "EJSON: ...", "EJSON" when the text is not JSON
 --   router.embeddings(request, opts) -> response | nil, err, code   (opts: team, run, raw)
 --   router.models() -> { "alias", ... }     router.stats() -> table (providers, budgets)
 --   router.has_alias(name) -> whether name is a configured alias
@@ -128,18 +125,6 @@ function M.chat(request, opts)
   if not res then return flushed(nil, err, code) end
   if type(res) ~= "string" then return setmetatable({ core = res, raw = opts.raw }, Stream) end
   return flushed(decoded(res, opts.raw))
-end
-
--- The common shape is read in C without building the response's tables; anything
--- else (or text C cannot vouch for) goes through the decoder.
-function M.content(text)
-  local content = core.content(text)
-  if content ~= false then return content end
-  local res, err, code = json.decode(text)
-  if err then return nil, err, code end
-  local choice = type(res) == "table" and res.choices and res.choices[1]
-  content = choice and choice.message and choice.message.content
-  if type(content) == "string" then return content end
 end
 
 function M.embeddings(request, opts)

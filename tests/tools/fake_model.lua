@@ -20,7 +20,8 @@
 --     status = 429|500|503|400..., retry_after = seconds (header Retry-After),
 --     message = the error message of a status reply,
 --     fault = "reset" (connection cut mid-response) | "hang" (never answers) |
---             "truncate" (stream cut before its end) | "malformed" (bad JSON) |
+--             "truncate" (stream cut before its end) | "malformed" (bad JSON: text =
+--             the body, or a stream's one event; without it, an object cut short) |
 --             "content_type" (text/html) }
 -- A request whose Authorization (OpenAI) or x-api-key (Anthropic) header is
 -- missing gets 401, as from the real services.
@@ -233,7 +234,7 @@ function Fake:handle(kind, req, res)
     res:write('{"id": "cut')
     return  -- the server cuts a response its handler left unfinished
   elseif reply.fault == "malformed" and not req.body:find('"stream":true') then
-    return res:status(200):header("Content-Type", "application/json"):send('{"id": "x", "choices": [')
+    return res:status(200):header("Content-Type", "application/json"):send(reply.text or '{"id": "x", "choices": [')
   elseif reply.fault == "content_type" then
     return res:status(200):header("Content-Type", "text/html"):send("<html>gateway</html>")
   end
@@ -267,7 +268,7 @@ function Fake:handle(kind, req, res)
   local stream = body.stream == true
   local events = (kind == "anthropic" and anthropic_reply or openai_reply)(res, reply, body, stream)
   if not stream then return end
-  if reply.fault == "malformed" then events = { "{\"id\": [" } end
+  if reply.fault == "malformed" then events = { reply.text or "{\"id\": [" } end
   send_events(res, events, reply)
 end
 

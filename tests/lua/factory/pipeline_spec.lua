@@ -284,6 +284,16 @@ describe("pipeline engine", function()
     assert.matches("^BLOCKED: no valid TaskResult after 2 attempts: status must be", esc.reason)
   end)
 
+  it("blocks an objective whose model answers malformed JSON, saying so", function()
+    start()
+    fake:script{ { fault = "malformed", text = '{"choices":[{"message":{"content":"x"}}],}' } }
+    local run = submit("short")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    assert.equal(1, fake:count())
+    assert.matches("^BLOCKED: the model could not be reached %(EUPSTREAM%): .*malformed", esc.reason)
+  end)
+
   it("hot reload: an edited prompt reaches the next objective, not the running one", function()
     start()
     local logged = {}

@@ -110,6 +110,13 @@ describe("factory serve", function()
       { body = chat_body("factory/nope"), status = 404, code = "model_not_found" },
       { body = ("x"):rep(2 * 1024 * 1024), status = 413 },
     }
+    -- JSON a lax reader would take is refused too.
+    local head = '{"model":"factory/coder","messages":[{"role":"user","content":"x"}]'
+    for _, body in ipairs({ head .. ",}", '{"model" "factory/coder"}', head .. "} {}", "{} {}", head .. ',"n":01}',
+                            head .. ',"stream":tru}', head .. ',"x":"unterminated}',
+                            head .. ',"x":' .. ("["):rep(300) .. ("]"):rep(300) .. "}" }) do
+      cases[#cases + 1] = { body = body, status = 400, code = "einval" }
+    end
     for _, c in ipairs(cases) do
       local err = openai_error(post("/v1/chat/completions", c.body), c.status)
       if c.code then assert.equal(c.code, err.code) end
