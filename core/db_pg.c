@@ -1,5 +1,7 @@
 /* core/db_pg.c — factory.core.db_pg: PostgreSQL connections for lua/factory/db.lua.
  *
+ *   conninfo(uri)               -> {keyword = value, ...} | nil, message
+ *                                  (libpq's parse of a postgres:// URI; no connection)
  *   connect({keyword = value, ...} [, timeout_s]) -> conn | nil, err, code
  *   conn:run(sql, params, n)    -> rows, {changes=, json={col...}} | nil, err, code
  *   conn:script(sql)            -> true | nil, err, code   (several statements, no parameters)
@@ -621,6 +623,41 @@ static int pg_connect(lua_State *L) {
     return fb_await(L, f, abort_connect, c, timeout);
 }
 
+/* libpq's own URI parser, so factory.db.url reads URIs exactly as libpq would: only
+ * the keywords the URI sets (no defaults from the environment). The message is
+ * libpq's, on one line; it may quote any part of the URI, the password included, so
+ * the caller must hide that before showing it. */
+static int pg_conninfo(lua_State *L) {
+    size_t len;
+    const char *uri = luaL_checklstring(L, 1, &len);
+    if (strlen(uri) != len) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "the URI contains a NUL byte");
+        return 2;
+    }
+    char *errmsg = NULL;
+    PQconninfoOption *opts = PQconninfoParse(uri, &errmsg);
+    if (!opts) {
+        lua_pushnil(L);
+        if (errmsg) {
+            one_line(errmsg);
+            lua_pushstring(L, errmsg);
+            PQfreemem(errmsg);
+        } else {
+            lua_pushliteral(L, "out of memory");
+        }
+        return 2;
+    }
+    lua_newtable(L);
+    for (const PQconninfoOption *o = opts; o->keyword; o++) {
+        if (!o->val) continue;
+        lua_pushstring(L, o->val);
+        lua_setfield(L, -2, o->keyword);
+    }
+    PQconninfoFree(opts);
+    return 1;
+}
+
 /* Raises (misuse) on a parameter that cannot be sent, before anything is allocated. */
 static void check_params(lua_State *L, int idx, int n) {
     if (n <= 0) return;
@@ -802,6 +839,7 @@ static const luaL_Reg conn_methods[] = {
 };
 
 static const luaL_Reg pg_functions[] = {
+    {"conninfo", pg_conninfo},
     {"connect", pg_connect},
     {NULL, NULL},
 };

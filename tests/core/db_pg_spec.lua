@@ -47,8 +47,8 @@ describe("postgres backend", function()
     local bad = {
       { "postgres://factory:s3cret@127.0.0.1:port/factory", "port 'port' is not a number" },
       { "postgres://factory:s3cret@127.0.0.1:99999/factory", "port '99999' is not a number from 1 to 65535" },
-      { "postgres://factory:s3%ZZcret@127.0.0.1/factory", "bad percent%-encoding" },
-      { "postgres://factory@127.0.0.1/factory?sslmode", "query parameter 'sslmode' is not key=value" },
+      { "postgres://factory:s3%ZZcret@127.0.0.1/factory", 'invalid percent%-encoded token: "%*%*%*"' },
+      { "postgres://factory@127.0.0.1/factory?sslmode", 'missing key/value separator "=" in URI query parameter: "sslmode"' },
       { "postgres://factory@127.0.0.1/factory?pool=0", "pool must be a number from 1 to 64" },
       { "postgres://factory@127.0.0.1/fac/tory", "the database name contains '/'" },
       { "mysql://factory@127.0.0.1/factory", "unsupported database URL" },
@@ -69,15 +69,35 @@ describe("postgres backend", function()
     assert.falsy(err:find("Wr0ngPassw0rd", 1, true), "the password leaked: " .. err)
   end)
 
-  it("a refused connection, an unknown database and an unknown option are one-line errors", function()
+  it("an unknown option is refused by libpq's URI parser; a bad option value when connecting", function()
+    local s = server.start()
+    local d, err, code = db.open(s.url .. "?bogus_option=1")
+    one_line_error("EURL", 'invalid URI query parameter: "bogus_option"$', d, err, code)
+    assert.falsy(err:find("factory-test", 1, true), "the password leaked: " .. err)
+    d, err, code = db.open(s.url .. "?sslmode=bogus")
+    one_line_error("EINVAL", 'invalid sslmode value: "bogus"', d, err, code)
+  end)
+
+  it("conninfo returns the keywords a URI sets, or libpq's message", function()
+    local pg = require "factory.core.db_pg"
+    assert.same({ user = "u", password = "p@ss", host = "/tmp/pg", port = "5433", dbname = "db", sslmode = "disable" },
+      pg.conninfo("postgresql://u:p%40ss@%2Ftmp%2Fpg:5433/db?sslmode=disable"))
+    assert.same({}, pg.conninfo("postgres://"))
+    local t, err = pg.conninfo("postgres://h/db?nope=1")
+    assert.is_nil(t)
+    assert.equal('invalid URI query parameter: "nope"', err)
+    t, err = pg.conninfo("postgres://h/d\0b")
+    assert.is_nil(t)
+    assert.equal("the URI contains a NUL byte", err)
+  end)
+
+  it("a refused connection and an unknown database are one-line errors", function()
     local s = server.start()
     local d, err, code = db.open("postgres://factory:pw@127.0.0.1:1/factory")
     one_line_error("ECONNREFUSED", "^ECONNREFUSED: cannot connect to postgres://factory@127%.0%.0%.1:1/factory: "
       .. ".*Connection refused", d, err, code)
     d, err, code = db.open(s.url:gsub("/factory$", "/nosuchdb"))
     one_line_error("ECONNECT", "database \"nosuchdb\" does not exist", d, err, code)
-    d, err, code = db.open(s.url .. "?bogus_option=1")
-    one_line_error("EINVAL", "invalid connection option \"bogus_option\"", d, err, code)
   end)
 
   it("a server that does not answer times out after connect_timeout", function()

@@ -65,6 +65,31 @@ describe("db url", function()
         params = { host = "/var/run/postgresql", dbname = "db" },
       } },
       { "postgres://", { backend = "postgres", pool = 4, connect_timeout = 10, display = "postgres:///", params = {} } },
+      { "postgres://u@%2Ftmp%2Fpg/db", {
+        backend = "postgres", pool = 4, connect_timeout = 10, display = "postgres://u@/tmp/pg/db",
+        params = { user = "u", host = "/tmp/pg", dbname = "db" },
+      } },
+      { "postgres:///db?host=/tmp/pg&port=5433", {
+        backend = "postgres", pool = 4, connect_timeout = 10, display = "postgres:///tmp/pg:5433/db",
+        params = { host = "/tmp/pg", port = "5433", dbname = "db" },
+      } },
+      { "postgres://u:pw@[::1]:5433/db", {
+        backend = "postgres", pool = 4, connect_timeout = 10, password = "pw", display = "postgres://u@[::1]:5433/db",
+        params = { user = "u", password = "pw", host = "::1", port = "5433", dbname = "db" },
+      } },
+      -- every character that must be encoded in the user info, and a raw '?' in the
+      -- password (libpq ends the user info at the '@')
+      { "postgres://us%65r%40x%3A:p%2Fa%3Fs%23s%25%40?@h/db", {
+        backend = "postgres", pool = 4, connect_timeout = 10, password = "p/a?s#s%@?",
+        display = "postgres://user@x:@h/db",
+        params = { user = "user@x:", password = "p/a?s#s%@?", host = "h", dbname = "db" },
+      } },
+      -- pool, anywhere in the query, is factory's and never reaches libpq
+      { "postgres://h/db?sslmode=require&pool=2&application_name=factory%20worker&password=pw", {
+        backend = "postgres", pool = 2, connect_timeout = 10, password = "pw", display = "postgres://h/db",
+        params = { host = "h", dbname = "db", sslmode = "require", application_name = "factory worker",
+          password = "pw" },
+      } },
     }
     for _, c in ipairs(good) do assert.same(c[2], assert(dburl.parse(c[1])), c[1]) end
   end)
@@ -75,12 +100,26 @@ describe("db url", function()
       { "postgres://u:s3cret@h:0/db", "port '0' is not a number" },
       { "postgres://u:s3cret@h/db#frag", "a fragment %(#%) is not allowed" },
       { "postgres://u:s3%2cret@h/db", nil },
-      { "postgres://u:s3cret@h/d%zb", "bad percent%-encoding in 'd%%zb'" },
+      { "postgres://u:s3cret@h:99999/db", "port '99999' is not a number" },
+      { "postgres://u:s3cret@h:5432,5433/db", "several hosts are not supported" },
+      { "postgres://u:s3cret@h/db?host=h1,h2", "several hosts are not supported" },
+      { "postgres://u:s3cret@h/d%zb", 'invalid percent%-encoded token: "d%%zb"' },
+      { "postgres://u:s3cret%zz@h/db", 'invalid percent%-encoded token: "%*%*%*"' },
+      { "postgres://u:s3cret%@h/db", 'invalid percent%-encoded token: "%*%*%*"' },
+      { "postgres://u:s3cret%00@h/db", 'forbidden value %%00 in percent%-encoded value: "%*%*%*"' },
+      { "postgres://u@h/db?password=s3cret%zz", 'invalid percent%-encoded token: "%*%*%*"' },
+      { "postgres://u:s3%63ret@h:x/db", "port 'x' is not a number" },
+      { "postgres://u:s3c@ret@h/db", "unencoded '@' after the user info: write '@' as %%40" },
+      { "postgres://u:s3/cret@h:5432/db", "unencoded '@' after the user info" },
+      { "postgres://u:s3/c?ret@h/db", 'missing key/value separator "=" in URI query parameter: "%*%*%*"' },
+      { "postgres://u:s3cret@h/db?bogus=1&pool=2", 'invalid URI query parameter: "bogus"' },
+      { "postgres://u:s3cret@h/db?pool=", "pool must be a number from 1 to 64" },
+      { "postgres://u:s3cret@[::1]x/db", 'unexpected character "x" at position %d+ in URI %(expected ":" or "/"%)$' },
       { "postgres://u:s3cret@h1,h2/db", "several hosts are not supported" },
-      { "postgres://u:s3cret@[::1/db", "unclosed %[ in the host" },
+      { "postgres://u:s3cret@[::1/db", 'end of string reached when looking for matching "%]" in IPv6 host address in URI$' },
       { "postgres://u:s3cret@h/db?pool=100", "pool must be a number from 1 to 64" },
       { "postgres://u:s3cret@h/db?connect_timeout=-1", "connect_timeout must be a positive number" },
-      { "postgres://u:s3cret@h/db?novalue", "query parameter 'novalue' is not key=value" },
+      { "postgres://u:s3cret@h/db?novalue", 'missing key/value separator "=" in URI query parameter: "novalue"' },
       { "sqlite:", "no file path after 'sqlite:'" },
       { "mysql://u:s3cret@h/db", "unsupported database URL 'mysql://u:%*%*%*@h/db' %(use sqlite:PATH or postgres://" },
       { "factory.db", "unsupported database URL 'factory.db'" },
@@ -92,7 +131,8 @@ describe("db url", function()
         assert.equal("EURL", code)
         assert.matches("^EURL: ", err)
         assert.matches(c[2], err)
-        assert.falsy(err:find("s3cret", 1, true), "password shown: " .. err)
+        -- the password raw, decoded, or in part
+        assert.falsy(err:find("cret", 1, true), "password shown: " .. err)
         assert.falsy(err:find("\n"))
       else
         assert.equal("s3,ret", spec.password)
@@ -119,6 +159,13 @@ describe("db url", function()
   it("redacts passwords", function()
     assert.equal("postgres://u:***@h/db", dburl.redact("postgres://u:pw@h/db"))
     assert.equal("postgres://u@h/db", dburl.redact("postgres://u@h/db"))
+    assert.equal("postgres://u:***@h/db?sslmode=disable&password=***&pool=2",
+      dburl.redact("postgres://u:pw@h/db?sslmode=disable&password=pw2&pool=2"))
+    assert.equal("postgres://u:***@h/db?user=a@b", dburl.redact("postgres://u:p?w@h/db?user=a@b"))
+    -- a raw '@' or '/' in the password: all of it is hidden
+    assert.equal("postgres://u:***@h/db", dburl.redact("postgres://u:p@w@h/db"))
+    assert.equal("postgres://u:***@h/db", dburl.redact("postgres://u:p/w@h/db"))
+    assert.equal("postgres://[::1]:5432/db", dburl.redact("postgres://[::1]:5432/db"))
   end)
 end)
 
