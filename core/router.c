@@ -52,6 +52,7 @@
 #include "fiber.h"
 #include "http_client.h"
 
+#include <curl/curl.h>
 #include <jansson.h>
 #include <lauxlib.h>
 #include <math.h>
@@ -1687,9 +1688,9 @@ static void on_head(void *ud, long status, const char *head, size_t len) {
         char *endp;
         double secs = strtod(tmp, &endp);
         if (endp == tmp) {
-            struct tm tm;
-            memset(&tm, 0, sizeof tm);
-            secs = strptime(tmp, "%a, %d %b %Y %H:%M:%S GMT", &tm) ? difftime(timegm(&tm), time(NULL)) : 0;
+            /* An HTTP-date, in any of the three forms RFC 9110 says a recipient must read. */
+            time_t at = curl_getdate(tmp, NULL);
+            secs = at >= 0 ? difftime(at, time(NULL)) : 0;
         }
         c->retry_after = secs > 0 ? secs : 0;
     }

@@ -280,6 +280,12 @@ describe("router", function()
   local faults = {
     { name = "429 with Retry-After is retried after the delay", script = { { status = 429, retry_after = 1 } },
       alias = "solo", ok = true, sent = 2, min = 0.9, max = 3 },
+    { name = "429 with Retry-After as an HTTP-date is retried at that time", alias = "solo", ok = true, sent = 2,
+      script = function() return { { status = 429, retry_after = os.date("!%a, %d %b %Y %H:%M:%S GMT", os.time() + 2) } } end,
+      min = 0.9, max = 3.5 },
+    { name = "429 with Retry-After as an obsolete RFC 850 date is read too", alias = "solo", ok = true, sent = 2,
+      script = function() return { { status = 429, retry_after = os.date("!%A, %d-%b-%y %H:%M:%S GMT", os.time() + 2) } } end,
+      min = 0.9, max = 3.5 },
     { name = "500 is retried", script = { { status = 500 } }, alias = "solo", ok = true, sent = 2 },
     { name = "503 three times falls back to the next entry", alias = "chain", ok = true, provider = "b",
       script = { { status = 503 }, { status = 503 }, { status = 503 } }, sent = 4 },
@@ -319,7 +325,8 @@ describe("router", function()
   for _, f in ipairs(faults) do
     it("fault: " .. f.name, function()
       if f.limits then configure{ limits = f.limits } end
-      fake:script(f.script or {})
+      -- A script that names a moment (an HTTP-date) is made when its test starts.
+      fake:script(type(f.script) == "function" and f.script() or f.script or {})
       local t0 = time.monotonic()
       local res, err, code = router.chat(hello(f.alias, { stream = f.stream or nil }))
       if res and f.stream then
