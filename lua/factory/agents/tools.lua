@@ -13,8 +13,9 @@
 --   box:write_file(path, text) -> "wrote N bytes to PATH"
 --   box:edit_file(path, old, new) -> "edited PATH"   (old must occur exactly once)
 --   box:list_dir([path]) -> { "name", "dir/", ... }
---   box:grep(pattern [, path [, fixed]]) -> "path:line:text\n..."   (Lua pattern; a
---       pattern that does not compile, or fixed = true, is matched as plain text)
+--   box:grep(pattern [, path [, fixed]]) -> "path:line:text\n..."   (a POSIX extended
+--       regular expression, as `grep -E` reads it, from the C library; fixed = true:
+--       plain text; a pattern that does not compile is an EINVAL with the reason)
 --   box:run_command(argv | "shell text") -> { code, signal, timed_out, truncated, stdout, stderr }
 --   box:finish(task_result) -> "finished"; box.result is the TaskResult
 --   box:call(name, args) -> the tool with named arguments (the model's JSON object)
@@ -33,6 +34,7 @@
 -- worktree's root), so a component swapped for a link between the check and the
 -- use (by a process left running by run_command) still cannot lead out.
 local fs = require "factory.core.fs"
+local regex = require "factory.core.regex"
 local env = require "factory.core.env"
 local proc = require "factory.proc"
 local json = require "factory.json"
@@ -234,7 +236,11 @@ function Box:grep(pattern, path, fixed)
   if type(pattern) ~= "string" or pattern == "" then return fail("EINVAL", "grep: pattern must be a non-empty string") end
   local full, rel, code = self:resolve(path or ".")
   if not full then return nil, rel, code end
-  local plain = fixed and true or not pcall(string.find, "", pattern)
+  local re, rerr
+  if not fixed then
+    re, rerr = regex.compile(pattern)
+    if not re then return fail("EINVAL", "grep: bad regular expression '" .. pattern .. "': " .. rerr) end
+  end
   local out, bytes, matches, cut = {}, 0, 0, false
   local function scan(file, name)
     local st = fs.stat(file)
@@ -244,7 +250,7 @@ function Box:grep(pattern, path, fixed)
     local n = 0
     for line in (text .. "\n"):gmatch("([^\n]*)\n") do
       n = n + 1
-      if line:find(pattern, 1, plain) then
+      if (re and re:find(line)) or (not re and line:find(pattern, 1, true)) then
         local entry = ("%s:%d:%s"):format(name, n, #line > 300 and line:sub(1, 300) .. "..." or line)
         if matches >= MAX_GREP_MATCHES or bytes + #entry > MAX_GREP_BYTES then cut = true return end
         out[#out + 1], bytes, matches = entry, bytes + #entry + 1, matches + 1
@@ -267,6 +273,7 @@ function Box:grep(pattern, path, fixed)
   end
   local st = fs.stat(full, true)
   if st and st.type == "directory" then walk(full, rel) else scan(full, rel) end
+  if re then re:close() end
   if cut then out[#out + 1] = ("[output cut at %d matches / %d bytes]"):format(matches, bytes) end
   if #out == 0 then return "no matches" end
   return table.concat(out, "\n")
@@ -361,7 +368,8 @@ M.SCHEMAS = {
   fn("edit_file", "Replace the one occurrence of `old` (exact text) in a file with `new`.",
      { path = S, old = S, new = S }, { "path", "old", "new" }),
   fn("list_dir", "List a directory of the worktree (directories end with /).", { path = S }, {}),
-  fn("grep", "Search files for a Lua pattern (or plain text with fixed=true); prints path:line:text.",
+  fn("grep", "Search files for a regular expression (POSIX extended, as grep -E; plain text with fixed=true);"
+     .. " prints path:line:text.",
      { pattern = S, path = S, fixed = { type = "boolean" } }, { "pattern" }),
   fn("run_command", "Run a shell command in the worktree (no network credentials, time-limited).",
      { command = S }, { "command" }),
