@@ -291,6 +291,14 @@ Orch.__index = Orch
 
 function M.new(o)
   if type(o) ~= "table" or not o.db then error("orchestrator.new: expected { db =, repo = }", 2) end
+  -- The same limits as factory.lua's agents section, refused the same way rather
+  -- than silently replaced by a default.
+  local valid, why = pool.check{ max_concurrent = o.max_concurrent, cooldown = o.cooldown,
+                                 daily_iterations = o.daily_iterations }
+  if not valid then error("orchestrator.new: " .. why:gsub("^agents%.", ""), 2) end
+  if o.max_attempts ~= nil and (type(o.max_attempts) ~= "number" or o.max_attempts < 1 or o.max_attempts % 1 ~= 0) then
+    error("orchestrator.new: max_attempts: expected a whole number of at least 1, got " .. tostring(o.max_attempts), 2)
+  end
   local r, err, code = open_repo(o.repo)
   if not r then return nil, err, code end
   local repo_path = strip(r:path())
@@ -306,10 +314,10 @@ function M.new(o)
   local rand = math.random(1, 1e9)
   local self = setmetatable({
     db = o.db, repo = r, repo_path = repo_path, root = root,
-    max_concurrent = math.max(1, tonumber(o.max_concurrent) or 4),
-    cooldown = tonumber(o.cooldown) or 0,
-    daily_iterations = o.daily_iterations and tonumber(o.daily_iterations),
-    max_attempts = math.max(1, tonumber(o.max_attempts) or 3),
+    max_concurrent = o.max_concurrent or pool.DEFAULTS.max_concurrent,
+    cooldown = o.cooldown or pool.DEFAULTS.cooldown,
+    daily_iterations = o.daily_iterations,
+    max_attempts = o.max_attempts or 3,
     base = o.base, prefix = o.prefix or "agent", timeout = o.timeout, lock_ttl = o.lock_ttl,
     commit = o.commit ~= false, author = o.author or M.DEFAULT_AUTHOR, on_event = o.on_event,
     owner = ("%s:%d:%d"):format(HOST, pid, rand),

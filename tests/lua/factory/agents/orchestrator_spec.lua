@@ -430,6 +430,20 @@ describe("orchestrator", function()
     orch2:close()
   end)
 
+  it("refuses bad pool limits with the setting named, instead of a silent default", function()
+    for _, case in ipairs{
+      { { max_concurrent = 0 }, "max_concurrent" }, { { max_concurrent = "4" }, "max_concurrent" },
+      { { cooldown = -1 }, "cooldown" }, { { daily_iterations = 1.5 }, "daily_iterations" },
+      { { max_attempts = 0 }, "max_attempts" },
+    } do
+      local o = { db = d, repo = repo_dir, worktree_root = wt_root }
+      for k, v in pairs(case[1]) do o[k] = v end
+      local ok, err = pcall(orchestrator.new, o)
+      assert.equal(false, ok)
+      assert.matches("orchestrator.new: " .. case[2], tostring(err))
+    end
+  end)
+
   it("keeps the cooldown between starts and the pool limit", function()
     local orch = assert(orchestrator.new{ db = d, repo = repo_dir, worktree_root = wt_root, max_concurrent = 2,
                                           cooldown = 0.25 })
