@@ -47,6 +47,7 @@
 #include <sys/socket.h>
 
 #define CONN_MT "factory.pg"
+#define CONNINFO_MT "factory.pg.conninfo"
 #define MAX_KW 32
 
 /* Type OIDs from the server's pg_type.h (stable across versions). */
@@ -623,6 +624,25 @@ static int pg_connect(lua_State *L) {
     return fb_await(L, f, abort_connect, c, timeout);
 }
 
+/* What PQconninfoParse returned, owned by a userdata until it is freed: building the
+ * Lua result can raise (out of memory), and the __gc then frees it. */
+typedef struct {
+    PQconninfoOption *opts;
+    char *errmsg;
+} conninfo_box;
+
+static void conninfo_box_free(conninfo_box *b) {
+    if (b->opts) PQconninfoFree(b->opts);
+    if (b->errmsg) PQfreemem(b->errmsg);
+    b->opts = NULL;
+    b->errmsg = NULL;
+}
+
+static int conninfo_box_gc(lua_State *L) {
+    conninfo_box_free((conninfo_box *)luaL_checkudata(L, 1, CONNINFO_MT));
+    return 0;
+}
+
 /* libpq's own URI parser, so factory.db.url reads URIs exactly as libpq would: only
  * the keywords the URI sets (no defaults from the environment). The message is
  * libpq's, on one line; it may quote any part of the URI, the password included, so
@@ -635,26 +655,30 @@ static int pg_conninfo(lua_State *L) {
         lua_pushliteral(L, "the URI contains a NUL byte");
         return 2;
     }
-    char *errmsg = NULL;
-    PQconninfoOption *opts = PQconninfoParse(uri, &errmsg);
-    if (!opts) {
+    conninfo_box *b = (conninfo_box *)lua_newuserdata(L, sizeof *b);
+    b->opts = NULL;
+    b->errmsg = NULL;
+    luaL_getmetatable(L, CONNINFO_MT);
+    lua_setmetatable(L, -2);
+    b->opts = PQconninfoParse(uri, &b->errmsg);
+    if (!b->opts) {
         lua_pushnil(L);
-        if (errmsg) {
-            one_line(errmsg);
-            lua_pushstring(L, errmsg);
-            PQfreemem(errmsg);
+        if (b->errmsg) {
+            one_line(b->errmsg);
+            lua_pushstring(L, b->errmsg);
         } else {
             lua_pushliteral(L, "out of memory");
         }
+        conninfo_box_free(b);
         return 2;
     }
     lua_newtable(L);
-    for (const PQconninfoOption *o = opts; o->keyword; o++) {
+    for (const PQconninfoOption *o = b->opts; o->keyword; o++) {
         if (!o->val) continue;
         lua_pushstring(L, o->val);
         lua_setfield(L, -2, o->keyword);
     }
-    PQconninfoFree(opts);
+    conninfo_box_free(b);
     return 1;
 }
 
@@ -853,6 +877,11 @@ int luaopen_factory_core_db_pg(lua_State *L) {
         lua_setfield(L, -2, "__gc");
         lua_pushcfunction(L, pg_tostring);
         lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, CONNINFO_MT)) {
+        lua_pushcfunction(L, conninfo_box_gc);
+        lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);
     lua_newtable(L);
