@@ -19,12 +19,17 @@
 #include "fiber.h"
 
 #include <git2.h>
+#include <git2/sys/repository.h>
 #include <lauxlib.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define REPO_MT "factory.git.repo"
 #define SENTINEL_MT "factory.git.sentinel"
@@ -188,6 +193,186 @@ static void mkdir_parents(const char *path) {
     free(p);
 }
 
+/* ---- worktree fast paths ----------------------------------------------------
+ * In a checkout libgit2 looks up attributes for every file it writes (for the crlf
+ * and ident filters), resolving the file's real path each time; and a status
+ * re-hashes, with the same lookups, every file written in the index's own
+ * timestamp tick (racy git): all of a fresh checkout. That work is most of a
+ * worktree's create+remove. The helpers below skip it only where it cannot change
+ * the outcome. */
+
+static int file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* Whether a directory of one of libgit2's search paths (a ':'-separated list)
+ * holds a file named name; 1 too when the list cannot be read. */
+static int search_path_has(int level, const char *name) {
+    git_buf dirs = {0};
+    if (git_libgit2_opts(GIT_OPT_GET_SEARCH_PATH, level, &dirs) < 0) return 1;
+    int found = 0;
+    for (const char *p = dirs.ptr; p && *p && !found;) {
+        const char *end = strchr(p, GIT_PATH_LIST_SEPARATOR);
+        int n = end ? (int)(end - p) : (int)strlen(p);
+        char path[4096];
+        if (n > 0 && snprintf(path, sizeof path, "%.*s/%s", n, p, name) < (int)sizeof path)
+            found = file_exists(path);
+        p = end ? end + 1 : NULL;
+    }
+    git_buf_dispose(&dirs);
+    return found;
+}
+
+static int is_attributes_entry(const char *root, const git_tree_entry *e, void *found) {
+    (void)root;
+    if (strcasecmp(git_tree_entry_name(e), ".gitattributes") != 0) return 0;
+    *(int *)found = 1;
+    return -1;
+}
+
+/* Whether checking out commit could pass a file through a filter: only an
+ * attributes file (a .gitattributes in the tree, $GIT_COMMON_DIR/info/attributes,
+ * core.attributesFile or its XDG default, the system gitattributes) or a
+ * core.autocrlf other than false turns on the crlf or ident filter. 1 when unsure. */
+static int filters_may_apply(git_repository *repo, git_commit *commit) {
+    int may = 0;
+    git_config *cfg = NULL;
+    if (git_repository_config_snapshot(&cfg, repo) < 0) return 1;
+    git_config_entry *e = NULL;
+    if (git_config_get_entry(&e, cfg, "core.autocrlf") == 0) {
+        int on = 1;
+        may = git_config_parse_bool(&on, e->value) < 0 || on;
+        git_config_entry_free(e);
+    }
+    if (!may && git_config_get_entry(&e, cfg, "core.attributesfile") == 0) {
+        may = 1;
+        git_config_entry_free(e);
+    }
+    git_config_free(cfg);
+    git_buf info = {0};
+    if (!may) {
+        char path[4096];
+        may = git_repository_item_path(&info, repo, GIT_REPOSITORY_ITEM_INFO) < 0 ||
+              snprintf(path, sizeof path, "%s/attributes", info.ptr) >= (int)sizeof path || file_exists(path);
+        git_buf_dispose(&info);
+    }
+    if (!may) may = search_path_has(GIT_CONFIG_LEVEL_XDG, "attributes") ||
+                    search_path_has(GIT_CONFIG_LEVEL_SYSTEM, "gitattributes");
+    git_tree *tree = NULL;
+    if (!may) {
+        int found = 0;
+        may = git_commit_tree(&tree, commit) < 0 ||
+              (git_tree_walk(tree, GIT_TREEWALK_PRE, is_attributes_entry, &found) < 0 && !found) || found;
+        git_tree_free(tree);
+    }
+    git_error_clear();
+    return may;
+}
+
+/* The regular files under the directory open as fd (closed here), not counting
+ * the top-level .git; -1 when anything else is there or it cannot be read. */
+static long count_files(int fd, int top, int depth) {
+    DIR *d = depth > 256 ? NULL : fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return -1;
+    }
+    long n = 0;
+    struct dirent *de;
+    while (n >= 0 && (de = readdir(d))) {
+        const char *name = de->d_name;
+        if (!strcmp(name, ".") || !strcmp(name, "..") || (top && !strcmp(name, ".git"))) continue;
+        unsigned char type = de->d_type;
+        struct stat st;
+        if (type == DT_UNKNOWN) {
+            if (fstatat(dirfd(d), name, &st, AT_SYMLINK_NOFOLLOW) < 0) break;
+            type = S_ISREG(st.st_mode) ? DT_REG : S_ISDIR(st.st_mode) ? DT_DIR : DT_LNK;
+        }
+        if (type == DT_REG) {
+            n++;
+        } else if (type == DT_DIR) {
+            int sub = openat(dirfd(d), name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            long k = sub < 0 ? -1 : count_files(sub, 0, depth + 1);
+            n = k < 0 ? -1 : n + k;
+        } else {
+            n = -1;
+        }
+    }
+    closedir(d);
+    return n;
+}
+
+static int same_time(const git_index_time *t, const struct timespec *ts) {
+    return t->seconds == (int32_t)ts->tv_sec && t->nanoseconds == (uint32_t)ts->tv_nsec;
+}
+
+/* Whether index entry e describes the regular file at path: its stat data match,
+ * and, when it was written in the index's own timestamp tick (written at of the
+ * index file), its bytes hash to e's blob. */
+static int entry_matches(const git_index_entry *e, const char *path, const struct timespec *written) {
+    struct stat st;
+    if (lstat(path, &st) < 0 || !S_ISREG(st.st_mode) || (st.st_mode & 0100) != (e->mode & 0100) ||
+        (uint32_t)st.st_size != e->file_size || !same_time(&e->mtime, &st.st_mtim) ||
+        !same_time(&e->ctime, &st.st_ctim) || (uint32_t)st.st_ino != e->ino ||
+        (uint32_t)st.st_uid != e->uid || (uint32_t)st.st_gid != e->gid)
+        return 0;
+    int racy = e->mtime.seconds > (int32_t)written->tv_sec ||
+               (e->mtime.seconds == (int32_t)written->tv_sec && e->mtime.nanoseconds >= (uint32_t)written->tv_nsec);
+    if (!racy) return 1;
+    git_oid oid;
+    return git_odb_hashfile(&oid, path, GIT_OBJECT_BLOB) == 0 && git_oid_equal(&oid, &e->id);
+}
+
+/* Whether idx differs from HEAD's tree (a staged change), or that is unknown: a
+ * tree-to-index diff, which reads no file of the working tree. */
+static int index_changed(git_repository *wr, git_index *idx) {
+    git_object *head = NULL;
+    if (git_revparse_single(&head, wr, "HEAD^{tree}") < 0) return 1;
+    git_diff_options o;
+    git_diff_options_init(&o, GIT_DIFF_OPTIONS_VERSION);
+    o.flags = GIT_DIFF_IGNORE_SUBMODULES;
+    git_diff *diff = NULL;
+    int changed = git_diff_tree_to_index(&diff, wr, (git_tree *)head, idx, &o) < 0 || git_diff_num_deltas(diff) > 0;
+    git_diff_free(diff);
+    git_object_free(head);
+    return changed;
+}
+
+/* Whether worktree repository wr certainly holds nothing that removing it would
+ * lose: nothing is staged, every index entry is a regular file it describes
+ * (entry_matches) and there is no other file. Its bytes being the entry's blob is
+ * what counts, so a racy file is hashed as it is, without filters. 0 when not
+ * shown clean here: the caller then asks libgit2's full status, which also knows
+ * ignored files. */
+static int wt_clean_quick(git_repository *wr) {
+    git_index *idx = NULL;
+    const char *wd = git_repository_workdir(wr);
+    if (!wd || git_repository_index(&idx, wr) < 0 || index_changed(wr, idx)) {
+        git_index_free(idx);
+        git_error_clear();
+        return 0;
+    }
+    struct stat ist;
+    int clean = !git_index_has_conflicts(idx) && git_index_path(idx) && stat(git_index_path(idx), &ist) == 0;
+    size_t n = git_index_entrycount(idx);
+    char path[4096];
+    for (size_t i = 0; clean && i < n; i++) {
+        const git_index_entry *e = git_index_get_byindex(idx, i);
+        clean = (e->mode == GIT_FILEMODE_BLOB || e->mode == GIT_FILEMODE_BLOB_EXECUTABLE) &&
+                !(e->flags & GIT_INDEX_ENTRY_VALID) && !(e->flags_extended & GIT_INDEX_ENTRY_SKIP_WORKTREE) &&
+                snprintf(path, sizeof path, "%s%s", wd, e->path) < (int)sizeof path &&
+                entry_matches(e, path, &ist.st_mtim);
+    }
+    git_index_free(idx);
+    if (clean) {
+        int fd = open(wd, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        clean = fd >= 0 && count_files(fd, 1, 0) == (long)n;
+    }
+    git_error_clear();
+    return clean;
+}
+
 static int gj_wt_add(git_job *j, git_repository *repo) {
     const char *name = j->s1, *path = j->s2, *base = j->s3 ? j->s3 : "HEAD";
     git_worktree *wt = NULL;
@@ -199,12 +384,14 @@ static int gj_wt_add(git_job *j, git_repository *repo) {
     if (gj_resolve_commit(j, repo, base, &c) < 0) return -1;
     git_reference *branch = NULL;
     int rc = git_branch_create(&branch, repo, name, c, 0);
+    int filtered = rc < 0 || filters_may_apply(repo, c);
     git_commit_free(c);
     if (rc == GIT_EEXISTS) return gj_failf(j, "EEXISTS", "branch '%s' already exists", name);
     if (rc < 0) return gj_fail(j, rc, name);
     git_worktree_add_options o;
     git_worktree_add_options_init(&o, GIT_WORKTREE_ADD_OPTIONS_VERSION);
     o.ref = branch;
+    o.checkout_options.disable_filters = !filtered;
     mkdir_parents(path);
     rc = git_worktree_add(&wt, repo, name, path, &o);
     if (rc < 0) {
@@ -256,10 +443,17 @@ static int gj_wt_list(git_job *j, git_repository *repo) {
 }
 
 /* Whether the worktree has changes, tracked or untracked: 1, 0, or -1 (failed). */
-static int gj_wt_dirty(git_job *j, git_worktree *wt) {
+static int gj_wt_dirty(git_job *j, git_repository *repo, git_worktree *wt) {
     git_repository *wr = NULL;
     int rc = git_repository_open_from_worktree(&wr, wt);
     if (rc < 0) return 0; /* its directory is gone: nothing to lose */
+    git_odb *odb = NULL;
+    if (git_repository_odb(&odb, repo) == 0) git_repository_set_odb(wr, odb); /* its cache is warm */
+    git_odb_free(odb);
+    if (wt_clean_quick(wr)) {
+        git_repository_free(wr);
+        return 0;
+    }
     git_status_options o;
     git_status_options_init(&o, GIT_STATUS_OPTIONS_VERSION);
     o.flags = GIT_STATUS_OPT_INCLUDE_UNTRACKED | GIT_STATUS_OPT_EXCLUDE_SUBMODULES;
@@ -280,7 +474,7 @@ static int gj_wt_remove(git_job *j, git_repository *repo) {
             git_worktree_free(wt);
             return gj_failf(j, "ELOCKED", "worktree '%s' is locked (use force)", j->s1);
         }
-        int dirty = gj_wt_dirty(j, wt);
+        int dirty = gj_wt_dirty(j, repo, wt);
         if (dirty) {
             git_worktree_free(wt);
             return dirty < 0 ? -1 : gj_failf(j, "EDIRTY", "worktree '%s' has changes (use force)", j->s1);

@@ -201,6 +201,128 @@ describe("git worktrees", function()
     repo:close()
   end)
 
+  it("checks out line endings and ident exactly as the CLI does, whatever turns the filters on", function()
+    -- Filters are skipped when no attributes and no core.autocrlf can apply;
+    -- each source that can apply must still turn them on.
+    local cases = {
+      none = function() end,
+      tree = function(dir, repo)
+        assert(fs.write(dir .. "/.gitattributes", "*.txt eol=crlf\n*.c ident\n"))
+        assert(repo:add_all())
+        assert(repo:commit("attributes", { author = ME }))
+      end,
+      nested = function(dir, repo)
+        assert(fs.write(dir .. "/src/.gitattributes", "*.c eol=crlf\n"))
+        assert(repo:add_all())
+        assert(repo:commit("attributes", { author = ME }))
+      end,
+      info = function(dir)
+        assert(fs.mkdir_p(dir .. "/.git/info"))
+        assert(fs.write(dir .. "/.git/info/attributes", "*.txt eol=crlf\n"))
+      end,
+      autocrlf = function(dir) cli(dir, "config", "core.autocrlf", "true") end,
+    }
+    local converted = { tree = { "a.txt" }, nested = { "src/b.c" }, info = { "a.txt" },
+                        autocrlf = { "a.txt", "src/b.c" } }
+    for name, setup in pairs(cases) do
+      local dir = root .. "/" .. name
+      local repo = assert(git.init(dir))
+      assert(fs.write(dir .. "/a.txt", "one\ntwo\n"))
+      assert(fs.mkdir_p(dir .. "/src"))
+      assert(fs.write(dir .. "/src/b.c", "/* $Id$ */\nint b;\n"))
+      assert(repo:add_all())
+      assert(repo:commit("initial", { author = ME }))
+      setup(dir, repo)
+      assert(repo:worktree_add("lib", root .. "/" .. name .. "-lib", { base = "main" }))
+      cli(dir, "worktree", "add", "-q", "-b", "cli", root .. "/" .. name .. "-cli", "main")
+      for _, f in ipairs { "a.txt", "src/b.c" } do
+        assert.equal(fs.read(root .. "/" .. name .. "-cli/" .. f), fs.read(root .. "/" .. name .. "-lib/" .. f),
+          name .. ": " .. f)
+      end
+      for _, f in ipairs(converted[name] or {}) do
+        assert.contains("\r\n", fs.read(root .. "/" .. name .. "-lib/" .. f), name .. ": " .. f)
+      end
+      if name == "tree" then assert.contains("$Id: ", fs.read(root .. "/tree-lib/src/b.c")) end
+      if name == "none" then assert.equal("one\ntwo\n", fs.read(root .. "/none-lib/a.txt")) end
+      local wt = assert(git.open(root .. "/" .. name .. "-lib"))
+      assert.same({}, wt:status(), name)
+      wt:close()
+      assert(repo:worktree_remove("lib"), name)
+      repo:close()
+    end
+  end)
+
+  it("remove refuses exactly what `git worktree remove` refuses", function()
+    local repo, dir = new_repo()
+    assert(fs.write(dir .. "/.gitignore", "*.log\n"))
+    assert(repo:add_all())
+    assert(repo:commit("ignore logs", { author = ME }))
+    local function sh(...)
+      local res = assert(proc.run{ argv = { ... } })
+      assert.equal(0, res.code, table.concat({ ... }, " ") .. ": " .. (res.stderr or ""))
+    end
+    -- Each case changes a fresh worktree (path) whose admin directory is admin.
+    local cases = {
+      { "nothing changed", true, function() end },
+      { "a tracked file edited, its size and mtime kept", false, function(path)
+          sh("cp", "-p", path .. "/a.txt", path .. "/../a.ref")
+          assert(fs.write(path .. "/a.txt", "ONE\ntwo\nthree\n"))
+          sh("touch", "-r", path .. "/../a.ref", path .. "/a.txt")
+        end },
+      { "a tracked file grown", false, function(path) assert(fs.append(path .. "/a.txt", "four\n")) end },
+      { "a tracked file deleted", false, function(path) assert(fs.remove(path .. "/src/b.c")) end },
+      { "a tracked file made executable", false, function(path) sh("chmod", "+x", path .. "/a.txt") end },
+      { "an untracked file", false, function(path) assert(fs.write(path .. "/src/new.c", "int n;\n")) end },
+      { "an untracked symlink", false, function(path) sh("ln", "-s", "a.txt", path .. "/link") end },
+      { "an ignored file", true, function(path) assert(fs.write(path .. "/src/debug.log", "x\n")) end },
+      { "an empty directory", true, function(path) assert(fs.mkdir_p(path .. "/empty")) end },
+      { "an edit staged, the file as staged", false, function(path)
+          assert(fs.write(path .. "/a.txt", "staged\n"))
+          local wt = assert(git.open(path))
+          assert(wt:add({ "a.txt" }))
+          wt:close()
+        end },
+      { "a new file staged", false, function(path)
+          assert(fs.write(path .. "/staged.c", "int s;\n"))
+          local wt = assert(git.open(path))
+          assert(wt:add({ "staged.c" }))
+          wt:close()
+        end },
+      { "work committed on the branch", true, function(path)
+          assert(fs.write(path .. "/done.c", "int d;\n"))
+          local wt = assert(git.open(path))
+          assert(wt:add_all())
+          assert(wt:commit("done", { author = ME }))
+          wt:close()
+        end },
+      { "files as old as the index (racy: hashed)", true, function(_, admin)
+          sh("touch", "-d", "2000-01-01 00:00:00", admin .. "/index")
+        end },
+    }
+    for i, case in ipairs(cases) do
+      local label, removable, change = case[1], case[2], case[3]
+      local lib, byc = root .. "/wt/lib" .. i, root .. "/wt/cli" .. i
+      assert(repo:worktree_add("lib" .. i, lib, { base = "main" }))
+      cli(dir, "worktree", "add", "-q", "-b", "cli" .. i, byc, "main")
+      change(lib, dir .. "/.git/worktrees/lib" .. i)
+      change(byc, dir .. "/.git/worktrees/cli" .. i)
+      local res = assert(proc.run{ argv = { "git", "worktree", "remove", byc }, cwd = dir,
+        env = { PATH = os.getenv("PATH") or "/usr/bin:/bin", HOME = root, GIT_CONFIG_NOSYSTEM = "1" } })
+      assert.equal(removable, res.code == 0, "the CLI on: " .. label)
+      local ok, err, code = repo:worktree_remove("lib" .. i)
+      if removable then
+        assert.equal(true, ok, label .. ": " .. tostring(err))
+        assert.equal(false, fs.exists(lib), label)
+      else
+        assert.is_nil(ok, label)
+        assert.equal("EDIRTY", code, label)
+        assert.equal(true, fs.exists(lib .. "/.git"), label)
+        assert(repo:worktree_remove("lib" .. i, { force = true }))
+      end
+    end
+    repo:close()
+  end)
+
   it("deletes a branch, not one that is checked out", function()
     local repo, dir = new_repo()
     assert(repo:worktree_add("busy", root .. "/wt/busy"))
