@@ -286,7 +286,10 @@ static long count_files(int fd, int top, int depth) {
         unsigned char type = de->d_type;
         struct stat st;
         if (type == DT_UNKNOWN) {
-            if (fstatat(dirfd(d), name, &st, AT_SYMLINK_NOFOLLOW) < 0) break;
+            if (fstatat(dirfd(d), name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                n = -1;
+                break;
+            }
             type = S_ISREG(st.st_mode) ? DT_REG : S_ISDIR(st.st_mode) ? DT_DIR : DT_LNK;
         }
         if (type == DT_REG) {
@@ -308,8 +311,8 @@ static int same_time(const git_index_time *t, const struct timespec *ts) {
 }
 
 /* Whether index entry e describes the regular file at path: its stat data match,
- * and, when it was written in the index's own timestamp tick (written at of the
- * index file), its bytes hash to e's blob. */
+ * and, when the file is not older than the index (written: the index file's
+ * mtime), its bytes hash to e's blob. */
 static int entry_matches(const git_index_entry *e, const char *path, const struct timespec *written) {
     struct stat st;
     if (lstat(path, &st) < 0 || !S_ISREG(st.st_mode) || (st.st_mode & 0100) != (e->mode & 0100) ||
