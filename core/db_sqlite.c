@@ -42,13 +42,6 @@
  * every commit, so a stage result or queue completion that was reported committed is
  * never lost. The price is one fsync per transaction.
  *
- * Full-text ranking: every connection has factory_bm25(fts_table [, weight...]), an
- * FTS5 auxiliary function giving exactly FTS5's bm25() scores for less work. bm25()
- * first counts the rows matching each phrase of the query, one index lookup each,
- * though a phrase that no ranked row contains adds nothing to any score. A recall
- * query is many words of which a few occur in the memory at all, so
- * factory_bm25 counts a phrase's rows only once a ranked row contains it.
- *
  * Values: INTEGER -> integer, REAL -> number, TEXT and BLOB -> string, NULL -> key
  * absent; a column declared BOOLEAN -> boolean. Columns declared JSON/JSONB come back
  * as strings and are listed in meta.json for the Lua layer to decode.
@@ -241,100 +234,6 @@ static void make_parent(const char *path) {
     free(dir);
 }
 
-/* ---- full-text ranking ---------------------------------------------------------- */
-
-/* One query's ranking state, kept as the function's auxiliary data. */
-typedef struct {
-    int nphrase;
-    double rows, avgdl;
-    double *idf;  /* per phrase; < 0 until a ranked row contains the phrase */
-    double *freq; /* the current row's weighted count of each phrase */
-} rank_data;
-
-static int count_row(const Fts5ExtensionApi *api, Fts5Context *fts, void *n) {
-    (void)api;
-    (void)fts;
-    ++*(sqlite3_int64 *)n;
-    return SQLITE_OK;
-}
-
-static rank_data *rank_start(const Fts5ExtensionApi *api, Fts5Context *fts, int *rc) {
-    rank_data *d = (rank_data *)api->xGetAuxdata(fts, 0);
-    if (d) return d;
-    int n = api->xPhraseCount(fts);
-    d = (rank_data *)sqlite3_malloc64(sizeof *d + 2 * (size_t)n * sizeof(double));
-    if (!d) {
-        *rc = SQLITE_NOMEM;
-        return NULL;
-    }
-    d->nphrase = n;
-    d->idf = (double *)(d + 1);
-    d->freq = d->idf + n;
-    for (int i = 0; i < n; i++) d->idf[i] = -1;
-    sqlite3_int64 rows = 0, tokens = 0;
-    *rc = api->xRowCount(fts, &rows);
-    if (*rc == SQLITE_OK) *rc = api->xColumnTotalSize(fts, -1, &tokens);
-    if (*rc != SQLITE_OK) {
-        sqlite3_free(d);
-        return NULL;
-    }
-    d->rows = (double)rows;
-    d->avgdl = (double)tokens / (double)rows;
-    /* On failure xSetAuxdata frees d itself. */
-    *rc = api->xSetAuxdata(fts, d, sqlite3_free);
-    return *rc == SQLITE_OK ? d : NULL;
-}
-
-/* BM25 as FTS5's bm25() computes it (k1 = 1.2, b = 0.75, an IDF of at least 1e-6,
- * optional per-column weights, the score negated so that better sorts first), term
- * by term in the same order: a phrase the row does not contain adds exactly 0. */
-static void factory_bm25(const Fts5ExtensionApi *api, Fts5Context *fts, sqlite3_context *ctx, int nval,
-                         sqlite3_value **val) {
-    const double k1 = 1.2, b = 0.75;
-    int rc = SQLITE_OK;
-    rank_data *d = rank_start(api, fts, &rc);
-    if (!d) {
-        sqlite3_result_error_code(ctx, rc);
-        return;
-    }
-    int ninst = 0, ntokens = 0;
-    memset(d->freq, 0, (size_t)d->nphrase * sizeof(double));
-    rc = api->xInstCount(fts, &ninst);
-    for (int i = 0; rc == SQLITE_OK && i < ninst; i++) {
-        int phrase, col, off;
-        rc = api->xInst(fts, i, &phrase, &col, &off);
-        if (rc == SQLITE_OK) d->freq[phrase] += nval > col ? sqlite3_value_double(val[col]) : 1.0;
-    }
-    if (rc == SQLITE_OK) rc = api->xColumnSize(fts, -1, &ntokens);
-    double score = 0, len = (double)ntokens;
-    for (int i = 0; rc == SQLITE_OK && i < d->nphrase; i++) {
-        if (d->freq[i] == 0) continue;
-        if (d->idf[i] < 0) {
-            sqlite3_int64 hits = 0;
-            rc = api->xQueryPhrase(fts, i, &hits, count_row);
-            double idf = log((d->rows - (double)hits + 0.5) / ((double)hits + 0.5));
-            d->idf[i] = idf <= 0.0 ? 1e-6 : idf;
-        }
-        score += d->idf[i] * ((d->freq[i] * (k1 + 1.0)) / (d->freq[i] + k1 * (1 - b + b * len / d->avgdl)));
-    }
-    if (rc == SQLITE_OK) sqlite3_result_double(ctx, -1.0 * score);
-    else sqlite3_result_error_code(ctx, rc);
-}
-
-/* A SQLite built without FTS5 has no fts5() to ask for the API: it opens without
- * factory_bm25, as it could hold no full-text table to rank anyway. */
-static int add_ranking(sqlite3 *db) {
-    fts5_api *fts = NULL;
-    sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(db, "SELECT fts5(?1)", -1, &st, NULL) == SQLITE_OK) {
-        sqlite3_bind_pointer(st, 1, (void *)&fts, "fts5_api_ptr", NULL);
-        sqlite3_step(st);
-    }
-    sqlite3_finalize(st);
-    if (!fts || fts->iVersion < 2) return SQLITE_OK;
-    return fts->xCreateFunction(fts, "factory_bm25", NULL, factory_bm25, NULL);
-}
-
 static void do_open(sq_job *j) {
     sq_conn *c = j->conn;
     if (c->create_dir) make_parent(c->path);
@@ -350,7 +249,6 @@ static void do_open(sq_job *j) {
         rc = sqlite3_exec(c->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
                                  " PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;", NULL, NULL, NULL);
     }
-    if (rc == SQLITE_OK) rc = add_ranking(c->db);
     if (rc == SQLITE_OK) return;
     if ((rc & 0xff) == SQLITE_CANTOPEN && dir_missing(c->path))
         job_fail(j, "ENOENT", "%s: the directory does not exist", c->path);

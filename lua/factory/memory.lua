@@ -85,8 +85,7 @@ local function words(query)
   return out
 end
 
--- SQLite ranks by factory_bm25 (core/db_sqlite.c): FTS5's bm25 scores, without
--- counting the rows of each of the query's words that no matching row contains.
+-- SQLite ranks by FTS5's bm25(), PostgreSQL by ts_rank.
 --
 -- The text a full-text search of ws (words' list) matches.
 local function matching(db, ws)
@@ -108,7 +107,7 @@ local function words_sql(db, banks, ws, limit)
   else
     sql = "SELECT f.bank, f.content FROM memory_facts_fts JOIN memory_facts f ON f.id = memory_facts_fts.rowid"
       .. " WHERE memory_facts_fts MATCH ? AND f.bank IN (" .. marks .. ")"
-      .. " ORDER BY factory_bm25(memory_facts_fts) LIMIT ?"
+      .. " ORDER BY bm25(memory_facts_fts) LIMIT ?"
     for _, b in ipairs(banks) do params[#params + 1] = b end
   end
   params[#params + 1] = limit
@@ -255,7 +254,7 @@ local function find_sql(db, ws, opts)
     sql = sql .. " ORDER BY ts_rank(l.search, to_tsquery('english', ?)) DESC, l.id DESC"
     params[#params + 1] = params[1]
   else
-    sql = sql .. " ORDER BY factory_bm25(learnings_fts), l.id DESC"
+    sql = sql .. " ORDER BY bm25(learnings_fts), l.id DESC"
   end
   params[#params + 1] = opts.limit or 20
   return sql .. " LIMIT ?", params

@@ -65,46 +65,6 @@ describe("sqlite backend", function()
     d:close()
   end)
 
-  it("factory_bm25 scores and orders exactly as FTS5's bm25, weights included", function()
-    local d = assert(db.open("sqlite:" .. temp_path()))
-    assert(d:script("CREATE VIRTUAL TABLE t USING fts5(a, b, tokenize='porter unicode61')"))
-    local vocab = {}
-    for w in ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega tasks task running runs ran")
-        :gmatch("%a+") do
-      vocab[#vocab + 1] = w
-    end
-    local seed = 7
-    local function pick(n) -- a small deterministic generator: the spec must not vary run to run
-      seed = (seed * 1103515245 + 12345) % 2147483648
-      return seed % n + 1
-    end
-    local function text(n)
-      local t = {}
-      for i = 1, n do t[i] = vocab[pick(#vocab)] end
-      return table.concat(t, " ")
-    end
-    assert(d:tx(function(tx)
-      for _ = 1, 150 do assert(tx:exec("INSERT INTO t (a, b) VALUES (?, ?)", { text(pick(12)), text(pick(6) - 1) })) end
-      return true
-    end))
-    local compared = 0
-    for q = 1, 60 do
-      local ws = {}
-      for i = 1, pick(24) do ws[i] = '"' .. (pick(3) == 1 and ("absent" .. q .. "x" .. i) or vocab[pick(#vocab)]) .. '"' end
-      local m = table.concat(ws, " OR ")
-      for _, r in ipairs(assert(d:query("SELECT bm25(t) AS x, factory_bm25(t) AS y, bm25(t, 2.0, 0.5) AS xw,"
-          .. " factory_bm25(t, 2.0, 0.5) AS yw FROM t WHERE t MATCH ?", { m }))) do
-        assert.equal(r.x, r.y)
-        assert.equal(r.xw, r.yw)
-        compared = compared + 1
-      end
-      assert.same(d:query("SELECT rowid FROM t WHERE t MATCH ? ORDER BY rank LIMIT 8", { m }),
-                  d:query("SELECT rowid FROM t WHERE t MATCH ? ORDER BY factory_bm25(t) LIMIT 8", { m }))
-    end
-    assert.truthy(compared > 1000)
-    d:close()
-  end)
-
   it("a missing directory is a one-line ENOENT naming it, and is not created", function()
     local dir = temp_path() .. ".d"
     local d, err, code = db.open("sqlite:" .. dir .. "/factory.db")
