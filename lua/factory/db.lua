@@ -20,7 +20,8 @@
 --       commits: transactions (and db:exec calls) that queue while one runs join its
 --       transaction, each under a savepoint of its own (its failure undoes only its
 --       work), and all return after their one shared COMMIT. When the previous group
---       had several members, a group lingers 1 ms before its COMMIT for more to join.
+--       had several members, a group yields once before its COMMIT, for the fibers
+--       already woken to join it.
 --   db:post(fn, ...)          -> nothing; fn(tx, ...) runs in a transaction soon
 --       A write nobody waits for. On SQLite fn runs in the writer's next group, before
 --       any db:tx, db:exec or db:script that starts after this call (one writer, in
