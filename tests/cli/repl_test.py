@@ -192,6 +192,9 @@ def tty_checks(s, hist_path):
         s.send("12345")
         s.expect("12345")
         s.send("\x03")
+        # The prompt that counts is the one drawn after the interrupt is handled
+        # (the tty echoes ^C first): one drawn earlier still holds the line.
+        s.expect(r"\^C")
         s.expect(PROMPT)
         seen = s.run("7", r"\r\n\d+\r\n")
         return "\r\n7\r\n" in seen, seen
