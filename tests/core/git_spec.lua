@@ -261,6 +261,13 @@ describe("git worktrees", function()
       local res = assert(proc.run{ argv = { ... } })
       assert.equal(0, res.code, table.concat({ ... }, " ") .. ": " .. (res.stderr or ""))
     end
+    -- Writes text to file in the worktree at path and stages it there.
+    local function stage(path, file, text)
+      assert(fs.write(path .. "/" .. file, text))
+      local wt = assert(git.open(path))
+      assert(wt:add({ file }))
+      wt:close()
+    end
     -- Each case changes a fresh worktree (path) whose admin directory is admin.
     local cases = {
       { "nothing changed", true, function() end },
@@ -276,18 +283,8 @@ describe("git worktrees", function()
       { "an untracked symlink", false, function(path) sh("ln", "-s", "a.txt", path .. "/link") end },
       { "an ignored file", true, function(path) assert(fs.write(path .. "/src/debug.log", "x\n")) end },
       { "an empty directory", true, function(path) assert(fs.mkdir_p(path .. "/empty")) end },
-      { "an edit staged, the file as staged", false, function(path)
-          assert(fs.write(path .. "/a.txt", "staged\n"))
-          local wt = assert(git.open(path))
-          assert(wt:add({ "a.txt" }))
-          wt:close()
-        end },
-      { "a new file staged", false, function(path)
-          assert(fs.write(path .. "/staged.c", "int s;\n"))
-          local wt = assert(git.open(path))
-          assert(wt:add({ "staged.c" }))
-          wt:close()
-        end },
+      { "an edit staged, the file as staged", false, function(path) stage(path, "a.txt", "staged\n") end },
+      { "a new file staged", false, function(path) stage(path, "staged.c", "int s;\n") end },
       { "work committed on the branch", true, function(path)
           assert(fs.write(path .. "/done.c", "int d;\n"))
           local wt = assert(git.open(path))
