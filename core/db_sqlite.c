@@ -6,12 +6,13 @@
  *   conn:script(sql)          -> true | nil, err, code   (several statements, no parameters)
  *   conn:inline(on)           -> true   (see below)
  *   conn:try(sql)             -> true | nil, err, code   (a script run now, never waiting)
- *   conn:batch({ {sql, params, n [, if_rows = k]}, ... })
+ *   conn:batch({ {sql, params, n [, if_rows = k [, min_rows = m]]}, ... })
  *                             -> { {rows, meta} | {nil, err, code}, ... }
  *       the statements as one job: one pool round trip instead of one each, and one
  *       read transaction, so every statement sees the same snapshot. if_rows = k: the
- *       statement runs only if statement k (an earlier one) returned rows; otherwise
- *       it returns no rows (a read that could not find anything is not made).
+ *       statement runs only if statement k (an earlier one) returned at least m rows
+ *       (default 1); otherwise it returns no rows (a read that could not find
+ *       anything, or that the earlier one made needless, is not made).
  *   conn:close()              -> true
  *
  * Every SQLite call runs on libuv's thread pool: a statement may wait up to the busy
@@ -99,7 +100,8 @@ typedef struct sq_job {
     char *msg;
     struct sq_job **parts; /* JOB_BATCH: its JOB_RUN statements, run in order */
     int nparts;
-    int if_rows; /* a batch part: run only if part if_rows (1-based) returned rows; 0: always */
+    int if_rows;  /* a batch part: run only if part if_rows (1-based) returned rows; 0: always */
+    int min_rows; /* ... at least this many (>= 1) */
     int train;   /* the head of a reader's train: it and the train - 1 jobs after it run as one */
 } sq_job;
 
@@ -392,6 +394,8 @@ static void do_script(sq_job *j) {
     sqlite3_free(err);
 }
 
+static size_t rows_of(const sq_job *j) { return j->ncols ? j->ncells / (size_t)j->ncols : 0; }
+
 static void do_job(sq_job *j) {
     switch (j->kind) {
     case JOB_OPEN: do_open(j); break;
@@ -406,7 +410,7 @@ static void do_job(sq_job *j) {
         for (int i = 0; i < j->nparts; i++) {
             sq_job *p = j->parts[i];
             sq_job *cond = p->if_rows ? j->parts[p->if_rows - 1] : NULL;
-            if (!cond || (!cond->code && cond->ncells > 0)) do_run(p);
+            if (!cond || (!cond->code && rows_of(cond) >= (size_t)p->min_rows)) do_run(p);
         }
         if (own) sqlite3_exec(j->conn->db, "COMMIT", NULL, NULL, NULL);
         break;
@@ -536,7 +540,7 @@ static int push_results(lua_State *L, sq_job *j) {
         lua_pushboolean(L, 1);
         return 1;
     }
-    size_t nrows = j->ncols ? j->ncells / (size_t)j->ncols : 0;
+    size_t nrows = rows_of(j);
     lua_createtable(L, (int)nrows, 0);
     for (size_t r = 0; r < nrows; r++) {
         lua_createtable(L, 0, j->ncols);
@@ -780,6 +784,9 @@ static int sq_batch(lua_State *L) {
         lua_Integer k = lua_tointeger(L, -1);
         if (!lua_isnil(L, -1) && (k < 1 || k >= i))
             return luaL_error(L, "sqlite: batch statement %d: if_rows must name an earlier statement", i);
+        lua_getfield(L, part, "min_rows");
+        if (!lua_isnil(L, -1) && !(lua_isnumber(L, -1) && lua_tointeger(L, -1) >= 1))
+            return luaL_error(L, "sqlite: batch statement %d: min_rows must be a count of at least 1", i);
         lua_settop(L, part - 1);
     }
     sq_job *j = job_new(c, JOB_BATCH);
@@ -797,6 +804,8 @@ static int sq_batch(lua_State *L) {
         if (!p || !(p->sql = strdup(lua_tostring(L, part + 1))) || !read_params(L, part + 2, n, p)) goto oom;
         lua_getfield(L, part, "if_rows");
         p->if_rows = (int)lua_tointeger(L, -1);
+        lua_getfield(L, part, "min_rows");
+        p->min_rows = lua_isnil(L, -1) ? 1 : (int)lua_tointeger(L, -1);
         lua_settop(L, part - 1);
     }
     return submit(L, j);

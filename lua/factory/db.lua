@@ -6,9 +6,10 @@
 --            created; an explicit sqlite path's directory must exist). See db/url.lua.
 --   db.backend                -> "sqlite" | "postgres";  db.url -> the URL without password
 --   db:query(sql, params)     -> { row, ... } | nil, err, code
---   db:queries({ { sql, params [, if_rows = k] }, ... }) -> { rows, ... } | nil, err, code
+--   db:queries({ { sql, params [, if_rows = k [, min_rows = m]] }, ... }) -> { rows, ... } | nil, err, code
 --       (the first error); all read from one snapshot on SQLite. if_rows = k: the read
---       is made only if read k (an earlier one) found rows, else its rows are {}.
+--       is made only if read k (an earlier one) found at least m rows (default 1),
+--       else its rows are {}.
 --   db:exec(sql, params)      -> { changes = n, last_id = n? } | nil, err, code
 --   db:script(sql)            -> true | nil, err, code     several statements, no parameters (DDL)
 --   db:tx(fn, ...)            -> fn's results | nil, err, code
@@ -431,12 +432,15 @@ function DB:queries(list)
     if q.if_rows ~= nil and not (type(q.if_rows) == "number" and q.if_rows >= 1 and q.if_rows < i) then
       error(("db:queries: read %d: if_rows must name an earlier read"):format(i), 2)
     end
+    if q.min_rows ~= nil and not (type(q.min_rows) == "number" and q.min_rows >= 1) then
+      error(("db:queries: read %d: min_rows must be a count of at least 1"):format(i), 2)
+    end
   end
   local me = corefiber.current()
   if not (self.reader and me and not self.closed) then
     local out = {}
     for i, q in ipairs(list) do
-      if q.if_rows and #out[q.if_rows] == 0 then
+      if q.if_rows and #out[q.if_rows] < (q.min_rows or 1) then
         out[i] = {}
       else
         local rows, err, code = self:query(q[1], q[2])
@@ -450,7 +454,7 @@ function DB:queries(list)
   local jobs = {}
   for i, q in ipairs(list) do
     local args, n = prepare(q[1], q[2])
-    jobs[i] = { q[1], args or {}, n, if_rows = q.if_rows }
+    jobs[i] = { q[1], args or {}, n, if_rows = q.if_rows, min_rows = q.min_rows }
   end
   local out = self.reader:batch(jobs)
   for i, r in ipairs(out) do

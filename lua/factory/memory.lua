@@ -5,7 +5,8 @@
 --       -> number of new facts; facts are de-duplicated per bank (case and spacing do
 --       not make a new fact); vectors[i] is stored as facts[i]'s embedding
 --   memory.recall(db, banks, query [, limit [, vector]]) -> { { bank =, content = }, ... }
---       full-text search (SQLite FTS5 / PostgreSQL tsvector), best first; with vector
+--       full-text search (SQLite FTS5 / PostgreSQL tsvector), best first (bm25 /
+--       ts_rank) when more than limit facts match, else all of them newest first; with vector
 --       (the query's embedding) the facts nearest in meaning too (cosine similarity
 --       over the newest MAX_SCAN embedded facts of the banks), the two rankings
 --       merged by reciprocal rank
@@ -93,36 +94,57 @@ local function matching(db, ws)
   return '"' .. table.concat(ws, '" OR "') .. '"'
 end
 
--- The full-text recall's statement for ws (words' list), or nil when it is empty.
-local function words_sql(db, banks, ws, limit)
+-- Full-text recall is two reads: the matching facts unranked, at most limit + 1 of
+-- them, and the same search ranked, made only when more than limit match. Ranking is
+-- what costs (bm25 counts, for every query word, the facts that hold it: with the
+-- 20-odd words of an objective that is ~4x the search itself); when every match
+-- fits, each is recalled anyway, newest first. words_reads(db, banks, ws, limit, k)
+-- -> the two reads for db:queries, the first of them to be read k, or nil when ws
+-- (words' list) is empty.
+local function words_reads(db, banks, ws, limit, k)
   if #ws == 0 then return nil end
   local marks = ("?, "):rep(#banks):sub(1, -3)
-  local params = { matching(db, ws) }
-  local sql
-  if db.backend == "postgres" then
-    sql = "SELECT bank, content FROM memory_facts WHERE search @@ to_tsquery('english', ?) AND bank IN (" .. marks
-      .. ") ORDER BY ts_rank(search, to_tsquery('english', ?)) DESC, id DESC LIMIT ?"
-    for _, b in ipairs(banks) do params[#params + 1] = b end
-    params[#params + 1] = params[1]
-  else
-    sql = "SELECT f.bank, f.content FROM memory_facts_fts JOIN memory_facts f ON f.id = memory_facts_fts.rowid"
-      .. " WHERE memory_facts_fts MATCH ? AND f.bank IN (" .. marks .. ")"
-      .. " ORDER BY bm25(memory_facts_fts) LIMIT ?"
-    for _, b in ipairs(banks) do params[#params + 1] = b end
+  local query = matching(db, ws)
+  local found, ranked = { query }, { query }
+  for _, b in ipairs(banks) do
+    found[#found + 1], ranked[#ranked + 1] = b, b
   end
-  params[#params + 1] = limit
-  return sql, params
+  found[#found + 1] = limit + 1
+  local found_sql, ranked_sql
+  if db.backend == "postgres" then
+    local where = "FROM memory_facts WHERE search @@ to_tsquery('english', ?) AND bank IN (" .. marks .. ")"
+    found_sql = "SELECT id, bank, content " .. where .. " LIMIT ?"
+    ranked_sql = "SELECT bank, content " .. where
+      .. " ORDER BY ts_rank(search, to_tsquery('english', ?)) DESC, id DESC LIMIT ?"
+    ranked[#ranked + 1] = query
+  else
+    local where = "FROM memory_facts_fts JOIN memory_facts f ON f.id = memory_facts_fts.rowid"
+      .. " WHERE memory_facts_fts MATCH ? AND f.bank IN (" .. marks .. ")"
+    found_sql = "SELECT f.id, f.bank, f.content " .. where .. " LIMIT ?"
+    ranked_sql = "SELECT f.bank, f.content " .. where .. " ORDER BY bm25(memory_facts_fts) LIMIT ?"
+  end
+  ranked[#ranked + 1] = limit
+  return { found_sql, found }, { ranked_sql, ranked, if_rows = k, min_rows = limit + 1 }
 end
 
-local function bank_rows(rows)
-  for i, r in ipairs(rows) do rows[i] = { bank = r.bank, content = r.content } end
-  return rows
+local function bank_rows(rows, limit)
+  local out = {}
+  for i = 1, math.min(#rows, limit) do out[i] = { bank = rows[i].bank, content = rows[i].content } end
+  return out
+end
+
+-- The facts recalled from words_reads' two results, best first.
+local function words_result(found, ranked, limit)
+  if #ranked > 0 then return bank_rows(ranked, limit) end
+  table.sort(found, function(a, b) return a.id > b.id end)
+  return bank_rows(found, limit)
 end
 
 local function words_recall(db, banks, query, limit)
-  local sql, params = words_sql(db, banks, words(query or ""), limit)
-  if not sql then return {} end
-  return bank_rows(assert(db:query(sql, params)))
+  local found, ranked = words_reads(db, banks, words(query or ""), limit, 1)
+  if not found then return {} end
+  local out = assert(db:queries({ found, ranked }))
+  return words_result(out[1], out[2], limit)
 end
 
 function M.embed(texts, opts)
@@ -288,15 +310,19 @@ end
 function M.context(db, banks, team, query, limit, vector)
   limit = limit or 8
   local list, at = {}, {}
-  local function add(name, sql, params, if_rows)
+  local function add(name, sql, params, if_rows, min_rows)
     if sql then
-      list[#list + 1] = { sql, params, if_rows = if_rows }
+      list[#list + 1] = { sql, params, if_rows = if_rows, min_rows = min_rows }
       at[name] = #list
     end
   end
   local ws = words(query or "")
   if #banks > 0 then
-    add("words", words_sql(db, banks, ws, limit))
+    local found, ranked = words_reads(db, banks, ws, limit, #list + 1)
+    if found then
+      add("found", found[1], found[2])
+      add("ranked", ranked[1], ranked[2], ranked.if_rows, ranked.min_rows)
+    end
     if vector then add("nearest", nearest_sql(banks)) end
   end
   local opts = { team = team, limit = 5 }
@@ -306,7 +332,7 @@ function M.context(db, banks, team, query, limit, vector)
     add("matching", sql, params, at.newest)
   end
   local out = assert(db:queries(list))
-  local facts = at.words and bank_rows(out[at.words]) or {}
+  local facts = at.found and words_result(out[at.found], out[at.ranked], limit) or {}
   if at.nearest then facts = fuse({ facts, nearest_of(out[at.nearest], vector, limit) }, limit) end
   local learned = at.matching and out[at.matching] or {}
   if #learned == 0 then learned = out[at.newest] end

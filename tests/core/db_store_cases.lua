@@ -113,7 +113,16 @@ return function(backend, fresh)
         { "SELECT i FROM t WHERE s = ?", { "two" }, if_rows = 3 },
       }))
       assert.same({ {}, {}, { { s = "two" } }, { { i = 2 } } }, out)
+      -- min_rows: ... finding at least that many
+      out = assert(d:queries({
+        { "SELECT i FROM t ORDER BY i" },
+        { "SELECT s FROM t WHERE i = ?", { 2 }, if_rows = 1, min_rows = 2 },
+        { "SELECT s FROM t WHERE i = ?", { 2 }, if_rows = 1, min_rows = 3 },
+      }))
+      assert.same({ { { i = 1 }, { i = 2 } }, { { s = "two" } }, {} }, out)
       assert.error_matches(function() d:queries({ { "SELECT 1 AS x", if_rows = 1 } }) end, "if_rows")
+      assert.error_matches(function() d:queries({ { "SELECT 1 AS x" }, { "SELECT 1 AS x", if_rows = 1, min_rows = 0 } })
+      end, "min_rows")
       assert.same({}, assert(d:queries({})))
       local ok, err, code = d:queries({ { "SELECT i FROM t" }, { "SELECT nope FROM t" } })
       assert.is_nil(ok)

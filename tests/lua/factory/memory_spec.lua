@@ -1,7 +1,8 @@
--- Specs for the learnings of factory.memory on SQLite and on the throwaway PostgreSQL
--- server: stored with team, repo and source objective, found by full-text recall
+-- Specs for factory.memory on SQLite and on the throwaway PostgreSQL server:
+-- learnings stored with team, repo and source objective, found by full-text recall
 -- (best first, the newest when nothing matches), and the migration from schema 1
--- indexes the learnings already there.
+-- indexing the learnings already there; facts recalled ranked only when more match
+-- than are asked for.
 local db = require "factory.db"
 local memory = require "factory.memory"
 local migrations = require "factory.db.migrations"
@@ -153,6 +154,32 @@ for _, b in ipairs(backends.LIST) do
       out, err, code = factory_learnings("--help")
       assert.equal(0, code, err)
       assert.matches("^usage: factory learnings", out)
+    end)
+  end)
+
+  describe("memory facts on " .. backend, function()
+    it("recall ranks best first only when more facts match than are asked for, else gives all, newest first",
+      function()
+      local d = open()
+      local facts = { "Dates are stored in UTC", "Release dates are set by the product team",
+                      "Queues are drained by the worker" }
+      assert(d:tx(function(tx) return memory.retain(tx, "backend", facts) end))
+      local function contents(rows)
+        local out = {}
+        for i, r in ipairs(rows) do out[i] = r.content end
+        return out
+      end
+      local query = "when are dates in utc?"
+      -- Two facts match: asked for one, the one holding both words; for two or more, both.
+      assert.same({ facts[1] }, contents(memory.recall(d, { "backend" }, query, 1)))
+      assert.same({ facts[2], facts[1] }, contents(memory.recall(d, { "backend" }, query, 2)))
+      assert.same({ facts[2], facts[1] }, contents(memory.recall(d, { "backend" }, query, 8)))
+      -- memory.context reads the same way, in one round trip with the learnings.
+      assert.same({ facts[1] }, contents((memory.context(d, { "backend" }, "backend", query, 1))))
+      assert.same({ facts[2], facts[1] }, contents((memory.context(d, { "backend", "shared-world" }, "backend", query))))
+      assert.same({}, memory.recall(d, { "frontend" }, query, 1))
+      assert.same({}, memory.recall(d, { "backend" }, "kubernetes", 1))
+      d:close()
     end)
   end)
 end
