@@ -38,10 +38,26 @@
  * Statements are prepared once per connection and kept (STMT_CACHE of them, the
  * least recently used replaced): the engine repeats the same few dozen texts.
  *
- * Durability: WAL with synchronous=FULL. In WAL mode NORMAL already survives a
- * process crash, but a power loss can drop the last commits; FULL syncs the WAL on
- * every commit, so a stage result or queue completion that was reported committed is
- * never lost. The price is one fsync per transaction.
+ *   conn:sync()               -> true | nil, err, code
+ *       waits until every commit this connection has made is on disk (see below)
+ *   conn:sync_stats()         -> { commits =, synced =, syncs = }
+ *
+ * Durability: WAL, and every commit on disk before the caller is told it committed,
+ * so a stage result or queue completion reported committed is never lost, even to a
+ * power loss. SQLite's synchronous=FULL would fsync the WAL inside COMMIT, holding
+ * the write lock all the while: nothing else can write during any fsync. Instead the
+ * connection runs synchronous=NORMAL (SQLite still syncs the WAL's header when it
+ * restarts it, and the WAL and the database around each checkpoint), counts its
+ * commits (a WAL hook, which also runs the usual checkpoint at 1000 pages), and
+ * conn:sync() fdatasyncs the WAL file on the pool, outside the connection's queue:
+ * the next transaction writes while the last one's sync runs, and one sync covers
+ * every commit made before it started. The Lua layer calls it after each commit
+ * before returning to the writer. A commit is visible to readers a moment before it
+ * is on disk; anything they write because of it comes later in the WAL, which a
+ * recovery replays only as an unbroken prefix. A sync that fails (or a WAL that was
+ * deleted) fails every later one too: writes after it may be lost, and saying so
+ * each time is better than a later sync's success that would hide it. Closing
+ * syncs what is left.
  *
  * Values: INTEGER -> integer, REAL -> number, TEXT and BLOB -> string, NULL -> key
  * absent; a column declared BOOLEAN -> boolean. Columns declared JSON/JSONB come back
@@ -54,6 +70,7 @@
 #include "fiber.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <lauxlib.h>
 #include <math.h>
 #include <sqlite3.h>
@@ -63,6 +80,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define CONN_MT "factory.sqlite"
 
@@ -113,6 +131,15 @@ typedef struct {
     sqlite3_stmt *st;
 } sq_cached;
 
+/* A fiber waiting in conn:sync() for the commits up to `need` to be on disk. */
+typedef struct sq_sync_wait {
+    struct sq_sync_wait *next, *prev;
+    sq_conn *conn;
+    fb_fiber *fiber;
+    uint64_t need;
+    int nresults;   /* pushed onto the fiber's stack once settled */
+} sq_sync_wait;
+
 struct sq_conn {
     sqlite3 *db;
     char *path;
@@ -120,6 +147,19 @@ struct sq_conn {
     sq_job *head, *tail; /* head is the running job */
     sq_cached cache[STMT_CACHE];
     uint64_t clock;
+    /* Durability (see the top). commits and synced are read and written with
+     * __atomic builtins: the WAL hook runs on whichever thread commits. */
+    uint64_t commits, synced;
+    uint64_t syncs;         /* fdatasync calls made */
+    char *wal_path;         /* NULL on a reader */
+    int wal_fd;             /* the sync job's own descriptor of the WAL; -1 until needed */
+    int syncing;            /* a sync job is in flight (it owns wal_fd meanwhile) */
+    int sync_errno;         /* a sync failed: every later one fails too */
+    int free_pending;       /* closed while a sync was in flight: freed when it ends */
+    uv_work_t sync_req;
+    uint64_t sync_target;   /* the commits the running sync covers */
+    int sync_result;        /* its errno, 0 on success */
+    sq_sync_wait *waiters;
 };
 
 /* ---- errors ------------------------------------------------------------------ */
@@ -236,6 +276,17 @@ static void make_parent(const char *path) {
     free(dir);
 }
 
+enum { WAL_CHECKPOINT_PAGES = 1000 };
+
+/* Runs after each commit of a writer connection, on the thread that committed. Taking
+ * the hook replaces SQLite's own auto-checkpoint hook, so it checkpoints the same way. */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int pages) {
+    sq_conn *c = (sq_conn *)arg;
+    __atomic_add_fetch(&c->commits, 1, __ATOMIC_RELEASE);
+    if (pages >= WAL_CHECKPOINT_PAGES) sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+    return SQLITE_OK;
+}
+
 static void do_open(sq_job *j) {
     sq_conn *c = j->conn;
     if (c->create_dir) make_parent(c->path);
@@ -248,8 +299,13 @@ static void do_open(sq_job *j) {
          * not a database fails here. temp_store: a statement journal (any write
          * under a savepoint, with a trigger or several rows) is a few pages, not
          * worth creating and deleting a file for each time. */
-        rc = sqlite3_exec(c->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
+        rc = sqlite3_exec(c->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
                                  " PRAGMA foreign_keys=ON; PRAGMA temp_store=MEMORY;", NULL, NULL, NULL);
+    }
+    if (rc == SQLITE_OK && !c->reader) {
+        const char *wal = sqlite3_filename_wal(sqlite3_db_filename(c->db, "main"));
+        if (!wal || !(c->wal_path = strdup(wal))) rc = SQLITE_NOMEM;
+        else sqlite3_wal_hook(c->db, wal_hook, c);
     }
     if (rc == SQLITE_OK) return;
     if ((rc & 0xff) == SQLITE_CANTOPEN && dir_missing(c->path))
@@ -394,6 +450,50 @@ static void do_script(sq_job *j) {
     sqlite3_free(err);
 }
 
+/* ---- durability: syncing the WAL (see the top) ----------------------------------------- */
+
+static void synced_raise(sq_conn *c, uint64_t to) {
+    uint64_t cur = __atomic_load_n(&c->synced, __ATOMIC_ACQUIRE);
+    while (cur < to && !__atomic_compare_exchange_n(&c->synced, &cur, to, 0, __ATOMIC_RELEASE, __ATOMIC_ACQUIRE)) {
+    }
+}
+
+/* A WAL just created is on disk only once its directory entry is. */
+static int dir_sync(const char *path) {
+    const char *slash = strrchr(path, '/');
+    char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : strdup(".");
+    if (!dir) return ENOMEM;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    free(dir);
+    if (fd < 0) return errno;
+    int err = fsync(fd) == 0 ? 0 : errno;
+    close(fd);
+    return err;
+}
+
+/* fdatasync of the WAL through *fd, opened (with its directory synced) when it is -1.
+ * A WAL deleted since it was opened fails: what was written to it is gone. */
+static int wal_sync_fd(const char *path, int *fd) {
+    struct stat st;
+    if (*fd >= 0 && fstat(*fd, &st) == 0 && st.st_nlink == 0) return ENOENT;
+    if (*fd < 0) {
+        *fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (*fd < 0) return errno;
+        int err = dir_sync(path);
+        if (err) return err;
+    }
+    return fdatasync(*fd) == 0 ? 0 : errno;
+}
+
+/* On the pool, in the close job: the commits no sync covered yet. */
+static void wal_sync_rest(sq_conn *c) {
+    uint64_t target = __atomic_load_n(&c->commits, __ATOMIC_ACQUIRE);
+    if (!c->wal_path || __atomic_load_n(&c->synced, __ATOMIC_ACQUIRE) >= target) return;
+    int fd = -1;
+    if (wal_sync_fd(c->wal_path, &fd) == 0) synced_raise(c, target);
+    if (fd >= 0) close(fd);
+}
+
 static size_t rows_of(const sq_job *j) { return j->ncols ? j->ncells / (size_t)j->ncols : 0; }
 
 static void do_job(sq_job *j) {
@@ -416,6 +516,7 @@ static void do_job(sq_job *j) {
         break;
     }
     case JOB_CLOSE:
+        wal_sync_rest(j->conn);
         cache_clear(j->conn);
         sqlite3_close_v2(j->conn->db);
         j->conn->db = NULL;
@@ -459,8 +560,74 @@ static void job_free(sq_job *j) {
 }
 
 static void conn_free(sq_conn *c) {
+    if (c->wal_fd >= 0) close(c->wal_fd);
+    free(c->wal_path);
     free(c->path);
     free(c);
+}
+
+static int push_sync_error(lua_State *L, const char *path, int err) {
+    return fb_push_error(L, "EIO", "%s: the write-ahead log could not be synced to disk (%s): what was committed"
+                         " since its last sync may be lost", path, strerror(err));
+}
+
+static void sync_work(uv_work_t *req) {
+    sq_conn *c = (sq_conn *)req->data;
+    c->sync_target = __atomic_load_n(&c->commits, __ATOMIC_ACQUIRE);
+    c->sync_result = wal_sync_fd(c->wal_path, &c->wal_fd);
+}
+
+static void sync_done(uv_work_t *req, int status);
+
+static void sync_start(sq_conn *c) {
+    c->syncing = 1;
+    c->sync_req.data = c;
+    if (uv_queue_work(fb_loop(), &c->sync_req, sync_work, sync_done) != 0) {
+        sync_work(&c->sync_req);
+        sync_done(&c->sync_req, 0);
+    }
+}
+
+/* Settles the waiters this sync covered (or all, when it failed) and starts another
+ * sync for the rest; the fibers are woken last, when the connection is no longer
+ * touched (a woken fiber may close it). */
+static void sync_done(uv_work_t *req, int status) {
+    (void)status;
+    sq_conn *c = (sq_conn *)req->data;
+    c->syncing = 0;
+    c->syncs++;
+    if (c->sync_result == 0) synced_raise(c, c->sync_target);
+    else if (!c->sync_errno) c->sync_errno = c->sync_result;
+    uint64_t synced = __atomic_load_n(&c->synced, __ATOMIC_ACQUIRE);
+    sq_sync_wait *done = NULL;
+    for (sq_sync_wait *w = c->waiters, *next; w; w = next) {
+        next = w->next;
+        if (w->need > synced && !c->sync_errno) continue;
+        if (w->prev) w->prev->next = w->next; else c->waiters = w->next;
+        if (w->next) w->next->prev = w->prev;
+        lua_State *co = fb_co(w->fiber);
+        if (w->need <= synced) w->nresults = (lua_pushboolean(co, 1), 1);
+        else w->nresults = push_sync_error(co, c->wal_path, c->sync_errno);
+        w->next = done;
+        done = w;
+    }
+    if (c->waiters) sync_start(c);
+    else if (c->free_pending) conn_free(c);
+    while (done) {
+        sq_sync_wait *w = done;
+        done = w->next;
+        fb_fiber *f = w->fiber;
+        int n = w->nresults;
+        free(w);
+        fb_wake(f, n);
+    }
+}
+
+static void abort_sync_wait(void *op) {
+    sq_sync_wait *w = (sq_sync_wait *)op;
+    if (w->prev) w->prev->next = w->next; else w->conn->waiters = w->next;
+    if (w->next) w->next->prev = w->prev;
+    free(w);
 }
 
 static sq_job *job_new(sq_conn *c, int kind) {
@@ -608,7 +775,9 @@ static void after_work_cb(uv_work_t *req, int status) {
     fb_fiber *f = j->fiber;
     c->head = j->next;
     if (!c->head) c->tail = NULL;
-    if (j->kind == JOB_CLOSE || (j->kind == JOB_OPEN && j->code)) {
+    if (j->kind == JOB_CLOSE && c->syncing) {
+        c->free_pending = 1;
+    } else if (j->kind == JOB_CLOSE || (j->kind == JOB_OPEN && j->code)) {
         conn_free(c);
     } else if (j->kind == JOB_OPEN && !f) {
         /* The opener gave up: nobody will ever own this connection. */
@@ -694,6 +863,7 @@ static int sq_open(lua_State *L) {
     }
     c->create_dir = create_dir;
     c->reader = reader;
+    c->wal_fd = -1;
     c->busy_ms = busy_ms;
     return submit(L, j);
 }
@@ -842,6 +1012,53 @@ static int sq_try(lua_State *L) {
     return n;
 }
 
+static int sq_sync(lua_State *L) {
+    sq_conn **box = (sq_conn **)luaL_checkudata(L, 1, CONN_MT);
+    sq_conn *c = *box;
+    /* Closed: its close job syncs before closing. A reader commits nothing. */
+    if (!c || !c->wal_path) return (lua_pushboolean(L, 1), 1);
+    if (c->sync_errno) return push_sync_error(L, c->wal_path, c->sync_errno);
+    uint64_t need = __atomic_load_n(&c->commits, __ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&c->synced, __ATOMIC_ACQUIRE) >= need) return (lua_pushboolean(L, 1), 1);
+    fb_fiber *f = fb_current(L);
+    if (!f) {
+        /* Nothing can wait: synced here, through a descriptor of its own (a sync job
+         * may be using the connection's). */
+        int fd = -1;
+        int err = wal_sync_fd(c->wal_path, &fd);
+        if (fd >= 0) close(fd);
+        c->syncs++;
+        if (err) {
+            c->sync_errno = err;
+            return push_sync_error(L, c->wal_path, err);
+        }
+        synced_raise(c, need);
+        return (lua_pushboolean(L, 1), 1);
+    }
+    sq_sync_wait *w = (sq_sync_wait *)calloc(1, sizeof *w);
+    if (!w) return luaL_error(L, "sqlite: out of memory");
+    w->conn = c;
+    w->fiber = f;
+    w->need = need;
+    w->next = c->waiters;
+    if (c->waiters) c->waiters->prev = w;
+    c->waiters = w;
+    if (!c->syncing) sync_start(c);
+    return fb_await(L, f, abort_sync_wait, w, 0);
+}
+
+static int sq_sync_stats(lua_State *L) {
+    sq_conn *c = check_conn(L);
+    lua_createtable(L, 0, 3);
+    lua_pushnumber(L, (lua_Number)__atomic_load_n(&c->commits, __ATOMIC_ACQUIRE));
+    lua_setfield(L, -2, "commits");
+    lua_pushnumber(L, (lua_Number)__atomic_load_n(&c->synced, __ATOMIC_ACQUIRE));
+    lua_setfield(L, -2, "synced");
+    lua_pushnumber(L, (lua_Number)c->syncs);
+    lua_setfield(L, -2, "syncs");
+    return 1;
+}
+
 static int sq_inline(lua_State *L) {
     sq_conn *c = check_conn(L);
     c->inline_jobs = lua_toboolean(L, 2);
@@ -892,6 +1109,8 @@ static const luaL_Reg conn_methods[] = {
     {"inline", sq_inline},
     {"try",    sq_try},
     {"batch",  sq_batch},
+    {"sync",   sq_sync},
+    {"sync_stats", sq_sync_stats},
     {"close",  sq_close},
     {NULL, NULL},
 };

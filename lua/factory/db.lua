@@ -20,9 +20,13 @@
 --       one failing when it upgrades from reader to writer. SQLite also groups
 --       commits: transactions (and db:exec calls) that queue while one runs join its
 --       transaction, each under a savepoint of its own (its failure undoes only its
---       work), and all return after their one shared COMMIT. When the previous group
---       had several members, a group yields once before its COMMIT, for the fibers
---       already woken to join it.
+--       work), and all return after their one shared COMMIT is on disk. When the
+--       previous group had several members, a group yields once before its COMMIT,
+--       for the fibers already woken to join it. The COMMIT itself does not wait for
+--       the disk: the writer is free for the next group at once, and the WAL's sync
+--       (core/db_sqlite.c, conn:sync) runs meanwhile, one for every commit made
+--       before it started; each member, and a db:exec or db:script that committed on
+--       its own, waits for it before returning.
 --   db:post(fn, ...)          -> nothing; fn(tx, ...) runs in a transaction soon
 --       A write nobody waits for. On SQLite fn runs in the writer's next group, before
 --       any db:tx, db:exec or db:script that starts after this call (one writer, in
@@ -52,9 +56,9 @@
 -- statement's RETURNING id fills it (the portable way, and the right id for upserts).
 --
 -- Connections: SQLite has one writer (every transaction, exec and script queues on it;
--- COMMIT, and BEGIN when another process holds the lock, run on the libuv thread
--- pool, where waiting out that lock or fsync ties up a pool thread; statements in
--- between run inline) and, for db:query
+-- COMMIT, the WAL's sync, and BEGIN when another process holds the lock, run on the
+-- libuv thread pool, where waiting out that lock or the disk ties up a pool thread;
+-- statements in between run inline) and, for db:query
 -- from fibers, one reader, which sees only committed data. PostgreSQL has a pool of
 -- up to `pool` connections, opened on demand; a dropped connection is replaced,
 -- reconnecting with exponential backoff for up to 10 s. A transaction pins one
@@ -222,7 +226,7 @@ local function settle(g, ok, err, code)
   end
 end
 
--- One COMMIT, one fsync, for every member of the group.
+-- One COMMIT for every member of the group (each then waits for its sync).
 local function commit_group(self, e)
   local g = e.group
   self.last_group = #g.members
@@ -248,8 +252,8 @@ local function release(self, e)
   if e.group then
     if me ~= MAIN and not e.group.broken and not self.closed then
       if hand_off(self, e) then return end
-      -- Under concurrent writers a COMMIT (an fsync, and every page the group
-      -- changed written to the WAL) is worth sharing: the group yields once, so
+      -- Under concurrent writers a COMMIT (every page the group changed written to
+      -- the WAL, then one sync of it) is worth sharing: the group yields once, so
       -- that the fibers already woken (by the I/O the loop just polled) run first
       -- and join it. A lone writer (the last group had one member) commits at once.
       -- A fixed wait (1 ms was tried) cost more than it shared where an fsync takes
@@ -366,6 +370,10 @@ local function with_conn(self, fn, ...)
   local res = pack(pcall(fn, e.conn, ...))
   release(self, e)
   if not res[1] then error(res[2], 0) end
+  if self.backend == "sqlite" then
+    local sok, serr, scode = e.conn:sync()
+    if not sok then return nil, serr, scode end
+  end
   return unpack(res, 2, res.n)
 end
 
@@ -540,8 +548,8 @@ end
 -- (BEGIN IMMEDIATE); everyone queued for the connection meanwhile runs inside that
 -- same transaction when their turn comes, each db:tx under a SAVEPOINT of its own so
 -- that its failure undoes only its work; the last in line COMMITs, and every member
--- returns only after that COMMIT (so, as before, a db:tx that returned is on disk).
--- Under load one fsync serves every caller who queued during the previous one.
+-- returns only after that COMMIT is on disk (conn:sync, which the next group does not
+-- wait for). Under load one COMMIT and one sync serve every caller who queued meanwhile.
 local function nudge(self, e, g)
   if e.group == g and e.owner ~= nil and not alive(e.owner) then
     local x = acquire(self, 3)
@@ -636,6 +644,8 @@ local function member(self, e, me, fn, ...)
     if m.ok == nil then nudge(self, e, g) end
   end
   if not m.ok then return nil, m.err, m.code end
+  local sok, serr, scode = e.conn:sync()
+  if not sok then return nil, serr, scode end
   for _, note in ipairs(notes) do deliver(self, note[1], note[2]) end
   return unpack(res, 2, res.n)
 end
@@ -726,6 +736,8 @@ function DB:exec(sql, params)
     local res = pack(pcall(exec_on, e.conn, "sqlite", sql, args, n))
     release(self, e)
     if not res[1] then error(res[2], 0) end
+    local sok, serr, scode = e.conn:sync()
+    if not sok then return nil, serr, scode end
     return unpack(res, 2, res.n)
   end
   return with_conn(self, exec_on, self.backend, sql, args, n)
@@ -750,6 +762,10 @@ function DB:script(sql)
   end))
   release(self, e)
   if not res[1] then error(res[2], 0) end
+  if self.backend == "sqlite" then
+    local sok, serr, scode = e.conn:sync()
+    if not sok then return nil, serr, scode end
+  end
   return unpack(res, 2, res.n)
 end
 

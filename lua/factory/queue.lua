@@ -45,10 +45,9 @@
 -- claimers in the same process; other processes are seen by re-checking every
 -- SQLITE_POLL seconds.
 --
--- Durability on SQLite: factory.db opens it with synchronous=FULL (WAL): a
--- committed completion survives a crash of the process (SIGKILL) and a power loss
--- or OS crash (the WAL is fsynced at each commit). NORMAL would be faster and still
--- safe against process crashes, but a power loss could lose the last commits.
+-- Durability on SQLite: factory.db returns from a commit only once the WAL holding
+-- it is fsynced (core/db_sqlite.c, conn:sync), so a committed completion survives a
+-- crash of the process (SIGKILL) and a power loss or OS crash.
 local time = require "factory.core.time"
 local fiber = require "factory.fiber"
 local proc = require "factory.core.proc"

@@ -21,8 +21,8 @@ fail() { echo "bench_pipeline: $*" >&2; exit 1; }
 . tests/bench/fake_model.sh
 
 echo "Fake model: tests/tools/fake_model.lua as its own process ($url), shared by both sides."
-echo "SQLite: Factory's factory.db choice (WAL, synchronous=FULL: every commit fsynced; transactions that"
-echo "        queue for the writer meanwhile share the next commit, and each returns only once it is on disk);"
+echo "SQLite: Factory's factory.db (WAL; transactions that queue for the writer meanwhile share the next"
+echo "        commit, and each returns only once it is on disk: factory fdatasyncs the WAL outside the write lock);"
 echo "LangGraph's SqliteSaver: WAL, better-sqlite3's default synchronous=FULL (the same durability)."
 "$BIN" tests/bench/pipeline.lua "$url" "$dir/factory.db" "$RUNS" "$CONC" "$dir/shared.json" >"$dir/factory.out" \
     || { cat "$dir/factory.out" >&2; fail "factory failed"; }

@@ -38,9 +38,9 @@ for name in factory_bench graphile_bench crash_bench; do
 done
 dburl() { echo "$url" | sed "s|/factory\$|/$1|"; }
 
-echo "SQLite: synchronous=FULL in WAL mode (factory.db's choice): every commit is fsynced, so a"
-echo "completed job survives a process kill AND a power loss; NORMAL would be faster but could"
-echo "lose the last commits on a power loss (never on a process crash)."
+echo "SQLite: WAL mode; a commit returns only once the WAL holding it is fsynced (factory.db syncs it"
+echo "outside the write lock, one sync for every commit made meanwhile), so a completed job survives a"
+echo "process kill AND a power loss."
 echo "PostgreSQL: the throwaway test server, fsync=off for both queues (figures are for the"
 echo "queues' own work, not the disk)."
 

@@ -118,8 +118,9 @@ assert(router.configure{
 
 local store = assert(db.open("sqlite:" .. db_path))
 assert(store:migrate())
--- BENCH_SYNC=NORMAL: a what-if for profiling (no fsync per commit; durable across a
--- process crash, not a power loss). Not what the benchmark reports by default.
+-- BENCH_SYNC=FULL|OFF: a what-if for profiling (FULL: SQLite fsyncs inside each COMMIT
+-- as well, holding the write lock; OFF: no sync of SQLite's own). Not what the
+-- benchmark reports by default.
 if os.getenv("BENCH_SYNC") then
   assert(store:exec("PRAGMA synchronous = " .. assert(({ NORMAL = "NORMAL", FULL = "FULL", OFF = "OFF" })[os.getenv("BENCH_SYNC")])))
   print("factory: WHAT-IF run with PRAGMA synchronous = " .. os.getenv("BENCH_SYNC"))
