@@ -212,13 +212,23 @@ local function send_events(res, events, reply)
   res:finish()
 end
 
+-- The queue runs from head to tail: a bench scripts thousands of replies, and
+-- shifting them all down for each request made the fake slower as they grew.
+function Fake:next_reply()
+  if self.head > self.tail then return nil end
+  local reply = self.queue[self.head]
+  self.queue[self.head] = nil
+  self.head = self.head + 1
+  return reply
+end
+
 function Fake:handle(kind, req, res)
   self.n = self.n + 1
   local entry = { path = req.path, headers = req.headers, body = req.body }
   if #self.log < MAX_LOG then self.log[#self.log + 1] = entry end
   -- With an embed function, embeddings are computed, never scripted: the queue is
   -- left to the chat requests around them.
-  local reply = (kind == "embeddings" and self.embed) and {} or table.remove(self.queue, 1) or {}
+  local reply = (kind == "embeddings" and self.embed) and {} or self:next_reply() or {}
   if reply.delay then fiber.sleep(reply.delay) end
   local auth = kind == "anthropic" and req.headers["x-api-key"] or req.headers["authorization"]
   if not auth then return res:json(401, error_body(kind, 401, "missing API key")) end
@@ -274,7 +284,7 @@ end
 
 function M.start(opts)
   opts = opts or {}
-  local self = setmetatable({ queue = {}, log = {}, n = 0, embed = opts.embed }, Fake)
+  local self = setmetatable({ queue = {}, head = 1, tail = 0, log = {}, n = 0, embed = opts.embed }, Fake)
   local srv, err = server.new{ host = "127.0.0.1", port = opts.port or 0 }
   if not srv then return nil, err end
   self.srv = srv
@@ -285,7 +295,7 @@ function M.start(opts)
     local replies = req:json()
     if type(replies) ~= "table" then return res:error(400, "expected a JSON array of replies") end
     self:script(replies)
-    return res:json(200, { queued = #self.queue })
+    return res:json(200, { queued = self.tail - self.head + 1 })
   end)
   srv:route("POST", "/_fake/reset", function(_, res)
     self:reset()
@@ -317,12 +327,15 @@ function Fake:requests() return self.log end
 function Fake:close() self.srv:close() end
 
 function Fake:script(replies)
-  for _, r in ipairs(replies) do self.queue[#self.queue + 1] = r end
+  for _, r in ipairs(replies) do
+    self.tail = self.tail + 1
+    self.queue[self.tail] = r
+  end
   return self
 end
 
 function Fake:reset()
-  self.queue, self.log, self.n = {}, {}, 0
+  self.queue, self.head, self.tail, self.log, self.n = {}, 1, 0, {}, 0
 end
 
 -- Run as a program, not loaded as a module (by dofile).
