@@ -121,6 +121,7 @@ typedef struct sq_job {
     int if_rows;  /* a batch part: run only if part if_rows (1-based) returned rows; 0: always */
     int min_rows; /* ... at least this many (>= 1) */
     int train;   /* the head of a reader's train: it and the train - 1 jobs after it run as one */
+    int borrowed; /* sql and the text parameters point into Lua strings (a job run inline) */
 } sq_job;
 
 enum { STMT_CACHE = 64, MAX_TRAIN = 32 };
@@ -549,8 +550,10 @@ static void work_cb(uv_work_t *req) {
 static void job_free(sq_job *j) {
     for (int i = 0; i < j->nparts; i++) job_free(j->parts[i]);
     free(j->parts);
-    free(j->sql);
-    for (int i = 0; i < j->nparams; i++) value_free(&j->params[i]);
+    if (!j->borrowed) {
+        free(j->sql);
+        for (int i = 0; i < j->nparams; i++) value_free(&j->params[i]);
+    }
     free(j->params);
     for (int i = 0; j->names && i < j->ncols; i++) free(j->names[i]);
     free(j->names);
@@ -884,8 +887,10 @@ static void check_params(lua_State *L, int idx, int n) {
     }
 }
 
-/* Copies the parameters into C memory: the job outlives this call's stack. */
-static int read_params(lua_State *L, int idx, int n, sq_job *j) {
+/* Reads the parameters into j: text copied into C memory when the job outlives this
+ * call's stack, else (borrow) pointed at in the Lua strings, which the caller's
+ * stack holds until the job has run. */
+static int read_params(lua_State *L, int idx, int n, sq_job *j, int borrow) {
     if (n <= 0) return 1;
     j->params = (sq_value *)calloc((size_t)n, sizeof *j->params);
     if (!j->params) return 0;
@@ -914,7 +919,8 @@ static int read_params(lua_State *L, int idx, int n, sq_job *j) {
             const char *s = lua_tolstring(L, -1, &len);
             v->type = SQLITE_TEXT;
             v->n = len;
-            if (!(v->s = dup_bytes(s, len))) return 0;
+            if (borrow) v->s = (char *)s;
+            else if (!(v->s = dup_bytes(s, len))) return 0;
             break;
         }
         default: v->type = SQLITE_NULL; break;
@@ -930,8 +936,12 @@ static int sq_run(lua_State *L) {
     int n = (int)luaL_optinteger(L, 4, 0);
     check_params(L, 3, n);
     sq_job *j = job_new(c, JOB_RUN);
-    if (!j || !(j->sql = strdup(sql)) || !read_params(L, 3, n, j)) {
-        if (j) job_free(j);
+    if (!j) return luaL_error(L, "sqlite: out of memory");
+    /* What submit runs inline runs before this returns. */
+    j->borrowed = !fb_current(L) || c->inline_jobs;
+    j->sql = j->borrowed ? (char *)sql : strdup(sql);
+    if (!j->sql || !read_params(L, 3, n, j, j->borrowed)) {
+        job_free(j);
         return luaL_error(L, "sqlite: out of memory");
     }
     return submit(L, j);
@@ -973,7 +983,7 @@ static int sq_batch(lua_State *L) {
         int n = (int)lua_tointeger(L, -1);
         sq_job *p = job_new(c, JOB_RUN);
         if (p) j->parts[j->nparts++] = p;
-        if (!p || !(p->sql = strdup(lua_tostring(L, part + 1))) || !read_params(L, part + 2, n, p)) goto oom;
+        if (!p || !(p->sql = strdup(lua_tostring(L, part + 1))) || !read_params(L, part + 2, n, p, 0)) goto oom;
         lua_getfield(L, part, "if_rows");
         p->if_rows = (int)lua_tointeger(L, -1);
         lua_getfield(L, part, "min_rows");

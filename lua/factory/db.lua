@@ -92,10 +92,8 @@ local function strip_code(err) return (tostring(err):gsub("^E%u+: ", "")) end
 
 -- ---- statements ---------------------------------------------------------------
 
-local function bind_list(params)
-  if params == nil then return nil, 0 end
-  if type(params) ~= "table" then error("db: params must be a list, got " .. type(params), 4) end
-  local n = params.n or table.maxn(params)
+-- A list holding a table (JSON) or json.null, as C takes it: a copy with those converted.
+local function converted(params, n)
   local out = {}
   for i = 1, n do
     local v = params[i]
@@ -104,14 +102,32 @@ local function bind_list(params)
       v = nil
     elseif t == "table" then
       local s, err = json.encode(v)
-      if not s then error(("db: parameter %d: %s"):format(i, err), 4) end
+      if not s then error(("db: parameter %d: %s"):format(i, err), 5) end
       v = s
     elseif t ~= "nil" and t ~= "string" and t ~= "number" and t ~= "boolean" then
-      error(("db: parameter %d is a %s (expected nil, boolean, number, string or table)"):format(i, t), 4)
+      error(("db: parameter %d is a %s (expected nil, boolean, number, string or table)"):format(i, t), 5)
     end
     out[i] = v
   end
-  return out, n
+  return out
+end
+
+local function bind_list(params)
+  if params == nil then return nil, 0 end
+  if type(params) ~= "table" then error("db: params must be a list, got " .. type(params), 4) end
+  local n = params.n or table.maxn(params)
+  -- Most lists hold only plain values: they go to C as they are, without a copy.
+  for i = 1, n do
+    local t = type(params[i])
+    if t == "table" or t == "userdata" then
+      local out = converted(params, n)  -- not a tail call: the error levels count this frame
+      return out, n
+    end
+    if t ~= "nil" and t ~= "string" and t ~= "number" and t ~= "boolean" then
+      error(("db: parameter %d is a %s (expected nil, boolean, number, string or table)"):format(i, t), 4)
+    end
+  end
+  return params, n
 end
 
 local function decode_json(rows, cols)
@@ -144,7 +160,8 @@ end
 
 local function prepare(sql, params)
   if type(sql) ~= "string" then error("db: sql must be a string, got " .. type(sql), 3) end
-  return bind_list(params)
+  local args, n = bind_list(params)  -- not a tail call: bind_list's error levels count this frame
+  return args, n
 end
 
 local function exec_result(rows, meta)
