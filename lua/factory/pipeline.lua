@@ -168,10 +168,13 @@ end
 
 -- ---- the run lock ----------------------------------------------------------------
 
--- start(tx) runs in the transaction that takes the lock.
-function Engine:_lock(run_id, start)
+-- In the transaction that takes the lock, wanted(tx) says first whether to take it
+-- (false: not, and nothing is written), then start(tx) runs once it is taken.
+-- -> unlock function | false (not wanted) | nil, err
+function Engine:_lock(run_id, wanted, start)
   local name = "run:" .. run_id
   local ok, err = self.db:tx(function(tx)
+    if not wanted(tx) then return "unwanted" end
     local now = time.now()
     local rows = assert(tx:query("SELECT owner, expires_at FROM locks WHERE name = ?", { name }))
     local held = rows[1]
@@ -184,6 +187,7 @@ function Engine:_lock(run_id, start)
     start(tx)
     return true
   end)
+  if ok == "unwanted" then return false end
   if not ok then return nil, err end
   local beat = fiber.spawn(function()
     while true do
@@ -222,17 +226,25 @@ local function load_state(tx, run)
 end
 
 function Engine:execute(run_id)
-  local run = load_run(self.db, run_id)
-  if not run then return "failed", ("no run %s"):format(tostring(run_id)) end
-  if FINISHED[run.state] then return run.state, run.error end
-  local pipe = self.project.pipelines:get(run.pipeline)
+  -- The run is read in the transaction that locks it: one round trip less than a
+  -- read before it, and no change can come between the two.
+  local run, pipe
   local unlock, err = self:_lock(run_id, function(tx)
+    run = load_run(tx, run_id)
+    if not run or FINISHED[run.state] then return false end
+    pipe = self.project.pipelines:get(run.pipeline)
+    return true
+  end, function(tx)
     load_state(tx, run)
     if pipe then
       assert(tx:exec("UPDATE runs SET state = 'running', updated_at = ? WHERE id = ?", { time.now(), run.id }))
       records.event(tx, run.id, "run_started", self:_started(run, pipe))
     end
   end)
+  if unlock == false then
+    if not run then return "failed", ("no run %s"):format(tostring(run_id)) end
+    return run.state, run.error
+  end
   if not unlock then return "busy", err end
   self.totals[run_id] = { tokens = 0, cost = run.spent, started = time.monotonic() }
   -- What the run's objectives are given to report with, made once for all of them.
