@@ -32,6 +32,7 @@
 -- not outcomes).
 local time = require "factory.core.time"
 local router = require "factory.router"
+local table_new = require "table.new"
 local log = require "factory.log"
 
 local M = { SHARED = "shared-world" }
@@ -75,12 +76,16 @@ end
 
 -- The query's distinct words, at most 24: enough to find related facts, and only
 -- word characters, so user text can never be read as query syntax.
+local MAX_WORDS = 24
+
 local function words(query)
-  local out, seen = {}, {}
+  local out, seen, n = table_new(MAX_WORDS, 0), table_new(0, 32), 0
   for w in query:lower():gmatch("%w+") do
-    if #w >= 3 and not seen[w] and not STOP[w] and #out < 24 then
+    if #w >= 3 and not seen[w] and not STOP[w] then
       seen[w] = true
-      out[#out + 1] = w
+      n = n + 1
+      out[n] = w
+      if n == MAX_WORDS then break end
     end
   end
   return out
@@ -94,36 +99,49 @@ local function matching(db, ws)
   return '"' .. table.concat(ws, '" OR "') .. '"'
 end
 
+-- Statement texts depend only on the backend and the statement's shape: each is
+-- built once. WORDS_SQL[backend][banks] = { found, ranked }; FIND_SQL[backend][shape].
+local WORDS_SQL, FIND_SQL = { sqlite = {}, postgres = {} }, { sqlite = {}, postgres = {} }
+
+local function words_sql(backend, nbanks)
+  local texts = WORDS_SQL[backend][nbanks]
+  if texts then return texts[1], texts[2] end
+  local marks = ("?, "):rep(nbanks):sub(1, -3)
+  local found, ranked
+  if backend == "postgres" then
+    local where = "FROM memory_facts WHERE search @@ to_tsquery('english', ?) AND bank IN (" .. marks .. ")"
+    found = "SELECT id, bank, content " .. where .. " LIMIT ?"
+    ranked = "SELECT bank, content " .. where .. " ORDER BY ts_rank(search, to_tsquery('english', ?)) DESC, id DESC LIMIT ?"
+  else
+    local where = "FROM memory_facts_fts JOIN memory_facts f ON f.id = memory_facts_fts.rowid"
+      .. " WHERE memory_facts_fts MATCH ? AND f.bank IN (" .. marks .. ")"
+    found = "SELECT f.id, f.bank, f.content " .. where .. " LIMIT ?"
+    ranked = "SELECT f.bank, f.content " .. where .. " ORDER BY bm25(memory_facts_fts) LIMIT ?"
+  end
+  WORDS_SQL[backend][nbanks] = { found, ranked }
+  return found, ranked
+end
+
 -- Full-text recall is two reads: the matching facts unranked, at most limit + 1 of
 -- them, and the same search ranked, made only when more than limit match. Ranking is
 -- what costs (bm25 counts, for every query word, the facts that hold it: with the
 -- 20-odd words of an objective that is ~4x the search itself); when every match
--- fits, each is recalled anyway, newest first. words_reads(db, banks, ws, limit, k)
--- -> the two reads for db:queries, the first of them to be read k, or nil when ws
--- (words' list) is empty.
-local function words_reads(db, banks, ws, limit, k)
-  if #ws == 0 then return nil end
-  local marks = ("?, "):rep(#banks):sub(1, -3)
-  local query = matching(db, ws)
-  local found, ranked = { query }, { query }
-  for _, b in ipairs(banks) do
-    found[#found + 1], ranked[#ranked + 1] = b, b
+-- fits, each is recalled anyway, newest first. words_reads(db, banks, match, limit, k)
+-- -> the two reads for db:queries, the first of them to be read k (match: matching's).
+local function words_reads(db, banks, match, limit, k)
+  local nb = #banks
+  local found_sql, ranked_sql = words_sql(db.backend, nb)
+  local found, ranked = table_new(nb + 2, 1), table_new(nb + 3, 1)
+  found[1], ranked[1] = match, match
+  for i = 1, nb do
+    found[i + 1], ranked[i + 1] = banks[i], banks[i]
   end
-  found[#found + 1] = limit + 1
-  local found_sql, ranked_sql
+  found[nb + 2], found.n = limit + 1, nb + 2
   if db.backend == "postgres" then
-    local where = "FROM memory_facts WHERE search @@ to_tsquery('english', ?) AND bank IN (" .. marks .. ")"
-    found_sql = "SELECT id, bank, content " .. where .. " LIMIT ?"
-    ranked_sql = "SELECT bank, content " .. where
-      .. " ORDER BY ts_rank(search, to_tsquery('english', ?)) DESC, id DESC LIMIT ?"
-    ranked[#ranked + 1] = query
+    ranked[nb + 2], ranked[nb + 3], ranked.n = match, limit, nb + 3
   else
-    local where = "FROM memory_facts_fts JOIN memory_facts f ON f.id = memory_facts_fts.rowid"
-      .. " WHERE memory_facts_fts MATCH ? AND f.bank IN (" .. marks .. ")"
-    found_sql = "SELECT f.id, f.bank, f.content " .. where .. " LIMIT ?"
-    ranked_sql = "SELECT f.bank, f.content " .. where .. " ORDER BY bm25(memory_facts_fts) LIMIT ?"
+    ranked[nb + 2], ranked.n = limit, nb + 2
   end
-  ranked[#ranked + 1] = limit
   return { found_sql, found }, { ranked_sql, ranked, if_rows = k, min_rows = limit + 1 }
 end
 
@@ -141,8 +159,9 @@ local function words_result(found, ranked, limit)
 end
 
 local function words_recall(db, banks, query, limit)
-  local found, ranked = words_reads(db, banks, words(query or ""), limit, 1)
-  if not found then return {} end
+  local ws = words(query or "")
+  if #ws == 0 then return {} end
+  local found, ranked = words_reads(db, banks, matching(db, ws), limit, 1)
   local out = assert(db:queries({ found, ranked }))
   return words_result(out[1], out[2], limit)
 end
@@ -245,45 +264,60 @@ end
 
 local COLUMNS = "l.id, l.team, l.repo, l.objective, l.text, l.run_id, l.created_at"
 
--- The statement for the rows of learnings matching ws (words' list; best first), or
--- the newest when it is empty.
-local function find_sql(db, ws, opts)
-  local where, params = {}, {}
-  local sql
-  if #ws == 0 then
-    sql = "SELECT " .. COLUMNS .. " FROM learnings l"
-  elseif db.backend == "postgres" then
-    params[1] = matching(db, ws)
-    sql = "SELECT " .. COLUMNS .. " FROM learnings l"
-    where[1] = "l.search @@ to_tsquery('english', ?)"
-  else
-    params[1] = matching(db, ws)
-    sql = "SELECT " .. COLUMNS .. " FROM learnings_fts JOIN learnings l ON l.id = learnings_fts.rowid"
-    where[1] = "learnings_fts MATCH ?"
+-- The statement for the rows of learnings matching match (matching's text; best
+-- first), or the newest when it is nil.
+local function find_sql(db, match, opts)
+  local shape = (match and 1 or 0) + (opts.team and 2 or 0) + (opts.repo and 4 or 0)
+  local sql = FIND_SQL[db.backend][shape]
+  local pg = db.backend == "postgres"
+  if not sql then
+    local where = {}
+    if not match then
+      sql = "SELECT " .. COLUMNS .. " FROM learnings l"
+    elseif pg then
+      sql = "SELECT " .. COLUMNS .. " FROM learnings l"
+      where[1] = "l.search @@ to_tsquery('english', ?)"
+    else
+      sql = "SELECT " .. COLUMNS .. " FROM learnings_fts JOIN learnings l ON l.id = learnings_fts.rowid"
+      where[1] = "learnings_fts MATCH ?"
+    end
+    if opts.team then where[#where + 1] = "l.team = ?" end
+    if opts.repo then where[#where + 1] = "l.repo = ?" end
+    if #where > 0 then sql = sql .. " WHERE " .. table.concat(where, " AND ") end
+    if not match then
+      sql = sql .. " ORDER BY l.id DESC"
+    elseif pg then
+      sql = sql .. " ORDER BY ts_rank(l.search, to_tsquery('english', ?)) DESC, l.id DESC"
+    else
+      sql = sql .. " ORDER BY bm25(learnings_fts), l.id DESC"
+    end
+    sql = sql .. " LIMIT ?"
+    FIND_SQL[db.backend][shape] = sql
+  end
+  local params, n = table_new(5, 1), 0
+  if match then
+    n = n + 1
+    params[n] = match
   end
   if opts.team then
-    where[#where + 1] = "l.team = ?"
-    params[#params + 1] = opts.team
+    n = n + 1
+    params[n] = opts.team
   end
   if opts.repo then
-    where[#where + 1] = "l.repo = ?"
-    params[#params + 1] = opts.repo
+    n = n + 1
+    params[n] = opts.repo
   end
-  if #where > 0 then sql = sql .. " WHERE " .. table.concat(where, " AND ") end
-  if #ws == 0 then
-    sql = sql .. " ORDER BY l.id DESC"
-  elseif db.backend == "postgres" then
-    sql = sql .. " ORDER BY ts_rank(l.search, to_tsquery('english', ?)) DESC, l.id DESC"
-    params[#params + 1] = params[1]
-  else
-    sql = sql .. " ORDER BY bm25(learnings_fts), l.id DESC"
+  if match and pg then
+    n = n + 1
+    params[n] = match
   end
-  params[#params + 1] = opts.limit or 20
-  return sql .. " LIMIT ?", params
+  params[n + 1], params.n = opts.limit or 20, n + 1
+  return sql, params
 end
 
 local function find(db, text, opts)
-  return assert(db:query(find_sql(db, words(text or ""), opts)))
+  local ws = words(text or "")
+  return assert(db:query(find_sql(db, #ws > 0 and matching(db, ws) or nil, opts)))
 end
 
 function M.search_learnings(db, text, opts)
@@ -299,7 +333,7 @@ function M.learnings(db, team, limit, query)
   local opts = { team = team, limit = limit or 5 }
   local rows = {}
   local ws = words(query or "")
-  if #ws > 0 then rows = assert(db:query(find_sql(db, ws, opts))) end
+  if #ws > 0 then rows = assert(db:query(find_sql(db, matching(db, ws), opts))) end
   if #rows == 0 then rows = find(db, nil, opts) end
   return texts(rows)
 end
@@ -309,33 +343,34 @@ end
 -- only a team that has some is searched (the search is what costs).
 function M.context(db, banks, team, query, limit, vector)
   limit = limit or 8
-  local list, at = {}, {}
-  local function add(name, sql, params, if_rows, min_rows)
-    if sql then
-      list[#list + 1] = { sql, params, if_rows = if_rows, min_rows = min_rows }
-      at[name] = #list
-    end
-  end
   local ws = words(query or "")
-  if #banks > 0 then
-    local found, ranked = words_reads(db, banks, ws, limit, #list + 1)
-    if found then
-      add("found", found[1], found[2])
-      add("ranked", ranked[1], ranked[2], ranked.if_rows, ranked.min_rows)
-    end
-    if vector then add("nearest", nearest_sql(banks)) end
+  local match = #ws > 0 and matching(db, ws) or nil
+  local list, n = table_new(5, 0), 0
+  local found_at, nearest_at, matching_at
+  if #banks > 0 and match then
+    list[1], list[2] = words_reads(db, banks, match, limit, 1)
+    found_at, n = 1, 2
+  end
+  if #banks > 0 and vector then
+    n = n + 1
+    list[n] = { nearest_sql(banks) }
+    nearest_at = n
   end
   local opts = { team = team, limit = 5 }
-  add("newest", find_sql(db, {}, opts))
-  if #ws > 0 then
-    local sql, params = find_sql(db, ws, opts)
-    add("matching", sql, params, at.newest)
+  n = n + 1
+  list[n] = { find_sql(db, nil, opts) }
+  local newest_at = n
+  if match then
+    local sql, params = find_sql(db, match, opts)
+    n = n + 1
+    list[n] = { sql, params, if_rows = newest_at }
+    matching_at = n
   end
   local out = assert(db:queries(list))
-  local facts = at.found and words_result(out[at.found], out[at.ranked], limit) or {}
-  if at.nearest then facts = fuse({ facts, nearest_of(out[at.nearest], vector, limit) }, limit) end
-  local learned = at.matching and out[at.matching] or {}
-  if #learned == 0 then learned = out[at.newest] end
+  local facts = found_at and words_result(out[found_at], out[found_at + 1], limit) or {}
+  if nearest_at then facts = fuse({ facts, nearest_of(out[nearest_at], vector, limit) }, limit) end
+  local learned = matching_at and out[matching_at] or {}
+  if #learned == 0 then learned = out[newest_at] end
   return facts, texts(learned)
 end
 
