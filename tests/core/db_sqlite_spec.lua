@@ -99,6 +99,41 @@ describe("sqlite backend", function()
     d:close()
   end)
 
+  it("closing while a sync is in flight settles its writer and frees the connection once it ends", function()
+    local path = temp_path()
+    local committed = 0
+    for round = 1, 10 do
+      local d = assert(db.open("sqlite:" .. path))
+      assert(d:exec("CREATE TABLE IF NOT EXISTS t (i INTEGER)"))
+      local conn = d.entries[1].conn
+      local before = conn:sync_stats()
+      local writers = {}
+      for k = 1, round do
+        writers[k] = fiber.spawn(function()
+          return d:tx(function(tx) return tx:exec("INSERT INTO t (i) VALUES (?)", { k }) end) ~= nil
+        end)
+      end
+      -- Close as soon as a commit is made and not yet synced: its writer is waiting
+      -- for a sync that is running.
+      local st = conn:sync_stats()
+      while st.commits == before.commits or st.synced == st.commits do
+        fiber.yield()
+        st = conn:sync_stats()
+      end
+      d:close()
+      local _, outcomes = fiber.all(writers, 30)
+      for _, o in ipairs(outcomes) do
+        assert.truthy(o.ok, tostring(o[1]))
+        if o[1] then committed = committed + 1 end
+      end
+    end
+    -- Every row a writer was told committed is in the file.
+    assert.truthy(committed > 0)
+    local d = assert(db.open("sqlite:" .. path))
+    assert.truthy(d:query("SELECT COUNT(*) AS n FROM t")[1].n >= committed)
+    d:close()
+  end)
+
   it("a WAL deleted under the database fails every commit after, saying what may be lost", function()
     local path = temp_path()
     local d = assert(db.open("sqlite:" .. path))
