@@ -398,6 +398,13 @@ static sqlite3_stmt *stmt_for(sq_job *j) {
     return st;
 }
 
+/* PRAGMA wal_autocheckpoint installs SQLite's own WAL hook in place of wal_hook:
+ * commits would go uncounted, and unsynced. */
+static void keep_wal_hook(sq_job *j) {
+    if (j->conn->wal_path && strcasestr(j->sql, "wal_autocheckpoint"))
+        sqlite3_wal_hook(j->conn->db, wal_hook, j->conn);
+}
+
 static void do_run(sq_job *j) {
     sqlite3 *db = j->conn->db;
     sqlite3_stmt *st = stmt_for(j);
@@ -444,6 +451,7 @@ done:
     /* A statement left mid-step would keep its read transaction open. */
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
+    keep_wal_hook(j);
 }
 
 static void do_script(sq_job *j) {
@@ -451,6 +459,7 @@ static void do_script(sq_job *j) {
     int rc = sqlite3_exec(j->conn->db, j->sql, NULL, NULL, &err);
     if (rc != SQLITE_OK) job_fail(j, code_for(rc), "%s", err ? err : sqlite3_errstr(rc));
     sqlite3_free(err);
+    keep_wal_hook(j);
 }
 
 /* ---- durability: syncing the WAL (see the top) ----------------------------------------- */

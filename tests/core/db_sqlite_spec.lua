@@ -67,6 +67,11 @@ describe("sqlite backend", function()
       writes("tx in a fiber", function() return d:tx(function(tx) return tx:exec("INSERT INTO t (i) VALUES (2)") end) end)
       writes("exec in a fiber", function() return d:exec("INSERT INTO t (i) VALUES (3)") end)
       writes("script in a fiber", function() return d:script("CREATE TABLE u (i INTEGER)") end)
+      -- PRAGMA wal_autocheckpoint would replace the hook that counts commits.
+      assert(d:exec("PRAGMA wal_autocheckpoint = 500"))
+      writes("tx after PRAGMA wal_autocheckpoint", function()
+        return d:tx(function(tx) return tx:exec("INSERT INTO t (i) VALUES (4)") end)
+      end)
       -- A read commits nothing and syncs nothing.
       local before = conn:sync_stats()
       assert(d:query("SELECT COUNT(*) AS n FROM t"))
