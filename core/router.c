@@ -1967,31 +1967,34 @@ static char *request_model(const request_info *ri) {
     return m;
 }
 
+/* Whether a member of text (as read into m) is named key, written plainly. */
+static int member_named(const char *text, const members *m, const char *key) {
+    size_t n = strlen(key);
+    for (int i = 0; i < m->n; i++) {
+        const char *k = text + m->at[i][0];
+        if (k[0] == '"' && !strncmp(k + 1, key, n) && k[n + 1] == '"') return 1;
+    }
+    return 0;
+}
+
+static int stream_member(const members *m) {
+    for (int i = 0; i < m->n; i++)
+        if (m->what[i] == M_STREAM) return 1;
+    return 0;
+}
+
 static int chain_has(alias *a, int kind) {
     for (int i = 0; i < a->n; i++)
         if (a->t[i].p->kind == kind) return 1;
     return 0;
 }
 
-static int start_call(lua_State *L, int op) {
-    size_t len;
-    const char *text = luaL_checklstring(L, 1, &len);
-    const char *team = luaL_optstring(L, 2, NULL), *run = luaL_optstring(L, 3, NULL);
-    fb_fiber *f = fb_check_current(L, op == OP_CHAT ? "router.chat" : "router.embeddings");
-    if (R.closed || fb_closing()) return luaL_error(L, "router: the runtime is shutting down");
-    if (!R.cfg) return fb_push_error(L, "ENOCONFIG", "the router is not configured (no providers and models)");
-    request_info ri;
-    if (!read_request(text, len, &ri)) {
-        json_error_t je;
-        json_t *doc = json_loadb(text, len, 0, &je);
-        const char *why = doc ? (json_is_object(doc) ? "nested too deeply" : "another JSON value") : je.text;
-        json_decref(doc);
-        return bad_request(L, "EINVAL", "the request is not a JSON object: %s", why);
-    }
-    if (op == OP_CHAT && !ri.messages) return bad_request(L, "EINVAL", "'messages' must be a non-empty array");
-    if (op == OP_EMBED && !ri.input) return bad_request(L, "EINVAL", "'input' is required");
-    int stream = op == OP_CHAT && (lua_isnoneornil(L, 4) ? ri.stream : lua_toboolean(L, 4));
-    char *model = request_model(&ri);
+/* A call of a request read into ri (text: len bytes, NUL-terminated, copied here). */
+static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_t len, const request_info *ri,
+                      int stream, const char *team, const char *run) {
+    if (op == OP_CHAT && !ri->messages) return bad_request(L, "EINVAL", "'messages' must be a non-empty array");
+    if (op == OP_EMBED && !ri->input) return bad_request(L, "EINVAL", "'input' is required");
+    char *model = request_model(ri);
     if (!model) return bad_request(L, "EINVAL", "'model' is required");
     config *cfg = R.cfg;
     alias *al = find_alias(cfg, model);
@@ -2033,7 +2036,7 @@ static int start_call(lua_State *L, int op) {
     c->stream = stream;
     c->text = copy;
     c->text_len = len;
-    c->mem = ri.mem;
+    c->mem = ri->mem;
     c->req = tree;
     c->alias_name = model;
     c->team = dup_str(team);
@@ -2049,10 +2052,10 @@ static int start_call(lua_State *L, int op) {
         c->direct.n = 1;
         c->al = &c->direct;
     }
-    c->include_usage = ri.include_usage;
+    c->include_usage = ri->include_usage;
     /* Never more tokens than asked for: the reservation and, for Anthropic, the limit sent. */
     double completion = op == OP_EMBED ? 0
-                      : ri.max_tokens && js_is_integer(ri.max_tokens, ri.max_tokens_end) ? (double)js_long(ri.max_tokens)
+                      : ri->max_tokens && js_is_integer(ri->max_tokens, ri->max_tokens_end) ? (double)js_long(ri->max_tokens)
                       : cfg->default_max_tokens;
     c->est_prompt = (double)(len / 4 + 1);
     c->est_tokens = c->est_prompt + completion;
@@ -2068,8 +2071,117 @@ static int start_call(lua_State *L, int op) {
     return fb_await(L, f, call_abort, c, 0);
 }
 
+static int start_call(lua_State *L, int op) {
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len);
+    const char *team = luaL_optstring(L, 2, NULL), *run = luaL_optstring(L, 3, NULL);
+    fb_fiber *f = fb_check_current(L, op == OP_CHAT ? "router.chat" : "router.embeddings");
+    if (R.closed || fb_closing()) return luaL_error(L, "router: the runtime is shutting down");
+    if (!R.cfg) return fb_push_error(L, "ENOCONFIG", "the router is not configured (no providers and models)");
+    request_info ri;
+    if (!read_request(text, len, &ri)) {
+        json_error_t je;
+        json_t *doc = json_loadb(text, len, 0, &je);
+        const char *why = doc ? (json_is_object(doc) ? "nested too deeply" : "another JSON value") : je.text;
+        json_decref(doc);
+        return bad_request(L, "EINVAL", "the request is not a JSON object: %s", why);
+    }
+    int stream = op == OP_CHAT && (lua_isnoneornil(L, 4) ? ri.stream : lua_toboolean(L, 4));
+    return begin_call(L, f, op, text, len, &ri, stream, team, run);
+}
+
 /* chat(request_json [, team [, run [, stream]]]) */
 static int r_chat(lua_State *L) { return start_call(L, OP_CHAT); }
+
+/* chat_parts(model, members, messages [, team [, run [, stream]]]): a chat request
+ * given as JSON texts its caller wrote with a JSON library (factory.objective's, from
+ * cjson): members, its other members ("max_tokens":1024,...) or ""; messages, a list
+ * of each message's JSON. They are not read again: the router puts the request
+ * together and knows where each member lies, which saves parsing several kilobytes
+ * of prompt per call. Text from outside goes through chat, which checks it. */
+static int r_chat_parts(lua_State *L) {
+    const char *model = luaL_checkstring(L, 1);
+    size_t mlen;
+    const char *more = luaL_checklstring(L, 2, &mlen);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    const char *team = luaL_optstring(L, 4, NULL), *run = luaL_optstring(L, 5, NULL);
+    int stream = lua_toboolean(L, 6);
+    int count = (int)lua_objlen(L, 3);
+    for (int i = 1; i <= count; i++) {
+        lua_rawgeti(L, 3, i);
+        if (lua_type(L, -1) != LUA_TSTRING) return luaL_argerror(L, 3, "expected a list of JSON texts");
+        lua_pop(L, 1);
+    }
+    fb_fiber *f = fb_check_current(L, "router.chat");
+    if (R.closed || fb_closing()) return luaL_error(L, "router: the runtime is shutting down");
+    if (!R.cfg) return fb_push_error(L, "ENOCONFIG", "the router is not configured (no providers and models)");
+    request_info ri;
+    memset(&ri, 0, sizeof ri);
+    buf b = {0};
+    size_t at[3][2] = {{0}};
+    int ok = buf_add(&b, "{", 1);
+    at[0][0] = b.len;
+    ok = ok && buf_add(&b, "\"model\":", 8);
+    size_t value = b.len;
+    ok = ok && buf_add_jstr(&b, model);
+    at[0][1] = b.len;
+    if (ok && mlen) {
+        ok = buf_add(&b, ",", 1);
+        at[1][0] = b.len;
+        ok = ok && buf_add(&b, more, mlen);
+        at[1][1] = b.len;
+    }
+    ok = ok && buf_add(&b, ",", 1);
+    at[2][0] = b.len;
+    ok = ok && buf_add(&b, "\"messages\":[", 12);
+    for (int i = 1; ok && i <= count; i++) {
+        lua_rawgeti(L, 3, i);
+        size_t l;
+        const char *m = lua_tolstring(L, -1, &l);
+        ok = (i == 1 || buf_add(&b, ",", 1)) && buf_add(&b, m, l);
+        lua_pop(L, 1);
+    }
+    ok = ok && buf_add(&b, "]", 1);
+    at[2][1] = b.len;
+    ok = ok && buf_add(&b, "}", 1);
+    if (!ok) {
+        free(b.data);
+        return bad_request(L, "ENOMEM", "out of memory");
+    }
+    ri.model = b.data + value;
+    ri.model_end = b.data + at[0][1];
+    ri.messages = count > 0;
+    ri.stream = stream;
+    for (int i = 0; i < 3; i++) {
+        if (at[i][1] == at[i][0]) continue;
+        ri.mem.at[ri.mem.n][0] = at[i][0];
+        ri.mem.at[ri.mem.n][1] = at[i][1];
+        ri.mem.what[ri.mem.n++] = (unsigned char)(i == 0 ? M_MODEL : 0);
+    }
+    /* The few other members are read (max_tokens, for the reservation), in a copy of
+     * their own: a handful of bytes. The router sets model, messages and stream. */
+    buf own = {0};
+    request_info mi;
+    if (!(buf_add(&own, "{", 1) && buf_add(&own, more, mlen) && buf_add(&own, "}", 1))) ok = 0;
+    else if (!read_request(own.data, own.len, &mi) || mi.mem.n < 0 || member_named(own.data, &mi.mem, "model")
+             || member_named(own.data, &mi.mem, "messages") || stream_member(&mi.mem)) {
+        free(b.data);
+        free(own.data);
+        return bad_request(L, "EINVAL", "the request's other members must be JSON members besides model, messages"
+                           " and stream");
+    }
+    int n;
+    if (ok) {
+        ri.max_tokens = mi.max_tokens;
+        ri.max_tokens_end = mi.max_tokens_end;
+        n = begin_call(L, f, OP_CHAT, b.data, b.len, &ri, stream, team, run);
+    } else {
+        n = bad_request(L, "ENOMEM", "out of memory");
+    }
+    free(b.data);
+    free(own.data);
+    return n;
+}
 
 /* embeddings(request_json [, team [, run]]) */
 static int r_embeddings(lua_State *L) { return start_call(L, OP_EMBED); }
@@ -2289,6 +2401,7 @@ static const luaL_Reg stream_methods[] = {
 static const luaL_Reg router_functions[] = {
     {"configure", r_configure},
     {"chat", r_chat},
+    {"chat_parts", r_chat_parts},
     {"embeddings", r_embeddings},
     {"models", r_models},
     {"stats", r_stats},

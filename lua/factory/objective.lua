@@ -166,17 +166,20 @@ local function reply_text(res)
   if type(content) == "string" then return content end
 end
 
--- The chat request as JSON text; the system message's JSON is the cached one.
-local function request_json(o, messages)
+-- The chat request as router.chat_parts takes it: each message's JSON (the system
+-- message's is the cached one) and the operative's other members, also cached.
+local function request_parts(o, messages)
   local op, team = o.operative, o.team
   local system = system_prompt(o)
   local list = {}
   for i, m in ipairs(messages) do
     list[i] = m.role == "system" and m.content == system.text and system.json or assert(json.encode(m))
   end
-  local head = assert(json.encode{ model = op.model or team.model, max_tokens = op.max_tokens,
-                                   temperature = op.temperature })
-  return head:sub(1, -2) .. (head == "{}" and "" or ",") .. '"messages":[' .. table.concat(list, ",") .. "]}"
+  local per_op = prompts[op]
+  if not per_op.members then
+    per_op.members = assert(json.encode{ max_tokens = op.max_tokens, temperature = op.temperature }):sub(2, -2)
+  end
+  return { model = op.model or team.model, members = per_op.members, messages = list }
 end
 
 function M.run(o)
@@ -185,7 +188,7 @@ function M.run(o)
   local retries = o.retries or 2
   local problem
   for attempt = 1, retries + 1 do
-    local res, err, code = router.chat(request_json(o, messages), { team = team.name, run = o.run_id })
+    local res, err, code = router.chat_parts(request_parts(o, messages), { team = team.name, run = o.run_id })
     if not res then
       local why = tostring(err):gsub("^E%u+: ", "")
       if code == "EBUDGET" then

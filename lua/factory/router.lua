@@ -13,6 +13,12 @@
 --           once it has sent them (Anthropic: before the content; OpenAI: in the last
 --           chunk), else the router's estimate (request bytes / 4, content so far / 4);
 --           after the end, what the call was charged and recorded with.
+--   router.chat_parts({ model =, members =, messages = { json, ... } }, opts) -> as router.chat
+--       a chat request given as JSON texts the caller wrote with factory.json (as
+--       factory.objective does): members, its members other than model, messages and
+--       stream ('"max_tokens":1024,"temperature":0.2', or ""), and each message's
+--       JSON. The router puts the request together without parsing the messages
+--       again; text from outside goes through router.chat, which checks it.
 --   router.embeddings(request, opts) -> response | nil, err, code   (opts: team, run, raw)
 --   router.models() -> { "alias", ... }     router.stats() -> table (providers, budgets)
 --   router.has_alias(name) -> whether name is a configured alias
@@ -122,6 +128,19 @@ function M.chat(request, opts)
   opts = opts or {}
   local res, err, code = core.chat(encode_request(request, "router.chat"), opts.team, opts.run and tostring(opts.run),
                                    opts.stream)
+  if not res then return flushed(nil, err, code) end
+  if type(res) ~= "string" then return setmetatable({ core = res, raw = opts.raw }, Stream) end
+  return flushed(decoded(res, opts.raw))
+end
+
+function M.chat_parts(parts, opts)
+  opts = opts or {}
+  if type(parts) ~= "table" or type(parts.messages) ~= "table" then
+    error("router.chat_parts: expected { model =, members =, messages = { json, ... } }", 2)
+  end
+  if type(parts.model) ~= "string" then return flushed(nil, "EINVAL: 'model' is required", "EINVAL") end
+  local res, err, code = core.chat_parts(parts.model, parts.members or "", parts.messages, opts.team,
+                                         opts.run and tostring(opts.run), opts.stream)
   if not res then return flushed(nil, err, code) end
   if type(res) ~= "string" then return setmetatable({ core = res, raw = opts.raw }, Stream) end
   return flushed(decoded(res, opts.raw))

@@ -166,6 +166,49 @@ describe("router", function()
     assert.contains('"x":' .. deep, fake:requests()[3].body)
   end)
 
+  it("chat_parts sends what chat sends for the same request, and budgets by its max_tokens", function()
+    local messages = { json.encode{ role = "system", content = "Be brief." },
+                       json.encode{ role = "user", content = "Say \"hi\"" } }
+    local members = '"max_tokens":7,"temperature":0.5'
+    local text = '{"model":"solo",' .. members .. ',"messages":[' .. table.concat(messages, ",") .. "]}"
+    local a = assert(router.chat(text, { team = "t" }))
+    local b = assert(router.chat_parts({ model = "solo", members = members, messages = messages }, { team = "t" }))
+    assert.equal(fake:requests()[1].body, fake:requests()[2].body)
+    assert.equal(a.choices[1].message.content, b.choices[1].message.content)
+    -- No other members; streamed; through an Anthropic-format provider.
+    assert(router.chat_parts({ model = "solo", messages = messages }))
+    assert.equal('{"model":"gpt-test","messages":[' .. table.concat(messages, ",") .. '],"stream":false}',
+                 fake:requests()[3].body)
+    local s = assert(router.chat_parts({ model = "solo", messages = messages }, { stream = true }))
+    local chunks = 0
+    while s:read(5) do chunks = chunks + 1 end
+    assert.truthy(chunks > 0)
+    assert.contains('"stream":true', fake:requests()[4].body)
+    assert(router.chat_parts({ model = "anth", members = members, messages = messages }))
+    local sent = json.decode(fake:requests()[5].body)
+    assert.equal("Be brief.", sent.system)
+    assert.equal(7, sent.max_tokens)
+    -- The reservation counts max_tokens: a budget of 5 tokens refuses it before sending.
+    router.set_budget("run", "parts", { tokens = 5 })
+    local ok, err, code = router.chat_parts({ model = "solo", members = members, messages = messages }, { run = "parts" })
+    assert.is_nil(ok)
+    assert.equal("EBUDGET", code, err)
+    router.clear_budget("run", "parts")
+    assert.equal(5, fake:count())
+    -- Members that are not JSON, or that the router sets itself, are refused.
+    for _, bad in ipairs({ '"max_tokens":', '"model":"x"', '"stream":true', '"messages":[]' }) do
+      ok, err, code = router.chat_parts({ model = "solo", members = bad, messages = messages })
+      assert.is_nil(ok, bad)
+      assert.equal("EINVAL", code, bad)
+    end
+    ok, err, code = router.chat_parts({ model = "solo", messages = {} })
+    assert.equal("EINVAL", code)
+    assert.contains("messages", err)
+    ok, err, code = router.chat_parts({ messages = messages })
+    assert.equal("EINVAL", code)
+    assert.equal(5, fake:count())
+  end)
+
   it("translates to and from the Anthropic Messages API, tools included", function()
     fake:script{ { tool_calls = { { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
                  { content = "It is sunny.", finish = "length" } }
