@@ -329,25 +329,34 @@ static int only_space(const char *s) {
 
 /* Whether the statement is an INSERT or REPLACE (after blanks and comments): only
  * then is last_insert_rowid about this statement. */
-static int is_insert(const char *sql) {
+/* Where a statement's first word starts, past spaces and comments. */
+static const char *first_word(const char *sql) {
     for (;;) {
         while (*sql && strchr(" \t\r\n", *sql)) sql++;
         if (sql[0] == '-' && sql[1] == '-') {
             while (*sql && *sql != '\n') sql++;
         } else if (sql[0] == '/' && sql[1] == '*') {
             const char *end = strstr(sql + 2, "*/");
-            if (!end) return 0;
+            if (!end) return "";
             sql = end + 2;
         } else {
-            break;
+            return sql;
         }
     }
+}
+
+static int is_insert(const char *sql) {
+    sql = first_word(sql);
     return !strncasecmp(sql, "INSERT", 6) || !strncasecmp(sql, "REPLACE", 7);
 }
 
+/* The statement cache's key: FNV-1a over the length and at most 32 bytes spread over
+ * the text, which tells the engine's few dozen statements apart at a fraction of the
+ * cost of every byte; a match is confirmed by comparing the whole text. */
 static uint64_t sql_hash(const char *s) {
-    uint64_t h = 1469598103934665603u; /* FNV-1a */
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211u;
+    size_t n = strlen(s), step = n / 32 + 1;
+    uint64_t h = (1469598103934665603u ^ n) * 1099511628211u;
+    for (size_t i = 0; i < n; i += step) h = (h ^ (unsigned char)s[i]) * 1099511628211u;
     return h;
 }
 
@@ -399,10 +408,11 @@ static sqlite3_stmt *stmt_for(sq_job *j) {
 }
 
 /* PRAGMA wal_autocheckpoint installs SQLite's own WAL hook in place of wal_hook:
- * commits would go uncounted, and unsynced. */
+ * commits would go uncounted, and unsynced. A script may hold it anywhere, a
+ * statement only if it is a PRAGMA. */
 static void keep_wal_hook(sq_job *j) {
-    if (j->conn->wal_path && strcasestr(j->sql, "wal_autocheckpoint"))
-        sqlite3_wal_hook(j->conn->db, wal_hook, j->conn);
+    if (!j->conn->wal_path || (j->kind == JOB_RUN && strncasecmp(first_word(j->sql), "PRAGMA", 6))) return;
+    if (strcasestr(j->sql, "wal_autocheckpoint")) sqlite3_wal_hook(j->conn->db, wal_hook, j->conn);
 }
 
 static void do_run(sq_job *j) {
