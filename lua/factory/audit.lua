@@ -30,18 +30,18 @@ local GENESIS = ("0"):rep(64)
 local LOCK_KEY = 0x41554454
 local PAGE = 1000
 
-local function field(v)
-  local s = v == nil and "" or tostring(v)
-  return #s .. ":" .. s
+local function text(v)
+  if v == nil then return "" end
+  return tostring(v)
 end
 
 -- created_at is hashed as %.17g so the double read back from either backend gives
 -- the same text as the one written.
 local function digest(r)
-  return hash.sha256(table.concat({
-    field(r.seq), field(r.prev_hash), field(r.kind), field(r.actor), field(r.run_id), field(r.payload),
-    field(("%.17g"):format(r.created_at)),
-  }, "\n"))
+  local seq, prev, kind, actor = text(r.seq), text(r.prev_hash), text(r.kind), text(r.actor)
+  local run, payload, at = text(r.run_id), text(r.payload), ("%.17g"):format(r.created_at)
+  return hash.sha256(("%d:%s\n%d:%s\n%d:%s\n%d:%s\n%d:%s\n%d:%s\n%d:%s"):format(#seq, seq, #prev, prev, #kind, kind,
+    #actor, actor, #run, run, #payload, payload, #at, at))
 end
 
 local function append_tx(tx, record)

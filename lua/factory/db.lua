@@ -164,10 +164,11 @@ local function prepare(sql, params)
   return args, n
 end
 
+-- meta (the driver's, fresh for each statement) becomes the result.
 local function exec_result(rows, meta)
-  local last = meta.last_id
-  if last == nil and rows[#rows] and type(rows[#rows].id) == "number" then last = rows[#rows].id end
-  return { changes = meta.changes, last_id = last }
+  if meta.last_id == nil and rows[#rows] and type(rows[#rows].id) == "number" then meta.last_id = rows[#rows].id end
+  meta.json = nil
+  return meta
 end
 
 -- ---- connections ----------------------------------------------------------------
@@ -526,11 +527,13 @@ end
 -- the write lock is held (audit.lua keeps the chain's last record there). A SQLite
 -- group's members read through to the group's memo and add theirs to it only when
 -- their work is kept (memo: the group's, nil for a transaction of its own).
+local function as_is(x) return x end
+
 local function run_fn(self, me, conn, memo, fn, ...)
   self.tx_owners[me] = true
   local tx = setmetatable({ backend = self.backend, _conn = conn, _notes = {},
                             memo = setmetatable({}, memo and { __index = memo }) }, Tx)
-  local res = pack(xpcall(fn, function(x) return x end, tx, ...))
+  local res = pack(xpcall(fn, as_is, tx, ...))
   tx._conn = nil
   self.tx_owners[me] = nil
   return res, tx._notes, tx.memo
