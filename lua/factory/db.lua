@@ -34,9 +34,11 @@
 --       later db:tx or db:exec that returned implies fn's work is on disk too, while
 --       reads may not see it until it commits. A fiber of its own commits it when
 --       nobody else comes. fn must only run statements on tx: it runs in whichever
---       fiber holds the writer next. fn failing, or its group's COMMIT, cannot be
---       returned to anyone: it is logged as an error. PostgreSQL, and callers outside
---       any fiber: db:tx at once, failures logged alike.
+--       fiber holds the writer next. fn failing, or its group's COMMIT, is logged as an
+--       error, and the next db:tx, db:exec or db:script of the fiber that posted it
+--       returns it, once, without running: nil, "EPOSTED: a write this fiber posted
+--       was lost (...)", "EPOSTED". PostgreSQL, and callers outside any fiber: db:tx at
+--       once, failures logged and returned alike.
 --   db:notify(channel, payload)  db:listen(channel) -> listener
 --       listener:wait([timeout]) -> { channel =, payload = } | nil, err, code;  listener:close()
 --       PostgreSQL: LISTEN/NOTIFY on a dedicated connection (tx:notify is delivered at
@@ -234,13 +236,26 @@ local function hand_off(self, e)
   return false
 end
 
-local function settle(g, ok, err, code)
+-- A write fiber posted was lost: its next write says so (lost_error).
+local function lose(self, fiber, err)
+  if fiber and not self.lost[fiber] then self.lost[fiber] = tostring(err) end
+end
+
+local function lost_error(self, me)
+  local err = self.lost[me]
+  if not err then return nil end
+  self.lost[me] = nil
+  return "EPOSTED: a write this fiber posted was lost (" .. err .. ")"
+end
+
+local function settle(self, g, ok, err, code)
   for _, m in ipairs(g.members) do
     m.ok, m.err, m.code = ok, err, code
     if m.fiber ~= MAIN then m.fiber:wake(true) end
   end
   if not ok and g.posted > 0 then
     log.error("db: posted writes were lost: their COMMIT failed", { writes = g.posted, error = tostring(err) })
+    for _, fiber in ipairs(g.posters) do lose(self, fiber, err) end
   end
 end
 
@@ -253,7 +268,7 @@ local function commit_group(self, e)
   local ok, err, code = e.conn:script("COMMIT")
   if not ok then e.conn:script("ROLLBACK") end
   e.group = nil
-  settle(g, ok, err, code)
+  settle(self, g, ok, err, code)
 end
 
 -- Posted writes (db:post): run into an open group by whoever holds the writer next,
@@ -314,9 +329,9 @@ local function reclaim(self, e, me)
     local g = e.group
     e.group = nil
     if e.conn:script("ROLLBACK") then
-      settle(g, nil, "EIO: the transaction's COMMIT failed", "EIO")
+      settle(self, g, nil, "EIO: the transaction's COMMIT failed", "EIO")
     else
-      settle(g, true)
+      settle(self, g, true)
     end
   elseif e.member then
     e.member = false
@@ -403,7 +418,7 @@ function M.open(url)
   local self = setmetatable({
     backend = spec.backend, url = spec.display, entries = {}, waiters = {},
     tx_owners = setmetatable({}, { __mode = "k" }), listeners = setmetatable({}, { __mode = "k" }),
-    spec = spec, posted = {},
+    spec = spec, posted = {}, lost = setmetatable({}, { __mode = "k" }),
   }, DB)
   local conn
   if spec.backend == "sqlite" then
@@ -592,12 +607,16 @@ local function run_each(self, e, me, list)
       else
         for k, v in pairs(memo) do g.memo[k] = v end
         g.posted = g.posted + 1
+        g.posters[#g.posters + 1] = p.fiber
       end
       if not conn:run("RELEASE posted") then g.broken = true end
     else
       g.broken = true
     end
-    if failed then log.error("db: a posted write failed; its work was undone", { error = tostring(err) }) end
+    if failed then
+      log.error("db: a posted write failed; its work was undone", { error = tostring(err) })
+      lose(self, p.fiber, err)
+    end
   end
 end
 
@@ -629,6 +648,7 @@ function run_posted(self, e, me)
   if ok then
     for k, v in pairs(memo) do g.memo[k] = v end
     g.posted = g.posted + #list
+    for _, p in ipairs(list) do g.posters[#g.posters + 1] = p.fiber end
     if not conn:run("RELEASE posted") then g.broken = true end
     return
   end
@@ -636,9 +656,16 @@ function run_posted(self, e, me)
   run_each(self, e, me, list)
 end
 
-local function member(self, e, me, fn, ...)
+-- user: the call is a db:tx or db:exec, which fails if a write its fiber posted was
+-- just lost (in run_posted); false for a posted write db:post runs at once.
+local function member(self, e, me, user, fn, ...)
   local conn, g = e.conn, e.group
   run_posted(self, e, me)
+  local lost = user and lost_error(self, me)
+  if lost then
+    release(self, e)
+    return nil, lost, "EPOSTED"
+  end
   local sok, serr, scode = conn:run("SAVEPOINT member")
   if not sok then
     g.broken = true
@@ -688,22 +715,24 @@ local function open_group(self, e)
   end
   -- Holding the write lock, no statement can wait for another process.
   e.conn:inline(true)
-  e.group = { members = {}, memo = {}, posted = 0 }
+  e.group = { members = {}, memo = {}, posted = 0, posters = {} }
   return true
 end
 
-local function sqlite_tx(self, fn, ...)
+local function sqlite_tx(self, user, fn, ...)
   local me = corefiber.current() or MAIN
   local e, err, code = acquire(self, 3)
   if not e then return nil, err, code end
   local ok, gerr, gcode = open_group(self, e)
   if not ok then return nil, gerr, gcode end
-  return member(self, e, me, fn, ...)
+  return member(self, e, me, user, fn, ...)
 end
 
 function DB:tx(fn, ...)
   if type(fn) ~= "function" then error("db:tx: expected a function, got " .. type(fn), 2) end
-  if self.backend == "sqlite" then return sqlite_tx(self, fn, ...) end
+  local lost = lost_error(self, corefiber.current() or MAIN)
+  if lost then return nil, lost, "EPOSTED" end
+  if self.backend == "sqlite" then return sqlite_tx(self, true, fn, ...) end
   return pg_tx(self, fn, ...)
 end
 
@@ -726,11 +755,15 @@ function DB:post(fn, ...)
   local me = corefiber.current()
   if self.tx_owners[me or MAIN] then misuse(2) end
   if self.backend ~= "sqlite" or not me or self.closed then
-    local ok, err = self:tx(fn, ...)
-    if not ok then log.error("db: a posted write failed", { error = tostring(err) }) end
+    local ok, err
+    if self.backend == "sqlite" then ok, err = sqlite_tx(self, false, fn, ...) else ok, err = pg_tx(self, fn, ...) end
+    if not ok then
+      log.error("db: a posted write failed", { error = tostring(err) })
+      lose(self, me or MAIN, err)
+    end
     return
   end
-  self.posted[#self.posted + 1] = { fn = fn, args = pack(...) }
+  self.posted[#self.posted + 1] = { fn = fn, args = pack(...), fiber = me }
   -- A writer in use takes the write in before it is left idle (release).
   local e = self.entries[1]
   if not e or e.owner == nil then spawn_flusher(self) end
@@ -744,6 +777,8 @@ end
 -- one that finds the connection idle commits on its own.
 function DB:exec(sql, params)
   local args, n = prepare(sql, params)
+  local lost = lost_error(self, corefiber.current() or MAIN)
+  if lost then return nil, lost, "EPOSTED" end
   if self.backend == "sqlite" then
     local me = corefiber.current() or MAIN
     local e, err, code = acquire(self, 2)
@@ -752,7 +787,7 @@ function DB:exec(sql, params)
       local ok, gerr, gcode = open_group(self, e)
       if not ok then return nil, gerr, gcode end
     end
-    if e.group then return member(self, e, me, exec_member, sql, args, n) end
+    if e.group then return member(self, e, me, true, exec_member, sql, args, n) end
     local res = pack(pcall(exec_on, e.conn, "sqlite", sql, args, n))
     release(self, e)
     if not res[1] then error(res[2], 0) end
@@ -767,6 +802,8 @@ end
 -- before writes posted earlier.
 function DB:script(sql)
   prepare(sql)
+  local lost = lost_error(self, corefiber.current() or MAIN)
+  if lost then return nil, lost, "EPOSTED" end
   local e, err, code = acquire(self, 2)
   if not e then return nil, err, code end
   if not e.group and #self.posted > 0 then

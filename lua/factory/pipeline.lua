@@ -443,7 +443,7 @@ function Engine:_stage(run, pipe, st)
     else
       decision = "escalate to a human"
     end
-    local recorded = db:tx(function(tx)
+    local recorded, unrecorded = db:tx(function(tx)
       now = time.now()
       assert(tx:exec("INSERT INTO stage_results (run_id, stage, attempt, team, operative, status, result, created_at)"
         .. " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", { run.id, st.name, attempt, team.name, op.name, result.status, result, now }))
@@ -473,11 +473,13 @@ function Engine:_stage(run, pipe, st)
       records.events(tx, run.id, events)
       return true
     end)
-    if recorded then
-      run.results[#run.results + 1] = { stage = st.name, team = team.name, status = result.status, result = result,
-                                         created_at = now }
-      run.unlocked = gate == "advance" and last
+    -- A run whose records cannot be written stops here, saying why.
+    if not recorded then
+      error(("stage %s: the objective's result could not be recorded: %s"):format(st.name, tostring(unrecorded)), 0)
     end
+    run.results[#run.results + 1] = { stage = st.name, team = team.name, status = result.status, result = result,
+                                       created_at = now }
+    run.unlocked = gate == "advance" and last
     self:_notify(run.id, "task_result", task_result)
     if gate == "advance" then
       self:_notify(run.id, "stage_completed", completed)

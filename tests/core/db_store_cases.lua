@@ -372,7 +372,8 @@ return function(backend, fresh)
       assert.equal(4, count(d))
     end },
 
-    { "post: committed no later than a later tx or exec, or on its own; a failing write is undone alone, logged", function(d)
+    { "post: committed no later than a later tx or exec, or on its own; a failing write is undone alone, logged,"
+      .. " and returned by the poster's next write", function(d)
       assert(d:exec(T))
       assert(d:exec("CREATE UNIQUE INDEX t_i ON t (i)"))
       local function insert(tx, i) return tx:exec("INSERT INTO t (i, s) VALUES (?, ?)", { i, "posted" }) end
@@ -380,8 +381,17 @@ return function(backend, fresh)
       log.set_console(logged)
       local ok, err = fiber.join(fiber.spawn(function()
         d:post(insert, 1)
-        d:post(insert, 1) -- a constraint violation: undone, logged
+        d:post(insert, 1) -- a constraint violation: undone, logged, and told to this fiber
         d:post(insert, 2)
+        -- Another fiber's writes know nothing of it.
+        assert(fiber.join(fiber.spawn(function() return d:exec("INSERT INTO t (i) VALUES (?)", { 100 }) end)))
+        local tx_ok, tx_err, tx_code = d:tx(insert, 3)
+        assert.is_nil(tx_ok)
+        assert.equal("EPOSTED", tx_code)
+        assert.contains("ECONSTRAINT", tx_err)
+        assert.equal(3, count(d))
+        assert(d:exec("DELETE FROM t WHERE i = 100"))
+        -- Told once: the write it did not make is made now.
         assert(d:tx(insert, 3))
         assert.equal(3, count(d))
         d:post(insert, 4)

@@ -263,6 +263,31 @@ describe("pipeline engine", function()
     assert.equal("BLOCKED", r.status)
   end)
 
+  it("fails a run whose records could not be written, saying which stage and why", function()
+    start()
+    -- A timeline write of this run's fiber that the store refuses (an unknown table).
+    engine.on_event = function(ev)
+      if ev.kind == "objective_started" then
+        store:post(function(tx) return tx:exec("INSERT INTO no_such_table (x) VALUES (1)") end)
+      end
+    end
+    fake:script(feature_replies())
+    local run = submit("feature")
+    local logged = io.tmpfile()
+    log.set_console(logged)
+    local state, why = engine:execute(run)
+    log.set_console(nil)
+    logged:seek("set")
+    assert.contains("a posted write failed", logged:read("*a"))
+    assert.equal("failed", state)
+    assert.contains("stage analysis: the objective's result could not be recorded: EPOSTED", why)
+    assert.contains("no_such_table", why)
+    local r = rows("SELECT state, error FROM runs WHERE id = ?", { run })[1]
+    assert.equal("failed", r.state)
+    assert.contains("EPOSTED", r.error)
+    assert.same({}, rows("SELECT id FROM stage_results WHERE run_id = ?", { run }))
+  end)
+
   it("sends a malformed TaskResult back and accepts the correction", function()
     start()
     fake:script{ { content = "Sure! Here are the requirements." }, complete("req"), complete("design") }
