@@ -327,8 +327,6 @@ static int only_space(const char *s) {
     return 1;
 }
 
-/* Whether the statement is an INSERT or REPLACE (after blanks and comments): only
- * then is last_insert_rowid about this statement. */
 /* Where a statement's first word starts, past spaces and comments. */
 static const char *first_word(const char *sql) {
     for (;;) {
@@ -345,6 +343,8 @@ static const char *first_word(const char *sql) {
     }
 }
 
+/* Whether the statement is an INSERT or REPLACE: only then is last_insert_rowid about
+ * this statement. */
 static int is_insert(const char *sql) {
     sql = first_word(sql);
     return !strncasecmp(sql, "INSERT", 6) || !strncasecmp(sql, "REPLACE", 7);
