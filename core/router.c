@@ -2071,13 +2071,21 @@ static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_
     return fb_await(L, f, call_abort, c, 0);
 }
 
+/* Raises when the runtime is shutting down; pushes ENOCONFIG (returns 3) when there
+ * is no configuration; 0 when a call can start. */
+static int not_ready(lua_State *L) {
+    if (R.closed || fb_closing()) return luaL_error(L, "router: the runtime is shutting down");
+    if (!R.cfg) return fb_push_error(L, "ENOCONFIG", "the router is not configured (no providers and models)");
+    return 0;
+}
+
 static int start_call(lua_State *L, int op) {
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);
     const char *team = luaL_optstring(L, 2, NULL), *run = luaL_optstring(L, 3, NULL);
     fb_fiber *f = fb_check_current(L, op == OP_CHAT ? "router.chat" : "router.embeddings");
-    if (R.closed || fb_closing()) return luaL_error(L, "router: the runtime is shutting down");
-    if (!R.cfg) return fb_push_error(L, "ENOCONFIG", "the router is not configured (no providers and models)");
+    int unready = not_ready(L);
+    if (unready) return unready;
     request_info ri;
     if (!read_request(text, len, &ri)) {
         json_error_t je;
@@ -2113,8 +2121,8 @@ static int r_chat_parts(lua_State *L) {
         lua_pop(L, 1);
     }
     fb_fiber *f = fb_check_current(L, "router.chat");
-    if (R.closed || fb_closing()) return luaL_error(L, "router: the runtime is shutting down");
-    if (!R.cfg) return fb_push_error(L, "ENOCONFIG", "the router is not configured (no providers and models)");
+    int unready = not_ready(L);
+    if (unready) return unready;
     request_info ri;
     memset(&ri, 0, sizeof ri);
     buf b = {0};
