@@ -1,16 +1,15 @@
--- Proxy benchmark client: the same chat request sent to the fake upstream directly
--- and through `factory serve`.
--- Usage: factory tests/bench/proxy.lua DIRECT_URL PROXY_URL N_SEQ N_CONC C
--- Sequential: N_SEQ interleaved rounds (one direct, one proxied request each), one at
--- a time. Concurrent: N_CONC requests by C fibers, direct, then proxied. Prints the
--- p50/p99 of each and the proxy's added latency and throughput ratio.
+-- Proxy benchmark, sequential part: the same chat request sent to the fake upstream
+-- directly and through `factory serve`, one at a time, in interleaved rounds (one
+-- direct, one proxied each), so that both see the same moments of a shared machine.
+-- Usage: factory tests/bench/proxy.lua DIRECT_URL PROXY_URL N_SEQ
+-- Prints the p50/p99 of each and the proxy's added latency. (The concurrent part,
+-- throughput and latency at concurrency 64, is wrk's: see bench_proxy.sh.)
 local http = require "factory.http"
-local fiber = require "factory.fiber"
 local time = require "factory.core.time"
 
-local direct, proxy, n_seq, n_conc, c = ...
-n_seq, n_conc, c = tonumber(n_seq) or 2000, tonumber(n_conc) or 20000, tonumber(c) or 64
-assert(direct and proxy, "usage: factory tests/bench/proxy.lua DIRECT_URL PROXY_URL N_SEQ N_CONC C")
+local direct, proxy, n_seq = ...
+n_seq = tonumber(n_seq) or 2000
+assert(direct and proxy, "usage: factory tests/bench/proxy.lua DIRECT_URL PROXY_URL N_SEQ")
 
 local BODY = '{"model":"MODEL","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
 local HEADERS = { ["Content-Type"] = "application/json", Authorization = "Bearer sk-bench" }
@@ -45,30 +44,3 @@ local d50, d99, p50, p99 = pct(seq.direct, 0.5), pct(seq.direct, 0.99), pct(seq.
 print(("sequential (%d interleaved rounds): direct p50 %.3f ms p99 %.3f ms; proxy p50 %.3f ms p99 %.3f ms"):format(
   n_seq, d50, d99, p50, p99))
 print(("sequential added latency: p50 %.3f ms (goal < 0.3), p99 %.3f ms"):format(p50 - d50, p99 - d99))
-
-local function concurrent(which)
-  local lat, per = {}, math.ceil(n_conc / c)
-  local t0 = time.monotonic()
-  local fibers = {}
-  for k = 1, c do
-    fibers[k] = fiber.spawn(function()
-      for _ = 1, per do
-        local d = request(targets[which][1], targets[which][2])   -- yields: index after
-        lat[#lat + 1] = d
-      end
-    end)
-  end
-  local ok, outcomes = fiber.all(fibers)
-  if not ok then
-    for _, o in ipairs(outcomes) do if not o.ok then error(o[1], 0) end end
-  end
-  local secs = time.monotonic() - t0
-  return #lat / secs, pct(lat, 0.5), pct(lat, 0.99)
-end
-
-local drps, dc50, dc99 = concurrent("direct")
-local prps, pc50, pc99 = concurrent("proxy")
-print(("concurrency %d: direct %.0f req/s p50 %.3f ms p99 %.3f ms; proxy %.0f req/s p50 %.3f ms p99 %.3f ms"):format(
-  c, drps, dc50, dc99, prps, pc50, pc99))
-print(("concurrency %d added latency: p50 %.3f ms, p99 %.3f ms; throughput ratio proxy/direct: %.2f (goal >= 0.6)"):format(
-  c, pc50 - dc50, pc99 - dc99, prps / drps))
