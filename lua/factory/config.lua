@@ -53,7 +53,10 @@ local function check_providers(t)
       fail(("providers.%s: kind must be \"openai\" or \"anthropic\""):format(name))
     end
     p.base_url = p.base_url or DEFAULT_URLS[name]
-    if type(p.base_url) ~= "string" then fail(("providers.%s: base_url is required"):format(name)) end
+    if p.base_url == nil then fail(("providers.%s: base_url is required"):format(name)) end
+    if type(p.base_url) ~= "string" then
+      fail(("providers.%s: base_url must be a string (a URL), got a %s"):format(name, type(p.base_url)))
+    end
     if p.api_key ~= nil and type(p.api_key) ~= "string" then
       fail(("providers.%s: api_key must be a string (env \"VAR\")"):format(name))
     end
