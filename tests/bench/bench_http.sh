@@ -8,12 +8,10 @@
 # ./factory).
 set -u
 BIN=${FACTORY_BIN:-./factory}
-NGINX=/usr/sbin/nginx
 if [ "${BENCH_SIZE:-full}" = tiny ]; then N=500; SECS=1; RUNS=1; else N=20000; SECS=2; RUNS=3; fi
 CONC=64
 
 fail() { echo "bench_http: $*" >&2; exit 1; }
-[ -x "$NGINX" ] || fail "$NGINX not found (Debian package nginx-light)"
 command -v wrk >/dev/null 2>&1 || fail "wrk not found (Debian package wrk)"
 
 dir=$(mktemp -d)
@@ -25,48 +23,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 1' INT TERM
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])') || fail "cannot pick a free port"
-mkdir -p "$dir/html" "$dir/logs"
+. tests/bench/nginx.sh
+mkdir -p "$dir/html"
 printf '%099d\n' 0 >"$dir/html/index.html"
-chmod -R a+rX "$dir"   # nginx workers run as nobody when started by root
-cat >"$dir/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/logs/error.log;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    server {
-        listen 127.0.0.1:$port;
-        root $dir/html;
-    }
-}
-EOF
-"$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" &
-nginx_pid=$!
-url="http://127.0.0.1:$port/index.html"
-
-# Wait for nginx to answer (up to 5 s).
-python3 - "$port" <<'EOF' || { cat "$dir/logs/error.log" >&2; fail "nginx did not start"; }
-import socket, sys, time
-deadline = time.time() + 5
-while True:
-    try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
-        break
-    except OSError:
-        if time.time() > deadline:
-            sys.exit(1)
-        time.sleep(0.05)
-EOF
+nginx_start "root $dir/html;"
+url="http://127.0.0.1:$nginx_port/index.html"
 
 best() { sort -n | tail -n 1; }
 engine_all=""

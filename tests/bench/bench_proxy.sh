@@ -16,12 +16,10 @@
 # failed to run. Environment: FACTORY_BIN (default ./factory).
 set -u
 BIN=${FACTORY_BIN:-./factory}
-NGINX=/usr/sbin/nginx
 if [ "${BENCH_SIZE:-full}" = tiny ]; then SEQ=300; SECS=1; ROUNDS=1; else SEQ=5000; SECS=3; ROUNDS=5; fi
 CONC=64
 
 fail() { echo "bench_proxy: $*" >&2; exit 1; }
-[ -x "$NGINX" ] || fail "$NGINX not found (Debian package nginx-light)"
 command -v wrk >/dev/null 2>&1 || fail "wrk not found (Debian package wrk)"
 dir=$(mktemp -d)
 fake_pid=""
@@ -59,32 +57,9 @@ EOC
 serve_pid=$!
 proxy_url=$(wait_url "$dir/serve.out") || { cat "$dir/serve.out" >&2; fail "factory serve did not start"; }
 
-nginx_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])') || fail "cannot pick a free port"
-mkdir -p "$dir/logs"
-cat >"$dir/nginx.conf" <<EOF
-daemon off;
-worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/logs/error.log;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    upstream fake { server ${fake_url#http://}; keepalive 128; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$nginx_port;
-        location / { proxy_pass http://fake; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-EOF
-"$NGINX" -p "$dir" -c "$dir/nginx.conf" -e "$dir/logs/error.log" &
-nginx_pid=$!
+. tests/bench/nginx.sh
+nginx_start "location / { proxy_pass http://fake; proxy_http_version 1.1; proxy_set_header Connection \"\"; }" \
+    "upstream fake { server ${fake_url#http://}; keepalive 128; keepalive_requests 1000000; }"
 nginx_url="http://127.0.0.1:$nginx_port"
 
 "$BIN" tests/bench/proxy.lua "$fake_url" "$proxy_url" "$SEQ" || fail "the sequential benchmark client failed"
