@@ -44,7 +44,7 @@ else
 fi
 
 v() { sed -n "s|^$1 ||p" "$2"; }
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+. tests/bench/median.sh
 fac="" lgs="" ratios="" fmem=0 gmem=0
 r=0
 while [ "$r" -lt "$ROUNDS" ]; do
@@ -78,10 +78,10 @@ while [ "$r" -lt "$ROUNDS" ]; do
     echo "round $r: ratio factory / langgraph runs/s: ${ratios##* }"
 done
 
-f=$(echo "$fac" | tr ' ' '\n' | grep . | median)
+f=$(median_of "$fac")
 if [ $lg_ok = 1 ]; then
-    g=$(echo "$lgs" | tr ' ' '\n' | grep . | median)
-    m=$(echo "$ratios" | tr ' ' '\n' | grep . | median)
+    g=$(median_of "$lgs")
+    m=$(median_of "$ratios")
     awk -v f="$f" -v g="$g" -v m="$m" -v n="$ROUNDS" -v fm="$fmem" -v gm="$gmem" \
         -v cp="$(v checkpointer "$dir/langgraph1.out")" 'BEGIN {
         printf "median of %d round(s): factory %.1f runs/s, langgraph %.1f runs/s (checkpointer %s)\n", n, f, g, cp

@@ -76,7 +76,7 @@ cpu() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/p
 # wrk's latency ("812.00us", "1.20ms", "1.02s") in ms.
 ms() { awk -v v="$1" 'BEGIN { n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
                               if (u == "us") n /= 1000; else if (u == "s") n *= 1000; printf "%.3f", n }'; }
-median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+. tests/bench/median.sh
 
 # wrk NAME URL MODEL SECONDS: sets rps, p50, p99 (ms) and n (requests).
 load() {
@@ -116,11 +116,11 @@ while [ "$r" -lt "$ROUNDS" ]; do
     nginx_ratios="$nginx_ratios $(awk -v p="$rps" -v d="$d_rps" 'BEGIN { printf "%.3f", p / d }')"
     echo "         reference: nginx reverse proxy $rps req/s (p50 $p50 ms, p99 $p99 ms), ratio ${nginx_ratios##* }"
 done
-m=$(echo "$ratios" | tr ' ' '\n' | grep . | median)
-echo "concurrency $CONC added latency (median of $ROUNDS rounds): p50 $(echo "$added50" | tr ' ' '\n' | grep . | median) ms," \
-    "p99 $(echo "$added99" | tr ' ' '\n' | grep . | median) ms"
+m=$(median_of "$ratios")
+echo "concurrency $CONC added latency (median of $ROUNDS rounds): p50 $(median_of "$added50") ms," \
+    "p99 $(median_of "$added99") ms"
 echo "throughput ratio proxy/direct (median of $ROUNDS rounds): $m (goal >= 0.6);" \
-    "nginx reverse proxy/direct: $(echo "$nginx_ratios" | tr ' ' '\n' | grep . | median)"
+    "nginx reverse proxy/direct: $(median_of "$nginx_ratios")"
 rss=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$serve_pid/status") || fail "cannot read the proxy's RSS"
 echo "proxy peak RSS: $rss MB (goal < 50)"
 # On a machine with fewer cores than busy processes (client, proxy, upstream) the
