@@ -33,7 +33,8 @@
  * (several fibers reading at once) run as one pool job, in one read transaction: one
  * round trip, and one snapshot whose pages the later reads find in the cache (a
  * connection's cache is dropped whenever another one commits). Each read still sees
- * only what was committed before it was made.
+ * only what was committed before it was made. A read known to be quick runs inline
+ * instead, when nothing is queued (see "quick reads" below).
  *
  * Statements are prepared once per connection and kept (STMT_CACHE of them, the
  * least recently used replaced): the engine repeats the same few dozen texts.
@@ -122,6 +123,7 @@ typedef struct sq_job {
     int min_rows; /* ... at least this many (>= 1) */
     int train;   /* the head of a reader's train: it and the train - 1 jobs after it run as one */
     int borrowed; /* sql and the text parameters point into Lua strings (a job run inline) */
+    int waits_out; /* a quick read sent to the pool by a busy lock: its wait is not its cost */
 } sq_job;
 
 enum { STMT_CACHE = 64, MAX_TRAIN = 32 };
@@ -130,6 +132,7 @@ typedef struct {
     char *sql; /* NULL: a free slot */
     uint64_t hash, used;
     sqlite3_stmt *st;
+    double cost; /* seconds a run of it takes (moving average); 0: not run yet */
 } sq_cached;
 
 /* A fiber waiting in conn:sync() for the commits up to `need` to be on disk. */
@@ -145,6 +148,8 @@ struct sq_conn {
     sqlite3 *db;
     char *path;
     int create_dir, busy_ms, inline_jobs, reader;
+    int quick_inline;    /* running a quick read inline (see "quick reads") */
+    int quick_deferred;  /* ... which met a statement never run before: it goes to the pool */
     sq_job *head, *tail; /* head is the running job */
     sq_cached cache[STMT_CACHE];
     uint64_t clock;
@@ -368,20 +373,34 @@ static void cache_clear(sq_conn *c) {
     }
 }
 
-/* The prepared statement for sql, from the cache or prepared and cached; NULL with
- * the job failed, or with nothing to run (only blanks or comments). */
-static sqlite3_stmt *stmt_for(sq_job *j) {
-    sq_conn *c = j->conn;
-    uint64_t h = sql_hash(j->sql);
-    sq_cached *victim = &c->cache[0];
+/* The cache entry of sql, or NULL. */
+static sq_cached *cached(sq_conn *c, const char *sql) {
+    uint64_t h = sql_hash(sql);
     for (int i = 0; i < STMT_CACHE; i++) {
         sq_cached *e = &c->cache[i];
-        if (e->sql && e->hash == h && !strcmp(e->sql, j->sql)) {
-            e->used = ++c->clock;
-            return e->st;
-        }
-        if (e->used < victim->used) victim = e;
+        if (e->sql && e->hash == h && !strcmp(e->sql, sql)) return e;
     }
+    return NULL;
+}
+
+static int ran_before(sq_conn *c, const char *sql) {
+    const sq_cached *e = cached(c, sql);
+    return e && e->cost > 0;
+}
+
+/* The cache entry holding j's prepared statement, found or prepared and cached; NULL
+ * with the job failed, or with nothing to run (only blanks or comments). */
+static sq_cached *stmt_for(sq_job *j) {
+    sq_conn *c = j->conn;
+    sq_cached *found = cached(c, j->sql);
+    if (found) {
+        found->used = ++c->clock;
+        return found;
+    }
+    uint64_t h = sql_hash(j->sql);
+    sq_cached *victim = &c->cache[0];
+    for (int i = 1; i < STMT_CACHE; i++)
+        if (c->cache[i].used < victim->used) victim = &c->cache[i];
     sqlite3_stmt *st = NULL;
     const char *tail = NULL;
     int rc = sqlite3_prepare_v3(c->db, j->sql, -1, SQLITE_PREPARE_PERSISTENT, &st, &tail);
@@ -404,7 +423,7 @@ static sqlite3_stmt *stmt_for(sq_job *j) {
     sqlite3_finalize(victim->st);
     free(victim->sql);
     *victim = (sq_cached){.sql = copy, .hash = h, .used = ++c->clock, .st = st};
-    return st;
+    return victim;
 }
 
 /* PRAGMA wal_autocheckpoint installs SQLite's own WAL hook in place of wal_hook:
@@ -417,9 +436,11 @@ static void keep_wal_hook(sq_job *j) {
 
 static void do_run(sq_job *j) {
     sqlite3 *db = j->conn->db;
-    sqlite3_stmt *st = stmt_for(j);
+    sq_cached *e = stmt_for(j);
     int rc;
-    if (!st) return;
+    if (!e) return;
+    sqlite3_stmt *st = e->st;
+    uint64_t t0 = uv_hrtime();
     if (sqlite3_bind_parameter_count(st) != j->nparams) {
         job_fail(j, "ESQL", "the statement has %d parameter(s), %d given",
                  sqlite3_bind_parameter_count(st), j->nparams);
@@ -461,6 +482,8 @@ done:
     /* A statement left mid-step would keep its read transaction open. */
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
+    double took = (double)(uv_hrtime() - t0) / 1e9;
+    if (!j->waits_out) e->cost = e->cost > 0 ? 0.75 * e->cost + 0.25 * took : took;
     keep_wal_hook(j);
 }
 
@@ -529,10 +552,12 @@ static void do_job(sq_job *j) {
          * runs inside the writer's). */
         int own = sqlite3_get_autocommit(j->conn->db) && j->nparts > 1
                   && sqlite3_exec(j->conn->db, "BEGIN", NULL, NULL, NULL) == SQLITE_OK;
-        for (int i = 0; i < j->nparts; i++) {
+        for (int i = 0; i < j->nparts && !j->conn->quick_deferred; i++) {
             sq_job *p = j->parts[i];
             sq_job *cond = p->if_rows ? j->parts[p->if_rows - 1] : NULL;
-            if (!cond || (!cond->code && rows_of(cond) >= (size_t)p->min_rows)) do_run(p);
+            if (cond && (cond->code || rows_of(cond) < (size_t)p->min_rows)) continue;
+            if (j->conn->quick_inline && !ran_before(j->conn, p->sql)) j->conn->quick_deferred = 1;
+            else do_run(p);
         }
         if (own) sqlite3_exec(j->conn->db, "COMMIT", NULL, NULL, NULL);
         break;
@@ -827,10 +852,112 @@ static void after_work_cb(uv_work_t *req, int status) {
     fb_wake(f, n);
 }
 
-/* Runs j now if nothing can wait, else queues it and suspends the fiber. */
+/* ---- quick reads, run inline ------------------------------------------------------
+ * A pool round trip costs the loop thread more than a read of a few pages does (two
+ * thread wake-ups, the job's completion, the fiber's resumption). So a fiber's read
+ * on a reader connection runs inline when the connection has no job queued, every
+ * statement of it has run before (on the pool or inline) and took under
+ * INLINE_READ_MAX on average, and inline reads have taken less than INLINE_SHARE of
+ * the loop thread's time in the current INLINE_WINDOW: a fiber reading in a loop
+ * still yields to the others, and a read that turns slow goes back to the pool.
+ * Inline, a read never waits for a lock: SQLITE_BUSY (another process rebuilding
+ * the WAL index, say) sends it to the pool, which waits out the busy timeout. */
+#define INLINE_READ_MAX 50e-6
+#define INLINE_WINDOW 1e-3
+#define INLINE_SHARE 0.5
+
+static struct {
+    uint64_t window_start; /* uv_hrtime() */
+    double spent;          /* seconds of inline reads since then */
+} inline_reads;
+
+/* What j is expected to take, in seconds; -1 if a statement of it never ran. A part
+ * of a batch that runs only if an earlier one found rows, and never did, counts as
+ * nothing: inline, it sends the batch to the pool if it is about to run. */
+static double known_cost(sq_conn *c, const sq_job *j) {
+    if (j->kind == JOB_RUN) {
+        const sq_cached *e = cached(c, j->sql);
+        return e && e->cost > 0 ? e->cost : (j->if_rows ? 0 : -1);
+    }
+    double sum = 0;
+    for (int i = 0; i < j->nparts; i++) {
+        double part = known_cost(c, j->parts[i]);
+        if (part < 0) return -1;
+        sum += part;
+    }
+    return sum;
+}
+
+static int quick_read(sq_conn *c, const sq_job *j) {
+    if (!c->reader || c->head || (j->kind != JOB_RUN && j->kind != JOB_BATCH)) return 0;
+    uint64_t now = uv_hrtime();
+    if ((double)(now - inline_reads.window_start) / 1e9 > INLINE_WINDOW) {
+        inline_reads.window_start = now;
+        inline_reads.spent = 0;
+    }
+    if (inline_reads.spent >= INLINE_WINDOW * INLINE_SHARE) return 0;
+    double cost = known_cost(c, j);
+    return cost > 0 && cost <= INLINE_READ_MAX;
+}
+
+static int busy_somewhere(const sq_job *j) {
+    if (j->code && !strcmp(j->code, "EBUSY")) return 1;
+    for (int i = 0; i < j->nparts; i++)
+        if (busy_somewhere(j->parts[i])) return 1;
+    return 0;
+}
+
+/* Forgets what a run of j produced, so that it can run again; busy: it ran into a
+ * lock, which the pool waits out. */
+static void job_reset(sq_job *j, int busy) {
+    for (int i = 0; i < j->nparts; i++) job_reset(j->parts[i], busy);
+    j->waits_out = busy;
+    for (int i = 0; j->names && i < j->ncols; i++) free(j->names[i]);
+    free(j->names);
+    free(j->colkind);
+    for (size_t i = 0; i < j->ncells; i++) value_free(&j->cells[i]);
+    free(j->cells);
+    free(j->msg);
+    j->names = NULL;
+    j->colkind = NULL;
+    j->cells = NULL;
+    j->msg = NULL;
+    j->code = NULL;
+    j->ncols = 0;
+    j->ncells = j->cap = 0;
+    j->changes = j->last_id = 0;
+    j->has_last_id = 0;
+}
+
+/* Runs the quick read j inline: 1 when it ran (its results or its error are in j),
+ * 0 when a lock was busy or it met a statement that never ran (j is as before it
+ * ran, for the pool). */
+static int run_inline(sq_conn *c, sq_job *j) {
+    uint64_t t0 = uv_hrtime();
+    sqlite3_busy_timeout(c->db, 0);
+    c->quick_inline = 1;
+    do_job(j);
+    c->quick_inline = 0;
+    sqlite3_busy_timeout(c->db, c->busy_ms);
+    inline_reads.spent += (double)(uv_hrtime() - t0) / 1e9;
+    int deferred = c->quick_deferred;
+    c->quick_deferred = 0;
+    int busy = busy_somewhere(j);
+    if (!deferred && !busy) return 1;
+    job_reset(j, busy);
+    return 0;
+}
+
+/* Runs j now if nothing can wait (or it is a quick read), else queues it and
+ * suspends the fiber. */
 static int submit(lua_State *L, sq_job *j) {
     sq_conn *c = j->conn;
     fb_fiber *f = fb_current(L);
+    if (f && !c->inline_jobs && quick_read(c, j) && run_inline(c, j)) {
+        int n = push_results(L, j);
+        job_free(j);
+        return n;
+    }
     if (f && !c->inline_jobs) {
         j->fiber = f;
         enqueue(c, j);

@@ -46,7 +46,8 @@
 --       { channel =, reconnected = true }: anything may have been missed, re-check.
 --       SQLite: within this process only (other processes must poll).
 --   db:migrate() -> { version =, applied = {...} }   db:schema_status() -> see db/migrations.lua
---   db:tables() -> { name, ... }   db:close()
+--   db:tables() -> { name, ... }
+--   db:close()   in a fiber, first waits for posted writes being committed (db:post)
 --
 -- Statements use ? placeholders on both backends; values are only ever bound as
 -- parameters, never spliced into SQL. params is a list; holes are NULL (give
@@ -73,6 +74,7 @@
 local sqlite = require "factory.core.db_sqlite"
 local pg = require "factory.core.db_pg"
 local corefiber = require "factory.core.fiber"
+local fiber = require "factory.fiber"
 local time = require "factory.core.time"
 local json = require "factory.json"
 local dburl = require "factory.db.url"
@@ -86,6 +88,7 @@ DB.__index, Tx.__index, Listener.__index = DB, Tx, Listener
 
 local MAIN = {} -- the owner of a connection taken outside any fiber
 local RECONNECT_FOR = 10
+local CLOSE_WAIT = 30 -- seconds db:close waits for the fibers committing posted writes
 local TRANSIENT = { ECONNREFUSED = true, ECONNRESET = true, ECONNECT = true, ETIMEDOUT = true }
 
 local function pack(...) return { n = select("#", ...), ... } end
@@ -418,7 +421,7 @@ function M.open(url)
   local self = setmetatable({
     backend = spec.backend, url = spec.display, entries = {}, waiters = {},
     tx_owners = setmetatable({}, { __mode = "k" }), listeners = setmetatable({}, { __mode = "k" }),
-    spec = spec, posted = {}, lost = setmetatable({}, { __mode = "k" }),
+    spec = spec, posted = {}, lost = setmetatable({}, { __mode = "k" }), flushing = {},
   }, DB)
   local conn
   if spec.backend == "sqlite" then
@@ -455,7 +458,9 @@ end
 
 -- SQLite reads from fibers go to a second connection, which WAL lets read the last
 -- committed state while the writer's group is open: a read neither waits for a group
--- nor sees work that is not committed yet. Its statements queue in C, one at a time.
+-- nor sees work that is not committed yet. Its statements queue in C, one at a time;
+-- one that has run before in a few microseconds runs at once, on the loop thread
+-- (core/db_sqlite.c, quick reads).
 function DB:query(sql, params)
   local args, n = prepare(sql, params)
   local me = corefiber.current()
@@ -742,7 +747,10 @@ local function nothing() return true end
 local function flush_posted(self)
   self.flusher = nil
   if #self.posted == 0 or self.closed then return end
+  local me = corefiber.current()
+  self.flushing[me] = true
   local ok, err = self:tx(nothing)
+  self.flushing[me] = nil
   if not ok then log.error("db: posted writes could not be committed", { error = tostring(err) }) end
 end
 
@@ -860,6 +868,16 @@ end
 
 function DB:close()
   if self.closed then return true end
+  -- Posted writes being committed by a fiber of their own are on disk before this
+  -- returns, as those not taken yet are.
+  local me = corefiber.current()
+  if me then
+    for f in pairs(self.flushing) do
+      if f ~= me and fiber.join(f, CLOSE_WAIT) == nil then
+        log.error("db: closing while posted writes are still being committed", { waited_s = CLOSE_WAIT })
+      end
+    end
+  end
   if #self.posted > 0 then flush_posted(self) end
   self.closed = true
   for i = #self.entries, 1, -1 do

@@ -3,6 +3,7 @@
 local db = require "factory.db"
 local sqlite = require "factory.core.db_sqlite"
 local fiber = require "factory.fiber"
+local proc = require "factory.proc"
 
 local made = {}
 
@@ -289,6 +290,125 @@ describe("sqlite backend", function()
     local sok, rows = fiber.join(slow)
     assert.truthy(sok)
     assert.equal(300000, rows[1].n)
+    d:close()
+  end)
+
+  -- Whether fn, run in this fiber, yielded (a fiber spawned before it then ran), and
+  -- what it returned.
+  local function yielded(fn)
+    local ran = false
+    local other = fiber.spawn(function() ran = true end)
+    local out = { fn() }
+    local did = ran
+    fiber.join(other)
+    return did, out
+  end
+
+  it("a read that ran quickly before runs inline, without a pool round trip; a slow one stays on the pool",
+    function()
+    local d = assert(db.open("sqlite:" .. temp_path()))
+    assert(d:exec("CREATE TABLE t (i INTEGER)"))
+    for i = 1, 3 do assert(d:exec("INSERT INTO t (i) VALUES (?)", { i })) end
+    local quick = "SELECT i FROM t WHERE i >= ? ORDER BY i"
+    local first, rows = yielded(function() return d:query(quick, { 2 }) end)
+    assert.truthy(first, "a statement's first run is on the pool")
+    assert.same({ { i = 2 }, { i = 3 } }, rows[1])
+    local again, rows2 = yielded(function() return d:query(quick, { 3 }) end)
+    assert.falsy(again, "a quick read that ran before runs inline")
+    assert.same({ { i = 3 } }, rows2[1])
+    -- inline, a read still sees what was committed since
+    assert(d:exec("INSERT INTO t (i) VALUES (?)", { 4 }))
+    assert.same({ { i = 3 }, { i = 4 } }, select(2, yielded(function() return d:query(quick, { 3 }) end))[1])
+    local _, bad = yielded(function() return d:query("SELECT nope FROM t") end)
+    assert.equal("ESQL", bad[3])
+    local slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 200000)"
+      .. " SELECT COUNT(*) AS n FROM c"
+    for _ = 1, 2 do
+      local on_pool, out = yielded(function() return d:query(slow) end)
+      assert.truthy(on_pool, "a read that takes milliseconds never runs inline")
+      assert.equal(200000, out[1][1].n)
+    end
+    d:close()
+  end)
+
+  it("a quick batch runs inline until a read of it that never ran has to run: that batch goes to the pool",
+    function()
+    local d = assert(db.open("sqlite:" .. temp_path()))
+    assert(d:exec("CREATE TABLE t (i INTEGER)"))
+    for i = 1, 3 do assert(d:exec("INSERT INTO t (i) VALUES (?)", { i })) end
+    local function batch(min)
+      return d:queries({ { "SELECT i FROM t WHERE i > ? ORDER BY i", { min } },
+                         { "SELECT COUNT(*) AS n FROM t", if_rows = 1 }, { "SELECT MAX(i) AS m FROM t" } })
+    end
+    local on_pool, out = yielded(function() return batch(9) end)
+    assert.truthy(on_pool)
+    assert.same({ {}, {}, { { m = 3 } } }, out[1])
+    on_pool, out = yielded(function() return batch(9) end)
+    assert.falsy(on_pool, "the conditional read that never ran is not needed: inline")
+    assert.same({ {}, {}, { { m = 3 } } }, out[1])
+    on_pool, out = yielded(function() return batch(2) end)
+    assert.truthy(on_pool, "the conditional read has to run and never ran: on the pool")
+    assert.same({ { { i = 3 } }, { { n = 3 } }, { { m = 3 } } }, out[1])
+    on_pool, out = yielded(function() return batch(1) end)
+    assert.falsy(on_pool)
+    assert.same({ { { i = 2 }, { i = 3 } }, { { n = 3 } }, { { m = 3 } } }, out[1])
+    d:close()
+  end)
+
+  it("a fiber making quick reads in a loop still lets the others run", function()
+    local d = assert(db.open("sqlite:" .. temp_path()))
+    assert(d:exec("CREATE TABLE t (i INTEGER)"))
+    assert(d:exec("INSERT INTO t (i) VALUES (?)", { 1 }))
+    local done, turns = false, 0
+    local other = fiber.spawn(function()
+      while not done do
+        turns = turns + 1
+        fiber.yield()
+      end
+    end)
+    local inline = 0
+    for _ = 1, 3000 do
+      local before = turns
+      assert.equal(1, d:query("SELECT i FROM t")[1].i)
+      if turns == before then inline = inline + 1 end
+    end
+    done = true
+    fiber.join(other)
+    -- the first read ran on the pool; of the others, some had to yield for the
+    -- other fiber to run (inline reads share the loop thread's time with it)
+    assert.truthy(inline > 0, "reads ran inline")
+    assert.truthy(3000 - inline >= 10, (3000 - inline) .. " of the reads let the other fiber run")
+    d:close()
+  end)
+
+  it("a quick read that finds the database locked goes to the pool and waits there (busy timeout)", function()
+    local path = temp_path()
+    local d = assert(db.open("sqlite:" .. path))
+    assert(d:exec("CREATE TABLE t (i INTEGER)"))
+    assert(d:exec("INSERT INTO t (i) VALUES (?)", { 1 }))
+    local quick = "SELECT COUNT(*) AS n FROM t"
+    yielded(function() return d:query(quick) end)
+    assert.falsy((yielded(function() return d:query(quick) end)))
+    -- Another process recovering the WAL index: every read of the others is
+    -- SQLITE_BUSY until it lets go.
+    local holder = assert(proc.spawn{ argv = { "python3", "tests/tools/wal_recovery_lock.py", path, "0.3" },
+                                      env = { PATH = os.getenv("PATH") }, stderr = "inherit" })
+    assert.equal("locked", holder:read_line("stdout"))
+    local ticks, done = 0, false
+    local ticker = fiber.spawn(function()
+      while not done do
+        fiber.sleep(0.01)
+        ticks = ticks + 1
+      end
+    end)
+    local on_pool, out = yielded(function() return d:query(quick) end)
+    done = true
+    fiber.join(ticker)
+    assert.equal(0, holder:wait().code)
+    assert.truthy(on_pool, "the busy read waited on the pool")
+    assert.same({ { n = 1 } }, out[1], tostring(out[2]))
+    assert.truthy(ticks >= 10, "the loop ran while the read waited (" .. ticks .. " ticks)")
+    assert.falsy((yielded(function() return d:query(quick) end)), "and then inline again")
     d:close()
   end)
 
