@@ -81,6 +81,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define CONN_MT "factory.sqlite"
@@ -132,7 +133,7 @@ typedef struct {
     char *sql; /* NULL: a free slot */
     uint64_t hash, used;
     sqlite3_stmt *st;
-    double cost; /* seconds a run of it takes (moving average); 0: not run yet */
+    double cost; /* CPU seconds a run of it takes (moving average); 0: not run yet */
 } sq_cached;
 
 /* A fiber waiting in conn:sync() for the commits up to `need` to be on disk. */
@@ -434,13 +435,22 @@ static void keep_wal_hook(sq_job *j) {
     if (strcasestr(j->sql, "wal_autocheckpoint")) sqlite3_wal_hook(j->conn->db, wal_hook, j->conn);
 }
 
+/* CPU time of the calling thread, in seconds: what a statement costs, without the
+ * time its thread was preempted or slept in a busy handler. */
+static double thread_cpu(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 static void do_run(sq_job *j) {
     sqlite3 *db = j->conn->db;
     sq_cached *e = stmt_for(j);
     int rc;
     if (!e) return;
     sqlite3_stmt *st = e->st;
-    uint64_t t0 = uv_hrtime();
+    /* Only reads are timed: only they may run inline (quick reads). */
+    double t0 = j->conn->reader ? thread_cpu() : 0;
     if (sqlite3_bind_parameter_count(st) != j->nparams) {
         job_fail(j, "ESQL", "the statement has %d parameter(s), %d given",
                  sqlite3_bind_parameter_count(st), j->nparams);
@@ -482,8 +492,11 @@ done:
     /* A statement left mid-step would keep its read transaction open. */
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
-    double took = (double)(uv_hrtime() - t0) / 1e9;
-    if (!j->waits_out) e->cost = e->cost > 0 ? 0.75 * e->cost + 0.25 * took : took;
+    if (j->conn->reader && !j->waits_out) {
+        double took = thread_cpu() - t0;
+        if (took <= 0) took = 1e-9;
+        e->cost = e->cost > 0 ? 0.75 * e->cost + 0.25 * took : took;
+    }
     keep_wal_hook(j);
 }
 
@@ -857,12 +870,12 @@ static void after_work_cb(uv_work_t *req, int status) {
  * thread wake-ups, the job's completion, the fiber's resumption). So a fiber's read
  * on a reader connection runs inline when the connection has no job queued, every
  * statement of it has run before (on the pool or inline) and took under
- * INLINE_READ_MAX on average, and inline reads have taken less than INLINE_SHARE of
+ * INLINE_READ_MAX of CPU time on average, and inline reads have taken less than INLINE_SHARE of
  * the loop thread's time in the current INLINE_WINDOW: a fiber reading in a loop
  * still yields to the others, and a read that turns slow goes back to the pool.
  * Inline, a read never waits for a lock: SQLITE_BUSY (another process rebuilding
  * the WAL index, say) sends it to the pool, which waits out the busy timeout. */
-#define INLINE_READ_MAX 50e-6
+#define INLINE_READ_MAX 100e-6
 #define INLINE_WINDOW 1e-3
 #define INLINE_SHARE 0.5
 
