@@ -133,7 +133,7 @@ typedef struct {
     char *sql; /* NULL: a free slot */
     uint64_t hash, used;
     sqlite3_stmt *st;
-    double cost; /* CPU seconds a run of it takes (moving average); 0: not run yet */
+    double cost; /* seconds a run of it takes (read_clock; moving average); 0: not run yet */
 } sq_cached;
 
 /* A fiber waiting in conn:sync() for the commits up to `need` to be on disk. */
@@ -435,9 +435,12 @@ static void keep_wal_hook(sq_job *j) {
     if (strcasestr(j->sql, "wal_autocheckpoint")) sqlite3_wal_hook(j->conn->db, wal_hook, j->conn);
 }
 
-/* CPU time of the calling thread, in seconds: what a statement costs, without the
- * time its thread was preempted or slept in a busy handler. */
-static double thread_cpu(void) {
+/* What a read costs, in seconds. On the pool, the worker's CPU time: not the time it
+ * was preempted, or slept in a busy handler. Inline, on the loop thread, the time it
+ * held the loop, by the clock that needs no system call (the loop thread's CPU clock
+ * would cost as much as a small read). */
+static double read_clock(const sq_conn *c) {
+    if (c->quick_inline) return (double)uv_hrtime() / 1e9;
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
@@ -450,7 +453,7 @@ static void do_run(sq_job *j) {
     if (!e) return;
     sqlite3_stmt *st = e->st;
     /* Only reads are timed: only they may run inline (quick reads). */
-    double t0 = j->conn->reader ? thread_cpu() : 0;
+    double t0 = j->conn->reader ? read_clock(j->conn) : 0;
     if (sqlite3_bind_parameter_count(st) != j->nparams) {
         job_fail(j, "ESQL", "the statement has %d parameter(s), %d given",
                  sqlite3_bind_parameter_count(st), j->nparams);
@@ -493,7 +496,7 @@ done:
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
     if (j->conn->reader && !j->waits_out) {
-        double took = thread_cpu() - t0;
+        double took = read_clock(j->conn) - t0;
         if (took <= 0) took = 1e-9;
         e->cost = e->cost > 0 ? 0.75 * e->cost + 0.25 * took : took;
     }
@@ -870,7 +873,7 @@ static void after_work_cb(uv_work_t *req, int status) {
  * thread wake-ups, the job's completion, the fiber's resumption). So a fiber's read
  * on a reader connection runs inline when the connection has no job queued, every
  * statement of it has run before (on the pool or inline) and took under
- * INLINE_READ_MAX of CPU time on average, and inline reads have taken less than INLINE_SHARE of
+ * INLINE_READ_MAX on average (read_clock), and inline reads have taken less than INLINE_SHARE of
  * the loop thread's time in the current INLINE_WINDOW: a fiber reading in a loop
  * still yields to the others, and a read that turns slow goes back to the pool.
  * Inline, a read never waits for a lock: SQLITE_BUSY (another process rebuilding
