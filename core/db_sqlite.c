@@ -607,6 +607,25 @@ static void work_cb(uv_work_t *req) {
 
 /* ---- jobs and connections on the loop thread ------------------------------------ */
 
+/* Frees what a run of j produced (not its parts'), leaving none. */
+static void job_clear_results(sq_job *j) {
+    for (int i = 0; j->names && i < j->ncols; i++) free(j->names[i]);
+    free(j->names);
+    free(j->colkind);
+    for (size_t i = 0; i < j->ncells; i++) value_free(&j->cells[i]);
+    free(j->cells);
+    free(j->msg);
+    j->names = NULL;
+    j->colkind = NULL;
+    j->cells = NULL;
+    j->msg = NULL;
+    j->code = NULL;
+    j->ncols = 0;
+    j->ncells = j->cap = 0;
+    j->changes = j->last_id = 0;
+    j->has_last_id = 0;
+}
+
 static void job_free(sq_job *j) {
     for (int i = 0; i < j->nparts; i++) job_free(j->parts[i]);
     free(j->parts);
@@ -615,12 +634,7 @@ static void job_free(sq_job *j) {
         for (int i = 0; i < j->nparams; i++) value_free(&j->params[i]);
     }
     free(j->params);
-    for (int i = 0; j->names && i < j->ncols; i++) free(j->names[i]);
-    free(j->names);
-    free(j->colkind);
-    for (size_t i = 0; i < j->ncells; i++) value_free(&j->cells[i]);
-    free(j->cells);
-    free(j->msg);
+    job_clear_results(j);
     free(j);
 }
 
@@ -928,21 +942,7 @@ static int busy_somewhere(const sq_job *j) {
 static void job_reset(sq_job *j, int busy) {
     for (int i = 0; i < j->nparts; i++) job_reset(j->parts[i], busy);
     j->waits_out = busy;
-    for (int i = 0; j->names && i < j->ncols; i++) free(j->names[i]);
-    free(j->names);
-    free(j->colkind);
-    for (size_t i = 0; i < j->ncells; i++) value_free(&j->cells[i]);
-    free(j->cells);
-    free(j->msg);
-    j->names = NULL;
-    j->colkind = NULL;
-    j->cells = NULL;
-    j->msg = NULL;
-    j->code = NULL;
-    j->ncols = 0;
-    j->ncells = j->cap = 0;
-    j->changes = j->last_id = 0;
-    j->has_last_id = 0;
+    job_clear_results(j);
 }
 
 /* Runs the quick read j inline: 1 when it ran (its results or its error are in j),

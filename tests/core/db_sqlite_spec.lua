@@ -30,6 +30,30 @@ local function read_file(path)
   return s
 end
 
+-- A database (at path, or a new one) whose table t holds i = 1 .. n.
+local function numbers(n, path)
+  local d = assert(db.open("sqlite:" .. (path or temp_path())))
+  assert(d:exec("CREATE TABLE t (i INTEGER)"))
+  for i = 1, n do assert(d:exec("INSERT INTO t (i) VALUES (?)", { i })) end
+  return d
+end
+
+-- How many times a fiber sleeping 10 ms at a time woke while fn ran (the loop kept
+-- turning), and fn's results.
+local function ticks_during(fn)
+  local ticks, done = 0, false
+  local ticker = fiber.spawn(function()
+    while not done do
+      fiber.sleep(0.01)
+      ticks = ticks + 1
+    end
+  end)
+  local out = { fn() }
+  done = true
+  fiber.join(ticker)
+  return ticks, out
+end
+
 after_each(cleanup)
 
 local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$")
@@ -211,16 +235,7 @@ describe("sqlite backend", function()
       end)
     end)
     fiber.sleep(0.05)
-    local ticks, done = 0, false
-    local ticker = fiber.spawn(function()
-      while not done do
-        fiber.sleep(0.01)
-        ticks = ticks + 1
-      end
-    end)
-    assert(b:exec("INSERT INTO t (x) VALUES (?)", { 2 }))
-    done = true
-    fiber.join(ticker)
+    local ticks = ticks_during(function() assert(b:exec("INSERT INTO t (x) VALUES (?)", { 2 })) end)
     assert.truthy(fiber.join(holder))
     assert.truthy(ticks >= 10, "the loop ran while waiting (" .. ticks .. " ticks)")
     assert.equal(2, #b:query("SELECT x FROM t"))
@@ -254,9 +269,7 @@ describe("sqlite backend", function()
 
   it("reads queued behind a long one run together, each with its own rows or error; a cancelled one is dropped",
     function()
-    local d = assert(db.open("sqlite:" .. temp_path()))
-    assert(d:exec("CREATE TABLE t (i INTEGER)"))
-    for i = 1, 6 do assert(d:exec("INSERT INTO t (i) VALUES (?)", { i })) end
+    local d = numbers(6)
     local slow = fiber.spawn(function()
       return d:query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 300000)"
         .. " SELECT COUNT(*) AS n FROM c")
@@ -316,9 +329,7 @@ describe("sqlite backend", function()
 
   it("a read that ran quickly before runs inline, without a pool round trip; a slow one stays on the pool",
     function()
-    local d = assert(db.open("sqlite:" .. temp_path()))
-    assert(d:exec("CREATE TABLE t (i INTEGER)"))
-    for i = 1, 3 do assert(d:exec("INSERT INTO t (i) VALUES (?)", { i })) end
+    local d = numbers(3)
     local quick = "SELECT i FROM t WHERE i >= ? ORDER BY i"
     local first, rows = yielded(function() return d:query(quick, { 2 }) end)
     assert.truthy(first, "a statement's first run is on the pool")
@@ -341,9 +352,7 @@ describe("sqlite backend", function()
 
   it("a quick batch runs inline until a read of it that never ran has to run: that batch goes to the pool",
     function()
-    local d = assert(db.open("sqlite:" .. temp_path()))
-    assert(d:exec("CREATE TABLE t (i INTEGER)"))
-    for i = 1, 3 do assert(d:exec("INSERT INTO t (i) VALUES (?)", { i })) end
+    local d = numbers(3)
     local function batch(min)
       return d:queries({ { "SELECT i FROM t WHERE i > ? ORDER BY i", { min } },
                          { "SELECT COUNT(*) AS n FROM t", if_rows = 1 }, { "SELECT MAX(i) AS m FROM t" } })
@@ -362,9 +371,7 @@ describe("sqlite backend", function()
   end)
 
   it("a fiber making quick reads in a loop still lets the others run", function()
-    local d = assert(db.open("sqlite:" .. temp_path()))
-    assert(d:exec("CREATE TABLE t (i INTEGER)"))
-    assert(d:exec("INSERT INTO t (i) VALUES (?)", { 1 }))
+    local d = numbers(1)
     local done, turns = false, 0
     local other = fiber.spawn(function()
       while not done do
@@ -389,9 +396,7 @@ describe("sqlite backend", function()
 
   it("a quick read that finds the database locked goes to the pool and waits there (busy timeout)", function()
     local path = temp_path()
-    local d = assert(db.open("sqlite:" .. path))
-    assert(d:exec("CREATE TABLE t (i INTEGER)"))
-    assert(d:exec("INSERT INTO t (i) VALUES (?)", { 1 }))
+    local d = numbers(1, path)
     local quick = "SELECT COUNT(*) AS n FROM t"
     until_inline(function() return d:query(quick) end)
     -- Another process recovering the WAL index: every read of the others is
@@ -399,16 +404,8 @@ describe("sqlite backend", function()
     local holder = assert(proc.spawn{ argv = { "python3", "tests/tools/wal_recovery_lock.py", path, "0.3" },
                                       env = { PATH = os.getenv("PATH") }, stderr = "inherit" })
     assert.equal("locked", holder:read_line("stdout"))
-    local ticks, done = 0, false
-    local ticker = fiber.spawn(function()
-      while not done do
-        fiber.sleep(0.01)
-        ticks = ticks + 1
-      end
-    end)
-    local on_pool, out = yielded(function() return d:query(quick) end)
-    done = true
-    fiber.join(ticker)
+    local ticks, waited = ticks_during(function() return yielded(function() return d:query(quick) end) end)
+    local on_pool, out = waited[1], waited[2]
     assert.equal(0, holder:wait().code)
     assert.truthy(on_pool, "the busy read waited on the pool")
     assert.same({ { n = 1 } }, out[1], tostring(out[2]))
