@@ -27,12 +27,12 @@
 -- configuration they started with, and budgets keep what was spent); an edit that
 -- does not load or validate is logged with its file:line and changes nothing.
 -- With db, every call is written to the store (factory.records.model_call: the
--- model_calls table and the audit log) by a background fiber, so the response does
--- not wait for the write.
+-- model_calls table and the audit log) as a posted write (db:post), so the response
+-- does not wait for it, and a burst of calls shares commits; stopping writes what is
+-- still waiting.
 local server = require "factory.http_server"
 local router = require "factory.router"
 local config = require "factory.config"
-local fiber = require "factory.fiber"
 local signal = require "factory.core.signal"
 local log = require "factory.log"
 local records = require "factory.records"
@@ -88,28 +88,12 @@ local function stream_reply(res, s)
   end
 end
 
-local function model_call_writer(db)
-  local queue, wake, stopped = {}, fiber.cond(), false
-  local f = fiber.spawn(function()
-    while not stopped do
-      if #queue == 0 then wake:wait() end
-      local batch = queue
-      queue = {}
-      -- A transaction per call: its row and audit record commit together, and a call
-      -- the store refuses (a run id it does not know) costs only its own record.
-      for _, r in ipairs(batch) do
-        local ok, err = db:tx(function(tx) return records.model_call(tx, r) end)
-        if not ok then log.warn("serve: cannot record a model call", { alias = r.alias, error = err }) end
-      end
-    end
-  end)
-  return function(r)
-    queue[#queue + 1] = r
-    wake:signal()
-  end, function()
-    stopped = true
-    f:cancel("closing")
-  end
+-- Every call's record is posted (db:post): written in the writer's next group, so a
+-- burst of calls costs a commit, not a commit each, and keeps up with the proxy; a
+-- record the store refuses (a run id it does not know) is undone alone and logged.
+-- db:close, when serve stops, writes those still waiting.
+local function record_calls(db)
+  return router.on_call(function(r) db:post(records.model_call, r) end)
 end
 
 local function key_list(keys)
@@ -162,9 +146,7 @@ function M.start(opts)
     closers[#closers + 1] = function() db:close() end
     ok, err, code = db:migrate()
     if not ok then return fail(err, code) end
-    local record, stop = model_call_writer(db)
-    closers[#closers + 1] = stop
-    closers[#closers + 1] = router.on_call(record)
+    closers[#closers + 1] = record_calls(db)
   end
   srv, err, code = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
                                tokens = key_list(keys), header_timeout = opts.header_timeout,

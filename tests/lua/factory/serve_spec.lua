@@ -493,6 +493,33 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     end
   end)
 
+  it("with --db, a burst of concurrent calls is recorded in full, the last ones when the server stops", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(proc.run{ argv = { "mkdir", "-p", dir } })
+    start("", { db = "sqlite:" .. dir .. "/factory.db" })
+    local N = 300
+    local callers = {}
+    for k = 1, N do
+      callers[k] = fiber.spawn(function() return post("/v1/chat/completions", chat_body("factory/coder")).status end)
+    end
+    local ok, outcomes = fiber.all(callers, 30)
+    assert.truthy(ok)
+    for _, o in ipairs(outcomes) do assert.equal(200, o[1]) end
+    -- Stopped at once, with records still waiting to be written.
+    srv:close(5)
+    srv = nil
+    local db = assert(require("factory.db").open("sqlite:" .. dir .. "/factory.db"))
+    local calls = assert(db:query("SELECT COUNT(*) AS n FROM model_calls WHERE status = 'ok'"))[1].n
+    local audited = assert(db:query("SELECT COUNT(*) AS n FROM audit WHERE kind = 'model_call'"))[1].n
+    local verified, why = require("factory.audit").verify(db)
+    db:close()
+    proc.run{ argv = { "rm", "-rf", dir } }
+    assert.equal(N, calls)
+    assert.equal(N, audited)
+    assert.truthy(verified, why)
+  end)
+
   it("serves the official openai npm SDK: chat, stream, tool call, for both upstream formats", function()
     local npm_dir = TESTS .. "npm"
     local env = { PATH = os.getenv("PATH"), HOME = os.getenv("HOME") }
