@@ -12,6 +12,8 @@
 #    added latency, and the nginx ratio. Any non-2xx response or socket error fails.
 # Then the proxy's peak RSS and the CPU per proxied request of the proxy and the
 # fake. Goals: added p50 < 0.3 ms sequential, ratio >= 0.6, RSS < 50 MB.
+# Last, for reference, `factory serve --db` (every call recorded in a SQLite store)
+# under the same load: its throughput, and that the store holds every call.
 # BENCH_SIZE=tiny: a smoke run of a few seconds. Exits non-zero only when something
 # failed to run. Environment: FACTORY_BIN (default ./factory).
 set -u
@@ -22,12 +24,13 @@ CONC=64
 fail() { echo "bench_proxy: $*" >&2; exit 1; }
 command -v wrk >/dev/null 2>&1 || fail "wrk not found (Debian package wrk)"
 dir=$(mktemp -d)
-fake_pid=""
+fake_pid="" db_pid=""
 serve_pid=""
 nginx_pid=""
 cleanup() {
     [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null && wait "$nginx_pid" 2>/dev/null
     [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null && wait "$serve_pid" 2>/dev/null
+    [ -n "$db_pid" ] && kill "$db_pid" 2>/dev/null && wait "$db_pid" 2>/dev/null
     [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null && wait "$fake_pid" 2>/dev/null
     rm -rf "$dir"
 }
@@ -127,3 +130,19 @@ echo "proxy peak RSS: $rss MB (goal < 50)"
 # ratio measures CPU cost per request, which these give directly.
 awk -v p="$proxy_cpu" -v f="$fake_cpu" -v n="$proxy_n" -v cores="$(nproc)" \
     'BEGIN { printf "CPU per proxied request: proxy %.1f us, fake upstream %.1f us (%d cores)\n", p / n * 1e6, f / n * 1e6, cores }'
+
+"$BIN" serve --port 0 --config "$dir/factory.lua" --db "sqlite:$dir/calls.db" >"$dir/serve_db.out" 2>&1 &
+db_pid=$!
+db_url=$(wait_url "$dir/serve_db.out") || { cat "$dir/serve_db.out" >&2; fail "factory serve --db did not start"; }
+load "proxy --db" "$db_url" factory/bench 1
+sent=$n
+load "proxy --db" "$db_url" factory/bench "$SECS"
+sent=$((sent + n))
+kill "$db_pid" && wait "$db_pid"
+db_pid=""
+recorded=$(CALLS_DB="$dir/calls.db" "$BIN" -e 'local d = assert(require("factory.db").open("sqlite:" .. os.getenv("CALLS_DB")))
+  print(assert(d:query("SELECT COUNT(*) AS n FROM model_calls WHERE status = ?", { "ok" }))[1].n)') \
+    || fail "cannot count the calls recorded by factory serve --db"
+echo "reference: factory serve --db (every call recorded) $rps req/s, ratio to the last direct run" \
+    "$(awk -v p="$rps" -v d="$d_rps" 'BEGIN { printf "%.3f", p / d }'); recorded $recorded calls of the $sent wrk counted"
+[ "$recorded" -ge "$sent" ] || fail "factory serve --db recorded $recorded calls of $sent"
