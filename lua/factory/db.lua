@@ -89,6 +89,7 @@ DB.__index, Tx.__index, Listener.__index = DB, Tx, Listener
 local MAIN = {} -- the owner of a connection taken outside any fiber
 local RECONNECT_FOR = 10
 local CLOSE_WAIT = 30 -- seconds db:close waits for the fibers committing posted writes
+local CLOSE_FLUSHES = 10 -- and how many times it commits those posted meanwhile
 local TRANSIENT = { ECONNREFUSED = true, ECONNRESET = true, ECONNECT = true, ETIMEDOUT = true }
 
 local function pack(...) return { n = select("#", ...), ... } end
@@ -878,7 +879,14 @@ function DB:close()
       end
     end
   end
-  if #self.posted > 0 then flush_posted(self) end
+  -- Writes posted while those commit are taken in turn, a bounded number of times.
+  for _ = 1, CLOSE_FLUSHES do
+    if #self.posted == 0 then break end
+    flush_posted(self)
+  end
+  if #self.posted > 0 then
+    log.error("db: closed with posted writes not committed", { writes = #self.posted })
+  end
   self.closed = true
   for i = #self.entries, 1, -1 do
     local e = self.entries[i]
