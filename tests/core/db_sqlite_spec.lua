@@ -4,6 +4,7 @@ local db = require "factory.db"
 local sqlite = require "factory.core.db_sqlite"
 local fiber = require "factory.fiber"
 local proc = require "factory.proc"
+local fs = require "factory.core.fs"
 
 local made = {}
 
@@ -196,6 +197,34 @@ describe("sqlite backend", function()
     -- (FTS5's defaults leave one segment per transaction here, over 20 rows).
     assert.truthy(d:query("SELECT COUNT(*) AS n FROM memory_facts_fts_data")[1].n <= 6)
     assert.equal(20, #d:query("SELECT rowid FROM memory_facts_fts WHERE memory_facts_fts MATCH 'fact'"))
+    d:close()
+  end)
+
+  it("a transaction whose savepoint saves hundreds of KiB of pages keeps that journal in memory, not in a file",
+    function()
+    local ffi = require "ffi"
+    pcall(ffi.cdef, "long readlink(const char *path, char *buf, size_t size);")
+    -- The files this process has open that SQLite made as temporary journals.
+    local function temp_journals()
+      local out, buf = {}, ffi.new("char[4096]")
+      for _, name in ipairs(assert(fs.list("/proc/self/fd"))) do
+        local n = tonumber(ffi.C.readlink("/proc/self/fd/" .. name, buf, 4096))
+        if n > 0 and ffi.string(buf, n):find("etilqs_", 1, true) then out[#out + 1] = ffi.string(buf, n) end
+      end
+      return out
+    end
+    local d = numbers(0)
+    assert(d:exec("ALTER TABLE t ADD COLUMN v BLOB"))
+    assert(d:tx(function(tx)
+      for i = 1, 200 do assert(tx:exec("INSERT INTO t (i, v) VALUES (?, randomblob(2000))", { i })) end
+      return true
+    end))
+    assert.same({}, assert(d:tx(function(tx)
+      -- About 100 pages that existed before: each is saved (4 KiB) for the member's
+      -- savepoint, some 400 KiB; SQLite's default moves that to a file past 64 KiB.
+      assert(tx:exec("UPDATE t SET v = randomblob(2000)"))
+      return temp_journals()
+    end)))
     d:close()
   end)
 
