@@ -135,13 +135,27 @@ function Engine:_emit(run_id, kind, data)
   self:_notify(run_id, kind, data)
 end
 
+-- The anchor ends with the repository's path, which says nothing about what the
+-- objective is about: memory recall leaves it out of its words (a path's "home",
+-- "src" or "tmp" would recall facts that merely share them, and each word costs the
+-- full-text search).
+local REPOSITORY = "\n\nRepository: "
+
+local function recall_subject(run)
+  local anchor, repo = run.data.anchor, run.data.repo
+  if type(repo) ~= "string" then return anchor end
+  local suffix = REPOSITORY .. repo
+  if anchor:sub(-#suffix) ~= suffix then return anchor end
+  return anchor:sub(1, -#suffix - 1)
+end
+
 function Engine:submit(w)
   assert(type(w.pipeline) == "string" and type(w.title) == "string", "engine:submit: pipeline and title are required")
   if not self.project.pipelines:get(w.pipeline) then
     return nil, ("ENOENT: no pipeline %q"):format(w.pipeline), "ENOENT"
   end
   local anchor = w.title .. (w.body and w.body ~= "" and ("\n\n" .. w.body) or "")
-  if w.repo then anchor = anchor .. "\n\nRepository: " .. w.repo end
+  if w.repo then anchor = anchor .. REPOSITORY .. w.repo end
   return self.db:tx(function(tx)
     local now = time.now()
     local rows = assert(tx:query("SELECT id FROM work_items WHERE source = ? AND external_id = ?",
@@ -314,7 +328,8 @@ function Engine:_objective(run, team, op, o)
   o.run_id, o.team, o.operative = run.id, team, op
   o.anchor = run.data.anchor
   local topic = o.question and o.question.text or (o.stage.objective or o.stage.name)
-  local about = o.anchor .. " " .. topic
+  run.recall_subject = run.recall_subject or recall_subject(run)
+  local about = run.recall_subject .. " " .. topic
   local vector = memory.embed({ about }, { team = team.name, run = run.id })
   o.memory, o.learnings = memory.context(self.db, { team.name, memory.SHARED }, team.name, about, team.recall,
                                           vector and vector[1])
