@@ -314,14 +314,26 @@ static void drain(void) {
 
 /* ---- the C API --------------------------------------------------------------- */
 
-fb_fiber *fb_current(lua_State *L) {
+fb_fiber *fb_running(lua_State *L) {
     return (rt.running && rt.running->co == L) ? rt.running : NULL;
+}
+
+/* A fiber inside a C call that runs Lua cannot yield: LuaJIT raises, after the
+ * caller started the operation it waits for, whose completion would then resume a
+ * fiber that never yielded for it. */
+fb_fiber *fb_current(lua_State *L) {
+    fb_fiber *f = fb_running(L);
+    return f && lua_isyieldable(L) ? f : NULL;
 }
 
 fb_fiber *fb_check_current(lua_State *L, const char *what) {
     fb_fiber *f = fb_current(L);
-    if (!f) luaL_error(L, "%s: must be called from a fiber (not the main thread or a plain coroutine)", what);
-    return f;
+    if (f) return f;
+    if (fb_running(L))
+        luaL_error(L, "%s: cannot wait inside a C call that runs Lua code (dofile, require, a table.sort comparator, "
+                      "a string.gsub callback); call it from the fiber's own code", what);
+    luaL_error(L, "%s: must be called from a fiber (not the main thread or a plain coroutine)", what);
+    return NULL;
 }
 
 lua_State *fb_co(fb_fiber *f) { return f->co; }
@@ -462,7 +474,7 @@ static int fiber_run(lua_State *L) {
 }
 
 static int fiber_current(lua_State *L) {
-    fb_fiber *f = fb_current(L);
+    fb_fiber *f = fb_running(L);
     if (!f) return 0;
     push_fiber(L, f);
     return 1;

@@ -23,11 +23,17 @@ typedef void (*fb_abort_fn)(void *op);
 /* The process's event loop (uv_default_loop). */
 uv_loop_t *fb_loop(void);
 
-/* The fiber running on L, or raises a Lua error naming `what` if L is not a fiber. */
+/* The fiber running on L if it can wait here, else raises a Lua error naming `what`. */
 fb_fiber *fb_check_current(lua_State *L, const char *what);
 
-/* The fiber running on L, or NULL. */
+/* The fiber running on L if it can wait here (yield), or NULL: on the main thread, in
+ * a plain coroutine, and inside a C call that runs Lua (dofile, require, a
+ * table.sort comparator, a string.gsub callback), where a yield would fail; callers
+ * that can run their work inline do so there. */
 fb_fiber *fb_current(lua_State *L);
+
+/* The fiber running on L, whether or not it can wait here, or NULL. */
+fb_fiber *fb_running(lua_State *L);
 
 /* Suspends f (running on L). timeout <= 0 means no timeout. Use as
  * `return fb_await(L, f, abort, op, timeout);`. */

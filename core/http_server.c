@@ -1025,7 +1025,7 @@ static void server_kill(lua_State *L, server_ud *ud, int graceful) {
         }
         conn_close(c);
     }
-    fb_fiber *self = fb_current(L);
+    fb_fiber *self = fb_running(L);
     for (int i = 0; i < n; i++) {
         int top = lua_gettop(L);
         lua_rawgeti(L, LUA_REGISTRYINDEX, refs[i]);

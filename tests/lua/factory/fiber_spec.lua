@@ -223,6 +223,29 @@ describe("the scheduler", function()
     assert.matches("must be called from a fiber", err)
   end)
 
+  it("inside a C call that runs Lua (dofile, table.sort, gsub), I/O runs inline and a wait is refused clearly", function()
+    local fs = require "factory.core.fs"
+    local chunk, text = os.tmpname(), os.tmpname()
+    assert(fs.write(text, "hello"))
+    -- Reading a file in a chunk run by dofile (as a config file may): this crashed
+    -- the process (the read was queued, then the yield failed); now it reads inline.
+    assert(fs.write(chunk, ("return require('factory.core.fs').read(%q)"):format(text)))
+    assert.equal("hello", dofile(chunk))
+    local list = { chunk, text }
+    table.sort(list, function(a, b) return #assert(fs.read(a)) < #assert(fs.read(b)) end)
+    assert.same({ text, chunk }, list)
+    assert.equal("HELLO", (("hello"):gsub("hello", function() return assert(fs.read(text)):upper() end)))
+    -- A wait there fails with an error that says why, and the fiber goes on.
+    assert(fs.write(chunk, "require('factory.fiber').sleep(0.01)"))
+    local ok, err = pcall(dofile, chunk)
+    assert.equal(false, ok)
+    assert.contains("fiber.sleep: cannot wait inside a C call that runs Lua code", err)
+    fiber.sleep(0.01)
+    assert.equal("hello", fs.read(text))
+    os.remove(chunk)
+    os.remove(text)
+  end)
+
   it("counts live fibers", function()
     local before = fiber.stats().live
     local f = fiber.spawn(function() fiber.sleep(0.01) end)
