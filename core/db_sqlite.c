@@ -981,7 +981,9 @@ static int submit(lua_State *L, sq_job *j) {
     }
     if (c->head) {
         job_free(j);
-        return luaL_error(L, "sqlite: the connection is busy with a fiber's job; call it from a fiber");
+        return luaL_error(L, "sqlite: the connection is busy with a fiber's job, and this call cannot wait for it: "
+                             "call it from a fiber's own code (not the main thread, a plain coroutine, or a C call "
+                             "that runs Lua, such as dofile)");
     }
     do_job(j);
     int n;

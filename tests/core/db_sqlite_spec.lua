@@ -443,6 +443,28 @@ describe("sqlite backend", function()
     d:close()
   end)
 
+  it("a read where the fiber cannot wait (in a C call that runs Lua) runs inline, or says why it cannot", function()
+    local d = numbers(3)
+    -- table.sort's comparator is called from C: no yield there, so the read runs at once.
+    local list = { 2, 1 }
+    table.sort(list, function(a, b) return a + d:query("SELECT 0 AS z")[1].z < b end)
+    assert.same({ 1, 2 }, list)
+    -- While another fiber's read holds the connection, it cannot run, nor wait: a
+    -- clear error, and the process goes on.
+    local slow = fiber.spawn(function()
+      return d:query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000)"
+        .. " SELECT COUNT(*) AS n FROM c")
+    end)
+    fiber.sleep(0.005)
+    local ok, err = pcall(table.sort, { 2, 1 }, function(a, b) return #d:query("SELECT i FROM t") + a < b end)
+    assert.equal(false, ok)
+    assert.contains("this call cannot wait for it", err)
+    local joined, rows = fiber.join(slow)
+    assert.truthy(joined)
+    assert.equal(3000000, rows[1].n)
+    d:close()
+  end)
+
   it("a closed database refuses further use with ECLOSED", function()
     local d = assert(db.open("sqlite:" .. temp_path()))
     d:close()
