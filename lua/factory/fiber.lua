@@ -8,6 +8,8 @@
 --                                     | nil, "ETIMEDOUT: ...", "ETIMEDOUT"
 --   with_timeout(secs, fn, ...)    -> like join, and fn's fiber is cancelled on timeout
 --   cond()                         -> c:wait([timeout]), c:signal(v), c:broadcast(v)
+-- current() is the running fiber, also inside a C call that runs Lua (dofile,
+-- require, a table.sort comparator), where it cannot yield: waiting there raises.
 -- Failures are values, like pcall: err is what the fiber raised, or for a cancelled
 -- fiber { code = "ECANCELED", message = reason }. A timed-out wait leaves the fibers
 -- waited on running (except with_timeout, which cancels its own).
