@@ -127,9 +127,12 @@ echo "throughput ratio proxy/direct (median of $ROUNDS rounds): $m (goal >= 0.6)
 rss=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$serve_pid/status") || fail "cannot read the proxy's RSS"
 echo "proxy peak RSS: $rss MB (goal < 50)"
 # On a machine with fewer cores than busy processes (client, proxy, upstream) the
-# ratio measures CPU cost per request, which these give directly.
+# ratio measures CPU cost per request, which these give directly. Each server is one
+# thread: where each runs flat out on a core of its own, the direct run serves what
+# the fake can, 1 / f requests a second, and the proxied one 1 / p, a ratio of f / p.
 awk -v p="$proxy_cpu" -v f="$fake_cpu" -v n="$proxy_n" -v cores="$(nproc)" \
-    'BEGIN { printf "CPU per proxied request: proxy %.1f us, fake upstream %.1f us (%d cores)\n", p / n * 1e6, f / n * 1e6, cores }'
+    'BEGIN { printf "CPU per proxied request: proxy %.1f us, fake upstream %.1f us (%d cores)\n", p / n * 1e6, f / n * 1e6, cores
+             printf "fake / proxy CPU per request: %.3f (the ratio where each server is the bottleneck on a core of its own)\n", f / p }'
 
 "$BIN" serve --port 0 --config "$dir/factory.lua" --db "sqlite:$dir/calls.db" >"$dir/serve_db.out" 2>&1 &
 db_pid=$!
