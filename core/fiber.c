@@ -107,7 +107,7 @@ int fb_push_uv_error(lua_State *L, int uverr, const char *context) {
 }
 
 /* Pushes a readable text for the error value at idx: strings as they are, tables by
- * __tostring or as "code: message". */
+ * __tostring or as "code: message" (or the code alone). */
 static const char *push_error_text(lua_State *L, int idx) {
     idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
     if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
@@ -129,7 +129,9 @@ static const char *push_error_text(lua_State *L, int idx) {
             lua_pop(L, 1);
             return lua_tostring(L, -1);
         }
-        lua_pop(L, 2);
+        lua_pop(L, 1);
+        if (lua_isstring(L, -1)) return lua_tostring(L, -1);
+        lua_pop(L, 1);
     }
     lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, idx));
     return lua_tostring(L, -1);
