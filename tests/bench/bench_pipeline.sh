@@ -7,7 +7,9 @@
 # LangGraph.js (tests/bench/langgraph, installed here with npm ci) with its SQLite
 # checkpointer (or MemorySaver if that does not load, said in the output). Prints
 # runs/s, per-stage overhead and peak RSS (VmHWM) of each, the ratio Factory /
-# LangGraph (goal >= 10) and the memory ratio (goal: Factory <= 1/5 of LangGraph).
+# LangGraph (goal >= 10) and the memory ratio (goal: Factory <= 1/5 of LangGraph);
+# then the machine bound: the runs/s every core could give at Factory's and the
+# fake's CPU per stage (the engine's one Lua thread bounds it more tightly still).
 # At full size the two sides run ROUNDS=3 times, alternating (so that both see the
 # same moments of a shared machine), each time on a fresh database: the first
 # round prints its full figures, the others a line each, and the ratios are the
@@ -50,12 +52,13 @@ r=0
 while [ "$r" -lt "$ROUNDS" ]; do
     r=$((r + 1))
     fo="$dir/factory$r.out"
-    "$BIN" tests/bench/pipeline.lua "$url" "$dir/factory$r.db" "$RUNS" "$CONC" "$dir/shared.json" >"$fo" \
+    FAKE_PID=$fake_pid FAKE_HZ=$(getconf CLK_TCK) \
+        "$BIN" tests/bench/pipeline.lua "$url" "$dir/factory$r.db" "$RUNS" "$CONC" "$dir/shared.json" >"$fo" \
         || { cat "$fo" >&2; fail "factory failed"; }
     fac="$fac $(v runs/s "$fo")"
     fmem=$(awk -v a="$fmem" -v b="$(v vmhwm_kb "$fo")" 'BEGIN { print (b > a) ? b : a }')
     if [ "$r" = 1 ]; then
-        grep -v '^runs/s \|^overhead_ms \|^cpu_ms \|^vmhwm_kb ' "$fo"
+        grep -v '^runs/s \|^overhead_ms \|^cpu_ms \|^fake_ms \|^vmhwm_kb ' "$fo"
     else
         echo "round $r: factory $(v runs/s "$fo") runs/s, engine CPU per stage $(v cpu_ms "$fo") ms," \
             "peak RSS $(v vmhwm_kb "$fo") kB"
@@ -87,6 +90,12 @@ if [ $lg_ok = 1 ]; then
         printf "median of %d round(s): factory %.1f runs/s, langgraph %.1f runs/s (checkpointer %s)\n", n, f, g, cp
         printf "ratio factory / langgraph runs/s (median of the rounds): %.2f (goal >= 10: %s)\n", m, (m >= 10) ? "met" : "NOT met"
         printf "memory factory / langgraph peak RSS: %d / %d kB = %.3f (goal <= 0.2: %s)\n", fm, gm, fm / gm, (fm / gm <= 0.2) ? "met" : "NOT met"
+    }'
+    # What the machine could do at these costs: every core busy with the engine's and
+    # the fake's work (the engine's one Lua thread is a tighter bound still).
+    awk -v c="$(v cpu_ms "$dir/factory1.out")" -v fk="$(v fake_ms "$dir/factory1.out")" -v cores="$(nproc)" -v g="$g" 'BEGIN {
+        s = cores / ((c + fk) / 1000)
+        printf "machine bound: factory %.3f ms + fake model %.3f ms of CPU per stage; %d cores at these costs serve at most %.0f stages/s = %.0f runs/s = %.2f x langgraph\n", c, fk, cores, s, s / 5, s / 5 / g
     }'
 else
     echo "factory $f runs/s; ratios: not computed (LangGraph skipped)"

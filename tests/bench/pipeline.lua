@@ -8,8 +8,9 @@
 --    submitting and executing runs, every model call answered at once by the fake
 --    with a valid COMPLETE TaskResult.
 -- Prints runs/s, per-stage wall time, model round-trip time and engine overhead
--- (wall minus model), and this process's peak RSS (VmHWM); then machine-readable
--- lines "runs/s N", "overhead_ms N", "vmhwm_kb N".
+-- (wall minus model), CPU per stage (and the fake's per call, given FAKE_PID), and
+-- this process's peak RSS (VmHWM); then machine-readable lines "runs/s N",
+-- "overhead_ms N", "cpu_ms N", "fake_ms N" (with FAKE_PID), "vmhwm_kb N".
 local pipeline = require "factory.pipeline"
 local dsl = require "factory.dsl"
 local db = require "factory.db"
@@ -49,6 +50,22 @@ end
 -- functions (and their callers' lines) go to stderr.
 local profile = os.getenv("BENCH_PROFILE") == "1" and require("jit.profile")
 local samples = {}
+
+-- FAKE_PID (and FAKE_HZ, the kernel's clock ticks per second): the fake model's
+-- process, whose CPU over the measured runs is reported per call.
+local fake_pid, fake_hz = tonumber(os.getenv("FAKE_PID")), tonumber(os.getenv("FAKE_HZ") or "100")
+local function fake_cpu()
+  if not fake_pid then return 0 end
+  local f = io.open("/proc/" .. fake_pid .. "/stat")
+  if not f then return 0 end
+  local text = f:read("*a")
+  f:close()
+  -- utime and stime are the 14th and 15th fields; the 2nd, (comm), may hold spaces.
+  local after = text:match("%) (.*)$")
+  local fields = {}
+  for x in after:gmatch("%S+") do fields[#fields + 1] = x end
+  return (tonumber(fields[12]) + tonumber(fields[13])) / fake_hz
+end
 
 local function vmhwm()
   local f = io.open("/proc/self/status")
@@ -201,6 +218,7 @@ if profile then
   end)
 end
 local cpu0, sys0 = cpu()
+local fake0 = fake_cpu()
 local main0 = cpu(1)
 local t0 = time.monotonic()
 local function worker()
@@ -215,6 +233,7 @@ for k = 1, conc do fibers[k] = fiber.spawn(worker) end
 assert(fiber.all(fibers))
 local secs = time.monotonic() - t0
 local cpu1, sys1 = cpu()
+local fake1 = fake_cpu()
 local main1 = cpu(1)
 if profile then
   profile.stop()
@@ -262,10 +281,15 @@ print(("factory: engine CPU per stage %.3f ms (user+sys of the whole process, %.
   secs * 1000 / (runs * 5)))
 print(("factory: of that, the Lua thread (all Lua code, and SQLite statements inside a transaction) %.3f ms,"
   .. " busy %.0f%% of the wall time"):format((main1 - main0) * 1000 / (runs * 5), 100 * (main1 - main0) / secs))
+if fake_pid then
+  print(("factory: the fake model's own CPU per call %.3f ms (its process, over the measured runs)"):format(
+    (fake1 - fake0) * 1000 / (runs * 5)))
+end
 print(("factory: peak RSS (VmHWM) %d kB (%.1f MiB), RSS at end %d kB; %d model calls, %d failed"):format(
   hwm, hwm / 1024, rss, calls, failed_calls))
 fs.remove(dir, { recursive = true })
 print(("runs/s %.3f"):format(rate))
 print(("overhead_ms %.3f"):format(overhead))
 print(("cpu_ms %.3f"):format(cpu_ms))
+if fake_pid then print(("fake_ms %.4f"):format((fake1 - fake0) * 1000 / (runs * 5))) end
 print(("vmhwm_kb %d"):format(hwm))
