@@ -39,28 +39,13 @@ local function numbers(n, path)
   return d
 end
 
--- How many times a fiber sleeping 10 ms at a time woke while fn ran (the loop kept
--- turning), and fn's results.
-local function ticks_during(fn)
-  local ticks, done = 0, false
-  local ticker = fiber.spawn(function()
-    while not done do
-      fiber.sleep(0.01)
-      ticks = ticks + 1
-    end
-  end)
-  local out = { fn() }
-  done = true
-  fiber.join(ticker)
-  return ticks, out
-end
-
 after_each(cleanup)
 
 local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$")
 local cases = assert(loadfile(here .. "/db_store_cases.lua"))
 setfenv(cases, getfenv(1))
-cases()("sqlite", function() return "sqlite:" .. temp_path() end)
+local suite, ticks_during = cases()
+suite("sqlite", function() return "sqlite:" .. temp_path() end)
 
 describe("sqlite backend", function()
   it("opens in WAL mode with synchronous=NORMAL (factory syncs the WAL itself) and foreign keys on", function()
