@@ -20,6 +20,7 @@ local config = require "factory.config"
 local dsl = require "factory.dsl"
 local pipeline = require "factory.pipeline"
 local hitl = require "factory.hitl"
+local json = require "factory.json"
 
 ffi.cdef "int isatty(int fd);"
 
@@ -397,7 +398,11 @@ local DESCRIBE = {
   escalated = function(d) return ("  ESCALATED #%d to a human: %s"):format(d.id, d.reason) end,
   workspace_started = function(d) return ("  worktree and branch %s"):format(d.branch) end,
   tool_call = function(d) return ("    tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))) end,
-  agent_iteration = function(d) return ("  agent iteration %d (attempt %d)"):format(d.iteration, d.attempt) end,
+  -- The built-in agent is charged once per attempt, a CLI agent per iteration.
+  agent_iteration = function(d)
+    if d.iteration then return ("  agent iteration %d (attempt %d)"):format(d.iteration, d.attempt or 1) end
+    return ("  agent started (attempt %d)"):format(d.attempt or 1)
+  end,
   agent_usage = function(d) return ("    agent usage: %d+%d tok, $%.4f"):format(d.input_tokens or 0,
     d.output_tokens or 0, d.cost_usd or 0) end,
   agent_killed = function(d) return ("  agent killed in iteration %d: %s"):format(d.iteration, d.reason) end,
@@ -412,6 +417,18 @@ local DESCRIBE = {
   run_finished = function(d) return ("run %s%s"):format(d.state, d.error and (": " .. d.error) or "") end,
 }
 
+-- An event another version recorded, or one missing a field, still gets a line: its
+-- kind and its data as recorded.
+local function describe(kind, data)
+  local f = DESCRIBE[kind]
+  local ok, text = false, nil
+  if f and type(data) == "table" then ok, text = pcall(f, data) end
+  if ok and type(text) == "string" then return text end
+  if data == nil then return kind end
+  local encoded = type(data) == "table" and json.encode(data) or tostring(data)
+  return ("  %s %s"):format(kind, encoded or "")
+end
+
 local function show_run(d, run_id)
   local run = d:query("SELECT r.*, w.title FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE r.id = ?",
     { run_id })[1]
@@ -419,8 +436,7 @@ local function show_run(d, run_id)
   print(("run %d  %s  %s  %q"):format(run.id, run.pipeline, run.state, run.title))
   local items = {}
   for _, e in ipairs(d:query("SELECT kind, data, created_at FROM events WHERE run_id = ? ORDER BY id", { run_id })) do
-    local f = DESCRIBE[e.kind]
-    items[#items + 1] = { at = e.created_at, text = f and f(type(e.data) == "table" and e.data or {}) or e.kind }
+    items[#items + 1] = { at = e.created_at, text = describe(e.kind, e.data) }
   end
   for _, c in ipairs(d:query("SELECT team, alias, provider, model, prompt_tokens, completion_tokens, cost_usd,"
     .. " latency_ms, status, created_at FROM model_calls WHERE run_id = ? ORDER BY id", { run_id })) do

@@ -1,0 +1,100 @@
+-- `factory runs` and `factory runs show RUN` (lua/factory/run_cli.lua) against a
+-- store whose events are written as the engine and the agents write them, plus the
+-- ones a timeline must survive: an event missing a field, one of a kind this
+-- version does not know, and one whose data is not an object.
+local db = require "factory.db"
+local records = require "factory.records"
+local fs = require "factory.core.fs"
+local host = require "factory.core.host"
+local time = require "factory.core.time"
+
+local dir, store, url
+
+local function factory(args)
+  local p = io.popen(("%s %s --db %s 2>&1; echo exit=$?"):format(host.exe, args, url))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+
+local function new_run(title)
+  local now = time.now()
+  local item = assert(store:exec("INSERT INTO work_items (source, title, state, created_at, updated_at)"
+    .. " VALUES ('cli', ?, 'accepted', ?, ?) RETURNING id", { title, now, now })).last_id
+  return assert(store:exec("INSERT INTO runs (work_item_id, pipeline, state, stage_index, data, created_at, updated_at)"
+    .. " VALUES (?, 'feature', 'succeeded', 1, '{}', ?, ?) RETURNING id", { item, now, now })).last_id
+end
+
+describe("factory runs", function()
+  before_each(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(fs.mkdir_p(dir))
+    url = "sqlite:" .. dir .. "/factory.db"
+    store = assert(db.open(url))
+    assert(store:migrate())
+  end)
+
+  after_each(function()
+    store:close()
+    assert(fs.remove(dir, { recursive = true }))
+  end)
+
+  it("shows a run with a built-in agent's stage as a timeline", function()
+    local run = new_run("Add due dates")
+    local list = {
+      { "run_created", { pipeline = "feature", title = "Add due dates" } },
+      { "run_started", { stage_index = 0, resumed = false, stages = 1, pipeline = "feature" } },
+      { "stage_started", { index = 1, team = "backend_engineering", stage = "build" } },
+      { "objective_started", { operative = "implementer", attempt = 1, team = "backend_engineering", stage = "build" } },
+      -- The pool charges the built-in agent once per attempt: no iteration number.
+      { "agent_iteration", { attempt = 1, stage = "build" } },
+      { "workspace_started", { branch = "factory-run1-build-1", stage = "build" } },
+      { "tool_call", { name = "edit_file", ok = true, stage = "build" } },
+      { "agent_done", { iterations = 2, status = "COMPLETE", tokens = 1561 } },
+      { "workspace_done", { branch = "factory-run1-build-1", stage = "build", commit = "89ff632bec00",
+                            files = 1, insertions = 1, deletions = 1 } },
+      { "task_result", { team = "backend_engineering", stage = "build", operative = "implementer", attempt = 1,
+                         status = "COMPLETE" } },
+      { "stage_completed", { attempt = 1, team = "backend_engineering", stage = "build" } },
+      { "run_finished", { state = "succeeded" } },
+    }
+    for _, e in ipairs(list) do records.event(store, run, e[1], e[2]) end
+    records.model_call(store, { alias = "factory/coder", provider = "fake", model = "m", team = "backend_engineering",
+                                run = run, prompt_tokens = 1463, completion_tokens = 98, cost_usd = 0.0021,
+                                latency_ms = 12, status = "ok" })
+    local out = factory("runs show " .. run)
+    assert.contains("exit=0\n", out)
+    assert.contains(('run %d  feature  succeeded  "Add due dates"'):format(run), out)
+    for _, line in ipairs({ "started: 1 stages", "stage 1 build (backend_engineering)",
+                            "objective: backend_engineering/implementer, attempt 1", "agent started (attempt 1)",
+                            "worktree and branch factory-run1-build-1", "tool edit_file ok",
+                            "agent COMPLETE after 2 iteration(s), 1561 tokens",
+                            "branch factory-run1-build-1: commit 89ff632bec, 1 file(s) +1 -1",
+                            "TaskResult COMPLETE", "stage build COMPLETE", "run succeeded",
+                            "model factory/coder (fake/m) for backend_engineering: ok, 1463+98 tok, $0.0021, 12 ms" }) do
+      assert.contains(line, out)
+    end
+  end)
+
+  it("gives an event it cannot describe a line with its kind and data", function()
+    local run = new_run("Odd events")
+    records.event(store, run, "agent_iteration", { iteration = 3, attempt = 2 })
+    records.event(store, run, "stage_started", { stage = "build" })  -- no index, no team
+    records.event(store, run, "from_a_newer_version", { detail = "x" })
+    assert(store:exec("INSERT INTO events (run_id, kind, data, created_at) VALUES (?, 'escalated', '[1]', ?)",
+      { run, time.now() }))
+    local out = factory("runs show " .. run)
+    assert.contains("exit=0\n", out)
+    assert.contains("agent iteration 3 (attempt 2)", out)
+    assert.contains('stage_started {"stage":"build"}', out)
+    assert.contains('from_a_newer_version {"detail":"x"}', out)
+    assert.contains("escalated [1]", out)
+  end)
+
+  it("lists the runs, and says when a run does not exist", function()
+    local run = new_run("Listed")
+    assert.matches("^%s*" .. run .. "  feature%s+succeeded", factory("runs"))
+    assert.equal(("factory: no run %d\nexit=1\n"):format(run + 1), factory("runs show " .. (run + 1)))
+  end)
+end)
