@@ -44,6 +44,35 @@ local SECTIONS = { "providers", "models", "prices", "budgets", "limits", "keys",
 
 local function fail(msg) error(msg, 0) end
 
+-- A misspelt or mistyped field must not pass unnoticed: a budget or a price the
+-- router never sees lets calls spend without limit.
+local function only(t, where, fields)
+  for k in pairs(t) do
+    if not fields[k] then
+      local names = {}
+      for name in pairs(fields) do names[#names + 1] = name end
+      table.sort(names)
+      fail(("%s: unknown field %s (expected %s)"):format(where, tostring(k), table.concat(names, ", ")))
+    end
+  end
+end
+
+local function number_at_least(v, where, min, whole)
+  if v == nil then return end
+  if type(v) ~= "number" or v ~= v or v == math.huge or v < min or (whole and v % 1 ~= 0) then
+    fail(("%s: expected %s >= %g, got %s"):format(where, whole and "a whole number" or "a number", min,
+      type(v) == "string" and ("%q"):format(v) or tostring(v)))
+  end
+end
+
+local function table_at(v, where)
+  if type(v) ~= "table" then fail(("%s: expected a table, got a %s"):format(where, type(v))) end
+  return v
+end
+
+local PROVIDER_FIELDS = { base_url = true, api_key = true, kind = true, rpm = true, tpm = true,
+                          max_concurrency = true }
+
 local function check_providers(t)
   for name, p in pairs(t) do
     if type(name) ~= "string" or name:find("/", 1, true) then fail("providers: names must be strings without '/'") end
@@ -60,7 +89,50 @@ local function check_providers(t)
     if p.api_key ~= nil and type(p.api_key) ~= "string" then
       fail(("providers.%s: api_key must be a string (env \"VAR\")"):format(name))
     end
+    only(p, "providers." .. name, PROVIDER_FIELDS)
+    number_at_least(p.rpm, ("providers.%s.rpm"):format(name), 0)
+    number_at_least(p.tpm, ("providers.%s.tpm"):format(name), 0)
+    number_at_least(p.max_concurrency, ("providers.%s.max_concurrency"):format(name), 0, true)
   end
+end
+
+local function check_prices(t)
+  for model, price in pairs(t) do
+    local where = ("prices[%q]"):format(tostring(model))
+    if type(model) ~= "string" or not model:find("^[^/]+/.+$") then
+      fail(where .. ': expected "provider/model" = { input = USD, output = USD } (per 1M tokens)')
+    end
+    only(table_at(price, where), where, { input = true, output = true })
+    number_at_least(price.input, where .. ".input", 0)
+    number_at_least(price.output, where .. ".output", 0)
+  end
+end
+
+local function check_budgets(t)
+  only(t, "budgets", { teams = true, run = true, utc_offset = true })
+  for team, b in pairs(t.teams and table_at(t.teams, "budgets.teams") or {}) do
+    local where = ("budgets.teams.%s"):format(tostring(team))
+    only(table_at(b, where), where, { usd_per_day = true, tokens_per_day = true })
+    number_at_least(b.usd_per_day, where .. ".usd_per_day", 0)
+    number_at_least(b.tokens_per_day, where .. ".tokens_per_day", 0)
+  end
+  if t.run then
+    only(table_at(t.run, "budgets.run"), "budgets.run", { usd = true, tokens = true })
+    number_at_least(t.run.usd, "budgets.run.usd", 0)
+    number_at_least(t.run.tokens, "budgets.run.tokens", 0)
+  end
+  number_at_least(t.utc_offset, "budgets.utc_offset", -14)
+  if t.utc_offset and t.utc_offset > 14 then fail("budgets.utc_offset: expected hours from -14 to 14") end
+end
+
+-- The router's limits (core/router.c): seconds, or a whole number of something.
+local LIMITS = { retries = "whole", backoff = "s", backoff_max = "s", retry_after_max = "s",
+                 breaker_failures = "whole", breaker_cooldown = "s", connect_timeout = "s", timeout = "s",
+                 first_token_timeout = "s", idle_timeout = "s", default_max_tokens = "whole" }
+
+local function check_limits(t)
+  only(t, "limits", LIMITS)
+  for name, unit in pairs(LIMITS) do number_at_least(t[name], "limits." .. name, 0, unit == "whole") end
 end
 
 local function check_models(t, providers)
@@ -80,9 +152,12 @@ end
 
 local function check_keys(t)
   for key, entry in pairs(t) do
-    if type(key) ~= "string" or key == "" or type(entry) ~= "table" then
+    if type(key) ~= "string" or key == "" or type(entry) ~= "table" or type(entry.team) ~= "string"
+        or entry.team == "" then
       fail('keys: expected { ["sk-..."] = { team = NAME } }')
     end
+    -- The key itself is a secret: the message names its team only.
+    only(entry, ("keys (the key of team %s)"):format(entry.team), { team = true, run = true })
   end
 end
 
@@ -91,7 +166,8 @@ local function check_agents(t)
   if not ok then fail(err) end
 end
 
-local CHECKS = { providers = check_providers, keys = check_keys, agents = check_agents }
+local CHECKS = { providers = check_providers, prices = check_prices, budgets = check_budgets, limits = check_limits,
+                 keys = check_keys, agents = check_agents }
 
 -- The DSL of one load: one function per section, collecting into cfg.
 local function dsl(cfg)

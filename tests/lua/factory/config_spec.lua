@@ -47,6 +47,44 @@ describe("factory.lua", function()
     assert.contains('models["factory/fast"]: unknown provider "b"', err)
   end)
 
+  it("refuses a misspelt or mistyped budget, price, limit, provider field or key", function()
+    local P = 'providers { up = { base_url = "http://127.0.0.1:9/v1" } }\n'
+    local cases = {
+      { 'budgets { teams = { qa = { usd_per_dya = 5 } } }', "budgets.teams.qa: unknown field usd_per_dya" },
+      { 'budgets { teams = { qa = { usd_per_day = "5" } } }', 'budgets.teams.qa.usd_per_day: expected a number >= 0, got "5"' },
+      { 'budgets { teams = 5 }', "budgets.teams: expected a table, got a number" },
+      { 'budgets { run = { usd = -1 } }', "budgets.run.usd: expected a number >= 0, got -1" },
+      { 'budgets { run = { dollars = 1 } }', "budgets.run: unknown field dollars (expected tokens, usd)" },
+      { 'budgets { team = {} }', "budgets: unknown field team (expected run, teams, utc_offset)" },
+      { 'budgets { utc_offset = 99 }', "budgets.utc_offset: expected hours from -14 to 14" },
+      { 'prices { ["up/m"] = { input = "3" } }', 'prices["up/m"].input: expected a number >= 0, got "3"' },
+      { 'prices { ["up/m"] = { inputs = 3 } }', 'prices["up/m"]: unknown field inputs (expected input, output)' },
+      { 'prices { m = { input = 3 } }', 'prices["m"]: expected "provider/model"' },
+      { 'limits { timout = 3 }', "limits: unknown field timout (expected backoff, backoff_max," },
+      { 'limits { retries = 2.5 }', "limits.retries: expected a whole number >= 0, got 2.5" },
+      { 'limits { timeout = 1/0 }', "limits.timeout: expected a number >= 0, got inf" },
+      { 'providers { x = { base_url = "http://h", apikey = "k" } }', "providers.x: unknown field apikey" },
+      { 'providers { x = { base_url = "http://h", rpm = "60" } }', 'providers.x.rpm: expected a number >= 0, got "60"' },
+      { 'keys { ["sk-secret-1"] = { tema = "qa" } }', 'keys: expected { ["sk-..."] = { team = NAME } }' },
+      { 'keys { ["sk-secret-1"] = { team = "qa", runn = 1 } }', "keys (the key of team qa): unknown field runn" },
+    }
+    for _, case in ipairs(cases) do
+      local text = case[1]:find("^providers") and case[1] or (P .. case[1])
+      local none, err = load(text .. "\n")
+      assert.equal(nil, none, case[1])
+      assert.contains(case[2], err, case[1])
+      assert.matches("factory%.lua:%d+: ", err, case[1])
+      assert.falsy(err:find("sk-secret", 1, true), "the key stays out of the message")
+    end
+    local cfg = assert(load(P .. 'prices { ["up/m"] = { input = 3, output = 15 } }\n'
+      .. 'budgets { teams = { qa = { usd_per_day = 5, tokens_per_day = 100000 } }, run = { usd = 1 }, utc_offset = -5 }\n'
+      .. 'limits { retries = 3, backoff = 0.25, timeout = 120 }\n'
+      .. 'keys { ["sk-qa"] = { team = "qa" } }\n'))
+    assert.equal(5, cfg.router.budgets.teams.qa.usd_per_day)
+    assert.equal(3, cfg.router.limits.retries)
+    assert.equal("qa", cfg.keys["sk-qa"].team)
+  end)
+
   it("reports a syntax error with its line", function()
     local none, err = load('providers { a = { base_url = "http://x" }\nmodels {')
     assert.equal(nil, none)
