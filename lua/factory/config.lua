@@ -9,6 +9,7 @@
 --   cfg.router   the table for router.configure
 --   cfg.keys     { [bearer key] = { team = NAME } }  (virtual keys of the proxy)
 --   cfg.agents   the agents section ({} when absent), for factory.agents.pool
+--   cfg.warnings what loaded but may not be meant: a variable env "VAR" read unset
 --
 -- factory.lua calls these functions (each at most once), nothing else runs:
 --   providers { NAME = { base_url =, api_key = env "VAR", kind = "openai"|"anthropic",
@@ -171,7 +172,12 @@ local CHECKS = { providers = check_providers, prices = check_prices, budgets = c
 
 -- The DSL of one load: one function per section, collecting into cfg.
 local function dsl(cfg)
-  local env = { env = function(name) return os.getenv(name) end }
+  cfg.unset = {}
+  local env = { env = function(name)
+    local value = os.getenv(name)
+    if value == nil then cfg.unset[#cfg.unset + 1] = tostring(name) end
+    return value
+  end }
   for _, section in ipairs(SECTIONS) do
     env[section] = function(t)
       if type(t) ~= "table" then fail(section .. " expects a table: " .. section .. " { ... }") end
@@ -185,7 +191,14 @@ local function dsl(cfg)
 end
 
 local function result(cfg)
+  local warnings = {}
+  for _, name in ipairs(cfg.unset) do
+    -- A provider's key read from an unset variable is simply absent: say so now, not
+    -- with the first 401.
+    warnings[#warnings + 1] = ("environment variable %s is not set (env %q gives nil)"):format(name, name)
+  end
   return {
+    warnings = warnings,
     router = { providers = cfg.providers or {}, models = cfg.models or {}, prices = cfg.prices,
                budgets = cfg.budgets, limits = cfg.limits },
     keys = cfg.keys or {},

@@ -234,6 +234,7 @@ local function engine_for(flags, opts, on_event, redraw)
     if not path then return nil, "no factory.lua here: give --config FILE (providers and models for the router)" end
     local cfg, err = config.load(path)
     if not cfg then return nil, err end
+    for _, w in ipairs(cfg.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
     router_cfg, agents = cfg.router, cfg.agents
   end
   local ok, err = router.configure(router_cfg)

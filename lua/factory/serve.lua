@@ -129,11 +129,13 @@ function M.start(opts)
     end
     keys = new.keys
     log.info("serve: configuration reloaded", { file = path })
+    for _, w in ipairs(new.warnings) do log.warn(("serve: %s: %s"):format(path, w)) end
   end
   if path then
     local c, watcher = config.load(path, reload)
     if not c then return nil, "EINVAL: " .. watcher, "EINVAL" end
     cfg = c
+    for _, w in ipairs(c.warnings) do log.warn(("serve: %s: %s"):format(path, w)) end
     closers[#closers + 1] = watcher.stop
   end
   keys = cfg.keys

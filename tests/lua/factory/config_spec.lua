@@ -85,6 +85,15 @@ describe("factory.lua", function()
     assert.equal("qa", cfg.keys["sk-qa"].team)
   end)
 
+  it("warns of a variable env reads unset, and of none that is set", function()
+    local cfg = assert(load('providers {\n  a = { base_url = "http://127.0.0.1:9/v1", api_key = env "FACTORY_SPEC_UNSET_KEY" },\n'
+      .. '  b = { base_url = "http://127.0.0.1:9/v1", api_key = env "PATH" },\n}\n'))
+    assert.same({ 'environment variable FACTORY_SPEC_UNSET_KEY is not set (env "FACTORY_SPEC_UNSET_KEY" gives nil)' },
+      cfg.warnings)
+    assert.is_nil(cfg.router.providers.a.api_key)
+    assert.equal(os.getenv("PATH"), cfg.router.providers.b.api_key)
+  end)
+
   it("reports a syntax error with its line", function()
     local none, err = load('providers { a = { base_url = "http://x" }\nmodels {')
     assert.equal(nil, none)
