@@ -48,12 +48,14 @@
  * Lua reference; the pidfd poll stays until the child is reaped.
  */
 #include "fiber.h"
+#include "proc.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <lauxlib.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdint.h>
@@ -161,6 +163,54 @@ static void end_wait(proc_t *p) {
     p->waiting--;
     set_loop_refs(p);
     proc_unref(p);
+}
+
+/* ---- children die with the host ------------------------------------------------
+ * Each child leads its own session, so neither the terminal's Ctrl-C nor a kill of
+ * the host reaches it: a host killed by SIGINT, SIGTERM or SIGHUP would leave its
+ * agents and gates running. While none of the host's fibers waits for the signal
+ * (factory.core.signal), the guard handler SIGKILLs every group the host started and
+ * then lets the signal end the host as it would have. It is installed only over the
+ * default action (never over SIG_IGN or another handler) at each spawn and when a
+ * signal wait ends (libuv then puts back the default). guarded[] holds the leaders
+ * not yet reaped; the handler only reads it and calls kill, which is
+ * async-signal-safe, so it works even while the loop is busy. */
+#define GUARD_MAX 1024
+static volatile sig_atomic_t guarded[GUARD_MAX];
+static const int GUARDED_SIGNALS[] = {SIGINT, SIGTERM, SIGHUP};
+
+static void guard_handler(int sig) {
+    for (int i = 0; i < GUARD_MAX; i++)
+        if (guarded[i] > 0) kill(-(pid_t)guarded[i], SIGKILL);
+    signal(sig, SIG_DFL);
+    raise(sig);                 /* pending until this returns, then the default action */
+}
+
+void proc_guard_signals(void) {
+    for (size_t i = 0; i < sizeof GUARDED_SIGNALS / sizeof *GUARDED_SIGNALS; i++) {
+        struct sigaction old;
+        if (sigaction(GUARDED_SIGNALS[i], NULL, &old) != 0) continue;
+        if ((old.sa_flags & SA_SIGINFO) || old.sa_handler != SIG_DFL) continue;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = guard_handler;
+        sigemptyset(&sa.sa_mask);
+        sigaction(GUARDED_SIGNALS[i], &sa, NULL);
+    }
+}
+
+static void guard(pid_t pid) {
+    for (int i = 0; i < GUARD_MAX; i++)
+        if (guarded[i] == 0) {
+            guarded[i] = pid;
+            return;
+        }
+}
+
+/* Before the leader is reaped: afterwards its pid may name someone else's group. */
+static void unguard(pid_t pid) {
+    for (int i = 0; i < GUARD_MAX; i++)
+        if (guarded[i] == pid) guarded[i] = 0;
 }
 
 /* Only while the leader is unreaped: until then its pid is ours and names the group. */
@@ -312,7 +362,11 @@ static void on_exit_ready(uv_poll_t *h, int status, int events) {
     kill(-p->pid, SIGKILL);
     siginfo_t si;
     memset(&si, 0, sizeof si);
-    if (waitid(P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG) != 0 || si.si_pid == 0) return;
+    unguard(p->pid);
+    if (waitid(P_PIDFD, (id_t)p->pidfd, &si, WEXITED | WNOHANG) != 0 || si.si_pid == 0) {
+        guard(p->pid);
+        return;
+    }
     p->reaped = 1;
     if (si.si_code == CLD_EXITED) p->code = si.si_status;
     else p->sig = si.si_status;
@@ -614,8 +668,17 @@ static int proc_spawn(lua_State *L) {
     posix_spawnattr_setsigdefault(&attr, &all);     /* the host ignores SIGPIPE; children must not */
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
 
+    /* A signal between the spawn and guard() would miss the child. */
+    sigset_t guarded_set, old_mask;
+    sigemptyset(&guarded_set);
+    for (size_t i = 0; i < sizeof GUARDED_SIGNALS / sizeof *GUARDED_SIGNALS; i++)
+        sigaddset(&guarded_set, GUARDED_SIGNALS[i]);
+    proc_guard_signals();
+    pthread_sigmask(SIG_BLOCK, &guarded_set, &old_mask);
     pid_t pid;
     rc = posix_spawn(&pid, path, &fa, &attr, argv, envp);
+    if (!rc) guard(pid);
+    pthread_sigmask(SIG_SETMASK, &old_mask, NULL);
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&attr);
     close_fds((int[]){fds[0], fds[3], fds[5]}, 3);
@@ -631,6 +694,7 @@ static int proc_spawn(lua_State *L) {
         rc = pidfd < 0 ? errno : p ? -uverr : ENOMEM;
         free(p);
         kill(-pid, SIGKILL);
+        unguard(pid);
         waitpid(pid, NULL, 0);
         if (pidfd >= 0) close(pidfd);
         close_fds((int[]){fds[1], fds[2], fds[4]}, 3);
@@ -793,6 +857,7 @@ static void proc_release(proc_t *p) {
     close_handle((uv_handle_t *)&p->timer, &p->timer_open);
     if (fb_closing()) {
         if (!p->reaped) {
+            unguard(p->pid);
             waitpid(p->pid, NULL, 0);   /* not waitid(P_PIDFD): the pidfd is non-blocking */
             p->reaped = 1;
         }

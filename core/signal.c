@@ -6,12 +6,14 @@
  *       the calling fiber until one of the signals arrives and returns its name.
  *       While a fiber waits, those signals are caught; once no fiber waits for a
  *       signal any more, libuv gives it back its default action (for INT and TERM:
- *       ending the process).
+ *       ending the process, after factory.core.proc's guard has killed the
+ *       process groups the host started).
  *
  * Lifetimes: a wait is malloc'd and freed when the last of its uv handles has
  * closed, which happens when a signal arrives or when the wait is abandoned.
  */
 #include "fiber.h"
+#include "proc.h"
 
 #include <lauxlib.h>
 #include <signal.h>
@@ -33,9 +35,13 @@ typedef struct {
     fb_fiber *fiber;            /* NULL once woken or abandoned */
 } waiter;
 
+/* A signal no handle watches any more has its default action back (libuv's doing):
+ * the children's guard goes back over it. */
 static void signal_closed(uv_handle_t *h) {
     waiter *w = (waiter *)h->data;
-    if (--w->open == 0) free(w);
+    if (--w->open > 0) return;
+    free(w);
+    proc_guard_signals();
 }
 
 static void signal_close(waiter *w) {

@@ -321,6 +321,39 @@ describe("a process", function()
     assert.truthy(gone_soon(assert(tonumber(r.stdout))), "the engine killed its child on exit")
   end)
 
+  it("takes its children's process groups with it when INT, TERM or HUP kills the engine", function()
+    -- The engine's child leads its own session, with a child of its own: neither a
+    -- terminal's Ctrl-C nor a kill of the engine would reach them by themselves.
+    local script = "P = require('factory.proc').spawn{ argv = { 'sh', '-c', 'sleep 31 & echo $$ $!; wait' } }"
+      .. "; print(P:read_line()); io.stdout:flush(); require('factory.fiber').sleep(30)"
+    for _, sig in ipairs({ "INT", "TERM", "HUP" }) do
+      local engine = assert(proc.spawn { argv = { host.exe, "-e", script }, timeout = 20 })
+      local child, grandchild = assert(engine:read_line()):match("^(%d+) (%d+)$")
+      assert.truthy(stat(tonumber(grandchild)), sig)
+      assert(proc.run { argv = { "kill", "-" .. sig, tostring(engine.pid) } })
+      local r = engine:wait()
+      engine:close()
+      assert.equal(({ INT = 2, TERM = 15, HUP = 1 })[sig], r.signal, sig .. ": the engine dies by the signal")
+      assert.truthy(gone_soon(tonumber(child)), sig .. ": the child died with the engine")
+      assert.truthy(gone_soon(tonumber(grandchild)), sig .. ": so did the child's own child")
+    end
+  end)
+
+  it("leaves a signal that a fiber waits for to that fiber, children alive", function()
+    local script = "local signal = require('factory.core.signal')"
+      .. "; P = require('factory.proc').spawn{ argv = { 'sleep', '32' } }"
+      .. "; print(P.pid); io.stdout:flush(); signal.wait('TERM'); print(io.open('/proc/' .. P.pid .. '/stat') and 'alive')"
+    local engine = assert(proc.spawn { argv = { host.exe, "-e", script }, timeout = 20 })
+    local child = tonumber(engine:read_line())
+    fiber.sleep(0.05)
+    assert(proc.run { argv = { "kill", "-TERM", tostring(engine.pid) } })
+    assert.equal("alive", engine:read_line())
+    local r = engine:wait()
+    engine:close()
+    assert.equal(0, r.code)
+    assert.truthy(gone_soon(child), "then the engine's exit killed it")
+  end)
+
   it("has a pid and knows the engine's", function()
     local p = assert(proc.spawn { argv = { "sh", "-c", "echo $$ $PPID" } })
     assert.equal(p.pid .. " " .. proc.getpid(), p:read_line())
