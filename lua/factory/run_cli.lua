@@ -20,9 +20,12 @@ local config = require "factory.config"
 local dsl = require "factory.dsl"
 local pipeline = require "factory.pipeline"
 local hitl = require "factory.hitl"
+local signal = require "factory.core.signal"
+local proc = require "factory.proc"
 local json = require "factory.json"
 
 ffi.cdef "int isatty(int fd);"
+pcall(ffi.cdef, "int kill(int pid, int sig);")
 
 local M = {}
 
@@ -255,7 +258,7 @@ local function engine_for(flags, opts, on_event, redraw)
 end
 
 -- Executes the run; while it waits for a human, polls the store for the answer.
-local function drive(e, run_id, flags, tty)
+local function drive_run(e, run_id, flags, tty)
   local started = time.monotonic()
   while true do
     local ticker = tty and fiber.spawn(function()
@@ -281,6 +284,29 @@ local function drive(e, run_id, flags, tty)
     repeat fiber.sleep(0.5) until hitl.get(e.db, detail.id).answer
     print(("answer received for #%d; continuing"):format(detail.id))
   end
+end
+
+local SIGNALS = { INT = 2, TERM = 15, HUP = 1 }
+
+-- Ctrl-C (or a kill) says what becomes of the run, then ends the process by the same
+-- signal: what a kill -9 would do, which a run is built to survive; the process
+-- groups of its agents and gates go with it (factory.core.proc's guard).
+local function on_interrupt(run_id)
+  return fiber.spawn(function()
+    local name = signal.wait("INT", "TERM", "HUP")
+    io.stderr:write(("\nfactory: interrupted (SIG%s): run %d stops here; its finished stages are kept."
+      .. " Continue it with: factory resume %d\n"):format(name, run_id, run_id))
+    -- The wait's handles close on the next turn of the loop; then the guard is back.
+    fiber.sleep(0.01)
+    ffi.C.kill(proc.getpid(), SIGNALS[name])
+  end)
+end
+
+local function drive(e, run_id, flags, tty)
+  local interrupt = on_interrupt(run_id)
+  local code = drive_run(e, run_id, flags, tty)
+  interrupt:cancel("the run's execution ended")
+  return code
 end
 
 local function cmd_run(flags, words, opts)

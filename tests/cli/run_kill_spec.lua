@@ -132,6 +132,21 @@ describe("factory run under kill -9", function()
     store:close()
   end, { timeout = 60 })
 
+  it("Ctrl-C stops it saying how to continue, and `factory resume` finishes the run", function()
+    local t0 = time.now()
+    local p = start(1)
+    local deadline = time.monotonic() + 10
+    while #requests(t0) < 2 and time.monotonic() < deadline do fiber.sleep(0.005) end
+    p:kill("INT")
+    local status, out = finish(p)
+    assert.equal(2, status.signal, out)
+    local id = assert(tonumber(out:match("interrupted %(SIGINT%): run (%d+) stops here")), out)
+    assert.contains(("its finished stages are kept. Continue it with: factory resume %d\n"):format(id), out)
+    status, out = finish(factory{ "resume", tostring(id) })
+    assert.equal(0, status.code, out)
+    assert.contains(("run %d succeeded (feature)"):format(id), out)
+  end, { timeout = 30 })
+
   it("the same work item run again after it succeeded is not run or paid for twice", function()
     local status, out = finish(start(0))
     assert.equal(0, status.code, out)
