@@ -55,6 +55,7 @@
 #include <curl/curl.h>
 #include <jansson.h>
 #include <lauxlib.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -1989,11 +1990,23 @@ static int chain_has(alias *a, int kind) {
     return 0;
 }
 
+/* Absent, null, or a whole number from 1 to INT_MAX. */
+static int max_tokens_valid(const request_info *ri) {
+    const char *v = ri->max_tokens, *ve = ri->max_tokens_end;
+    if (!v || (ve - v == 4 && memcmp(v, "null", 4) == 0)) return 1;
+    if (!js_is_integer(v, ve) || *v == '-' || ve - v > 10) return 0;
+    long n = js_long(v);
+    return n >= 1 && n <= INT_MAX;
+}
+
 /* A call of a request read into ri (text: len bytes, NUL-terminated, copied here). */
 static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_t len, const request_info *ri,
                       int stream, const char *team, const char *run) {
     if (op == OP_CHAT && !ri->messages) return bad_request(L, "EINVAL", "'messages' must be a non-empty array");
     if (op == OP_EMBED && !ri->input) return bad_request(L, "EINVAL", "'input' is required");
+    /* The reservation counts on it: a negative limit would reserve less than nothing. */
+    if (op == OP_CHAT && !max_tokens_valid(ri))
+        return bad_request(L, "EINVAL", "'max_tokens' (or 'max_completion_tokens') must be a whole number >= 1");
     char *model = request_model(ri);
     if (!model) return bad_request(L, "EINVAL", "'model' is required");
     config *cfg = R.cfg;

@@ -132,11 +132,20 @@ describe("router", function()
     }) do
       cases[#cases + 1] = { text, "EINVAL" }
     end
+    -- A limit the reservation could not count on (a negative one would reserve less
+    -- than nothing and let other calls through a spent budget).
+    for _, limit in ipairs({ '-5', '0', '1.5', '"100"', 'true', '[1]', '99999999999' }) do
+      for _, member in ipairs({ "max_tokens", "max_completion_tokens" }) do
+        cases[#cases + 1] = { '{"model":"solo",' .. msgs .. ',"' .. member .. '":' .. limit .. '}', "EINVAL",
+                              "must be a whole number >= 1" }
+      end
+    end
     for _, c in ipairs(cases) do
       local res, err, code = router.chat(c[1])
       assert.is_nil(res, c[1])
       assert.equal(c[2], code, c[1])
       assert.matches("^" .. c[2] .. ": ", err)
+      if c[3] then assert.contains(c[3], err, c[1]) end
     end
     assert.equal(0, fake:count())
   end)
