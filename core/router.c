@@ -23,8 +23,8 @@
  * A call reserves its estimated cost against every budget that applies (team per
  * day, run) before anything is sent and settles with the real usage when it ends:
  * concurrent calls can only overspend by what an estimate undercounts. The estimate
- * is body bytes / 4 prompt tokens plus max_tokens (or default_max_tokens), priced at
- * the dearest entry of the chain.
+ * is body bytes / 4 prompt tokens plus max_tokens (or default_max_tokens) times n,
+ * priced at the dearest entry of the chain.
  *
  * Each chain entry is tried up to 1 + retries times: 429, 5xx, connection errors,
  * timeouts and unusable responses (malformed JSON, wrong content type, a stream cut
@@ -1895,6 +1895,7 @@ typedef struct {
     const char *model, *model_end;      /* the value, quotes included */
     int messages, input, stream, include_usage;
     const char *max_tokens, *max_tokens_end;
+    const char *choices, *choices_end;  /* n: how many completions */
     members mem;
 } request_info;
 
@@ -1929,6 +1930,9 @@ static void request_member(request_scan *s, const js_walk *w, const char *v, con
     } else if (options) {
         ri->include_usage = s->usage == 2;
         s->usage = 0;
+    } else if (js_key_is(w, 1, "n")) {
+        ri->choices = v;
+        ri->choices_end = ve;
     } else if (js_key_is(w, 1, "max_completion_tokens")) {
         s->mct = v;
         s->mct_end = ve;
@@ -1990,14 +1994,16 @@ static int chain_has(alias *a, int kind) {
     return 0;
 }
 
-/* Absent, null, or a whole number from 1 to INT_MAX. */
-static int max_tokens_valid(const request_info *ri) {
-    const char *v = ri->max_tokens, *ve = ri->max_tokens_end;
+/* A member's value [v, ve) is absent, null, or a whole number from 1 to max. */
+static int whole_or_absent(const char *v, const char *ve, long max) {
     if (!v || (ve - v == 4 && memcmp(v, "null", 4) == 0)) return 1;
     if (!js_is_integer(v, ve) || *v == '-' || ve - v > 10) return 0;
     long n = js_long(v);
-    return n >= 1 && n <= INT_MAX;
+    return n >= 1 && n <= max;
 }
+
+/* OpenAI's own limit on n. */
+#define MAX_CHOICES 128
 
 /* A call of a request read into ri (text: len bytes, NUL-terminated, copied here). */
 static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_t len, const request_info *ri,
@@ -2005,8 +2011,10 @@ static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_
     if (op == OP_CHAT && !ri->messages) return bad_request(L, "EINVAL", "'messages' must be a non-empty array");
     if (op == OP_EMBED && !ri->input) return bad_request(L, "EINVAL", "'input' is required");
     /* The reservation counts on it: a negative limit would reserve less than nothing. */
-    if (op == OP_CHAT && !max_tokens_valid(ri))
+    if (op == OP_CHAT && !whole_or_absent(ri->max_tokens, ri->max_tokens_end, INT_MAX))
         return bad_request(L, "EINVAL", "'max_tokens' (or 'max_completion_tokens') must be a whole number >= 1");
+    if (op == OP_CHAT && !whole_or_absent(ri->choices, ri->choices_end, MAX_CHOICES))
+        return bad_request(L, "EINVAL", "'n' must be a whole number from 1 to %d", MAX_CHOICES);
     char *model = request_model(ri);
     if (!model) return bad_request(L, "EINVAL", "'model' is required");
     config *cfg = R.cfg;
@@ -2070,6 +2078,8 @@ static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_
     double completion = op == OP_EMBED ? 0
                       : ri->max_tokens && js_is_integer(ri->max_tokens, ri->max_tokens_end) ? (double)js_long(ri->max_tokens)
                       : cfg->default_max_tokens;
+    /* n completions may each take the whole limit. */
+    if (ri->choices && js_is_integer(ri->choices, ri->choices_end)) completion *= (double)js_long(ri->choices);
     c->est_prompt = (double)(len / 4 + 1);
     c->est_tokens = c->est_prompt + completion;
     c->est_usd = chain_price(c->al, c->est_prompt, completion);
@@ -2195,6 +2205,8 @@ static int r_chat_parts(lua_State *L) {
     if (ok) {
         ri.max_tokens = mi.max_tokens;
         ri.max_tokens_end = mi.max_tokens_end;
+        ri.choices = mi.choices;
+        ri.choices_end = mi.choices_end;
         n = begin_call(L, f, OP_CHAT, b.data, b.len, &ri, stream, team, run);
     } else {
         n = bad_request(L, "ENOMEM", "out of memory");

@@ -134,6 +134,9 @@ describe("router", function()
     end
     -- A limit the reservation could not count on (a negative one would reserve less
     -- than nothing and let other calls through a spent budget).
+    for _, n in ipairs({ '0', '-1', '2.5', '129', '"2"' }) do
+      cases[#cases + 1] = { '{"model":"solo",' .. msgs .. ',"n":' .. n .. '}', "EINVAL", "'n' must be a whole number" }
+    end
     for _, limit in ipairs({ '-5', '0', '1.5', '"100"', 'true', '[1]', '99999999999' }) do
       for _, member in ipairs({ "max_tokens", "max_completion_tokens" }) do
         cases[#cases + 1] = { '{"model":"solo",' .. msgs .. ',"' .. member .. '":' .. limit .. '}', "EINVAL",
@@ -153,7 +156,7 @@ describe("router", function()
   it("passes a request's members upstream as they came, nested up to 256 deep", function()
     -- Escapes stay as written; bytes that are not UTF-8 pass as they are.
     local content = [[caf\u00e9 \"q\" \ud83d\ude00 ]] .. "\255\254"
-    local members = '"x":[[{"y":[]}],{}],"n":-1.5e3,"t":true,"f":false,"z":null,"max_tokens":7'
+    local members = '"x":[[{"y":[]}],{}],"k":-1.5e3,"t":true,"f":false,"z":null,"max_tokens":7'
     local text = '{ "model" : "solo" , "messages":[{"role":"user","content":"' .. content .. '"}],\n'
       .. members .. ' }\n'
     assert(router.chat(text))
@@ -200,6 +203,15 @@ describe("router", function()
     -- The reservation counts max_tokens: a budget of 5 tokens refuses it before sending.
     router.set_budget("run", "parts", { tokens = 5 })
     local ok, err, code = router.chat_parts({ model = "solo", members = members, messages = messages }, { run = "parts" })
+    assert.is_nil(ok)
+    assert.equal("EBUDGET", code, err)
+    -- n completions may each take max_tokens: 3 x 7 = 21 tokens do not fit in 20.
+    router.set_budget("run", "parts", { tokens = 20 })
+    ok, err, code = router.chat_parts({ model = "solo", members = members .. ',"n":3', messages = messages },
+                                      { run = "parts" })
+    assert.is_nil(ok)
+    assert.equal("EBUDGET", code, err)
+    ok, err, code = router.chat(text:gsub('"max_tokens":7', '"max_tokens":7,"n":3'), { run = "parts" })
     assert.is_nil(ok)
     assert.equal("EBUDGET", code, err)
     router.clear_budget("run", "parts")
