@@ -24,7 +24,8 @@
  * day, run) before anything is sent and settles with the real usage when it ends:
  * concurrent calls can only overspend by what an estimate undercounts. The estimate
  * is body bytes / 4 prompt tokens plus max_tokens (or default_max_tokens) times n,
- * priced at the dearest entry of the chain.
+ * priced at the dearest entry of the chain. A model named directly ("provider/model")
+ * with no entry in prices is refused to an account limited in USD.
  *
  * Each chain entry is tried up to 1 + retries times: 429, 5xx, connection errors,
  * timeouts and unusable responses (malformed JSON, wrong content type, a stream cut
@@ -112,6 +113,7 @@ typedef struct {
     provider *p;
     char *model;
     double price_in, price_out; /* USD per token */
+    int priced;                 /* listed in prices (else both are 0) */
 } target;
 
 typedef struct {
@@ -477,6 +479,7 @@ static int set_target(config *cfg, target *t, const char *spec) {
     t->model = strdup(slash + 1);
     json_t *price = json_object_get(cfg->prices, spec);
     if (!price) price = json_object_get(cfg->prices, slash + 1);
+    t->priced = price != NULL;
     t->price_in = jnum(price, "input", 0) / 1e6;
     t->price_out = jnum(price, "output", 0) / 1e6;
     return t->model != NULL;
@@ -671,6 +674,11 @@ static int reserve(call *c) {
         roll_day(c->cfg, a);
         double lu, lt;
         limits_of(c->cfg, a, &lu, &lt);
+        /* An alias's chain is the operator's choice; a model named directly, with no
+         * price, would cost nothing against a USD budget however much it spent. */
+        if (lu >= 0 && c->al == &c->direct && !c->direct_t.priced)
+            return cfg_error(c->err, "budget: %s %s is limited in USD and %s/%s has no price (add it to prices {},"
+                             " or call an alias)", kinds[i], names[i], c->direct_t.p->name, c->direct_t.model);
         if (lu >= 0 && a->usd + a->r_usd + c->est_usd > lu + 1e-12)
             return cfg_error(c->err, "budget exhausted: %s %s has %.4f of %.4f USD left, this call may cost %.4f",
                              kinds[i], names[i], fmax(0, lu - a->usd - a->r_usd), lu, c->est_usd);

@@ -153,6 +153,14 @@ budgets { teams = { poor = { usd_per_day = 5 } } }
     assert.equal("insufficient_quota", err.type)
     assert.contains("team poor", err.message)
     assert.equal(1, fake:count())
+    -- Naming a model of the provider without a price does not get around the budget.
+    err = openai_error(post("/v1/chat/completions", chat_body("up/unpriced", { max_tokens = 10 }),
+                            { Authorization = "Bearer sk-team-poor" }), 402)
+    assert.equal("budget_exhausted", err.code)
+    assert.contains("team poor is limited in USD and up/unpriced has no price", err.message)
+    assert.equal(200, post("/v1/chat/completions", chat_body("up/gpt-test", { max_tokens = 1 }),
+                           { Authorization = "Bearer sk-team-rich" }).status)
+    assert.equal(2, fake:count())
   end)
 
   it("lets virtual keys and the operator's token in beyond loopback, and nothing else", function()
