@@ -9,7 +9,8 @@
 --   cfg.router   the table for router.configure
 --   cfg.keys     { [bearer key] = { team = NAME } }  (virtual keys of the proxy)
 --   cfg.agents   the agents section ({} when absent), for factory.agents.pool
---   cfg.warnings what loaded but may not be meant: a variable env "VAR" read unset
+--   cfg.warnings what loaded but may not be meant: a variable env "VAR" read unset; a
+--                model of a chain without a price while a budget is in USD
 --
 -- factory.lua calls these functions (each at most once), nothing else runs:
 --   providers { NAME = { base_url =, api_key = env "VAR", kind = "openai"|"anthropic",
@@ -19,6 +20,7 @@
 --       openrouter.
 --   models { ["factory/coder"] = { "provider/model", ... } }   ordered fallback chains
 --   prices { ["provider/model"] = { input = USD, output = USD } }  per 1M tokens
+--       (a bare ["model"] prices that model at every provider)
 --   budgets { teams = { NAME = { usd_per_day =, tokens_per_day = } },
 --             run = { usd =, tokens = }, utc_offset = hours }  (days start at midnight
 --             utc_offset hours east of UTC; default 0)
@@ -100,8 +102,9 @@ end
 local function check_prices(t)
   for model, price in pairs(t) do
     local where = ("prices[%q]"):format(tostring(model))
-    if type(model) ~= "string" or not model:find("^[^/]+/.+$") then
-      fail(where .. ': expected "provider/model" = { input = USD, output = USD } (per 1M tokens)')
+    -- The router looks a model up as "provider/model", then as "model" alone.
+    if type(model) ~= "string" or model == "" then
+      fail(where .. ': expected ["provider/model"] (or ["model"]) = { input = USD, output = USD } (per 1M tokens)')
     end
     only(table_at(price, where), where, { input = true, output = true })
     number_at_least(price.input, where .. ".input", 0)
@@ -190,12 +193,38 @@ local function dsl(cfg)
   return env
 end
 
+local function usd_limited(budgets)
+  if not budgets then return false end
+  if budgets.run and budgets.run.usd then return true end
+  for _, b in pairs(budgets.teams or {}) do
+    if b.usd_per_day then return true end
+  end
+  return false
+end
+
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end
+
 local function result(cfg)
   local warnings = {}
   for _, name in ipairs(cfg.unset) do
     -- A provider's key read from an unset variable is simply absent: say so now, not
     -- with the first 401.
     warnings[#warnings + 1] = ("environment variable %s is not set (env %q gives nil)"):format(name, name)
+  end
+  if usd_limited(cfg.budgets) then
+    for _, alias in ipairs(sorted_keys(cfg.models or {})) do
+      for _, spec in ipairs(cfg.models[alias]) do
+        if not (cfg.prices and (cfg.prices[spec] or cfg.prices[spec:match("^[^/]+/(.+)$")])) then
+          warnings[#warnings + 1] = ("models[%q]: %s has no price in prices {}: its calls count as $0 against the"
+            .. " USD budgets"):format(alias, spec)
+        end
+      end
+    end
   end
   return {
     warnings = warnings,

@@ -59,7 +59,8 @@ describe("factory.lua", function()
       { 'budgets { utc_offset = 99 }', "budgets.utc_offset: expected hours from -14 to 14" },
       { 'prices { ["up/m"] = { input = "3" } }', 'prices["up/m"].input: expected a number >= 0, got "3"' },
       { 'prices { ["up/m"] = { inputs = 3 } }', 'prices["up/m"]: unknown field inputs (expected input, output)' },
-      { 'prices { m = { input = 3 } }', 'prices["m"]: expected "provider/model"' },
+      { 'prices { [""] = { input = 3 } }', 'prices[""]: expected ["provider/model"]' },
+      { 'prices { 5 }', 'prices["1"]: expected ["provider/model"]' },
       { 'limits { timout = 3 }', "limits: unknown field timout (expected backoff, backoff_max," },
       { 'limits { retries = 2.5 }', "limits.retries: expected a whole number >= 0, got 2.5" },
       { 'limits { timeout = 1/0 }', "limits.timeout: expected a number >= 0, got inf" },
@@ -92,6 +93,17 @@ describe("factory.lua", function()
       cfg.warnings)
     assert.is_nil(cfg.router.providers.a.api_key)
     assert.equal(os.getenv("PATH"), cfg.router.providers.b.api_key)
+  end)
+
+  it("warns of a chain's model without a price when a budget is in USD", function()
+    local P = 'providers { up = { base_url = "http://127.0.0.1:9/v1" } }\n'
+      .. 'models { ["factory/fast"] = { "up/priced", "up/free" }, ["factory/cheap"] = { "up/bare" } }\n'
+      .. 'prices { ["up/priced"] = { input = 1, output = 2 }, free = { input = 0, output = 0 } }\n'
+    assert.same({}, assert(load(P)).warnings)
+    assert.same({}, assert(load(P .. 'budgets { teams = { qa = { tokens_per_day = 10 } } }\n')).warnings)
+    assert.same({ 'models["factory/cheap"]: up/bare has no price in prices {}: its calls count as $0 against the'
+                  .. ' USD budgets' },
+      assert(load(P .. 'budgets { teams = { qa = { usd_per_day = 1 } } }\n')).warnings)
   end)
 
   it("reports a syntax error with its line", function()
