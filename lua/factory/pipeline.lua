@@ -152,8 +152,11 @@ end
 function Engine:submit(w)
   assert(type(w.pipeline) == "string" and type(w.title) == "string", "engine:submit: pipeline and title are required")
   if not self.project.pipelines:get(w.pipeline) then
-    return nil, ("ENOENT: no pipeline %q"):format(w.pipeline), "ENOENT"
+    local names = self.project.pipelines:names()
+    return nil, ("ENOENT: no pipeline %q (%s)"):format(w.pipeline, #names > 0 and ("pipelines: " .. table.concat(names, ", "))
+      or "no pipelines/*.lua loaded here"), "ENOENT"
   end
+  if not w.title:find("%S") then return nil, "EINVAL: the work item has no title: its text is empty", "EINVAL" end
   local anchor = w.title .. (w.body and w.body ~= "" and ("\n\n" .. w.body) or "")
   if w.repo then anchor = anchor .. REPOSITORY .. w.repo end
   return self.db:tx(function(tx)

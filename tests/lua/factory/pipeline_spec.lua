@@ -165,6 +165,21 @@ describe("pipeline engine", function()
     assert.is_nil(router.stats().budgets["run:" .. run])
   end)
 
+  it("refuses a work item without a title, or for a pipeline it does not have, naming those it has", function()
+    start()
+    for _, title in ipairs({ "", "  \n\t" }) do
+      local run, err, code = engine:submit{ pipeline = "feature", title = title, body = "text", repo = dir }
+      assert.is_nil(run)
+      assert.equal("EINVAL", code)
+      assert.equal("EINVAL: the work item has no title: its text is empty", err)
+    end
+    local run, err, code = engine:submit{ pipeline = "featrue", title = "Add due dates", repo = dir }
+    assert.is_nil(run)
+    assert.equal("ENOENT", code)
+    assert.equal('ENOENT: no pipeline "featrue" (pipelines: broke, feature, short, twice)', err)
+    assert.equal(0, rows("SELECT COUNT(*) AS n FROM work_items")[1].n, "nothing was recorded")
+  end)
+
   it("asks another team and feeds its answer back to the asker", function()
     start()
     local replies = feature_replies()
