@@ -9,6 +9,7 @@
 --                           continued rather than started twice)
 --   engine:execute(run_id) -> state, detail
 --       state: "succeeded" | "waiting" (detail: the escalation) | "failed" (detail: why)
+--   engine:set_budgets(budgets)   factory.lua's budgets again, after it was reloaded
 --   engine:close()
 --
 -- Team budgets: a team file's budget (usd_per_day, tokens_per_day) is given to the
@@ -68,13 +69,16 @@ function M.engine(opts)
   self.pool = agent_pool.new{ db = self.db, max_concurrent = agents.max_concurrent, cooldown = agents.cooldown,
                               daily_iterations = agents.daily_iterations }
   self.unhook = router.on_call(function(r) self:_model_call(r) end)
-  self.config_budgets = type(opts.budgets) == "table" and type(opts.budgets.teams) == "table" and opts.budgets.teams
-    or {}
-  for _, name in ipairs(self.project.teams:names()) do self:_team_budget(name) end
+  self:set_budgets(opts.budgets)
   self.unwatch_teams = self.project.teams:on_change(function(ev)
     if ev.action == "swapped" then self:_team_budget(ev.name) end
   end)
   return self
+end
+
+function Engine:set_budgets(budgets)
+  self.config_budgets = type(budgets) == "table" and type(budgets.teams) == "table" and budgets.teams or {}
+  for _, name in ipairs(self.project.teams:names()) do self:_team_budget(name) end
 end
 
 function Engine:close()
@@ -93,7 +97,8 @@ function Engine:_team_budget(name)
   local own, configured = team and team.budget or {}, self.config_budgets[name] or {}
   local usd = smaller(own.usd_per_day, configured.usd_per_day)
   local tokens = smaller(own.tokens_per_day, configured.tokens_per_day)
-  if usd == nil and tokens == nil then return end
+  -- No budget (any more): the limit an earlier version of the file set goes too.
+  if usd == nil and tokens == nil then return router.set_budget("team", name, {}) end
   local day = math.floor(time.now() / 86400) * 86400
   local spent = assert(self.db:query("SELECT COALESCE(SUM(cost_usd), 0) AS usd, COALESCE(SUM(prompt_tokens"
     .. " + completion_tokens), 0) AS tokens FROM model_calls WHERE team = ? AND created_at >= ?", { name, day }))[1]

@@ -232,27 +232,49 @@ end
 
 local function engine_for(flags, opts, on_event, redraw)
   local router_cfg, agents = opts.router, opts.agents
+  local engine, config_watch
   if not router_cfg then
     local path = config.find(flags.config)
     if not path then return nil, "no factory.lua here: give --config FILE (providers and models for the router)" end
-    local cfg, err = config.load(path)
+    -- An edit of factory.lua applies to the model calls and objectives that start
+    -- after it (an edit that does not load is reported by the loader, file:line).
+    local cfg, err = config.load(path, function(new)
+      local ok, rerr = router.configure(new.router)
+      if not ok then
+        io.stderr:write(("factory: %s: reload rejected, keeping the previous configuration: %s\n"):format(path, rerr))
+        return
+      end
+      for _, w in ipairs(new.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
+      if engine then engine:set_budgets(new.router.budgets) end
+    end)
     if not cfg then return nil, err end
+    config_watch = err
     for _, w in ipairs(cfg.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
     router_cfg, agents = cfg.router, cfg.agents
   end
+  local function unwatch()
+    if config_watch then config_watch.stop() end
+  end
   local ok, err = router.configure(router_cfg)
-  if not ok then return nil, err end
+  if not ok then
+    unwatch()
+    return nil, err
+  end
   local d
   d, err = open_db(flags.db)
-  if not d then return nil, err end
+  if not d then
+    unwatch()
+    return nil, err
+  end
   local project = dsl.project(flags.project or ".", { aliases = dsl.aliases_of(router_cfg) })
   for _, p in ipairs(project:load()) do io.stderr:write("factory: ", p, "\n") end
   local watch = project:watch()
-  local engine = pipeline.engine{ db = d, project = project, on_event = on_event, budgets = router_cfg.budgets,
-                                  agents = agents }
+  engine = pipeline.engine{ db = d, project = project, on_event = on_event, budgets = router_cfg.budgets,
+                            agents = agents }
   return { db = d, engine = engine, redraw = redraw, close = function()
     engine:close()
     watch:stop()
+    unwatch()
     d:close()
   end }
 end

@@ -160,3 +160,38 @@ describe("factory run under kill -9", function()
     assert.equal(0, #requests(t0), "no model call the second time")
   end, { timeout = 30 })
 end)
+
+describe("factory run while factory.lua changes", function()
+  -- Lines of p's output until one matches pattern (nil after 10 s or at its end).
+  local function read_until(p, pattern, seen)
+    local deadline = time.monotonic() + 10
+    while time.monotonic() < deadline do
+      local line = p:read_line()
+      if not line then return nil end
+      seen[#seen + 1] = line
+      local a, b = line:match(pattern)
+      if a then return a, b end
+    end
+  end
+
+  it("takes a raised budget for the objectives that start after the edit", function()
+    local cfg = assert(fs.read(dir .. "/factory.lua"))
+    assert(fs.write(dir .. "/factory.lua", cfg .. [[
+prices { r = { input = 1, output = 1 } }
+budgets { teams = { documentation = { usd_per_day = 0 } } }
+]]))
+    local p = start(1)
+    local seen = {}
+    local run, esc = read_until(p, "^run (%d+) waits for a human: escalation #(%d+) from documentation", seen)
+    assert.truthy(esc, table.concat(seen, "\n"))
+    assert.contains("budget exhausted: team documentation", table.concat(seen, "\n"))
+    assert(fs.write(dir .. "/factory.lua", cfg .. 'prices { r = { input = 1, output = 1 } }\n'))
+    assert.truthy(read_until(p, "(reloaded) file=", seen), table.concat(seen, "\n"))
+    local answer, out = finish(assert(proc.spawn{ argv = { host.exe, "hitl", "answer", esc, "The budget is raised.",
+      "--db", "sqlite:" .. dir .. "/factory.db" }, stderr = "stdout" }))
+    assert.equal(0, answer.code, out)
+    local status, rest = finish(p)
+    assert.equal(0, status.code, rest)
+    assert.contains(("run %s succeeded (feature)"):format(run), rest)
+  end, { timeout = 30 })
+end)
