@@ -135,6 +135,12 @@ end
 
 -- Returns the run's event handler and, for a terminal, a redraw of the status line
 -- (called every second so the elapsed time moves during a long model call).
+-- A build stage's worktree starts from the repository's last commit.
+local function uncommitted_note(d)
+  if not d.uncommitted then return "" end
+  return (" from the last commit: the repository's %d uncommitted change(s) are not in it"):format(d.uncommitted)
+end
+
 local function progress(tty, stages)
   local current = { stage = "-", index = 0, who = "-" }
   local last
@@ -182,7 +188,7 @@ local function progress(tty, stages)
     elseif k == "escalated" then
       line(("  escalated to a human (#%d): %s"):format(d.id, d.reason))
     elseif k == "workspace_started" then
-      line(("  worktree: branch %s"):format(d.branch))
+      line(("  worktree: branch %s%s"):format(d.branch, uncommitted_note(d)))
     elseif k == "tool_call" then
       line(("  tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))))
     elseif k == "agent_iteration" then
@@ -445,7 +451,7 @@ local DESCRIBE = {
   clarification = function(d) return ("  clarification %s -> %s: %s"):format(d.from, d.to, d.question) end,
   clarification_answered = function(d) return ("  answer %s -> %s"):format(d.from, d.to) end,
   escalated = function(d) return ("  ESCALATED #%d to a human: %s"):format(d.id, d.reason) end,
-  workspace_started = function(d) return ("  worktree and branch %s"):format(d.branch) end,
+  workspace_started = function(d) return ("  worktree and branch %s%s"):format(d.branch, uncommitted_note(d)) end,
   tool_call = function(d) return ("    tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))) end,
   -- The built-in agent is charged once per attempt, a CLI agent per iteration.
   agent_iteration = function(d)

@@ -171,7 +171,13 @@ function M.run(o)
     end
   end
   local stop_keeping = args.lock and locks.keep(o.db, owner)
-  emit("workspace_started", { stage = st.name, branch = name })
+  -- The worktree starts from the last commit: what is changed and not committed in
+  -- the repository is not in it, and whoever runs this should know.
+  local uncommitted = 0
+  for _, change in ipairs(r:status() or {}) do
+    if change.status ~= "??" then uncommitted = uncommitted + 1 end
+  end
+  emit("workspace_started", { stage = st.name, branch = name, uncommitted = uncommitted > 0 and uncommitted or nil })
   -- Whatever happens in there (a cancelled fiber raises), the place, the proxy, the
   -- locks and the repository are given back.
   local ran, ws, werr = pcall(workspace.run, args)

@@ -82,6 +82,7 @@ describe("factory runs", function()
     records.event(store, run, "agent_iteration", { iteration = 3, attempt = 2 })
     records.event(store, run, "stage_started", { stage = "build" })  -- no index, no team
     records.event(store, run, "from_a_newer_version", { detail = "x" })
+    records.event(store, run, "workspace_started", { branch = "factory-run1-build-1", stage = "build", uncommitted = 2 })
     assert(store:exec("INSERT INTO events (run_id, kind, data, created_at) VALUES (?, 'escalated', '[1]', ?)",
       { run, time.now() }))
     local out = factory("runs show " .. run)
@@ -90,6 +91,8 @@ describe("factory runs", function()
     assert.contains('stage_started {"stage":"build"}', out)
     assert.contains('from_a_newer_version {"detail":"x"}', out)
     assert.contains("escalated [1]", out)
+    assert.contains("worktree and branch factory-run1-build-1 from the last commit: the repository's 2 uncommitted"
+      .. " change(s) are not in it", out)
   end)
 
   it("lists the runs, and says when a run does not exist", function()

@@ -140,9 +140,16 @@ describe("build stage", function()
   it("fixes the failing test on its own branch; the run records the diff stats; main is untouched", function()
     script_run()
     local main_before = branch_oid("main")
+    -- A change not committed (and an untracked file) in the repository: the worktree
+    -- starts from the last commit, and the run says so.
+    assert(fs.write(repo_dir .. "/README.md", assert(fs.read(repo_dir .. "/README.md")) .. "A local note.\n"))
+    assert(fs.write(repo_dir .. "/scratch.txt", "notes\n"))
     local run_id = submit()
     assert.equal("succeeded", (engine:execute(run_id)))
     assert.contains("workspace_started", kinds())
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" then assert.equal(1, ev.data.uncommitted) end
+    end
     assert.contains("tool_call", kinds())
     assert.contains("workspace_done", kinds())
 
