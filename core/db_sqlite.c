@@ -149,6 +149,7 @@ struct sq_conn {
     sqlite3 *db;
     char *path;
     int create_dir, busy_ms, inline_jobs, reader;
+    int busy_now;        /* the busy timeout in force: busy_ms, or 0 for a try or a quick read */
     int quick_inline;    /* running a quick read inline (see "quick reads") */
     int quick_deferred;  /* ... which met a statement never run before: it goes to the pool */
     sq_job *head, *tail; /* head is the running job */
@@ -199,8 +200,23 @@ static void job_fail(sq_job *j, const char *code, const char *fmt, ...) {
     j->msg = strdup(buf);
 }
 
+/* A lock that stayed busy names the file and how long it was waited for: "database
+ * is locked" alone does not say which database, nor that another process holds it. */
+static void job_fail_text(sq_job *j, int rc, const char *text) {
+    sq_conn *c = j->conn;
+    if (!strcmp(code_for(rc), "EBUSY"))
+        job_fail(j, "EBUSY", "%s: %s (another connection held the lock for over %d ms)", c->path, text, c->busy_now);
+    else
+        job_fail(j, code_for(rc), "%s", text);
+}
+
 static void job_fail_db(sq_job *j, int rc) {
-    job_fail(j, code_for(rc), "%s", j->conn->db ? sqlite3_errmsg(j->conn->db) : sqlite3_errstr(rc));
+    job_fail_text(j, rc, j->conn->db ? sqlite3_errmsg(j->conn->db) : sqlite3_errstr(rc));
+}
+
+static void set_busy(sq_conn *c, int ms) {
+    c->busy_now = ms;
+    sqlite3_busy_timeout(c->db, ms);
 }
 
 /* ---- values -------------------------------------------------------------------- */
@@ -301,7 +317,7 @@ static void do_open(sq_job *j) {
                              SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
     if (rc == SQLITE_OK) {
         sqlite3_extended_result_codes(c->db, 1);
-        sqlite3_busy_timeout(c->db, c->busy_ms);
+        set_busy(c, c->busy_ms);
         /* journal_mode is the first statement that reads the file: a file that is
          * not a database fails here. temp_store stays the default: a statement
          * journal (any write under a savepoint, as every group member is) then lives
@@ -506,7 +522,7 @@ done:
 static void do_script(sq_job *j) {
     char *err = NULL;
     int rc = sqlite3_exec(j->conn->db, j->sql, NULL, NULL, &err);
-    if (rc != SQLITE_OK) job_fail(j, code_for(rc), "%s", err ? err : sqlite3_errstr(rc));
+    if (rc != SQLITE_OK) job_fail_text(j, rc, err ? err : sqlite3_errstr(rc));
     sqlite3_free(err);
     keep_wal_hook(j);
 }
@@ -950,11 +966,11 @@ static void job_reset(sq_job *j, int busy) {
  * ran, for the pool). */
 static int run_inline(sq_conn *c, sq_job *j) {
     uint64_t t0 = uv_hrtime();
-    sqlite3_busy_timeout(c->db, 0);
+    set_busy(c, 0);
     c->quick_inline = 1;
     do_job(j);
     c->quick_inline = 0;
-    sqlite3_busy_timeout(c->db, c->busy_ms);
+    set_busy(c, c->busy_ms);
     inline_reads.spent += (double)(uv_hrtime() - t0) / 1e9;
     int deferred = c->quick_deferred;
     c->quick_deferred = 0;
@@ -1180,9 +1196,9 @@ static int sq_try(lua_State *L) {
         free(j);
         return luaL_error(L, "sqlite: out of memory");
     }
-    sqlite3_busy_timeout(c->db, 0);
+    set_busy(c, 0);
     do_job(j);
-    sqlite3_busy_timeout(c->db, c->busy_ms);
+    set_busy(c, c->busy_ms);
     int n = push_results(L, j);
     job_free(j);
     return n;
