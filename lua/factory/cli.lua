@@ -6,7 +6,7 @@
 --   factory check [DIR]            validate definition files, print file:line errors
 --   factory db migrate|status [--db URL]   apply or show the schema migrations
 --   factory audit verify|search TEXT [--db URL]   check the audit chain, search the log
---   factory serve [--host H] [--port N] [--config FILE] [--db URL] [--token T]
+--   factory serve [--host H] [--port N] [--config FILE] [--db URL | --no-db] [--token T]
 --                                  the model proxy; prints the URL it listens on
 --   factory run PIPELINE --repo DIR (--issue TEXT | --file F)   run a work item (resumable)
 --   factory resume RUN | hitl list|answer | runs [show RUN]      see factory.run_cli
@@ -60,7 +60,7 @@ directory): teams/*.lua, pipelines/*.lua and factory.lua. Prints one
 "file:line: message" per problem; exits 1 if there is any, 0 otherwise.
 ]],
   serve = [[
-usage: factory serve [--host H] [--port N] [--config FILE] [--db URL] [--token T]
+usage: factory serve [--host H] [--port N] [--config FILE] [--db URL | --no-db] [--token T]
 
 Serves the model proxy: POST /v1/chat/completions (streamed or not), POST
 /v1/embeddings and GET /v1/models (OpenAI's API), and POST /v1/messages
@@ -69,8 +69,9 @@ factory.lua (./factory.lua, or --config), which is reloaded when edited (a broke
 edit is logged and the previous configuration kept). Listens on 127.0.0.1:8420
 unless told otherwise and prints its URL. Any host but loopback needs a token
 (--token or $FACTORY_TOKEN) or keys in factory.lua, sent as the bearer key (or
-x-api-key). With --db, every model call is recorded in the store. On SIGINT or
-SIGTERM it stops accepting, lets requests in flight finish (up to 5 s), exits 0.
+x-api-key). Every model call is recorded in the store (--db URL, else $FACTORY_DB,
+else .factory/factory.db here); --no-db records nothing. On SIGINT or SIGTERM it
+stops accepting, lets requests in flight finish (up to 5 s), exits 0.
 ]],
   version = [[
 usage: factory version
@@ -192,16 +193,25 @@ local SERVE_FLAGS = { ["--host"] = "host", ["--port"] = "port", ["--config"] = "
 local function cmd_serve(argv)
   local opts = {}
   local i = 2
+  local no_db = false
   while i <= #argv do
     local name = SERVE_FLAGS[argv[i]]
-    if not name then
+    if argv[i] == "--no-db" then
+      no_db = true
+      i = i + 1
+    elseif not name then
       if argv[i]:sub(1, 1) == "-" then return usage_error(("unknown flag '%s' for 'serve'"):format(argv[i])) end
       return usage_error(("unexpected argument '%s' for 'serve'"):format(argv[i]))
+    elseif argv[i + 1] == nil then
+      return usage_error(("%s needs a value"):format(argv[i]))
+    else
+      opts[name] = argv[i + 1]
+      i = i + 2
     end
-    if argv[i + 1] == nil then return usage_error(("%s needs a value"):format(argv[i])) end
-    opts[name] = argv[i + 1]
-    i = i + 2
   end
+  if no_db and opts.db then return usage_error("--db and --no-db exclude each other") end
+  -- The default store (true: $FACTORY_DB, else .factory/factory.db), as for every command.
+  if not no_db then opts.db = opts.db or true end
   if opts.port then
     opts.port = tonumber(opts.port)
     if not opts.port or opts.port ~= math.floor(opts.port) or opts.port < 0 or opts.port > 65535 then

@@ -3,7 +3,8 @@
 -- the same aliases, fallbacks and budgets as the built-in operatives.
 --
 --   serve.start{ host = "127.0.0.1", port = 8420, config = FILE | nil (./factory.lua),
---                db = URL | nil, token = nil, header_timeout =, max_body_bytes = }
+--                db = URL | true (the default store) | nil (none), token = nil,
+--                header_timeout =, max_body_bytes = }
 --     -> server | nil, err, code   (the last two: see factory.core.http_server)
 --     server:url(), server:close([grace])
 --   serve.local_proxy{ [KEY] = { team =, run = } } -> server | nil, err, code
@@ -143,7 +144,7 @@ function M.start(opts)
   if not ok then return fail(err, code) end
   if opts.db then
     local db
-    db, err, code = require("factory.db").open(opts.db)
+    db, err, code = require("factory.db").open(opts.db ~= true and opts.db or nil)
     if not db then return fail(err, code) end
     closers[#closers + 1] = function() db:close() end
     ok, err, code = db:migrate()

@@ -12,8 +12,10 @@
 #    added latency, and the nginx ratio. Any non-2xx response or socket error fails.
 # Then the proxy's peak RSS and the CPU per proxied request of the proxy and the
 # fake. Goals: added p50 < 0.3 ms sequential, ratio >= 0.6, RSS < 50 MB.
-# Last, for reference, `factory serve --db` (every call recorded in a SQLite store)
-# under the same load: its throughput, and that the store holds every call.
+# The proxy measured is `factory serve --no-db` (the router alone; by default serve
+# records every call in the store). Last, for reference, `factory serve --db` (every
+# call recorded in a SQLite store, as serve does by default) under the same load: its
+# throughput, and that the store holds every call.
 # BENCH_SIZE=tiny: a smoke run of a few seconds. Exits non-zero only when something
 # failed to run. Environment: FACTORY_BIN (default ./factory).
 set -u
@@ -56,7 +58,7 @@ cat >"$dir/factory.lua" <<EOC
 providers { fake = { base_url = "$fake_url/v1", api_key = "sk-bench" } }
 models { ["factory/bench"] = { "fake/gpt-bench" } }
 EOC
-"$BIN" serve --port 0 --config "$dir/factory.lua" >"$dir/serve.out" 2>&1 &
+"$BIN" serve --port 0 --config "$dir/factory.lua" --no-db >"$dir/serve.out" 2>&1 &
 serve_pid=$!
 proxy_url=$(wait_url "$dir/serve.out") || { cat "$dir/serve.out" >&2; fail "factory serve did not start"; }
 

@@ -9,6 +9,8 @@ local fiber = require "factory.fiber"
 local json = require "factory.json"
 local time = require "factory.core.time"
 local log = require "factory.log"
+local db = require "factory.db"
+local fs = require "factory.core.fs"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local TESTS = HERE .. "../../"
@@ -606,7 +608,7 @@ describe("factory serve (command line)", function()
     local r = assert(proc.run{ argv = { BIN, "serve", "--host", "0.0.0.0", "--port", "0", "--config", cfg } })
     assert.equal(1, r.code)
     assert.contains("EACCES", r.stderr)
-    local p = assert(proc.spawn{ argv = { BIN, "serve", "--port", "0", "--config", cfg } })
+    local p = assert(proc.spawn{ argv = { BIN, "serve", "--port", "0", "--config", cfg, "--no-db" } })
     local line = p:read_line()
     assert.matches("^factory serve: listening on http://127%.0%.0%.1:%d+$", line)
     local res = assert(http.get(line:match("(http://.*)$") .. "/v1/models"))
@@ -617,12 +619,45 @@ describe("factory serve (command line)", function()
     os.remove(cfg)
   end)
 
+  it("records every call in the default store, as every command uses it; --no-db records none", function()
+    local cfg = os.tmpname()
+    write(cfg, ('providers { up = { base_url = "%s/v1", api_key = "sk-x" } }\nmodels { m = { "up/x" } }\n')
+      :format(fake:url()))
+    for _, no_db in ipairs({ false, true }) do
+      local here = os.tmpname()
+      os.remove(here)
+      assert(fs.mkdir_p(here))
+      local argv = { require("factory.core.host").exe, "serve", "--port", "0", "--config", cfg }
+      if no_db then argv[#argv + 1] = "--no-db" end
+      local p = assert(proc.spawn{ argv = argv, cwd = here, stderr = "null" })
+      local url = p:read_line():match("(http://.*)$")
+      assert.equal(200, assert(http.request{ method = "POST", url = url .. "/v1/chat/completions",
+                                             body = chat_body("m") }).status)
+      p:kill("TERM")
+      assert.equal(0, p:wait(5).code)
+      p:close()
+      if no_db then
+        assert.is_nil(fs.stat(here .. "/.factory"), "--no-db made no store")
+      else
+        local store = assert(db.open("sqlite:" .. here .. "/.factory/factory.db"))
+        local calls = assert(store:query("SELECT alias, status FROM model_calls"))
+        store:close()
+        assert.same({ { alias = "m", status = "ok" } }, calls)
+      end
+      assert(fs.remove(here, { recursive = true }))
+    end
+    os.remove(cfg)
+    local r = assert(proc.run{ argv = { BIN, "serve", "--no-db", "--db", "sqlite:x.db" } })
+    assert.equal(2, r.code)
+    assert.contains("--db and --no-db exclude each other", r.stderr)
+  end)
+
   for _, sig in ipairs{ "TERM", "INT" } do
     it("on SIG" .. sig .. " stops accepting, finishes the request in flight and exits 0", function()
       local cfg = os.tmpname()
       write(cfg, ('providers { up = { base_url = "%s/v1", api_key = "sk-x" } }\nmodels { m = { "up/x" } }\n'):format(fake:url()))
       fake:script{ { delay = 0.5, content = "late but whole" } }
-      local p = assert(proc.spawn{ argv = { BIN, "serve", "--port", "0", "--config", cfg }, stderr = "null" })
+      local p = assert(proc.spawn{ argv = { BIN, "serve", "--port", "0", "--config", cfg, "--no-db" }, stderr = "null" })
       local url = p:read_line():match("(http://.*)$") .. "/v1/chat/completions"
       local call = fiber.spawn(http.request, { method = "POST", url = url, body = chat_body("m"), timeout = 10 })
       local deadline = time.monotonic() + 5
