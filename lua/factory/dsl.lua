@@ -12,7 +12,7 @@
 --   return pipeline "feature" {
 --     description = "...",
 --     limits = { max_iterations =, max_clarifications =, max_hops =, retries =, budget_usd =,
---                timeout_s =, clarification_timeout_s = },
+--                timeout_s =, clarification_timeout_s =, outage_retries =, outage_wait_s = },
 --     stage "analysis" { team = "business_analysis", objective = "...", artifact = "requirements",
 --                        acceptance = { "..." }, inputs = { "earlier stage", ... }, operative =,
 --                        workspace = "worktree" },   -- a coding agent changes the run's
@@ -34,7 +34,7 @@ M.CANONICAL_ALIASES = { ["factory/architect"] = true, ["factory/coder"] = true, 
                         ["factory/cheap"] = true, ["local/embed"] = true }
 M.TOOLS = { read = true, write = true, edit = true, grep = true, list = true, run = true }
 M.LIMITS = { max_iterations = 6, max_clarifications = 3, max_hops = 2, retries = 2, budget_usd = 5,
-             timeout_s = 3600, clarification_timeout_s = 300 }
+             timeout_s = 3600, clarification_timeout_s = 300, outage_retries = 3, outage_wait_s = 30 }
 M.DEFAULT_WINDOW = 32000
 M.DEFAULT_RECALL = 8
 
@@ -269,7 +269,8 @@ local function pipeline_validator(has_team)
       end
       for _, k in ipairs({ "max_iterations", "max_clarifications", "max_hops" }) do positive_int(limits, k, what .. " limits") end
       number_in(limits, "retries", 0, 2, what .. " limits")
-      for _, k in ipairs({ "budget_usd", "timeout_s", "clarification_timeout_s" }) do
+      number_in(limits, "outage_retries", 0, 10, what .. " limits")
+      for _, k in ipairs({ "budget_usd", "timeout_s", "clarification_timeout_s", "outage_wait_s" }) do
         number_in(limits, k, 0, math.huge, what .. " limits")
       end
       local merged = {}

@@ -9,11 +9,18 @@
 --        inputs = { { stage, team, text } }, memory = { { bank, content } },
 --        learnings = { text }, answers = { { from, question, answer } },
 --        retries = n (corrective retries, default 2), summarizer = alias ("factory/cheap"),
+--        outage_retries = n (default 3), outage_wait_s = s (default 30),
 --        emit = fn(kind, data) }
 --   objective.pack(o) -> messages, { tokens =, window =, summarised = bool }
 -- A budget the router refuses (EBUDGET), a provider that cannot answer, and a reply
 -- that stays malformed all end as a BLOCKED result that says why.
+-- An outage is waited out first: when the model cannot be reached (refused, timed
+-- out, reset, not resolved, every circuit open, a 5xx or 429 after the router's own
+-- retries and fallbacks), the objective emits "model_unavailable", waits and asks
+-- again, outage_retries times, the wait doubling from outage_wait_s; an overnight
+-- run then survives a provider's bad minutes instead of waiting for a human.
 local router = require "factory.router"
+local fiber = require "factory.fiber"
 local confidence = require "factory.confidence"
 local dsl = require "factory.dsl"
 local json = require "factory.json"
@@ -182,21 +189,44 @@ local function request_parts(o, messages)
   return { model = op.model or team.model, members = per_op.members, messages = list }
 end
 
+local UNREACHABLE = { ECONNREFUSED = true, ETIMEDOUT = true, ECONNRESET = true, EHOST = true, EUNAVAILABLE = true }
+
+local function outage(code, err)
+  if UNREACHABLE[code] then return true end
+  local status = code == "EUPSTREAM" and tonumber(tostring(err):match("HTTP (%d%d%d)"))
+  return status ~= nil and (status == 429 or status >= 500)
+end
+
+-- The router's answer to one request: res, or nil and the BLOCKED result to end with.
+local function ask(o, messages)
+  local waits, wait = 0, o.outage_wait_s or 30
+  while true do
+    local res, err, code = router.chat_parts(request_parts(o, messages), { team = o.team.name, run = o.run_id })
+    if res then return res end
+    local why = tostring(err):gsub("^E%u+: ", "")
+    if code == "EBUDGET" then
+      return nil, confidence.blocked(why,
+        "The model router refused the call because a budget is spent; a human must raise it or stop the run.")
+    end
+    if not outage(code, err) or waits >= (o.outage_retries or 3) then
+      local waited = waits > 0 and (" (still, after %d wait(s) for it to come back)"):format(waits) or ""
+      return nil, confidence.blocked(("the model could not be reached (%s): %s%s"):format(code, why, waited))
+    end
+    waits = waits + 1
+    if o.emit then o.emit("model_unavailable", { code = code, error = why, wait_s = wait, wait = waits,
+                                                 waits = o.outage_retries or 3 }) end
+    fiber.sleep(wait)
+    wait = wait * 2
+  end
+end
+
 function M.run(o)
   local messages = M.pack(o)
-  local team = o.team
   local retries = o.retries or 2
   local problem
   for attempt = 1, retries + 1 do
-    local res, err, code = router.chat_parts(request_parts(o, messages), { team = team.name, run = o.run_id })
-    if not res then
-      local why = tostring(err):gsub("^E%u+: ", "")
-      if code == "EBUDGET" then
-        return confidence.blocked(why,
-          "The model router refused the call because a budget is spent; a human must raise it or stop the run.")
-      end
-      return confidence.blocked(("the model could not be reached (%s): %s"):format(code, why))
-    end
+    local res, blocked = ask(o, messages)
+    if not res then return blocked end
     local text = reply_text(res)
     local result
     result, problem = confidence.parse(text)

@@ -448,7 +448,9 @@ function Engine:_stage(run, pipe, st)
     started = nil
     self:_notify(run.id, "objective_started", objective_started)
     local result = self:_objective(run, team, op, { stage = st, inputs = inputs_of(run, st, pipe), answers = answers,
-                                                    retries = limits.retries, attempt = total + 1 })
+                                                    retries = limits.retries, attempt = total + 1,
+                                                    outage_retries = limits.outage_retries,
+                                                    outage_wait_s = limits.outage_wait_s })
     local gate = confidence.gate(result)
     local attempt = total + 1
     local last = st.index == #pipe.stages
@@ -519,7 +521,8 @@ function Engine:_stage(run, pipe, st)
       team = function(name) return self.project.teams:get(name) end,
       answer = function(target, question, got)
         return self:_objective(run, target, target.operative[target.responder],
-                               { question = question, answers = got, retries = limits.retries })
+                               { question = question, answers = got, retries = limits.retries,
+                                 outage_retries = limits.outage_retries, outage_wait_s = limits.outage_wait_s })
       end,
       emit = run.emit,
     }, c.team, c.question)

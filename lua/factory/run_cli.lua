@@ -135,6 +135,11 @@ end
 
 -- Returns the run's event handler and, for a terminal, a redraw of the status line
 -- (called every second so the elapsed time moves during a long model call).
+local function unavailable_text(d)
+  return ("  model unreachable (%s): waiting %gs before asking again (%d of %d)"):format(d.code, d.wait_s, d.wait,
+    d.waits)
+end
+
 -- A build stage's worktree starts from the repository's last commit.
 local function uncommitted_note(d)
   if not d.uncommitted then return "" end
@@ -189,6 +194,8 @@ local function progress(tty, stages)
       line(("  escalated to a human (#%d): %s"):format(d.id, d.reason))
     elseif k == "workspace_started" then
       line(("  worktree: branch %s%s"):format(d.branch, uncommitted_note(d)))
+    elseif k == "model_unavailable" then
+      line(unavailable_text(d))
     elseif k == "tool_call" then
       line(("  tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))))
     elseif k == "agent_iteration" then
@@ -451,6 +458,7 @@ local DESCRIBE = {
   clarification = function(d) return ("  clarification %s -> %s: %s"):format(d.from, d.to, d.question) end,
   clarification_answered = function(d) return ("  answer %s -> %s"):format(d.from, d.to) end,
   escalated = function(d) return ("  ESCALATED #%d to a human: %s"):format(d.id, d.reason) end,
+  model_unavailable = unavailable_text,
   workspace_started = function(d) return ("  worktree and branch %s%s"):format(d.branch, uncommitted_note(d)) end,
   tool_call = function(d) return ("    tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))) end,
   -- The built-in agent is charged once per attempt, a CLI agent per iteration.

@@ -13,6 +13,7 @@ local json = require "factory.json"
 local fs = require "factory.core.fs"
 local host = require "factory.core.host"
 local log = require "factory.log"
+local time = require "factory.core.time"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local ROOT = HERE .. "../../../"
@@ -21,7 +22,8 @@ local fake_model = dofile(HERE .. "../../tools/fake_model.lua")
 local PIPELINES = {
   short = [[
 return pipeline "short" {
-  limits = { clarification_timeout_s = 0.2, max_iterations = 3, retries = %d },
+  limits = { clarification_timeout_s = 0.2, max_iterations = 3, retries = %d, outage_retries = 2,
+             outage_wait_s = 0.05 },
   stage "analysis" { team = "business_analysis" },
   stage "design" { team = "solution_architecture" },
 }]],
@@ -322,6 +324,38 @@ describe("pipeline engine", function()
     assert.equal("waiting", state)
     assert.equal(2, fake:count())
     assert.matches("^BLOCKED: no valid TaskResult after 2 attempts: status must be", esc.reason)
+  end)
+
+  it("waits out a model outage, the wait doubling, and asks again", function()
+    start()
+    fake:script{ { status = 503 }, { status = 503 }, complete("requirements"), complete("design") }
+    local run = submit("short")
+    local t0 = time.monotonic()
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.truthy(time.monotonic() - t0 >= 0.15, "waited 0.05 s, then 0.1 s")
+    local waits = {}
+    for _, ev in ipairs(events) do
+      if ev.kind == "model_unavailable" then waits[#waits + 1] = { ev.data.code, ev.data.wait_s, ev.data.wait } end
+    end
+    assert.same({ { "EUPSTREAM", 0.05, 1 }, { "EUPSTREAM", 0.1, 2 } }, waits)
+    assert.equal(2, #rows("SELECT id FROM events WHERE run_id = ? AND kind = 'model_unavailable'", { run }))
+  end)
+
+  it("blocks an objective whose model stays unreachable past its waits, or rejects the request, saying so", function()
+    start()
+    fake:script{ { status = 503 }, { status = 503 }, { status = 503 } }
+    local state, esc = engine:execute(submit("short"))
+    assert.equal("waiting", state)
+    assert.equal(3, fake:count())
+    assert.matches("^BLOCKED: the model could not be reached %(EUPSTREAM%): .*HTTP 503.* %(still, after 2 wait%(s%) "
+      .. "for it to come back%)$", esc.reason)
+    -- A request the provider refuses is not an outage: no wait.
+    fake:reset()
+    fake:script{ { status = 400, message = "context too long" } }
+    state, esc = engine:execute(submit("short", "a second item"))
+    assert.equal("waiting", state)
+    assert.equal(1, fake:count())
+    assert.matches("^BLOCKED: the model could not be reached %(EUPSTREAM%): .*context too long$", esc.reason)
   end)
 
   it("blocks an objective whose model answers malformed JSON, saying so", function()
