@@ -12,6 +12,8 @@
 --        outage_retries = n (default 3), outage_wait_s = s (default 30),
 --        emit = fn(kind, data) }
 --   objective.pack(o) -> messages, { tokens =, window =, summarised = bool }
+--   objective.outlast(o, call), objective.unreachable(err, code, waits): the outage
+--       wait and the BLOCKED result of a failed model call, for the built-in agent too
 -- A budget the router refuses (EBUDGET), a provider that cannot answer, and a reply
 -- that stays malformed all end as a BLOCKED result that says why.
 -- An outage is waited out first: when the model cannot be reached (refused, timed
@@ -193,31 +195,47 @@ local UNREACHABLE = { ECONNREFUSED = true, ETIMEDOUT = true, ECONNRESET = true, 
 
 local function outage(code, err)
   if UNREACHABLE[code] then return true end
-  local status = code == "EUPSTREAM" and tonumber(tostring(err):match("HTTP (%d%d%d)"))
+  if code ~= "EUPSTREAM" then return false end
+  local status = tonumber(tostring(err):match("HTTP (%d%d%d)"))
   return status ~= nil and (status == 429 or status >= 500)
+end
+
+-- call() -> res | nil, err, code: a model call, made again while the model is out of
+-- reach (see the top; o: outage_retries, outage_wait_s, emit). -> call's results, then
+-- the number of waits.
+function M.outlast(o, call)
+  local waits, wait, most = 0, o.outage_wait_s or 30, o.outage_retries or 3
+  while true do
+    local res, err, code = call()
+    if res or not outage(code, err) or waits >= most then return res, err, code, waits end
+    waits = waits + 1
+    if o.emit then
+      o.emit("model_unavailable", { code = code, error = tostring(err):gsub("^E%u+: ", ""), wait_s = wait,
+                                    wait = waits, waits = most })
+    end
+    fiber.sleep(wait)
+    wait = wait * 2
+  end
+end
+
+-- What a failed call comes to: BLOCKED, saying why (and how long it was waited for).
+function M.unreachable(err, code, waits)
+  local why = tostring(err):gsub("^E%u+: ", "")
+  if code == "EBUDGET" then
+    return confidence.blocked(why,
+      "The model router refused the call because a budget is spent; a human must raise it or stop the run.")
+  end
+  local waited = (waits or 0) > 0 and (" (still, after %d wait(s) for it to come back)"):format(waits) or ""
+  return confidence.blocked(("the model could not be reached (%s): %s%s"):format(code, why, waited))
 end
 
 -- The router's answer to one request: res, or nil and the BLOCKED result to end with.
 local function ask(o, messages)
-  local waits, wait = 0, o.outage_wait_s or 30
-  while true do
-    local res, err, code = router.chat_parts(request_parts(o, messages), { team = o.team.name, run = o.run_id })
-    if res then return res end
-    local why = tostring(err):gsub("^E%u+: ", "")
-    if code == "EBUDGET" then
-      return nil, confidence.blocked(why,
-        "The model router refused the call because a budget is spent; a human must raise it or stop the run.")
-    end
-    if not outage(code, err) or waits >= (o.outage_retries or 3) then
-      local waited = waits > 0 and (" (still, after %d wait(s) for it to come back)"):format(waits) or ""
-      return nil, confidence.blocked(("the model could not be reached (%s): %s%s"):format(code, why, waited))
-    end
-    waits = waits + 1
-    if o.emit then o.emit("model_unavailable", { code = code, error = why, wait_s = wait, wait = waits,
-                                                 waits = o.outage_retries or 3 }) end
-    fiber.sleep(wait)
-    wait = wait * 2
-  end
+  local res, err, code, waits = M.outlast(o, function()
+    return router.chat_parts(request_parts(o, messages), { team = o.team.name, run = o.run_id })
+  end)
+  if res then return res end
+  return nil, M.unreachable(err, code, waits)
 end
 
 function M.run(o)

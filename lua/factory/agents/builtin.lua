@@ -15,6 +15,8 @@
 --        stuck_repeats = n (default 3: the same call that many times in a row),
 --        stuck_idle = n (default 8: iterations without a file change),
 --        max_result = BYTES of one tool result shown to the model (default 16 KiB),
+--        outage_retries =, outage_wait_s = (a model out of reach is waited out:
+--          factory.objective.outlast),
 --        emit = fn(kind, data) | nil }
 --   result: a TaskResult (factory.confidence), from the model's `finish` call, or
 --   BLOCKED made here with the reason (model error, iteration cap, token budget,
@@ -23,6 +25,7 @@
 local router = require "factory.router"
 local json = require "factory.json"
 local confidence = require "factory.confidence"
+local objective = require "factory.objective"
 local tools = require "factory.agents.tools"
 
 local M = {}
@@ -106,9 +109,10 @@ function M.run(o)
 
   for iter = 1, max_iter do
     stats.iterations = iter
-    local res, err = router.chat({ model = o.model, messages = messages, tools = schemas },
-                                 { team = o.team, run = o.run })
-    if not res then return done(confidence.blocked("model call failed: " .. tostring(err))) end
+    local res, err, code, waits = objective.outlast(o, function()
+      return router.chat({ model = o.model, messages = messages, tools = schemas }, { team = o.team, run = o.run })
+    end)
+    if not res then return done(objective.unreachable(err, code, waits)) end
     stats.tokens = stats.tokens + usage_tokens(res)
     local choice = type(res.choices) == "table" and res.choices[1]
     local msg = choice and choice.message

@@ -139,7 +139,21 @@ describe("builtin agent", function()
   it("returns BLOCKED when the model cannot be reached", function()
     local result = builtin.run{ root = dir, objective = "x", model = "no-such-alias" }
     assert.equal("BLOCKED", result.status)
-    assert.matches("^model call failed: ", result.blockers[1])
+    assert.matches("^the model could not be reached %(EALIAS%): unknown model", result.blockers[1])
+  end)
+
+  it("waits out a model outage, then carries on; one that lasts ends BLOCKED, saying so", function()
+    local seen = {}
+    local function emit(kind, data) if kind == "model_unavailable" then seen[#seen + 1] = data.wait_s end end
+    fake:script{ { status = 503 }, { fault = "reset" }, { content = json.encode(FINISH) } }
+    local result = builtin.run{ root = dir, objective = "x", model = "coder", outage_retries = 2, outage_wait_s = 0.02,
+                                emit = emit }
+    assert.equal("COMPLETE", result.status)
+    assert.same({ 0.02, 0.04 }, seen)
+    fake:script{ { status = 503 }, { status = 503 } }
+    result = builtin.run{ root = dir, objective = "x", model = "coder", outage_retries = 1, outage_wait_s = 0.02 }
+    assert.equal("BLOCKED", result.status)
+    assert.matches("^the model could not be reached %(EUPSTREAM%): .*%(still, after 1 wait%(s%)", result.blockers[1])
   end)
 
   it("accepts a TaskResult written as text", function()
