@@ -4,11 +4,12 @@
 -- version does not know, and one whose data is not an object.
 local db = require "factory.db"
 local records = require "factory.records"
-local fs = require "factory.core.fs"
 local host = require "factory.core.host"
 local time = require "factory.core.time"
 
-local dir, store, url
+local backends = require "tests.tools.backends"
+
+local store, url
 
 local function factory(args)
   local p = io.popen(("%s %s --db %s 2>&1; echo exit=$?"):format(host.exe, args, url))
@@ -27,17 +28,14 @@ end
 
 describe("factory runs", function()
   before_each(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(fs.mkdir_p(dir))
-    url = "sqlite:" .. dir .. "/factory.db"
+    url = backends.sqlite_url()
     store = assert(db.open(url))
     assert(store:migrate())
   end)
 
   after_each(function()
     store:close()
-    assert(fs.remove(dir, { recursive = true }))
+    backends.cleanup()
   end)
 
   it("shows a run with a built-in agent's stage as a timeline", function()
