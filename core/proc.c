@@ -173,8 +173,9 @@ static void end_wait(proc_t *p) {
  * then lets the signal end the host as it would have. It is installed only over the
  * default action (never over SIG_IGN or another handler) at each spawn and when a
  * signal wait ends (libuv then puts back the default). guarded[] holds the leaders
- * not yet reaped (the first GUARD_MAX of those running at once); the handler only reads it and calls kill, which is
- * async-signal-safe, so it works even while the loop is busy. */
+ * not yet reaped (the first GUARD_MAX of those running at once); the handler only
+ * reads it and calls kill, which is async-signal-safe, so it works even while the
+ * loop is busy. */
 #define GUARD_MAX 1024
 static volatile sig_atomic_t guarded[GUARD_MAX];
 static const int GUARDED_SIGNALS[] = {SIGINT, SIGTERM, SIGHUP};
