@@ -154,7 +154,11 @@ function M.start(opts)
   srv, err, code = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
                                tokens = key_list(keys), header_timeout = opts.header_timeout,
                                max_body_bytes = opts.max_body_bytes }
-  if not srv then return fail(err, code) end
+  if not srv then
+    -- The server says what it needs; here is where serve's user gives it.
+    if code == "EACCES" then err = err .. " (factory serve: --token T or $FACTORY_TOKEN, or keys { } in factory.lua)" end
+    return fail(err, code)
+  end
   if pending then reload(pending) end
   M.mount(srv, function() return keys end)
   local close = srv.close
