@@ -20,6 +20,7 @@ local config = require "factory.config"
 local dsl = require "factory.dsl"
 local pipeline = require "factory.pipeline"
 local hitl = require "factory.hitl"
+local git = require "factory.git"
 local signal = require "factory.core.signal"
 local proc = require "factory.proc"
 local json = require "factory.json"
@@ -344,6 +345,22 @@ local function drive(e, run_id, flags, tty)
   return code
 end
 
+-- Why a pipeline with a build stage cannot work on repo, found before any stage is
+-- paid for: its worktree branches from HEAD, which a repository without a commit lacks
+-- (a directory that is no git repository runs the stage as a plain objective).
+local function unready_repo(pipe, repo, given)
+  local builds = false
+  for _, st in ipairs(pipe and pipe.stages or {}) do builds = builds or st.workspace == "worktree" end
+  if not builds then return nil end
+  local r = git.open(repo)
+  if not r then return nil end
+  local head = r:head()
+  r:close()
+  if head and head.oid then return nil end
+  return ("--repo %s: the repository has no commit yet, and the pipeline's build stage branches from HEAD:"
+    .. " commit something first"):format(given)
+end
+
 local function cmd_run(flags, words, opts)
   if #words ~= 1 then return usage_error("factory run needs one PIPELINE") end
   if not flags.repo then return usage_error("factory run needs --repo DIR") end
@@ -366,6 +383,11 @@ local function cmd_run(flags, words, opts)
   local err
   e, err = engine_for(flags, opts, on_event, redraw)
   if not e then return fail(err) end
+  local unready = unready_repo(e.engine.project.pipelines:get(words[1]), repo, flags.repo)
+  if unready then
+    e.close()
+    return fail(unready)
+  end
   local run_id, resumed = e.engine:submit{ pipeline = words[1], title = title, body = body, repo = repo,
     source = "cli", external_id = table.concat({ words[1], repo, text }, "\n") }
   local code

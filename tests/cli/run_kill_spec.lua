@@ -161,6 +161,23 @@ describe("factory run under kill -9", function()
   end, { timeout = 30 })
 end)
 
+describe("factory run on a repository without a commit", function()
+  it("refuses at once, before any stage is paid for, saying why", function()
+    local empty = dir .. "/empty"
+    assert(fs.mkdir_p(empty))
+    assert.equal(0, assert(proc.run{ argv = { "git", "init", "-q", empty } }).code)
+    local t0 = time.now()
+    local status, out = finish(factory{ "run", "feature", "--repo", empty, "--issue", "Nothing to branch from" })
+    assert.equal(1, status.code, out)
+    assert.contains(("--repo %s: the repository has no commit yet, and the pipeline's build stage branches from"
+      .. " HEAD: commit something first"):format(empty), out)
+    assert.equal(0, #requests(t0), "no model call")
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert.equal(0, #assert(store:query("SELECT id FROM work_items")))
+    store:close()
+  end, { timeout = 30 })
+end)
+
 describe("factory run while factory.lua changes", function()
   -- Lines of p's output until one matches pattern (nil after 10 s or at its end).
   local function read_until(p, pattern, seen)
