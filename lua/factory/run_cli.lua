@@ -458,7 +458,9 @@ local function cmd_hitl(flags, words)
     return with_db(flags, function(d)
       local ok, err = hitl.answer(d, id, words[3], "human")
       if not ok then return fail(err) end
-      print(("answered #%d"):format(id))
+      local esc = hitl.get(d, id)
+      print(("answered #%d: run %d goes on (a factory run waiting for it takes the answer; if none is, continue"
+        .. " it with: factory resume %d)"):format(id, esc.run_id, esc.run_id))
       return 0
     end)
   end

@@ -256,7 +256,8 @@ describe("pipeline engine", function()
     assert.contains(("#%d  run %d  stage analysis"):format(esc.id, run), p:read("*a"))
     p:close()
     p = io.popen(("%s hitl answer %d 'Euros, always.' --db %s 2>&1; echo exit=$?"):format(host.exe, esc.id, url))
-    assert.equal(("answered #%d\nexit=0\n"):format(esc.id), p:read("*a"))
+    assert.equal(("answered #%d: run %d goes on (a factory run waiting for it takes the answer; if none is,"
+      .. " continue it with: factory resume %d)\nexit=0\n"):format(esc.id, run, run), p:read("*a"))
     p:close()
     assert.equal("pending", rows("SELECT state FROM runs WHERE id = ?", { run })[1].state)
     fake:script{ complete("req in EUR"), complete("design") }
