@@ -134,8 +134,6 @@ local function commas(n)
   return s
 end
 
--- Returns the run's event handler and, for a terminal, a redraw of the status line
--- (called every second so the elapsed time moves during a long model call).
 local function unavailable_text(d)
   return ("  model unreachable (%s): waiting %gs before asking again (%d of %d)"):format(d.code, d.wait_s, d.wait,
     d.waits)
@@ -147,6 +145,8 @@ local function uncommitted_note(d)
   return (" from the last commit: the repository's %d uncommitted change(s) are not in it"):format(d.uncommitted)
 end
 
+-- Returns the run's event handler and, for a terminal, a redraw of the status line
+-- (called every second so the elapsed time moves during a long model call).
 local function progress(tty, stages)
   local current = { stage = "-", index = 0, who = "-" }
   local last
@@ -252,7 +252,7 @@ local function engine_for(flags, opts, on_event, redraw)
     if not path then return nil, "no factory.lua here: give --config FILE (providers and models for the router)" end
     -- An edit of factory.lua applies to the model calls and objectives that start
     -- after it (an edit that does not load is reported by the loader, file:line).
-    local cfg, err = config.load(path, function(new)
+    local cfg, watcher = config.load(path, function(new)
       local ok, rerr = router.configure(new.router)
       if not ok then
         io.stderr:write(("factory: %s: reload rejected, keeping the previous configuration: %s\n"):format(path, rerr))
@@ -261,8 +261,8 @@ local function engine_for(flags, opts, on_event, redraw)
       for _, w in ipairs(new.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
       if engine then engine:set_budgets(new.router.budgets) end
     end)
-    if not cfg then return nil, err end
-    config_watch = err
+    if not cfg then return nil, watcher end
+    config_watch = watcher
     for _, w in ipairs(cfg.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
     router_cfg, agents = cfg.router, cfg.agents
   end
