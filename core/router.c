@@ -504,6 +504,12 @@ static int cfg_error(char *err, const char *fmt, ...) {
     return 0;
 }
 
+static int ends_with_v1(const char *url) {
+    size_t n = strlen(url);
+    while (n > 0 && url[n - 1] == '/') n--;
+    return n >= 3 && memcmp(url + n - 3, "/v1", 3) == 0;
+}
+
 static int load_provider(config *cfg, provider *p, const char *name, json_t *o, char *err) {
     p->cfg = cfg;
     p->name = strdup(name);
@@ -516,7 +522,9 @@ static int load_provider(config *cfg, provider *p, const char *name, json_t *o, 
     const char *key = jstr(o, "api_key");
     p->api_key = dup_str(key);
     if (p->kind == K_ANTHROPIC) {
-        p->chat_url = join_url(base, "/v1/messages");
+        /* Anthropic's base URL has no /v1 (its SDKs add it); one written with it, as
+         * OpenAI-style URLs are, must not become /v1/v1/messages. */
+        p->chat_url = join_url(base, ends_with_v1(base) ? "/messages" : "/v1/messages");
         if (key && asprintf(&p->auth, "x-api-key: %s", key) < 0) p->auth = NULL;
     } else {
         p->chat_url = join_url(base, "/chat/completions");

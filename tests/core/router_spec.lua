@@ -230,6 +230,15 @@ describe("router", function()
     assert.equal(5, fake:count())
   end)
 
+  it("reaches an Anthropic provider whose base URL was written with /v1 at /v1/messages still", function()
+    for _, base in ipairs({ fake:url(), fake:url() .. "/v1", fake:url() .. "/v1/" }) do
+      configure{ providers = { b = { kind = "anthropic", base_url = base, api_key = KEY_B } } }
+      fake:script{ { content = "ok" } }
+      assert(router.chat({ model = "anth", messages = { { role = "user", content = "x" } } }))
+      assert.equal("/v1/messages", fake:requests()[#fake:requests()].path, base)
+    end
+  end)
+
   it("translates to and from the Anthropic Messages API, tools included", function()
     fake:script{ { tool_calls = { { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
                  { content = "It is sunny.", finish = "length" } }
