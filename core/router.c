@@ -1748,6 +1748,20 @@ static void on_done(void *ud, const char *code, const char *message) {
         attempt_failed(c, 1);
         return;
     }
+    if (c->status == 404) {
+        /* Most often a base_url missing (or doubling) its path: say where the request
+         * went, the path only (a URL's host part may carry credentials). */
+        const char *url = c->op == OP_EMBED ? c->tgt->p->embed_url : c->tgt->p->chat_url;
+        const char *host = strstr(url, "://");
+        const char *path = host ? strchr(host + 3, '/') : NULL;
+        size_t plen = path ? strcspn(path, "?#") : 0;
+        char msg[256];
+        upstream_message(c, msg, sizeof msg);
+        set_error(c, "EUPSTREAM", "%s/%s: HTTP 404 for %.*s: %s (is providers.%s.base_url right?)", c->tgt->p->name,
+                  c->tgt->model, (int)(plen > 200 ? 200 : plen), path ? path : "", msg, c->tgt->p->name);
+        attempt_failed(c, 0);
+        return;
+    }
     if (c->status != 200) {
         char msg[256];
         upstream_message(c, msg, sizeof msg);

@@ -230,6 +230,17 @@ describe("router", function()
     assert.equal(5, fake:count())
   end)
 
+  it("says where a 404 went, and to check base_url, without the URL's host part", function()
+    configure{ providers = { a = { base_url = "http://user:pw-secret@" .. fake:url():match("^http://(.*)$"),
+                                   api_key = KEY_A } } }
+    local res, err, code = router.chat(hello("solo"))
+    assert.is_nil(res)
+    assert.equal("EUPSTREAM", code)
+    assert.contains("a/gpt-test: HTTP 404 for /chat/completions: ", err)
+    assert.contains("(is providers.a.base_url right?)", err)
+    assert.falsy(err:find("pw-secret", 1, true), "credentials in the URL stay out of the message")
+  end)
+
   it("reaches an Anthropic provider whose base URL was written with /v1 at /v1/messages still", function()
     for _, base in ipairs({ fake:url(), fake:url() .. "/v1", fake:url() .. "/v1/" }) do
       configure{ providers = { b = { kind = "anthropic", base_url = base, api_key = KEY_B } } }
