@@ -139,6 +139,11 @@ describe("factory serve", function()
     assert.contains("context too long", err.message)
     fake:script{ { status = 503 }, { status = 503 } }
     openai_error(post("/v1/chat/completions", chat_body("factory/coder")), 502)
+    -- An upstream 404 stays a 404, and says where the request went.
+    fake:script{ { status = 404, message = "The model `gpt-test` does not exist" } }
+    err = openai_error(post("/v1/chat/completions", chat_body("factory/coder")), 404)
+    assert.contains("does not exist (the request went to /v1/chat/completions: is providers.up.base_url right?)",
+      err.message)
   end)
 
   it("holds virtual keys to their team's budget", function()
