@@ -6,7 +6,7 @@
 --                db = URL | true (the default store) | nil (none), token = nil,
 --                header_timeout =, max_body_bytes = }
 --     -> server | nil, err, code   (the last two: see factory.core.http_server)
---     server:url(), server:close([grace])
+--     server:url(), server:close([grace]), server.store_url (where calls are recorded, or nil)
 --   serve.local_proxy{ [KEY] = { team =, run = } } -> server | nil, err, code
 --     the same proxy on a free loopback port of this process, over the router as it
 --     is configured, accepting only those keys (CLI agents of `factory run`)
@@ -142,6 +142,7 @@ function M.start(opts)
   keys = cfg.keys
   local ok, err, code = router.configure(cfg.router)
   if not ok then return fail(err, code) end
+  local store_url
   if opts.db then
     local db
     db, err, code = require("factory.db").open(opts.db ~= true and opts.db or nil)
@@ -150,6 +151,7 @@ function M.start(opts)
     ok, err, code = db:migrate()
     if not ok then return fail(err, code) end
     closers[#closers + 1] = record_calls(db)
+    store_url = db.url
   end
   srv, err, code = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
                                tokens = key_list(keys), header_timeout = opts.header_timeout,
@@ -161,6 +163,7 @@ function M.start(opts)
   end
   if pending then reload(pending) end
   M.mount(srv, function() return keys end)
+  srv.store_url = store_url
   local close = srv.close
   function srv.close(self, grace)
     close(self, grace)
@@ -210,6 +213,8 @@ function M.main(opts)
     return 1
   end
   io.stdout:write("factory serve: listening on ", srv:url(), "\n")
+  io.stdout:write("factory serve: ", srv.store_url and ("recording every call in " .. srv.store_url)
+    or "recording no call (--no-db)", "\n")
   io.stdout:flush()
   local name = signal.wait("INT", "TERM")
   log.info("factory serve: stopping", { signal = name, grace_s = GRACE })

@@ -637,6 +637,8 @@ describe("factory serve (command line)", function()
       if no_db then argv[#argv + 1] = "--no-db" end
       local p = assert(proc.spawn{ argv = argv, cwd = here, stderr = "null" })
       local url = p:read_line():match("(http://.*)$")
+      assert.equal(no_db and "factory serve: recording no call (--no-db)"
+        or "factory serve: recording every call in sqlite:.factory/factory.db", p:read_line())
       assert.equal(200, assert(http.request{ method = "POST", url = url .. "/v1/chat/completions",
                                              body = chat_body("m") }).status)
       p:kill("TERM")
