@@ -17,6 +17,9 @@
  *   stream:read([timeout]) -> chunk_json | nil (end) | nil, err, code;  stream:close()
  *   stream:usage() -> prompt_tokens, completion_tokens, reported (see stream_usage)
  *   set_budget("team"|"run", name, usd, tokens)   overrides the configured limits
+ *   count_spent("team"|"run", name, usd, tokens)   the account has spent at least this
+ *       (today, for a team): what the store records, when a process starts
+ *   day_start() -> when (Unix time) the budget day began
  *   clear_budget("team"|"run", name)   forgets the account: its spending and override
  *   models(), stats() -> JSON text;  record(on);  records() -> { record, ... } | nil
  *
@@ -617,6 +620,14 @@ static alias *find_alias(config *cfg, const char *name) {
 
 /* The day number of now in the configured zone. */
 static long today(config *cfg) { return (long)floor((time(NULL) + cfg->utc_offset * 3600) / 86400); }
+
+static double day_start(config *cfg) { return (double)today(cfg) * 86400 - cfg->utc_offset * 3600; }
+
+/* Where days start for the current configuration (UTC before there is one). */
+static config *zone(void) {
+    static config utc;
+    return R.cfg ? R.cfg : &utc;
+}
 
 static account *get_account(const char *kind, const char *name) {
     char key[256];
@@ -2351,6 +2362,26 @@ static int r_set_budget(lua_State *L) {
     return 0;
 }
 
+/* count_spent("team"|"run", name, usd, tokens): spending this process did not see
+ * (the store's record of today's calls, when it starts) counts, unless the account
+ * has counted more already, so a restarted process grants no fresh day and counting
+ * again is harmless. */
+static int r_count_spent(lua_State *L) {
+    const char *kind = luaL_checkstring(L, 1), *name = luaL_checkstring(L, 2);
+    luaL_argcheck(L, strcmp(kind, "team") == 0 || strcmp(kind, "run") == 0, 1, "\"team\" or \"run\" expected");
+    account *a = get_account(kind, name);
+    if (!a) return luaL_error(L, "router: out of memory");
+    roll_day(zone(), a);
+    a->usd = fmax(a->usd, luaL_optnumber(L, 3, 0));
+    a->tokens = fmax(a->tokens, luaL_optnumber(L, 4, 0));
+    return 0;
+}
+
+static int r_day_start(lua_State *L) {
+    lua_pushnumber(L, day_start(zone()));
+    return 1;
+}
+
 /* clear_budget("team"|"run", name) */
 static int r_clear_budget(lua_State *L) {
     const char *kind = luaL_checkstring(L, 1), *name = luaL_checkstring(L, 2);
@@ -2471,6 +2502,8 @@ static const luaL_Reg router_functions[] = {
     {"stats", r_stats},
     {"set_budget", r_set_budget},
     {"clear_budget", r_clear_budget},
+    {"count_spent", r_count_spent},
+    {"day_start", r_day_start},
     {"record", r_record},
     {"records", r_records},
     {NULL, NULL},

@@ -15,8 +15,8 @@
 -- Team budgets: a team file's budget (usd_per_day, tokens_per_day) is given to the
 -- router when the engine starts and whenever the file is reloaded; where factory.lua
 -- also sets one (opts.budgets.teams), the smaller applies. What the team spent
--- today, as the store records it, is counted, so a restarted process does not
--- grant a fresh day.
+-- today (from midnight of budgets.utc_offset), as the store records it, is counted,
+-- so a restarted process does not grant a fresh day.
 --
 -- Durability: a stage's COMPLETE TaskResult is written in the same transaction that
 -- advances runs.stage_index, so after a crash execute() starts at the first
@@ -99,15 +99,9 @@ function Engine:_team_budget(name)
   local tokens = smaller(own.tokens_per_day, configured.tokens_per_day)
   -- No budget (any more): the limit an earlier version of the file set goes too.
   if usd == nil and tokens == nil then return router.set_budget("team", name, {}) end
-  local day = math.floor(time.now() / 86400) * 86400
-  local spent = assert(self.db:query("SELECT COALESCE(SUM(cost_usd), 0) AS usd, COALESCE(SUM(prompt_tokens"
-    .. " + completion_tokens), 0) AS tokens FROM model_calls WHERE team = ? AND created_at >= ?", { name, day }))[1]
-  -- The router's account already holds this process's spending today.
-  local here = router.stats().budgets["team:" .. name] or {}
-  local others_usd = math.max(0, spent.usd - (here.spent_usd or 0))
-  local others_tokens = math.max(0, spent.tokens - (here.spent_tokens or 0))
-  router.set_budget("team", name, { usd = usd and math.max(0, usd - others_usd),
-                                    tokens = tokens and math.max(0, tokens - others_tokens) })
+  router.set_budget("team", name, { usd = usd, tokens = tokens })
+  local spent = records.team_spending(self.db, router.day_start(), name)[1]
+  if spent then router.count_spent("team", name, spent) end
 end
 
 -- Router records arrive in whichever fiber next passes through the router, so the

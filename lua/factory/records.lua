@@ -7,6 +7,8 @@
 --   records.decision(q, { run_id, stage, team, operative, decision, reasoning, data })
 --   records.model_call(q, record [, operative])  one router call (router.on_call record),
 --       its first-token latency, error code and attempt chain included
+--   records.team_spending(q, since [, team]) -> { { team =, usd =, tokens = }, ... }
+--       what the model calls recorded since that time (Unix seconds) cost, per team
 -- q is a db or a transaction: written inside a transaction, a record commits or
 -- rolls back with the work it describes. Mail, decisions and model calls are also
 -- appended to the hash-chained audit log. Each returns the row id, or raises: a
@@ -94,6 +96,17 @@ function M.model_call(q, r, operative)
           { id = id, alias = r.alias, provider = r.provider, model = r.model, status = r.status, code = r.code,
             prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens, cost_usd = r.cost_usd })
   return id
+end
+
+function M.team_spending(q, since, team)
+  local rows, err = q:query("SELECT team, COALESCE(SUM(cost_usd), 0) AS usd,"
+    .. " COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS tokens FROM model_calls WHERE created_at >= ?"
+    .. (team and " AND team = ?" or " AND team IS NOT NULL") .. " GROUP BY team", { since, team, n = team and 2 or 1 })
+  if not rows then error(("records: cannot read the teams' spending: %s"):format(tostring(err)), 2) end
+  for _, r in ipairs(rows) do
+    r.usd, r.tokens = tonumber(r.usd), tonumber(r.tokens)
+  end
+  return rows
 end
 
 return M

@@ -24,6 +24,10 @@
 --   router.has_alias(name) -> whether name is a configured alias
 --   router.set_budget("team"|"run", name, { usd =, tokens = })   overrides the
 --       configured limit of one team (per day) or run
+--   router.count_spent("team"|"run", name, { usd =, tokens = })   the account has
+--       spent at least this (a team: today): what the store records of other
+--       processes, counted when a process starts, so a restart grants no fresh day
+--   router.day_start() -> when (Unix time) the current budget day began
 --   router.clear_budget("team"|"run", name)   forgets that account (what it spent,
 --       its override); calls in flight settle into the old one. Accounts live in
 --       memory from their first call: clear a run's when the run ends.
@@ -179,6 +183,13 @@ function M.set_budget(kind, name, limits)
   limits = limits or {}
   core.set_budget(kind, tostring(name), limits.usd, limits.tokens)
 end
+
+function M.count_spent(kind, name, spent)
+  spent = spent or {}
+  core.count_spent(kind, tostring(name), spent.usd, spent.tokens)
+end
+
+M.day_start = core.day_start
 
 function M.clear_budget(kind, name)
   core.clear_budget(kind, tostring(name))

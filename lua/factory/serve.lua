@@ -27,7 +27,8 @@
 -- keys applies to the calls that start after it (calls in flight finish on the
 -- configuration they started with, and budgets keep what was spent); an edit that
 -- does not load or validate is logged with its file:line and changes nothing.
--- With db, every call is written to the store (factory.records.model_call: the
+-- With db, what each team spent today as the store records it counts against its
+-- budget from the start, and every call is written to the store (factory.records.model_call: the
 -- model_calls table and the audit log) as a posted write (db:post), so the response
 -- does not wait for it, and a burst of calls shares commits; stopping writes what is
 -- still waiting.
@@ -151,7 +152,15 @@ function M.start(opts)
     ok, err, code = db:migrate()
     if not ok then return fail(err, code) end
     closers[#closers + 1] = record_calls(db)
+    -- What the teams spent today before this process started counts against their
+    -- budgets: a restarted serve must not grant a fresh day.
+    local counted, cerr = pcall(function()
+      for _, t in ipairs(records.team_spending(db, router.day_start())) do router.count_spent("team", t.team, t) end
+    end)
+    if not counted then return fail(tostring(cerr), "EIO") end
     store_url = db.url
+  elseif next((cfg.router.budgets or {}).teams or {}) then
+    log.warn("serve: with no store, a team's budget counts only this process's calls: a restart starts its day afresh")
   end
   srv, err, code = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
                                tokens = key_list(keys), header_timeout = opts.header_timeout,

@@ -63,6 +63,8 @@ end)
 after_each(function()
   if engine then engine:close() end
   engine = nil
+  -- The router's accounts live as long as the process: each case starts a fresh day.
+  router.clear_budget("team", "budget_probe")
   store:close()
   fake:close()
   assert(fs.remove(dir, { recursive = true }))
@@ -91,13 +93,31 @@ describe("team budgets", function()
     assert.equal(0.5, limit())
   end)
 
-  it("what the store says the team spent today is counted", function()
-    assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
-      .. " VALUES ('budget_probe', 'fake', 'architect', 9.75, 'ok', ?)", { time.now() }))
-    assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
-      .. " VALUES ('budget_probe', 'fake', 'architect', 100, 'ok', ?)", { time.now() - 2 * 86400 }))
+  it("what the store says the team spent today is counted, from midnight where budgets.utc_offset says", function()
+    -- Days start at midnight UTC+5:30 here; a call recorded a minute before that
+    -- midnight was yesterday's.
+    assert(router.configure(fake:router_config({ ["factory/architect"] = "architect" },
+      { prices = { ["fake/architect"] = { input = 1, output = 1 } }, budgets = { utc_offset = 5.5 } })))
+    local midnight = router.day_start()
+    local now = time.now()
+    assert.truthy(midnight <= now and now - midnight < 86400)
+    assert.equal(0, (midnight + 5.5 * 3600) % 86400)
+    for _, row in ipairs{ { 9.75, midnight }, { 100, midnight - 60 }, { 100, now - 2 * 86400 } } do
+      assert(store:exec("INSERT INTO model_calls (team, provider, model, prompt_tokens, completion_tokens, cost_usd,"
+        .. " status, created_at) VALUES ('budget_probe', 'fake', 'architect', 40, 2, ?, 'ok', ?)", row))
+    end
     start("10")
-    assert.equal(0.25, limit())
+    local account = router.stats().budgets["team:budget_probe"]
+    assert.same({ 10, 9.75, 42 }, { account.limit_usd, account.spent_usd, account.spent_tokens })
+    -- Reloading the team file counts the store again, without counting a call twice.
+    assert(fs.write(dir .. "/teams/budget_probe.lua", TEAM:format("9.7501")))
+    assert.same({}, project.teams:load_all())
+    account = router.stats().budgets["team:budget_probe"]
+    assert.same({ 9.7501, 9.75, 42 }, { account.limit_usd, account.spent_usd, account.spent_tokens })
+    local _, state, esc = run_once()
+    assert.equal("waiting", state)
+    assert.equal(0, fake:count())
+    assert.matches("^BLOCKED: budget exhausted: team budget_probe has 0.0001 of 9.7501 USD left", esc.reason)
   end)
 
   it("reloading the team file changes its budget", function()

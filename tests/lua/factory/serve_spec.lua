@@ -508,6 +508,40 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     end
   end)
 
+  it("with --db, what a team spent today before serve started counts against its budget", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(fs.mkdir_p(dir))
+    local url = "sqlite:" .. dir .. "/factory.db"
+    local store = assert(db.open(url))
+    assert(store:migrate())
+    -- A restarted serve: the team spent 4.5 of its 5 USD today, and more yesterday.
+    for _, row in ipairs{ { 4.5, time.now() - 60 }, { 50, time.now() - 2 * 86400 } } do
+      assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
+        .. " VALUES ('poor', 'up', 'gpt-test', ?, 'ok', ?)", row))
+    end
+    store:close()
+    start([[
+keys { ["sk-team-poor"] = { team = "poor" } }
+prices { ["up/gpt-test"] = { input = 0, output = 1000000 } }
+budgets { teams = { poor = { usd_per_day = 5 } } }
+]], { db = url })
+    local err = openai_error(post("/v1/chat/completions", chat_body("factory/coder", { max_tokens = 1 }),
+                                  { Authorization = "Bearer sk-team-poor" }), 402)
+    assert.contains("team poor has 0.5000 of 5.0000 USD left, this call may cost 1.0000", err.message)
+    assert.equal(0, fake:count())
+    srv:close()
+    srv = nil
+    router.clear_budget("team", "poor")
+    assert(fs.remove(dir, { recursive = true }))
+    -- Without a store, serve says that a restart starts the day afresh.
+    local logged = {}
+    log.set_console({ write = function(_, ...) logged[#logged + 1] = table.concat({ ... }) end })
+    start([[budgets { teams = { poor = { usd_per_day = 5 } } }]])
+    log.set_console(nil)
+    assert.contains("with no store, a team's budget counts only this process's calls", table.concat(logged))
+  end)
+
   it("with --db, a burst of concurrent calls is recorded in full, the last ones when the server stops", function()
     local dir = os.tmpname()
     os.remove(dir)
