@@ -1208,9 +1208,12 @@ static json_t *to_anthropic(call *c, const char *model) {
     if (!mt) mt = json_object_get(req, "max_tokens");
     json_object_set_new(out, "max_tokens", mt ? json_incref(mt) : json_integer(c->cfg->default_max_tokens));
     json_object_set_new(out, "stream", json_boolean(c->stream));
-    const char *copy[] = {"temperature", "top_p", NULL};
-    for (int k = 0; copy[k]; k++)
-        if (json_object_get(req, copy[k])) json_object_set(out, copy[k], json_object_get(req, copy[k]));
+    if (json_object_get(req, "top_p")) json_object_set(out, "top_p", json_object_get(req, "top_p"));
+    /* OpenAI takes temperatures up to 2, Anthropic up to 1: a request written for the
+     * one must not be refused when the chain falls back to the other. */
+    json_t *temp = json_object_get(req, "temperature");
+    if (json_is_number(temp) && json_number_value(temp) > 1) json_object_set_new(out, "temperature", json_real(1));
+    else if (temp) json_object_set(out, "temperature", temp);
     json_t *stop = json_object_get(req, "stop");
     if (json_is_string(stop)) json_object_set_new(out, "stop_sequences", json_pack("[O]", stop));
     else if (json_is_array(stop)) json_object_set(out, "stop_sequences", stop);
@@ -1220,10 +1223,12 @@ static json_t *to_anthropic(call *c, const char *model) {
         json_t *t;
         json_array_foreach(tools, i, t) {
             json_t *fn = json_object_get(t, "function");
+            /* A function without parameters takes none; Anthropic wants that said. */
+            json_t *params = json_object_get(fn, "parameters");
             json_t *tool = json_pack("{s:O?,s:O?}", "name", json_object_get(fn, "name"), "input_schema",
-                                     json_object_get(fn, "parameters"));
-            if (!json_object_get(tool, "input_schema"))
-                json_object_set_new(tool, "input_schema", json_pack("{s:s}", "type", "object"));
+                                     json_is_object(params) ? params : NULL);
+            if (!json_is_object(params))
+                json_object_set_new(tool, "input_schema", json_pack("{s:s,s:{}}", "type", "object", "properties"));
             if (json_object_get(fn, "description")) json_object_set(tool, "description", json_object_get(fn, "description"));
             json_array_append_new(at, tool);
         }
@@ -1237,6 +1242,12 @@ static json_t *to_anthropic(call *c, const char *model) {
     else if (json_is_object(choice))
         json_object_set_new(out, "tool_choice", json_pack("{s:s,s:O?}", "type", "tool", "name",
                                                           json_object_get(json_object_get(choice, "function"), "name")));
+    json_t *tc = json_object_get(out, "tool_choice");
+    if (json_is_false(json_object_get(req, "parallel_tool_calls")) && json_array_size(tools) &&
+        !(tc && strcmp(jstr(tc, "type"), "none") == 0)) {
+        if (!tc) json_object_set_new(out, "tool_choice", tc = json_pack("{s:s}", "type", "auto"));
+        json_object_set_new(tc, "disable_parallel_tool_use", json_true());
+    }
     return out;
 }
 

@@ -125,6 +125,10 @@ function M.to_openai(r)
       out.tools[i] = { type = "function", ["function"] = { name = t.name, description = t.description,
                                                            parameters = t.input_schema } }
     end
+    -- OpenAI refuses parallel_tool_calls in a request without tools.
+    if type(r.tool_choice) == "table" and r.tool_choice.disable_parallel_tool_use == true then
+      out.parallel_tool_calls = false
+    end
   end
   if r.stream then
     out.stream = true

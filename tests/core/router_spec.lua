@@ -288,6 +288,28 @@ describe("router", function()
     no_secrets(records)
   end)
 
+  it("gives Anthropic what it accepts for OpenAI's looser fields: tools without parameters, temperature, parallel_tool_calls", function()
+    local tools = { { type = "function", ["function"] = { name = "now", description = "the time" } },
+                    { type = "function", ["function"] = { name = "later", parameters = json.null } } }
+    assert(router.chat({ model = "anth", tools = tools, parallel_tool_calls = false, temperature = 1.6,
+                         messages = { { role = "user", content = "x" } } }))
+    local sent = json.decode(fake:requests()[1].body)
+    for i = 1, 2 do assert.same({ type = "object", properties = {} }, sent.tools[i].input_schema) end
+    assert.equal(1, sent.temperature)
+    assert.same({ type = "auto", disable_parallel_tool_use = true }, sent.tool_choice)
+    assert(router.chat({ model = "anth", tools = tools, tool_choice = "required", parallel_tool_calls = false,
+                         temperature = 0.3, messages = { { role = "user", content = "x" } } }))
+    sent = json.decode(fake:requests()[2].body)
+    assert.equal(0.3, sent.temperature)
+    assert.same({ type = "any", disable_parallel_tool_use = true }, sent.tool_choice)
+    -- "none" takes no such flag, and a request without tools gets no tool_choice.
+    assert(router.chat({ model = "anth", tools = tools, tool_choice = "none", parallel_tool_calls = false,
+                         messages = { { role = "user", content = "x" } } }))
+    assert.same({ type = "none" }, json.decode(fake:requests()[3].body).tool_choice)
+    assert(router.chat({ model = "anth", parallel_tool_calls = false, messages = { { role = "user", content = "x" } } }))
+    assert.is_nil(json.decode(fake:requests()[4].body).tool_choice)
+  end)
+
   it("streams from both formats as OpenAI chunks, tool calls included", function()
     for _, alias in ipairs({ "solo", "anth" }) do
       local s = assert(router.chat(hello(alias, { stream = true })))

@@ -343,17 +343,18 @@ budgets { utc_offset = 99 }
       fake:script{ { tool_calls = { { id = "call_1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
                    { content = "Sunny." } }
       res = post("/v1/messages", json.encode({ model = model, max_tokens = 100, tools = tools,
-        tool_choice = { type = "any" }, messages = { { role = "user", content = "Weather in Paris?" } } }), key)
+        tool_choice = { type = "any", disable_parallel_tool_use = true }, messages = { { role = "user", content = "Weather in Paris?" } } }), key)
       msg = json.decode(res.body)
       assert.equal("tool_use", msg.stop_reason, res.body)
       assert.same({ type = "tool_use", id = "call_1", name = "get_weather", input = { city = "Paris" } }, msg.content[1])
       sent = json.decode(fake:requests()[2].body)
       if model == "factory/coder" then
         assert.equal("required", sent.tool_choice)
+        assert.equal(false, sent.parallel_tool_calls)
         assert.equal("get_weather", sent.tools[1]["function"].name)
         assert.equal("object", sent.tools[1]["function"].parameters.type)
       else
-        assert.same({ type = "any" }, sent.tool_choice)
+        assert.same({ type = "any", disable_parallel_tool_use = true }, sent.tool_choice)
       end
       res = post("/v1/messages", json.encode({ model = model, max_tokens = 100, tools = tools, messages = {
         { role = "user", content = "Weather in Paris?" },
