@@ -204,6 +204,7 @@ struct call {
     call *qprev, *qnext;
     long status;
     int is_sse, is_json, ended_ok;
+    int choices, finished;      /* n asked for; choices an OpenAI stream has finished */
     double retry_after;         /* seconds, -1: none */
     buf body, line, data;       /* response body; SSE: the partial line, event data */
     /* the result */
@@ -1580,6 +1581,7 @@ typedef struct {
     int error, choices;
     size_t chars;
     int delta, content, tools, fn, args;
+    int finished;               /* choices with a finish_reason */
 } event_scan;
 
 /* Whether the value is in the first tool_calls of the first delta of a choice. */
@@ -1595,6 +1597,7 @@ static void choice_visit(event_scan *s, const js_walk *w, int level, const char 
         break;
     case 3:
         if (js_key_is(w, 3, "delta") && ++s->delta == 1) s->content = s->tools = 0;
+        else if (js_key_is(w, 3, "finish_reason") && *v == '"') s->finished++;
         break;
     case 4:
         if (s->delta != 1 || !js_key_is(w, 3, "delta")) break;
@@ -1651,6 +1654,7 @@ static void openai_event(call *c, const char *data, size_t len) {
         return;
     }
     if (s.u.have) read_usage(c, &s.u);
+    c->finished += s.finished;
     c->content_chars += s.chars;
     /* The usage chunk was asked for by the router; the caller gets it if it asked too. */
     if (!(s.u.have && s.choices == 0) || c->include_usage) emit_raw(c, data, len);
@@ -1797,7 +1801,9 @@ static void on_done(void *ud, const char *code, const char *message) {
         return;
     }
     if (c->line.len) sse_feed(c, "\n", 1);
-    if (c->ended_ok) succeed(c);
+    /* Some servers end the stream after the last finish_reason, without [DONE]: every
+     * choice has finished, so nothing is missing but the usage chunk. */
+    if (c->ended_ok || (c->finished >= c->choices && !c->done)) succeed(c);
     else if (!c->done) stream_failed(c, "%s/%s: %s", "the stream ended before completion");
 }
 
@@ -1874,7 +1880,7 @@ static void send_attempt(call *c) {
     c->attempt_started = now_s();
     c->status = 0;
     c->retry_after = -1;
-    c->ended_ok = c->is_sse = c->is_json = 0;
+    c->ended_ok = c->is_sse = c->is_json = c->finished = 0;
     c->body.len = c->line.len = c->data.len = 0;
     char *body = upstream_body(c);
     const char *headers[5];
@@ -2132,7 +2138,8 @@ static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_
                       : ri->max_tokens && js_is_integer(ri->max_tokens, ri->max_tokens_end) ? (double)js_long(ri->max_tokens)
                       : cfg->default_max_tokens;
     /* n completions may each take the whole limit. */
-    if (ri->choices && js_is_integer(ri->choices, ri->choices_end)) completion *= (double)js_long(ri->choices);
+    c->choices = ri->choices && js_is_integer(ri->choices, ri->choices_end) ? (int)js_long(ri->choices) : 1;
+    completion *= c->choices;
     c->est_prompt = (double)(len / 4 + 1);
     c->est_tokens = c->est_prompt + completion;
     c->est_usd = chain_price(c->al, c->est_prompt, completion);

@@ -423,6 +423,8 @@ describe("router", function()
       sent = 1, max = 3 },
     { name = "a truncated stream fails the reader", alias = "solo", stream = true, code = "ECONNRESET",
       err = "a/gpt-test", script = { { fault = "truncate" } }, sent = 1 },
+    { name = "a stream that ends after its finish_reason without [DONE] completes", alias = "solo", stream = true,
+      ok = true, script = { { fault = "no_done" } }, sent = 1 },
     { name = "a malformed stream before its first token is retried", alias = "solo", stream = true, ok = true,
       script = { { fault = "malformed" } }, sent = 2 },
     { name = "a stream event with a trailing comma is malformed", alias = "solo", stream = true, ok = true, sent = 2,

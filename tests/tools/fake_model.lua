@@ -20,7 +20,9 @@
 --     status = 429|500|503|400..., retry_after = seconds (header Retry-After),
 --     message = the error message of a status reply,
 --     fault = "reset" (connection cut mid-response) | "hang" (never answers) |
---             "truncate" (stream cut before its end) | "malformed" (bad JSON: text =
+--             "truncate" (stream cut before its end) | "no_done" (an OpenAI stream
+--             that ends after its last chunk without "data: [DONE]", as some
+--             compatible servers do) | "malformed" (bad JSON: text =
 --             the body, or a stream's one event; without it, an object cut short) |
 --             "content_type" (text/html) }
 -- A request whose Authorization (OpenAI) or x-api-key (Anthropic) header is
@@ -274,11 +276,20 @@ function Fake:handle(kind, req, res)
         return res:json(400, error_body(kind, 400, "messages: roles must alternate between user and assistant"))
       end
     end
+    for i, t in ipairs(type(body.tools) == "table" and body.tools or {}) do
+      if type(t.input_schema) ~= "table" then
+        return res:json(400, error_body(kind, 400, ("tools.%d.custom.input_schema: Field required"):format(i - 1)))
+      end
+    end
+    if type(body.temperature) == "number" and (body.temperature < 0 or body.temperature > 1) then
+      return res:json(400, error_body(kind, 400, "temperature: Input should be less than or equal to 1"))
+    end
   end
   local stream = body.stream == true
   local events = (kind == "anthropic" and anthropic_reply or openai_reply)(res, reply, body, stream)
   if not stream then return end
   if reply.fault == "malformed" then events = { reply.text or "{\"id\": [" } end
+  if reply.fault == "no_done" and kind == "openai" then events[#events] = nil end
   send_events(res, events, reply)
 end
 
