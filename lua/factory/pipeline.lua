@@ -5,8 +5,9 @@
 --                    agents = factory.lua's agents section | nil (factory.agents.pool:
 --                      the build stages' coding agents) } -> engine
 --   engine:submit{ pipeline =, title =, body =, repo =, source = "cli", external_id = }
---     -> run_id, resumed   (an unfinished run of the same work item and pipeline is
---                           continued rather than started twice)
+--     -> run_id, earlier   (earlier: the state of the run of the same work item and
+--        pipeline that is continued rather than started twice (it has not failed or
+--        been cancelled), or false for a new run)
 --   engine:execute(run_id) -> state, detail
 --       state: "succeeded" | "waiting" (detail: the escalation) | "failed" (detail: why)
 --   engine:set_budgets(budgets)   factory.lua's budgets again, after it was reloaded
@@ -166,9 +167,9 @@ function Engine:submit(w)
     if item then
       -- The same work item again continues its run, and a run that already succeeded
       -- (e.g. killed between its last commit and its exit) is not paid for twice.
-      rows = assert(tx:query("SELECT id FROM runs WHERE work_item_id = ? AND pipeline = ? AND state NOT IN"
+      rows = assert(tx:query("SELECT id, state FROM runs WHERE work_item_id = ? AND pipeline = ? AND state NOT IN"
         .. " ('failed', 'cancelled') ORDER BY id DESC LIMIT 1", { item, w.pipeline }))
-      if rows[1] then return rows[1].id, true end
+      if rows[1] then return rows[1].id, rows[1].state end
     else
       item = assert(tx:exec("INSERT INTO work_items (source, external_id, title, body, state, data, created_at,"
         .. " updated_at) VALUES (?, ?, ?, ?, 'accepted', ?, ?, ?) RETURNING id",

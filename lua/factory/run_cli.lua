@@ -388,13 +388,18 @@ local function cmd_run(flags, words, opts)
     e.close()
     return fail(unready)
   end
-  local run_id, resumed = e.engine:submit{ pipeline = words[1], title = title, body = body, repo = repo,
+  local run_id, earlier = e.engine:submit{ pipeline = words[1], title = title, body = body, repo = repo,
     source = "cli", external_id = table.concat({ words[1], repo, text }, "\n") }
   local code
   if not run_id then
-    code = fail(resumed)
+    code = fail(earlier)
   else
-    if resumed then print(("continuing run %d of this work item"):format(run_id)) end
+    if earlier == "succeeded" then
+      print(("run %d of this work item has succeeded already: it is not run or paid for again (to run the"
+        .. " work item anew, change its text)"):format(run_id))
+    elseif earlier then
+      print(("continuing run %d of this work item"):format(run_id))
+    end
     code = drive(e, run_id, flags, tty)
   end
   e.close()
