@@ -61,10 +61,11 @@ usage: factory hitl list [--all] [--db URL]
 
 ]] .. DB_HELP .. "\n",
   runs = [[
-usage: factory runs [--db URL]
+usage: factory runs [--limit N] [--db URL]
        factory runs show RUN [--db URL]
 
-  runs          the latest runs and their state
+  runs          the latest runs (20, or N): state, stages done, what their model
+                calls cost, when they last changed
   show RUN      the run's timeline: stages, objectives, model calls, clarifications,
                 escalations and answers, in order
 
@@ -76,7 +77,7 @@ local FLAGS = {
           ["--no-wait"] = 0 },
   resume = { ["--db"] = 1, ["--config"] = 1, ["--project"] = 1, ["--no-wait"] = 0 },
   hitl = { ["--db"] = 1, ["--all"] = 0 },
-  runs = { ["--db"] = 1 },
+  runs = { ["--db"] = 1, ["--limit"] = 1 },
 }
 
 local function usage_error(msg)
@@ -546,16 +547,31 @@ local function show_run(d, run_id)
   return 0
 end
 
+local RUNS_HEADER = "  RUN  PIPELINE   STATE      STAGES   COST       TOKENS  UPDATED                   TITLE"
+
+local function list_runs(d, limit)
+  local total = d:query("SELECT COUNT(*) AS n FROM runs")[1].n
+  if total == 0 then return print("no runs") end
+  local rows = d:query("SELECT r.id, r.pipeline, r.state, r.stage_index, r.updated_at, w.title,"
+    .. " (SELECT COALESCE(SUM(cost_usd), 0) FROM model_calls m WHERE m.run_id = r.id) AS cost,"
+    .. " (SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM model_calls m WHERE m.run_id = r.id) AS tokens"
+    .. " FROM runs r JOIN work_items w ON w.id = r.work_item_id ORDER BY r.id DESC LIMIT ?", { limit })
+  print(RUNS_HEADER)
+  for _, r in ipairs(rows) do
+    print(("%5d  %-10s %-10s %2d done  %-9s %7s  %s  %s"):format(r.id, r.pipeline, r.state, r.stage_index,
+      ("$%.4f"):format(tonumber(r.cost)), commas(tonumber(r.tokens)), time.iso8601(r.updated_at), r.title))
+  end
+  if total > #rows then
+    print(("(the latest %d of %d runs: factory runs --limit N shows more)"):format(#rows, total))
+  end
+end
+
 local function cmd_runs(flags, words)
   if words[1] == nil then
+    local limit = tonumber(flags.limit or 20)
+    if not limit or limit < 1 or limit % 1 ~= 0 then return usage_error("--limit needs a whole number of runs, 1 or more") end
     return with_db(flags, function(d)
-      local rows = d:query("SELECT r.id, r.pipeline, r.state, r.stage_index, r.stage, r.updated_at, w.title FROM runs r"
-        .. " JOIN work_items w ON w.id = r.work_item_id ORDER BY r.id DESC LIMIT 20")
-      if #rows == 0 then print("no runs") end
-      for _, r in ipairs(rows) do
-        print(("%5d  %-10s %-10s %2d done  %s  %s"):format(r.id, r.pipeline, r.state, r.stage_index,
-          time.iso8601(r.updated_at), r.title))
-      end
+      list_runs(d, limit)
       return 0
     end)
   end
