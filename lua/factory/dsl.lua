@@ -81,17 +81,23 @@ local function check_fields(t, allowed, what)
   end
 end
 
+-- A value as the file wrote it: "5" (a string) is not 5.
+local function shown(v)
+  return type(v) == "string" and ("%q"):format(v) or tostring(v)
+end
+
 local function positive_int(t, key, what)
   local v = t[key]
   if v ~= nil and (type(v) ~= "number" or v ~= math.floor(v) or v < 1) then
-    fail(t, "%s: %s must be a positive integer, got %s", what, key, type(v) == "string" and ("%q"):format(v) or tostring(v))
+    fail(t, "%s: %s must be a positive integer, got %s", what, key, shown(v))
   end
 end
 
 local function number_in(t, key, lo, hi, what)
   local v = t[key]
   if v ~= nil and (type(v) ~= "number" or v < lo or v > hi) then
-    fail(t, "%s: %s must be a number from %g to %g, got %s", what, key, lo, hi, tostring(v))
+    local range = hi == math.huge and ("%g or more"):format(lo) or ("from %g to %g"):format(lo, hi)
+    fail(t, "%s: %s must be a number %s, got %s", what, key, range, shown(v))
   end
 end
 
@@ -147,19 +153,19 @@ local function check_cli_agent(op, agent, what)
     fail(op, "%s: cli %q is not a preset (claude, codex, aider): give its command = { ... }", what, agent.cli)
   end
   if agent.format ~= nil and not CLI_FORMATS[agent.format] then
-    fail(op, "%s: format must be \"claude\", \"codex\" or \"plain\", got %s", what, tostring(agent.format))
+    fail(op, "%s: format must be \"claude\", \"codex\" or \"plain\", got %s", what, shown(agent.format))
   end
   if agent.prompt ~= nil and type(agent.prompt) ~= "string" then fail(op, "%s: prompt must be a string", what) end
   for _, k in ipairs({ "max_iterations", "stuck_idle", "max_retries" }) do
     local v = agent[k]
     if v ~= nil and (type(v) ~= "number" or v ~= math.floor(v) or v < 1) then
-      fail(op, "%s: %s must be a positive integer, got %s", what, k, tostring(v))
+      fail(op, "%s: %s must be a positive integer, got %s", what, k, shown(v))
     end
   end
   for _, k in ipairs({ "heartbeat_timeout", "iteration_timeout", "kill_grace" }) do
     local v = agent[k]
     if v ~= nil and (type(v) ~= "number" or v <= 0) then
-      fail(op, "%s: %s must be a number of seconds above 0, got %s", what, k, tostring(v))
+      fail(op, "%s: %s must be a number of seconds above 0, got %s", what, k, shown(v))
     end
   end
   if agent.env ~= nil then

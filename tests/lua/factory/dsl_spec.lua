@@ -29,6 +29,7 @@ local EXPECTED = {
   { "pipelines/bad_limits.lua", 2, "pipeline \"bad_limits\": unknown limit 'max_retries'" },
   { "pipelines/later_input.lua", 4, 'stage "build": inputs names no earlier stage: "verify"' },
   { "pipelines/returns_nothing.lua", 1, "must return a pipeline definition (it returned nothing)" },
+  { "pipelines/string_budget.lua", 2, 'pipeline "string_budget" limits: budget_usd must be a number 0 or more, got "5"' },
   { "pipelines/unknown_team.lua", 4, 'stage "build": unknown team "wizards"' },
 }
 
