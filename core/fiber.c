@@ -34,7 +34,8 @@ struct fb_fiber {
     uv_timer_t *timer;      /* allocated on first timed wait, closed at finish */
     double timeout;         /* of the current wait, for the error message */
     int nargs;              /* values waiting on co's stack for the next resume */
-    int cancelling;         /* set when a fiber cancels itself: its error is the reason */
+    int cancelling;         /* set when a fiber cancels itself (its error is the reason),
+                               or while its wait is aborted because it is cancelled */
     int quiet;              /* its failure is reported by its owner (fiber.run) */
     int nsubs;
     uint64_t id;
@@ -340,6 +341,8 @@ fb_fiber *fb_check_current(lua_State *L, const char *what) {
 
 lua_State *fb_co(fb_fiber *f) { return f->co; }
 
+int fb_cancelling(fb_fiber *f) { return f->cancelling; }
+
 static void timer_cb(uv_timer_t *t) {
     fb_fiber *f = (fb_fiber *)t->data;
     if (!f || f->state != FB_WAITING) return;
@@ -409,6 +412,7 @@ static int cancel(lua_State *L, fb_fiber *f) {
         break;
     case FB_WAITING:
         timer_stop(f);
+        f->cancelling = 1;
         if (f->abort) f->abort(f->op);
         break;
     }

@@ -42,6 +42,10 @@ int fb_await(lua_State *L, fb_fiber *f, fb_abort_fn abort, void *op, double time
 /* The coroutine of a suspended fiber: push results here, then call fb_wake. */
 lua_State *fb_co(fb_fiber *f);
 
+/* In an abort callback: whether the wait ends because the fiber is being cancelled
+ * (it will not run again), rather than because its timeout fired. */
+int fb_cancelling(fb_fiber *f);
+
 /* Resumes a fiber suspended by fb_await with the nresults values on top of fb_co(f).
  * Safe from any libuv callback; resumption happens before this returns when called
  * outside any fiber, and right after the running fiber yields otherwise. */

@@ -32,6 +32,10 @@
  *                                               HTTP/1.0 client, ended by closing)
  *   res:sse(event)  one Server-Sent Event: a string (the data) or { event =, data =,
  *                   id =, retry =, comment = }; the first one sends text/event-stream
+ *   res:cancel_on_disconnect()  -> res: if the client closes the connection (or
+ *                   half-closes it) before the response is finished, the handler's
+ *                   fiber is cancelled at once, rather than when it next writes:
+ *                   for a handler that waits long on work someone pays for
  * send, start, write, finish and sse return true, or nil, "ECONNRESET: ...",
  * "ECONNRESET" once the client is gone. They wait while the socket's send buffer is
  * full, so a slow reader slows its writer down. Misuse (a header after the head was
@@ -145,6 +149,7 @@ struct conn {
     int ending, shut, closing;  /* conn_end called; its shutdown done; conn_close called */
     response *res;              /* the response of the request in flight */
     int fiber_ref;              /* its handler's fiber */
+    int cancel_on_gone;         /* res:cancel_on_disconnect() was called */
 };
 
 struct response {
@@ -255,6 +260,7 @@ static void request_end(conn *c) {
     }
     if (c->fiber_ref != LUA_NOREF && s->L) luaL_unref(s->L, LUA_REGISTRYINDEX, c->fiber_ref);
     c->fiber_ref = LUA_NOREF;
+    c->cancel_on_gone = 0;
     if (!c->busy) return;
     c->busy = 0;
     if (--s->busy == 0 && s->closer) {
@@ -413,9 +419,32 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b) {
     *b = uv_buf_init(c->in.data + c->in.len, (unsigned)(c->in.cap - c->in.len));
 }
 
+/* The client went away while a handler that asked for it (cancel_on_disconnect)
+ * still works: the connection closes and the handler's fiber is cancelled. */
+static void cancel_handler(conn *c) {
+    server *s = c->s;
+    lua_State *L = s->L;
+    int ref = c->fiber_ref;
+    c->fiber_ref = LUA_NOREF;
+    conn_close(c);
+    if (!L || ref == LUA_NOREF) return;
+    int top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    luaL_unref(L, LUA_REGISTRYINDEX, ref);
+    lua_getfield(L, -1, "cancel");
+    lua_insert(L, -2);
+    lua_pushliteral(L, "the client closed the connection");
+    lua_pcall(L, 2, 0, 0);
+    lua_settop(L, top);
+}
+
 static void on_read(uv_stream_t *st, ssize_t n, const uv_buf_t *b) {
     conn *c = (conn *)st->data;
     if (n == 0) return;
+    if (n < 0 && c->busy && c->cancel_on_gone && c->fiber_ref != LUA_NOREF) {
+        cancel_handler(c);
+        return;
+    }
     if (n < 0) {
         if (n != UV_EOF) {
             conn_close(c);
@@ -800,6 +829,13 @@ static int res_status(lua_State *L) {
     luaL_argcheck(L, status >= 200 && status <= 999, 2, "status must be 200..999");
     if (r->state != R_FRESH) return luaL_error(L, "res:status: the response head was already sent");
     r->status = status;
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int res_cancel_on_disconnect(lua_State *L) {
+    response *r = check_response(L);
+    if (r->c) r->c->cancel_on_gone = 1;
     lua_settop(L, 1);
     return 1;
 }
@@ -1332,6 +1368,7 @@ static const luaL_Reg response_methods[] = {
     {"write", res_write},
     {"finish", res_finish},
     {"sse", res_sse},
+    {"cancel_on_disconnect", res_cancel_on_disconnect},
     {NULL, NULL},
 };
 

@@ -1911,10 +1911,16 @@ static void send_attempt(call *c) {
 
 /* ---- Lua API --------------------------------------------------------------------------- */
 
+/* A reader's wait abandoned: before the first chunk nobody has the answer, so the
+ * call stops; after it, a read that timed out leaves the stream to be read again,
+ * but a reader cancelled (its fiber will not run again) takes the stream with it,
+ * or the upstream would go on generating, and be paid for, until its handle is
+ * collected. */
 static void call_abort(void *op) {
     call *c = (call *)op;
+    int cancelled = c->fiber && fb_cancelling(c->fiber);
     c->fiber = NULL;
-    if (!c->committed && !c->done) {
+    if (!c->done && (!c->committed || cancelled)) {
         c->cancelled = 1;
         set_error(c, "ECANCELED", "the caller went away");
         finish(c);

@@ -183,7 +183,10 @@ end
 
 -- The proxy's routes on srv; keys() gives the current virtual keys.
 function M.mount(srv, keys)
+  -- A client that gives up (a timeout, Ctrl-C) stops its call upstream at once: a
+  -- completion nobody will read is not waited for, or paid for to its end.
   local function call(req, res, fn)
+    res:cancel_on_disconnect()
     local team, run = caller_of(req, keys())
     local out, cerr, ccode = fn(req.body, { team = team, run = run, raw = true })
     if not out then return send_error(res, cerr, ccode) end
@@ -195,6 +198,7 @@ function M.mount(srv, keys)
   srv:route("POST", "/v1/chat/completions", function(req, res) return call(req, res, router.chat) end)
   srv:route("POST", "/v1/embeddings", function(req, res) return call(req, res, router.embeddings) end)
   srv:route("POST", "/v1/messages", function(req, res)
+    res:cancel_on_disconnect()
     local team, run = caller_of(req, keys())
     return messages.handle(req, res, { team = team, run = run })
   end)

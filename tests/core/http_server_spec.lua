@@ -377,6 +377,31 @@ describe("http server", function()
     eventually(function() return srv:stats().connections == 0 and srv:stats().in_flight == 0 end)
   end)
 
+  it("cancels a handler that asked for it as soon as its client goes, and only such a handler", function()
+    local fibers, finished = {}, {}
+    local srv = listen{ handler = function(req, res)
+      if req.path == "/watch" then res:cancel_on_disconnect() end
+      fibers[req.path] = fiber.current()
+      fiber.sleep(1)
+      finished[req.path] = true
+      res:send("late")
+    end }
+    for _, reset in ipairs({ false, true }) do
+      fibers, finished = {}, {}
+      local clients = {}
+      for _, path in ipairs({ "/watch", "/plain" }) do
+        clients[#clients + 1] = fiber.spawn(raw, srv:port(), { { send = get(path) }, { sleep = 0.1 },
+                                                                { close = true, reset = reset } })
+      end
+      for _, c in ipairs(clients) do assert(fiber.join(c)) end
+      eventually(function() return fibers["/watch"] and fibers["/watch"]:status() == "cancelled" end, 0.5)
+      assert.is_nil(finished["/watch"])
+      eventually(function() return finished["/plain"] end, 2)
+      assert.is_nil(finished["/watch"])
+      eventually(function() return srv:stats().connections == 0 and srv:stats().in_flight == 0 end)
+    end
+  end)
+
   it("makes a slow reader slow the writer down", function()
     local written, total, took = 0, 256, nil
     local srv = listen{ handler = function(_, res)

@@ -288,6 +288,33 @@ describe("router", function()
     no_secrets(records)
   end)
 
+  it("keeps a stream whose read timed out, and stops one whose reader was cancelled", function()
+    fake:script{ { chunk_delay = 0.3, content = "one two three" }, { chunk_delay = 1, content = "one two three four" } }
+    local s = assert(router.chat(hello("solo", { stream = true })))
+    assert(s:read())
+    local none, err, code = s:read(0.05)
+    assert.is_nil(none)
+    assert.equal("ETIMEDOUT", code, err)
+    local rest = read_all(s)
+    assert.equal("one two three", text_of(rest))
+    router.flush()
+    assert.equal("ok", records[#records].status)
+    local t0 = time.monotonic()
+    local reader = fiber.spawn(function()
+      local s2 = assert(router.chat(hello("solo", { stream = true })))
+      return read_all(s2)
+    end)
+    fiber.sleep(0.2)
+    reader:cancel("the reader went away")
+    local deadline = time.monotonic() + 2
+    repeat
+      fiber.sleep(0.01)
+      router.flush()
+    until records[#records].status ~= "ok" or time.monotonic() > deadline
+    assert.same({ "cancelled", "ECANCELED" }, { records[#records].status, records[#records].code })
+    assert.less(1, time.monotonic() - t0, "seconds until the call stopped")
+  end)
+
   it("gives Anthropic what it accepts for OpenAI's looser fields: tools without parameters, temperature, parallel_tool_calls", function()
     local tools = { { type = "function", ["function"] = { name = "now", description = "the time" } },
                     { type = "function", ["function"] = { name = "later", parameters = json.null } } }

@@ -509,6 +509,31 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     end
   end)
 
+  it("stops a call upstream as soon as its client gives up, streamed or not", function()
+    start()
+    local seen = {}
+    local unsubscribe = router.on_call(function(r) seen[#seen + 1] = r end)
+    fake:script{ { delay = 3 }, { chunk_delay = 1, content = "one two three four five six" } }
+    for _, case in ipairs({ { stream = false, wait = 0.3 }, { stream = true, wait = 1.2 } }) do
+      local t0 = time.monotonic()
+      local res, err = http.request{ method = "POST", url = base .. "/v1/chat/completions", timeout = case.wait,
+        body = chat_body("factory/coder", { stream = case.stream }), headers = { ["Content-Type"] = "application/json" } }
+      assert.is_nil(res, "the client gave up")
+      assert.matches("^ETIMEDOUT", err)
+      local deadline = time.monotonic() + 5
+      -- Records reach the hooks through the next fiber that passes the router.
+      while not seen[1] and time.monotonic() < deadline do
+        fiber.sleep(0.01)
+        router.flush()
+      end
+      local r = table.remove(seen, 1)
+      assert.truthy(r, "the call ended")
+      assert.same({ "cancelled", "ECANCELED" }, { r.status, r.code })
+      assert.less(case.wait + 0.5, time.monotonic() - t0, "seconds until the call upstream stopped")
+    end
+    unsubscribe()
+  end)
+
   it("with --db, what a team spent today before serve started counts against its budget", function()
     local dir = os.tmpname()
     os.remove(dir)
