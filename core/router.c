@@ -972,10 +972,13 @@ static void usage_now(call *c, long *prompt, long *completion) {
 /* The call is over (c->err_code says how): settle, record, tell the waiting fiber. */
 static void finish(call *c) {
     if (c->done) return;
+    /* A call given up while its request was with the provider has been paid for as
+     * far as the provider got: its prompt at least. A failed one, as a rule, not. */
+    int in_flight = c->cancelled && c->http;
     end_attempt(c);
     c->done = 1;
     if (c->tgt) usage_now(c, &c->prompt_tokens, &c->completion_tokens);
-    if (c->err_code[0] && !c->committed && !c->have_usage) c->prompt_tokens = c->completion_tokens = 0;
+    if (c->err_code[0] && !c->committed && !c->have_usage && !in_flight) c->prompt_tokens = c->completion_tokens = 0;
     if (c->tgt) c->tgt->p->trial = 0;
     settle(c);
     push_record(c, c->cancelled ? "cancelled" : c->err_code[0] ? "error" : "ok");

@@ -729,6 +729,18 @@ describe("router", function()
     assert.equal(0, router.stats().calls)
     assert.equal(0, router.stats().providers.a.inflight)
     assert.equal("cancelled", records[#records].status)
+    -- The provider had the request: its prompt is charged, as the provider charges it.
+    assert.truthy(records[#records].prompt_tokens > 0)
+    -- One still waiting for its turn (max_concurrency) never reached the provider.
+    configure{ providers = { a = { base_url = fake:url() .. "/v1", api_key = KEY_A, max_concurrency = 1 } } }
+    fake:script{ { fault = "hang" } }
+    local first = fiber.spawn(function() return router.chat(hello("solo")) end)
+    local queued = fiber.spawn(function() return router.chat(hello("solo")) end)
+    fiber.sleep(0.05)
+    queued:cancel("not needed")
+    router.flush()
+    assert.same({ "cancelled", 0 }, { records[#records].status, records[#records].prompt_tokens })
+    first:cancel("not needed")
   end)
 
   it("closing a stream early stops it and settles the call", function()
