@@ -1093,6 +1093,11 @@ static void next_target(call *c) {
     for (; c->entry < c->al->n; c->entry++) {
         target *t = &c->al->t[c->entry];
         if (c->op == OP_EMBED && t->p->kind != K_OPENAI) continue;
+        /* Anthropic answers one completion: n of them, from it, would be one. */
+        if (c->choices > 1 && t->p->kind == K_ANTHROPIC) {
+            log_attempt(c, t, 0, "EUNAVAILABLE", "skipped: an Anthropic provider gives one completion, not n");
+            continue;
+        }
         if (breaker_open(c->cfg, t->p)) {
             log_attempt(c, t, 0, "EUNAVAILABLE", "skipped: circuit open");
             if (!c->err_code[0]) set_error(c, "EUNAVAILABLE", "provider %s: circuit open after repeated failures", t->p->name);
@@ -1102,7 +1107,11 @@ static void next_target(call *c) {
         dispatch(c);
         return;
     }
-    if (!c->err_code[0])
+    /* A request no entry of the chain can serve is the caller's to change (400). */
+    if (!c->err_code[0] && c->choices > 1)
+        set_error(c, "EINVAL", "no provider of '%s' can serve n = %d completions (Anthropic gives one)",
+                  c->alias_name, c->choices);
+    else if (!c->err_code[0])
         set_error(c, "EUNAVAILABLE", "no provider of '%s' can serve %s", c->alias_name,
                   c->op == OP_EMBED ? "embeddings" : "this call");
     finish(c);

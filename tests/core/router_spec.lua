@@ -288,6 +288,19 @@ describe("router", function()
     no_secrets(records)
   end)
 
+  it("skips an Anthropic provider for n > 1 completions, and refuses them when nothing else is left", function()
+    local res, err, code = router.chat(hello("anth", { n = 2 }))
+    assert.is_nil(res)
+    assert.equal("EINVAL", code)
+    assert.contains("no provider of 'anth' can serve n = 2 completions", err)
+    assert.equal(0, fake:count())
+    configure{ models = { back = { "b/claude-test", "a/gpt-test" } } }
+    assert(router.chat(hello("back", { n = 2 })))
+    assert.equal(1, fake:count())
+    assert.equal("/v1/chat/completions", fake:requests()[1].path)
+    assert.contains("skipped", records[#records].attempts[1].outcome)
+  end)
+
   it("keeps a stream whose read timed out, and stops one whose reader was cancelled", function()
     fake:script{ { chunk_delay = 0.3, content = "one two three" }, { chunk_delay = 1, content = "one two three four" } }
     local s = assert(router.chat(hello("solo", { stream = true })))
