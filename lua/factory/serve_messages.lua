@@ -7,7 +7,7 @@
 -- message_stop, and error if the stream fails midway). Text, images, system
 -- prompts, tool definitions, tool_use / tool_result blocks, stop sequences and
 -- reasons, and usage are translated; thinking blocks are dropped (the router's form
--- has no place for them).
+-- has no place for them), and other blocks of a user turn (documents) refused (400).
 --
 --   messages.handle(req, res, opts)   opts: { team =, run = } (the proxy's choice)
 --   messages.count_tokens(req, res)   POST /v1/messages/count_tokens: an estimate
@@ -51,9 +51,13 @@ local function image_part(b)
   return { type = "image_url", image_url = { url = url } }
 end
 
+-- Blocks the router's form has no place for, dropped: the model's own reasoning.
+local DROPPED = { thinking = true, redacted_thinking = true }
+
 -- One Messages turn as OpenAI messages, appended to out: a user turn's tool results
 -- become tool messages (before its other content), an assistant turn's tool_use
--- blocks become tool_calls.
+-- blocks become tool_calls. Any other block of a user turn (a document, a search
+-- result) is refused rather than dropped: the model would answer without it.
 local function add_turn(out, m)
   local content = m.content
   if type(content) == "string" then
@@ -62,7 +66,7 @@ local function add_turn(out, m)
   end
   if type(content) ~= "table" then return nil, "each message needs content: a string or a list of blocks" end
   local parts, calls, has_image = {}, {}, false
-  for _, b in ipairs(content) do
+  for i, b in ipairs(content) do
     if type(b) ~= "table" then return nil, "content blocks must be objects" end
     if b.type == "text" then
       parts[#parts + 1] = { type = "text", text = b.text }
@@ -79,6 +83,9 @@ local function add_turn(out, m)
       local text = text_of(b.content)
       if b.is_error then text = "Error: " .. text end
       out[#out + 1] = { role = "tool", tool_call_id = b.tool_use_id, content = text }
+    elseif m.role == "user" and not DROPPED[b.type] then
+      return nil, ("content.%d: a %s block is not supported here (the proxy passes text, images, tool_use and"
+        .. " tool_result)"):format(i - 1, type(b.type) == "string" and ("%q"):format(b.type) or "typeless")
     end
   end
   if #parts == 0 and #calls == 0 then return true end
@@ -115,7 +122,7 @@ function M.to_openai(r)
       return nil, ("messages.%d: role must be \"user\" or \"assistant\""):format(i - 1)
     end
     local ok, err = add_turn(msgs, m)
-    if not ok then return nil, ("messages.%d: %s"):format(i - 1, err) end
+    if not ok then return nil, ("messages.%d%s%s"):format(i - 1, err:find("^content%.") and "." or ": ", err) end
   end
   local out = { model = r.model, messages = msgs, max_tokens = r.max_tokens, temperature = r.temperature,
                 top_p = r.top_p, stop = r.stop_sequences, tool_choice = tool_choice(r.tool_choice) }

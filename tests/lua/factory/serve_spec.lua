@@ -458,6 +458,11 @@ budgets { teams = { ant = { tokens_per_day = 10 } } }]])
     err = anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 500,
       messages = { { role = "user", content = "x" } } }), key), 402, "billing_error")
     assert.contains("budget exhausted", err.message)
+    -- A block the proxy cannot pass on is refused, not dropped; the model's thinking is dropped.
+    err = anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 5, messages = {
+      { role = "user", content = { { type = "text", text = "Summarise:" },
+        { type = "document", source = { type = "text", media_type = "text/plain", data = "doc" } } } } } }), key), 400)
+    assert.contains('messages.0.content.1: a "document" block is not supported here', err.message)
     -- The core server's 401 comes first for a wrong key.
     assert.equal(401, post("/v1/messages", "{}", { ["x-api-key"] = "sk-wrong" }).status)
     assert.equal(0, fake:count())
