@@ -17,7 +17,9 @@
 -- router when the engine starts and whenever the file is reloaded; where factory.lua
 -- also sets one (opts.budgets.teams), the smaller applies. What the team spent
 -- today (from midnight of budgets.utc_offset), as the store records it, is counted,
--- so a restarted process does not grant a fresh day.
+-- so a restarted process does not grant a fresh day; and counted again before an
+-- objective, at most every M.RECOUNT_S seconds, so that the spending of processes
+-- running at the same time (other `factory run`s, `factory serve`) is seen.
 --
 -- Durability: a stage's COMPLETE TaskResult is written in the same transaction that
 -- advances runs.stage_index, so after a crash execute() starts at the first
@@ -58,13 +60,14 @@ local M = {}
 
 local FINISHED = { succeeded = true, failed = true, cancelled = true }
 local LOCK_TTL, LOCK_BEAT = 30, 10
+M.RECOUNT_S = 5
 
 local Engine = {}
 Engine.__index = Engine
 
 function M.engine(opts)
   local self = setmetatable({ db = assert(opts.db, "pipeline.engine: db is required"), project = opts.project,
-                              on_event = opts.on_event, active = {}, totals = {} }, Engine)
+                              on_event = opts.on_event, active = {}, totals = {}, counted = {} }, Engine)
   self.owner = engine_id.new()
   local agents = opts.agents or {}
   self.pool = agent_pool.new{ db = self.db, max_concurrent = agents.max_concurrent, cooldown = agents.cooldown,
@@ -99,8 +102,16 @@ function Engine:_team_budget(name)
   local usd = smaller(own.usd_per_day, configured.usd_per_day)
   local tokens = smaller(own.tokens_per_day, configured.tokens_per_day)
   -- No budget (any more): the limit an earlier version of the file set goes too.
-  if usd == nil and tokens == nil then return router.set_budget("team", name, {}) end
+  if usd == nil and tokens == nil then
+    self.counted[name] = nil
+    return router.set_budget("team", name, {})
+  end
   router.set_budget("team", name, { usd = usd, tokens = tokens })
+  self:_count_spent(name)
+end
+
+function Engine:_count_spent(name)
+  self.counted[name] = time.monotonic()
   local spent = records.team_spending(self.db, router.day_start(), name)[1]
   if spent then router.count_spent("team", name, spent) end
 end
@@ -325,6 +336,8 @@ end
 
 -- Runs an objective with the operative recorded as active for its model calls.
 function Engine:_objective(run, team, op, o)
+  local counted = self.counted[team.name]
+  if counted and time.monotonic() - counted >= M.RECOUNT_S then self:_count_spent(team.name) end
   local key = run.id .. "\0" .. team.name
   local previous = self.active[key]
   self.active[key] = op.name

@@ -28,7 +28,8 @@
 -- configuration they started with, and budgets keep what was spent); an edit that
 -- does not load or validate is logged with its file:line and changes nothing.
 -- With db, what each team spent today as the store records it counts against its
--- budget from the start, and every call is written to the store (factory.records.model_call: the
+-- budget from the start (and again every RECOUNT_S seconds, for the spending of
+-- other processes), and every call is written to the store (factory.records.model_call: the
 -- model_calls table and the audit log) as a posted write (db:post), so the response
 -- does not wait for it, and a burst of calls shares commits; stopping writes what is
 -- still waiting.
@@ -39,10 +40,14 @@ local signal = require "factory.core.signal"
 local log = require "factory.log"
 local records = require "factory.records"
 local messages = require "factory.serve_messages"
+local fiber = require "factory.fiber"
 
 local M = {}
 
 local GRACE = 5
+-- How often what the teams spent is read again from the store, so that other
+-- processes spending from the same budgets (`factory run`s) are seen.
+M.RECOUNT_S = 5
 
 local STATUS = { EINVAL = 400, EALIAS = 404, EBUDGET = 402, ENOCONFIG = 503, EUNAVAILABLE = 503,
                  ETIMEDOUT = 504 }
@@ -153,11 +158,21 @@ function M.start(opts)
     if not ok then return fail(err, code) end
     closers[#closers + 1] = record_calls(db)
     -- What the teams spent today before this process started counts against their
-    -- budgets: a restarted serve must not grant a fresh day.
-    local counted, cerr = pcall(function()
+    -- budgets (a restarted serve must not grant a fresh day), and what other
+    -- processes spend meanwhile, within RECOUNT_S.
+    local function count_spent()
       for _, t in ipairs(records.team_spending(db, router.day_start())) do router.count_spent("team", t.team, t) end
-    end)
+    end
+    local counted, cerr = pcall(count_spent)
     if not counted then return fail(tostring(cerr), "EIO") end
+    local recounter = fiber.spawn(function()
+      while true do
+        fiber.sleep(M.RECOUNT_S)
+        local ok, rerr = pcall(count_spent)
+        if not ok then log.warn("serve: cannot read what the teams spent", { error = tostring(rerr) }) end
+      end
+    end)
+    closers[#closers + 1] = function() recounter:cancel("serve stopped") end
     store_url = db.url
   elseif next((cfg.router.budgets or {}).teams or {}) then
     log.warn("serve: with no store, a team's budget counts only this process's calls: a restart starts its day afresh")

@@ -120,6 +120,22 @@ describe("team budgets", function()
     assert.matches("^BLOCKED: budget exhausted: team budget_probe has 0.0001 of 9.7501 USD left", esc.reason)
   end)
 
+  it("sees what another process spends from the team's budget meanwhile, before the next objective", function()
+    start("10")
+    fake:script{ complete() }
+    assert.equal("succeeded", select(2, run_once()))
+    -- Another process spends nearly all of the day's budget.
+    assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
+      .. " VALUES ('budget_probe', 'fake', 'architect', 9.9999, 'ok', ?)", { time.now() }))
+    local recount = pipeline.RECOUNT_S
+    pipeline.RECOUNT_S = 0
+    local _, state, esc = run_once()
+    pipeline.RECOUNT_S = recount
+    assert.equal("waiting", state)
+    assert.equal(1, fake:count())
+    assert.matches("^BLOCKED: budget exhausted: team budget_probe", esc.reason)
+  end)
+
   it("reloading the team file changes its budget", function()
     start("10")
     assert(fs.write(dir .. "/teams/budget_probe.lua", TEAM:format("3")))

@@ -514,6 +514,36 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     end
   end)
 
+  it("with --db, sees what other processes spend from a team's budget while it serves", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(fs.mkdir_p(dir))
+    local url = "sqlite:" .. dir .. "/factory.db"
+    local recount = serve.RECOUNT_S
+    serve.RECOUNT_S = 0.05
+    start([[
+keys { ["sk-team-poor"] = { team = "poor" } }
+prices { ["up/gpt-test"] = { input = 0, output = 1000000 } }
+budgets { teams = { poor = { usd_per_day = 5 } } }
+]], { db = url })
+    local key = { Authorization = "Bearer sk-team-poor" }
+    fake:script{ { content = "a", usage = { prompt = 1, completion = 2 } } }
+    assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder", { max_tokens = 2 }), key).status)
+    -- Another process (a `factory run`) spends 2.5 USD of the team's day.
+    local store = assert(db.open(url))
+    assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
+      .. " VALUES ('poor', 'up', 'gpt-test', 2.5, 'ok', ?)", { time.now() }))
+    store:close()
+    fiber.sleep(0.3)
+    local err = openai_error(post("/v1/chat/completions", chat_body("factory/coder", { max_tokens = 1 }), key), 402)
+    assert.contains("team poor has 0.5000 of 5.0000 USD left", err.message)
+    serve.RECOUNT_S = recount
+    srv:close()
+    srv = nil
+    router.clear_budget("team", "poor")
+    assert(fs.remove(dir, { recursive = true }))
+  end)
+
   it("stops a call upstream as soon as its client gives up, streamed or not", function()
     start()
     local seen = {}
