@@ -53,4 +53,24 @@ for _, b in ipairs(backends.LIST) do
       d:close()
     end)
   end)
+
+  describe("records.team_spending on " .. backend, function()
+    it("sums each team's cost and tokens since a moment, one team or all", function()
+      local d = assert(db.open(fresh()))
+      assert(d:migrate())
+      local since = 1000000
+      for _, row in ipairs{ { "a", 0.5, 10, since }, { "a", 0.25, 5, since + 1 }, { "b", 2, 7, since + 2 },
+                            { "a", 100, 1000, since - 1 } } do
+        records.model_call(d, { team = row[1], alias = "x", provider = "p", model = "m", prompt_tokens = row[3],
+                                completion_tokens = 1, cost_usd = row[2], status = "ok" })
+        assert(d:exec("UPDATE model_calls SET created_at = ? WHERE id = (SELECT MAX(id) FROM model_calls)", { row[4] }))
+      end
+      local all = records.team_spending(d, since)
+      table.sort(all, function(x, y) return x.team < y.team end)
+      assert.same({ { team = "a", usd = 0.75, tokens = 17 }, { team = "b", usd = 2, tokens = 8 } }, all)
+      assert.same({ { team = "b", usd = 2, tokens = 8 } }, records.team_spending(d, since, "b"))
+      assert.same({}, records.team_spending(d, since, "nobody"))
+      d:close()
+    end)
+  end)
 end

@@ -95,22 +95,30 @@ describe("factory runs", function()
       .. " change(s) are not in it", out)
   end)
 
-  it("lists the runs with what their calls cost, and says when a run does not exist", function()
-    assert.equal("no runs\nexit=0\n", factory("runs"))
-    local run = new_run("Listed")
-    for _, cost in ipairs({ 0.25, 1.125 }) do
-      records.model_call(store, { run = tostring(run), team = "t", alias = "a", provider = "p", model = "m",
-                                  prompt_tokens = 1000, completion_tokens = 500, cost_usd = cost, status = "ok" })
-    end
-    local out = factory("runs")
-    assert.matches("^  RUN  PIPELINE   STATE +STAGES +COST +TOKENS +UPDATED +TITLE\n", out)
-    assert.matches("\n%s*" .. run .. "  feature%s+succeeded%s+1 done  %$1%.3750 +3,000  %d%d%d%d%-[^\n]*  Listed\n", out)
-    local second = new_run("Second")
-    out = factory("runs --limit 1")
-    assert.matches("\n%s*" .. second .. "  feature .*  Second\n", out)
-    assert.falsy(out:find("Listed", 1, true), out)
-    assert.contains("(the latest 1 of 2 runs: factory runs --limit N shows more)", out)
-    assert.contains("--limit needs a whole number", factory("runs --limit 0"))
-    assert.equal(("factory: no run %d\nexit=1\n"):format(second + 1), factory("runs show " .. (second + 1)))
-  end)
+  for _, b in ipairs(backends.LIST) do
+    it("lists the runs with what their calls cost, and says when a run does not exist, on " .. b[1], function()
+      if b[1] ~= "sqlite" then
+        store:close()
+        url = b[2]()
+        store = assert(db.open(url))
+        assert(store:migrate())
+      end
+      assert.equal("no runs\nexit=0\n", factory("runs"))
+      local run = new_run("Listed")
+      for _, cost in ipairs({ 0.25, 1.125 }) do
+        records.model_call(store, { run = tostring(run), team = "t", alias = "a", provider = "p", model = "m",
+                                    prompt_tokens = 1000, completion_tokens = 500, cost_usd = cost, status = "ok" })
+      end
+      local out = factory("runs")
+      assert.matches("^  RUN  PIPELINE   STATE +STAGES +COST +TOKENS +UPDATED +TITLE\n", out)
+      assert.matches("\n%s*" .. run .. "  feature%s+succeeded%s+1 done  %$1%.3750 +3,000  %d%d%d%d%-[^\n]*  Listed\n", out)
+      local second = new_run("Second")
+      out = factory("runs --limit 1")
+      assert.matches("\n%s*" .. second .. "  feature .*  Second\n", out)
+      assert.falsy(out:find("Listed", 1, true), out)
+      assert.contains("(the latest 1 of 2 runs: factory runs --limit N shows more)", out)
+      assert.contains("--limit needs a whole number", factory("runs --limit 0"))
+      assert.equal(("factory: no run %d\nexit=1\n"):format(second + 1), factory("runs show " .. (second + 1)))
+    end)
+  end
 end)
