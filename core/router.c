@@ -1795,9 +1795,14 @@ static void on_done(void *ud, const char *code, const char *message) {
         size_t plen = path ? strcspn(path, "?#") : 0;
         char msg[256];
         upstream_message(c, msg, sizeof msg);
-        set_error(c, "EUPSTREAM", "%s/%s: HTTP 404: %s (the request went to %.*s: is providers.%s.base_url right?)",
-                  c->tgt->p->name, c->tgt->model, msg, (int)(plen > 200 ? 200 : plen), path ? path : "",
-                  c->tgt->p->name);
+        /* A provider that names the model in its 404 (OpenAI's model_not_found,
+         * Anthropic's "model: ...", Ollama's "model ... not found") found the path. */
+        if (strcasestr(msg, "model"))
+            set_error(c, "EUPSTREAM", "%s/%s: HTTP 404: %s", c->tgt->p->name, c->tgt->model, msg);
+        else
+            set_error(c, "EUPSTREAM", "%s/%s: HTTP 404: %s (the request went to %.*s: is providers.%s.base_url right?)",
+                      c->tgt->p->name, c->tgt->model, msg, (int)(plen > 200 ? 200 : plen), path ? path : "",
+                      c->tgt->p->name);
         attempt_failed(c, 0);
         return;
     }

@@ -45,11 +45,14 @@ requests and wait for them in straight-line code.
 
 local HELP = {
   repl = [[
-usage: factory repl
+usage: factory repl [--config FILE]
 
 An interactive Lua prompt with the whole engine loaded. Expressions print their
 values; statements run as typed; an incomplete statement continues on the next
 line. Async calls (sleep(0.1), proc.run{...}, http.get(...)) work at the prompt.
+`router` is configured from factory.lua (--config FILE, default ./factory.lua if
+there is one) and `config` is what it loaded, so router.chat{ model = "factory/fast",
+messages = { ... } } goes where `factory run` would send it.
 History is kept in ~/.factory_history. Ctrl-D exits.
 ]],
   check = [[
@@ -181,10 +184,17 @@ local function cmd_check(argv)
 end
 
 local function cmd_repl(argv)
+  local opts = {}
+  if argv[2] == "--config" then
+    if not argv[3] then return usage_error("--config needs a value") end
+    opts.config = argv[3]
+    table.remove(argv, 2)
+    table.remove(argv, 2)
+  end
   local bad = no_extra("repl", argv, 0)
   if bad then return bad end
   local repl = require "factory.repl"
-  return run_main(repl.main, { n = 0 })
+  return run_main(repl.main, { opts, n = 1 })
 end
 
 local SERVE_FLAGS = { ["--host"] = "host", ["--port"] = "port", ["--config"] = "config", ["--db"] = "db",

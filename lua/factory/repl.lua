@@ -1,9 +1,13 @@
 -- factory.repl: the interactive prompt of `factory repl`.
 --
---   main()            the prompt; returns 0 at end of input (Ctrl-D)
+--   main([opts])      the prompt; returns 0 at end of input (Ctrl-D).
+--                     opts.config: factory.lua's path (default: ./factory.lua if any)
 --   pretty(value)     the text a result is shown as
 --   compile(source)   -> function | nil (incomplete: read more) | false, error
---   environment()     the globals of a session: the engine loaded, backed by _G
+--   environment([opts]) the globals of a session: the engine loaded, backed by _G;
+--                     with a factory.lua, `router` is configured from it and
+--                     `config` is what it loaded (a file that does not load is
+--                     reported, and the session goes on without it)
 --
 -- Every input runs in its own fiber, so async calls work at the prompt and an
 -- error, or Ctrl-C while it waits, ends that input and not the session. On a
@@ -105,13 +109,36 @@ local OPTIONAL = {
   fs = { "factory.fs", "factory.core.fs" },
 }
 
-function M.environment()
+-- factory.lua, as `factory run` and `serve` use it: calls made at the prompt go
+-- through the same providers, aliases and budgets.
+local function configure(env, path)
+  local config = require "factory.config"
+  path = config.find(path)
+  if not path then return end
+  local cfg, err = config.load(path)
+  if not cfg then
+    io.stderr:write("factory repl: ", err, " (the router is not configured)\n")
+    return
+  end
+  local ok, cerr = env.router.configure(cfg.router)
+  if not ok then
+    io.stderr:write("factory repl: ", path, ": ", tostring(cerr), " (the router is not configured)\n")
+    return
+  end
+  for _, w in ipairs(cfg.warnings) do io.stderr:write("factory repl: warning: ", path, ": ", w, "\n") end
+  env.config = cfg
+end
+
+function M.environment(opts)
+  opts = opts or {}
   local env = setmetatable({}, { __index = _G })
   env.fiber, env.sleep, env.spawn = fiber, fiber.sleep, fiber.spawn
   env.json = require "factory.json"
   env.log = require "factory.log"
   env.time = require "factory.core.time"
   env.env = env_core
+  env.router = require "factory.router"
+  configure(env, opts.config)
   for name, modules in pairs(OPTIONAL) do
     for _, mod in ipairs(modules) do
       local ok, m = pcall(require, mod)
@@ -165,13 +192,14 @@ local function history_path()
   return home and home .. "/.factory_history"
 end
 
-local function session(tty)
-  local env = M.environment()
+local function session(tty, opts)
+  local env = M.environment(opts)
   local history = tty and history_path()
   local last
   if history then input.load_history(history) end
   if tty then
-    io.stdout:write(("factory %s (%s) - the engine is loaded; Ctrl-D exits.\n"):format(host.version, jit.version))
+    io.stdout:write(("factory %s (%s) - the engine is loaded%s; Ctrl-D exits.\n"):format(host.version, jit.version,
+      env.config and "; `router` is configured from factory.lua" or ""))
   end
   local lines = {}
   while true do
@@ -201,9 +229,9 @@ local function session(tty)
   if #lines > 0 then show_error(select(2, loadstring(table.concat(lines, "\n"), "=stdin"))) end
 end
 
-function M.main()
+function M.main(opts)
   local tty = input.isatty()
-  local ok, err = xpcall(session, debug.traceback, tty)
+  local ok, err = xpcall(session, debug.traceback, tty, opts or {})
   input.close()
   if not ok then error(err, 0) end
   return 0

@@ -261,6 +261,29 @@ def piped(env):
     check("no sanitizer report (piped)", ok, detail)
 
 
+def configured(env, tmp):
+    """In a directory with factory.lua, `router` is configured from it; a broken one is reported."""
+    cfg = os.path.join(tmp, "factory.lua")
+    with open(cfg, "w") as f:
+        f.write('providers { up = { base_url = "http://127.0.0.1:9/v1", api_key = "sk-x" } }\n'
+                'models { ["factory/fast"] = { "up/small" } }\n')
+    src = b"return router.models()\nreturn config.router.providers.up.base_url\n"
+    p = subprocess.run([os.path.abspath(BIN), "repl"], input=src, capture_output=True, env=env, cwd=tmp,
+                       timeout=TIMEOUT)
+    check("the router is configured from ./factory.lua",
+          b'"factory/fast"' in p.stdout and b'"http://127.0.0.1:9/v1"' in p.stdout and p.returncode == 0,
+          "stdout %r, stderr %r, exit %d" % (p.stdout, p.stderr, p.returncode))
+    with open(cfg, "w") as f:
+        f.write('models { x = { "nope/y" } }\n')
+    p = subprocess.run([os.path.abspath(BIN), "repl", "--config", cfg], input=b"return router.models()\n",
+                       capture_output=True, env=env, cwd=tmp, timeout=TIMEOUT)
+    check("a factory.lua that does not load is reported at its line, and the session goes on",
+          b"factory.lua:1: " in p.stderr and b"the router is not configured" in p.stderr
+          and p.stdout == b"{}\n" and p.returncode == 0,
+          "stdout %r, stderr %r, exit %d" % (p.stdout, p.stderr, p.returncode))
+    os.remove(cfg)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="factory-repl-test-")
     hist = os.path.join(tmp, "history")
@@ -274,6 +297,7 @@ def main():
     ok, detail = sanitizer_clean(s.out)
     check("no sanitizer report (terminal)", ok, detail)
     piped(env)
+    configured(env, tmp)
     for name in os.listdir(tmp):
         os.remove(os.path.join(tmp, name))
     os.rmdir(tmp)

@@ -239,6 +239,15 @@ describe("router", function()
     assert.contains("a/gpt-test: HTTP 404: ", err)
     assert.contains("(the request went to /chat/completions: is providers.a.base_url right?)", err)
     assert.falsy(err:find("pw-secret", 1, true), "credentials in the URL stay out of the message")
+    -- A 404 about the model came from the right place: no hint about base_url.
+    configure()
+    for _, alias in ipairs({ "solo", "anth" }) do
+      fake:script{ { status = 404, message = "The model `gpt-tset` does not exist or you do not have access to it." } }
+      res, err = router.chat(hello(alias))
+      assert.is_nil(res)
+      assert.contains("HTTP 404: The model `gpt-tset` does not exist", err)
+      assert.falsy(err:find("base_url", 1, true), err)
+    end
   end)
 
   it("reaches an Anthropic provider whose base URL was written with /v1 at /v1/messages still", function()
