@@ -65,6 +65,21 @@ local function chat_body(model, extra)
   return json.encode(t)
 end
 
+-- A team with 5 USD a day, whose key is sk-team-poor; each output token costs 1 USD.
+local POOR_TEAM = [[
+keys { ["sk-team-poor"] = { team = "poor" } }
+prices { ["up/gpt-test"] = { input = 0, output = 1000000 } }
+budgets { teams = { poor = { usd_per_day = 5 } } }
+]]
+
+-- A fresh directory and the URL of a SQLite store in it.
+local function store_dir()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(fs.mkdir_p(dir))
+  return dir, "sqlite:" .. dir .. "/factory.db"
+end
+
 local function openai_error(res, status)
   assert.equal(status, res.status, res.body)
   local doc = assert(json.decode(res.body))
@@ -139,11 +154,14 @@ describe("factory serve", function()
     assert.contains("context too long", err.message)
     fake:script{ { status = 503 }, { status = 503 } }
     openai_error(post("/v1/chat/completions", chat_body("factory/coder")), 502)
-    -- An upstream 404 stays a 404, and says where the request went.
+    -- An upstream 404 stays a 404, and says where the request went; one about the model needs no hint.
+    fake:script{ { status = 404, message = "Not Found" } }
+    err = openai_error(post("/v1/chat/completions", chat_body("factory/coder")), 404)
+    assert.contains("Not Found (the request went to /v1/chat/completions: is providers.up.base_url right?)",
+      err.message)
     fake:script{ { status = 404, message = "The model `gpt-test` does not exist" } }
     err = openai_error(post("/v1/chat/completions", chat_body("factory/coder")), 404)
-    assert.contains("does not exist (the request went to /v1/chat/completions: is providers.up.base_url right?)",
-      err.message)
+    assert.equal("up/gpt-test: HTTP 404: The model `gpt-test` does not exist", err.message)
   end)
 
   it("holds virtual keys to their team's budget", function()
@@ -515,17 +533,10 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
   end)
 
   it("with --db, sees what other processes spend from a team's budget while it serves", function()
-    local dir = os.tmpname()
-    os.remove(dir)
-    assert(fs.mkdir_p(dir))
-    local url = "sqlite:" .. dir .. "/factory.db"
+    local dir, url = store_dir()
     local recount = serve.RECOUNT_S
     serve.RECOUNT_S = 0.05
-    start([[
-keys { ["sk-team-poor"] = { team = "poor" } }
-prices { ["up/gpt-test"] = { input = 0, output = 1000000 } }
-budgets { teams = { poor = { usd_per_day = 5 } } }
-]], { db = url })
+    start(POOR_TEAM, { db = url })
     local key = { Authorization = "Bearer sk-team-poor" }
     fake:script{ { content = "a", usage = { prompt = 1, completion = 2 } } }
     assert.equal(200, post("/v1/chat/completions", chat_body("factory/coder", { max_tokens = 2 }), key).status)
@@ -570,10 +581,7 @@ budgets { teams = { poor = { usd_per_day = 5 } } }
   end)
 
   it("with --db, what a team spent today before serve started counts against its budget", function()
-    local dir = os.tmpname()
-    os.remove(dir)
-    assert(fs.mkdir_p(dir))
-    local url = "sqlite:" .. dir .. "/factory.db"
+    local dir, url = store_dir()
     local store = assert(db.open(url))
     assert(store:migrate())
     -- A restarted serve: the team spent 4.5 of its 5 USD today, and more yesterday.
@@ -582,11 +590,7 @@ budgets { teams = { poor = { usd_per_day = 5 } } }
         .. " VALUES ('poor', 'up', 'gpt-test', ?, 'ok', ?)", row))
     end
     store:close()
-    start([[
-keys { ["sk-team-poor"] = { team = "poor" } }
-prices { ["up/gpt-test"] = { input = 0, output = 1000000 } }
-budgets { teams = { poor = { usd_per_day = 5 } } }
-]], { db = url })
+    start(POOR_TEAM, { db = url })
     local err = openai_error(post("/v1/chat/completions", chat_body("factory/coder", { max_tokens = 1 }),
                                   { Authorization = "Bearer sk-team-poor" }), 402)
     assert.contains("team poor has 0.5000 of 5.0000 USD left, this call may cost 1.0000", err.message)
