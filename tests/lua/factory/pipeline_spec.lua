@@ -139,33 +139,40 @@ local function unpacked(list, ...)
 end
 
 describe("pipeline engine", function()
-  it("runs the feature pipeline end to end with every record", function()
-    start()
-    fake:script(feature_replies())
-    local run = submit("feature")
-    assert.equal("succeeded", (engine:execute(run)))
-    assert.equal(5, fake:count())
-    local results = rows("SELECT stage, status, team FROM stage_results WHERE run_id = ? ORDER BY id", { run })
-    assert.same({ "analysis", "architecture", "build", "verify", "docs" },
-                { results[1].stage, results[2].stage, results[3].stage, results[4].stage, results[5].stage })
-    for _, r in ipairs(results) do assert.equal("COMPLETE", r.status) end
-    local r = rows("SELECT state, stage_index, finished_at FROM runs WHERE id = ?", { run })[1]
-    assert.equal("succeeded", r.state)
-    assert.equal(5, r.stage_index)
-    -- The anchor is in every request; the last stage sees the first stage's artifact.
-    for i = 1, 5 do assert.contains("Users want a due date on each task.", text_of(i)) end
-    assert.contains("a task has an optional due date", text_of(5))
-    assert.contains("team: documentation; operative: writer; objective: stage docs", request(5).messages[1].content)
-    assert.equal("fast", request(5).model)
-    assert.equal(5, rows("SELECT COUNT(*) AS n FROM model_calls WHERE run_id = ?", { run })[1].n)
-    assert.equal(5, rows("SELECT COUNT(*) AS n FROM decisions WHERE run_id = ?", { run })[1].n)
-    local facts = rows("SELECT bank FROM memory_facts ORDER BY bank")
-    assert.same({ "business_analysis", "shared-world" }, { facts[1].bank, facts[2].bank })
-    assert.truthy(audit.verify(store))
-    assert.truthy(#events > 10)
-    -- The run's budget account went with the run.
-    assert.is_nil(router.stats().budgets["run:" .. run])
-  end)
+  for _, backend in ipairs({ "sqlite", "postgres" }) do
+    it("runs the feature pipeline end to end with every record, on " .. backend, function()
+      if backend == "postgres" then
+        store:close()
+        store = assert(db.open(require("tests.tools.pg").fresh()))
+        assert(store:migrate())
+      end
+      start()
+      fake:script(feature_replies())
+      local run = submit("feature")
+      assert.equal("succeeded", (engine:execute(run)))
+      assert.equal(5, fake:count())
+      local results = rows("SELECT stage, status, team FROM stage_results WHERE run_id = ? ORDER BY id", { run })
+      assert.same({ "analysis", "architecture", "build", "verify", "docs" },
+                  { results[1].stage, results[2].stage, results[3].stage, results[4].stage, results[5].stage })
+      for _, r in ipairs(results) do assert.equal("COMPLETE", r.status) end
+      local r = rows("SELECT state, stage_index, finished_at FROM runs WHERE id = ?", { run })[1]
+      assert.equal("succeeded", r.state)
+      assert.equal(5, r.stage_index)
+      -- The anchor is in every request; the last stage sees the first stage's artifact.
+      for i = 1, 5 do assert.contains("Users want a due date on each task.", text_of(i)) end
+      assert.contains("a task has an optional due date", text_of(5))
+      assert.contains("team: documentation; operative: writer; objective: stage docs", request(5).messages[1].content)
+      assert.equal("fast", request(5).model)
+      assert.equal(5, rows("SELECT COUNT(*) AS n FROM model_calls WHERE run_id = ?", { run })[1].n)
+      assert.equal(5, rows("SELECT COUNT(*) AS n FROM decisions WHERE run_id = ?", { run })[1].n)
+      local facts = rows("SELECT bank FROM memory_facts ORDER BY bank")
+      assert.same({ "business_analysis", "shared-world" }, { facts[1].bank, facts[2].bank })
+      assert.truthy(audit.verify(store))
+      assert.truthy(#events > 10)
+      -- The run's budget account went with the run.
+      assert.is_nil(router.stats().budgets["run:" .. run])
+    end)
+  end
 
   it("refuses a work item without a title, or for a pipeline it does not have, naming those it has", function()
     start()
