@@ -4,7 +4,7 @@
 --
 --   serve.start{ host = "127.0.0.1", port = 8420, config = FILE | nil (./factory.lua),
 --                db = URL | true (the default store) | nil (none), token = nil,
---                header_timeout =, max_body_bytes = }
+--                header_timeout =, max_body_bytes = (default 32 MiB) }
 --     -> server | nil, err, code   (the last two: see factory.core.http_server)
 --     server:url(), server:close([grace]), server.store_url (where calls are recorded, or nil)
 --   serve.local_proxy{ [KEY] = { team =, run = } } -> server | nil, err, code
@@ -45,6 +45,9 @@ local fiber = require "factory.fiber"
 local M = {}
 
 local GRACE = 5
+-- The largest request body taken by default: what the Anthropic API takes (32 MB),
+-- since agents send long contexts with images; the core server's default is 8 MiB.
+local MAX_BODY = 32 * 1024 * 1024
 -- How often what the teams spent is read again from the store, so that other
 -- processes spending from the same budgets (`factory run`s) are seen.
 M.RECOUNT_S = 5
@@ -179,7 +182,7 @@ function M.start(opts)
   end
   srv, err, code = server.new{ host = opts.host or "127.0.0.1", port = opts.port or 8420, token = opts.token,
                                tokens = key_list(keys), header_timeout = opts.header_timeout,
-                               max_body_bytes = opts.max_body_bytes }
+                               max_body_bytes = opts.max_body_bytes or MAX_BODY }
   if not srv then
     -- The server says what it needs; here is where serve's user gives it.
     if code == "EACCES" then err = err .. " (factory serve: --token T or $FACTORY_TOKEN, or keys { } in factory.lua)" end
@@ -228,7 +231,7 @@ end
 -- `factory run` talks to, so that its calls are held to, and counted against, its
 -- team and run. keys: { [KEY] = { team =, run = } }.
 function M.local_proxy(keys)
-  local srv, err, code = server.new{ host = "127.0.0.1", port = 0, tokens = key_list(keys) }
+  local srv, err, code = server.new{ host = "127.0.0.1", port = 0, tokens = key_list(keys), max_body_bytes = MAX_BODY }
   if not srv then return nil, err, code end
   M.mount(srv, function() return keys end)
   return srv

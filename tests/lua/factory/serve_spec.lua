@@ -164,6 +164,12 @@ describe("factory serve", function()
     assert.equal("up/gpt-test: HTTP 404: The model `gpt-test` does not exist", err.message)
   end)
 
+  it("takes request bodies up to 32 MiB by default, as the Anthropic API does", function()
+    start()
+    openai_error(post("/v1/chat/completions", ("x"):rep(20 * 1024 * 1024)), 400)
+    openai_error(post("/v1/chat/completions", ("x"):rep(33 * 1024 * 1024)), 413)
+  end)
+
   it("holds virtual keys to their team's budget", function()
     start([[
 keys { ["sk-team-rich"] = { team = "rich" }, ["sk-team-poor"] = { team = "poor" } }
