@@ -20,13 +20,15 @@
  *   count_spent("team"|"run", name, usd, tokens)   the account has spent at least this
  *       (today, for a team): what the store records, when a process starts
  *   day_start() -> when (Unix time) the budget day began
+ *   prompt_tokens(text) -> the prompt tokens a request's text is estimated at
  *   clear_budget("team"|"run", name)   forgets the account: its spending and override
  *   models(), stats() -> JSON text;  record(on);  records() -> { record, ... } | nil
  *
  * A call reserves its estimated cost against every budget that applies (team per
  * day, run) before anything is sent and settles with the real usage when it ends:
  * concurrent calls can only overspend by what an estimate undercounts. The estimate
- * is body bytes / 4 prompt tokens plus max_tokens (or default_max_tokens) times n,
+ * is body bytes / 4 prompt tokens (an inline image: IMAGE_TOKENS) plus max_tokens (or
+ * default_max_tokens) times n,
  * priced at the dearest entry of the chain. A model named directly ("provider/model")
  * with no entry in prices is refused to an account limited in USD.
  *
@@ -2087,6 +2089,25 @@ static int whole_or_absent(const char *v, const char *ve, long max) {
 /* OpenAI's own limit on n. */
 #define MAX_CHOICES 128
 
+/* What an inline image (a data: URL) costs in prompt tokens, at most: providers bill
+ * images by their pixels (Anthropic about 1,600 tokens for the largest, OpenAI 1,445),
+ * not by their base64 bytes, of which a screenshot has a million. */
+#define IMAGE_TOKENS 1600
+
+/* The prompt's tokens, estimated: a token per 4 bytes of the request, images aside. */
+static double prompt_estimate(const char *text, size_t len) {
+    size_t bytes = len, images = 0;
+    const char *p = text, *end = text + len;
+    while ((p = memmem(p, (size_t)(end - p), ";base64,", 8)) != NULL) {
+        const char *q = p + 8;
+        while (q < end && *q != '"') q++;
+        bytes -= (size_t)(q - p);
+        images++;
+        p = q;
+    }
+    return (double)(bytes / 4 + 1) + (double)images * IMAGE_TOKENS;
+}
+
 /* A call of a request read into ri (text: len bytes, NUL-terminated, copied here). */
 static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_t len, const request_info *ri,
                       int stream, const char *team, const char *run) {
@@ -2163,7 +2184,7 @@ static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_
     /* n completions may each take the whole limit. */
     c->choices = ri->choices && js_is_integer(ri->choices, ri->choices_end) ? (int)js_long(ri->choices) : 1;
     completion *= c->choices;
-    c->est_prompt = (double)(len / 4 + 1);
+    c->est_prompt = prompt_estimate(text, len);
     c->est_tokens = c->est_prompt + completion;
     c->est_usd = chain_price(c->al, c->est_prompt, completion);
     if (!reserve(c)) {
@@ -2418,6 +2439,13 @@ static int r_count_spent(lua_State *L) {
     return 0;
 }
 
+static int r_prompt_tokens(lua_State *L) {
+    size_t len;
+    const char *text = luaL_checklstring(L, 1, &len);
+    lua_pushnumber(L, prompt_estimate(text, len));
+    return 1;
+}
+
 static int r_day_start(lua_State *L) {
     lua_pushnumber(L, day_start(zone()));
     return 1;
@@ -2545,6 +2573,7 @@ static const luaL_Reg router_functions[] = {
     {"clear_budget", r_clear_budget},
     {"count_spent", r_count_spent},
     {"day_start", r_day_start},
+    {"prompt_tokens", r_prompt_tokens},
     {"record", r_record},
     {"records", r_records},
     {NULL, NULL},

@@ -28,6 +28,8 @@
 --       spent at least this (a team: today): what the store records of other
 --       processes, counted when a process starts, so a restart grants no fresh day
 --   router.day_start() -> when (Unix time) the current budget day began
+--   router.prompt_tokens(text) -> the prompt tokens the router estimates a request's
+--       JSON text at (a token per 4 bytes; an inline image, 1,600 at most)
 --   router.clear_budget("team"|"run", name)   forgets that account (what it spent,
 --       its override); calls in flight settle into the old one. Accounts live in
 --       memory from their first call: clear a run's when the run ends.
@@ -190,6 +192,7 @@ function M.count_spent(kind, name, spent)
 end
 
 M.day_start = core.day_start
+M.prompt_tokens = core.prompt_tokens
 
 function M.clear_budget(kind, name)
   core.clear_budget(kind, tostring(name))

@@ -263,8 +263,8 @@ end
 
 -- POST /v1/messages/count_tokens: what Claude Code asks before a long request. The
 -- providers behind the router have no common token counter, so this is the router's
--- own estimate (a token per 4 bytes of the translated request, as its budget
--- reservations count), not a tokenizer's exact figure.
+-- own estimate (a token per 4 bytes of the translated request, an image at most
+-- 1,600, as its budget reservations count), not a tokenizer's exact figure.
 function M.count_tokens(req, res)
   local body, derr = json.decode(req.body)
   if not body then return send_error(res, 400, "the request body is not valid JSON: " .. derr) end
@@ -272,7 +272,7 @@ function M.count_tokens(req, res)
   local request, err = M.to_openai(body)
   if not request then return send_error(res, 400, err) end
   request.max_tokens, request.stream = nil, nil
-  return res:json(200, { input_tokens = math.ceil(#json.encode(request.messages) / 4) })
+  return res:json(200, { input_tokens = math.ceil(router.prompt_tokens(json.encode(request.messages))) })
 end
 
 return M

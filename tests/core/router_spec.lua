@@ -297,6 +297,18 @@ describe("router", function()
     no_secrets(records)
   end)
 
+  it("reserves an inline image as what providers bill for it, not as its base64 bytes", function()
+    router.set_budget("run", "pics", { tokens = 5000 })
+    local picture = "data:image/png;base64," .. ("A"):rep(1000000)
+    local request = hello("solo", { max_tokens = 10 })
+    request.messages[1].content = { { type = "text", text = "What is this?" },
+                                    { type = "image_url", image_url = { url = picture } } }
+    assert(router.chat(request, { run = "pics" }))
+    assert.truthy(router.prompt_tokens(json.encode(request)) < 1700)
+    assert.truthy(router.prompt_tokens(("x"):rep(4000)) >= 1000)
+    router.clear_budget("run", "pics")
+  end)
+
   it("skips an Anthropic provider for n > 1 completions, and refuses them when nothing else is left", function()
     local res, err, code = router.chat(hello("anth", { n = 2 }))
     assert.is_nil(res)

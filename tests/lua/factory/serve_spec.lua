@@ -333,6 +333,12 @@ budgets { utc_offset = 99 }
       messages = { { role = "user", content = ("many words "):rep(400) } } }), key)
     local a, b = json.decode(short.body).input_tokens, json.decode(long.body).input_tokens
     assert.truthy(a > 0 and b > 1000, a .. " " .. b)
+    -- An image counts as what providers bill it (1,600 at most), not as its base64 bytes.
+    local image = post("/v1/messages/count_tokens", json.encode({ model = "factory/coder", messages = { { role = "user",
+      content = { { type = "image", source = { type = "base64", media_type = "image/png", data = ("A"):rep(400000) } },
+                  { type = "text", text = "What is this?" } } } } }), key)
+    local c = json.decode(image.body).input_tokens
+    assert.truthy(c > 1600 and c < 1700, c)
     assert.equal(0, fake:count())
     local bad = post("/v1/messages/count_tokens", "{not json", key)
     assert.equal(400, bad.status)
