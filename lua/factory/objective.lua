@@ -169,6 +169,11 @@ end
 
 -- The first choice's message content, if it is text (confidence.parse says what is
 -- wrong with anything else).
+local function truncated(res)
+  local choice = type(res) == "table" and res.choices and res.choices[1]
+  return type(choice) == "table" and choice.finish_reason == "length"
+end
+
 local function reply_text(res)
   local choice = type(res) == "table" and res.choices and res.choices[1]
   local content = type(choice) == "table" and type(choice.message) == "table" and choice.message.content
@@ -249,12 +254,19 @@ function M.run(o)
     local result
     result, problem = confidence.parse(text)
     if result then return result end
+    -- A reply cut at the token limit is not a malformed one: say so, to the model
+    -- (shorter) and, if it stays too long, to the human (a larger max_tokens).
+    local cut = truncated(res)
+    if cut then problem = ("the reply was cut off at the token limit (max_tokens %s)"):format(o.operative.max_tokens or "default") end
     if o.emit then o.emit("task_result_invalid", { attempt = attempt, error = problem }) end
     messages[#messages + 1] = { role = "assistant", content = type(text) == "string" and text or "" }
-    messages[#messages + 1] = { role = "user", content = ("Your reply is not a valid TaskResult: %s. Reply again with "
-      .. "only the corrected JSON object."):format(problem) }
+    messages[#messages + 1] = { role = "user", content = cut
+      and "Your reply was cut off at the token limit. Reply again with only the JSON object, shorter: keep the artifact brief."
+      or ("Your reply is not a valid TaskResult: %s. Reply again with only the corrected JSON object."):format(problem) }
   end
-  return confidence.blocked(("no valid TaskResult after %d attempts: %s"):format(retries + 1, problem))
+  local hint = problem:find("cut off at the token limit", 1, true)
+    and " (raise the operative's max_tokens, or split its objective)" or ""
+  return confidence.blocked(("no valid TaskResult after %d attempts: %s%s"):format(retries + 1, problem, hint))
 end
 
 return M

@@ -334,6 +334,20 @@ describe("pipeline engine", function()
     assert.matches("^BLOCKED: no valid TaskResult after 2 attempts: status must be", esc.reason)
   end)
 
+  it("tells a model whose reply was cut at max_tokens to be shorter, and the human to raise it", function()
+    start(1)
+    local cut = { content = '{"status": "COMPLETE", "reasoning": "done", "artifact": "# Requirements\n1. a ta', finish = "length" }
+    fake:script{ cut, cut }
+    local run = submit("short")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    local msgs = request(2).messages
+    assert.contains("cut off at the token limit", msgs[#msgs].content)
+    assert.matches("^BLOCKED: no valid TaskResult after 2 attempts: the reply was cut off at the token limit %(max_tokens ",
+                   esc.reason)
+    assert.contains("raise the operative's max_tokens", esc.reason)
+  end)
+
   it("waits out a model outage, the wait doubling, and asks again", function()
     start()
     fake:script{ { status = 503 }, { status = 503 }, complete("requirements"), complete("design") }
