@@ -207,7 +207,10 @@ function Engine:_lock(run_id, wanted, start)
     local rows = assert(tx:query("SELECT owner, expires_at FROM locks WHERE name = ?", { name }))
     local held = rows[1]
     if held and held.owner ~= self.owner and held.expires_at > now and engine_id.alive_here(held.owner) ~= false then
-      return nil, ("EBUSY: run %d is being executed by %s"):format(run_id, held.owner), "EBUSY"
+      local host, pid = tostring(held.owner):match("^(.*):(%d+):%d+$")
+      local who = host and ("process %s on %s"):format(pid, host) or tostring(held.owner)
+      return nil, ("EBUSY: run %d is being executed by %s: wait for it to finish, or stop that process and"
+        .. " run `factory resume %d`"):format(run_id, who, run_id), "EBUSY"
     end
     assert(tx:exec("DELETE FROM locks WHERE name = ?", { name }))
     assert(tx:exec("INSERT INTO locks (name, owner, expires_at, acquired_at) VALUES (?, ?, ?, ?)",

@@ -348,6 +348,25 @@ describe("pipeline engine", function()
     assert.contains("raise the operative's max_tokens", esc.reason)
   end)
 
+  it("executes a run in one engine at a time; another says which process has it", function()
+    start()
+    fake:script{ { delay = 0.5, content = json.encode{ status = "COMPLETE", reasoning = "done", artifact = "req",
+                                                        blockers = {}, assumptions_made = {}, verified_facts = {} } },
+                 complete("design") }
+    local run = submit("short")
+    local first = fiber.spawn(function() return engine:execute(run) end)
+    fiber.sleep(0.1)
+    local other = pipeline.engine{ db = store, project = project }
+    local state, why = other:execute(run)
+    other:close()
+    assert.equal("busy", state)
+    assert.matches("^EBUSY: run " .. run .. " is being executed by process %d+ on .+: wait for it to finish, or stop"
+      .. " that process and run `factory resume " .. run .. "`$", why)
+    local ok, final = fiber.join(first)
+    assert.truthy(ok)
+    assert.equal("succeeded", final)
+  end)
+
   it("waits out a model outage, the wait doubling, and asks again", function()
     start()
     fake:script{ { status = 503 }, { status = 503 }, complete("requirements"), complete("design") }
