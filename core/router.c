@@ -2094,18 +2094,25 @@ static int whole_or_absent(const char *v, const char *ve, long max) {
  * not by their base64 bytes, of which a screenshot has a million. */
 #define IMAGE_TOKENS 1600
 
-/* The prompt's tokens, estimated: a token per 4 bytes of the request, images aside. */
+static int is_base64_char(char ch) {
+    /* '\\' for JSON's escaped slash "\/" */
+    return (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '+' ||
+           ch == '/' || ch == '=' || ch == '\\';
+}
+
+/* The prompt's tokens, estimated: a token per 4 bytes of the request, but an inline
+ * image's data at most IMAGE_TOKENS. */
 static double prompt_estimate(const char *text, size_t len) {
-    size_t bytes = len, images = 0;
+    double tokens = (double)(len / 4 + 1);
     const char *p = text, *end = text + len;
     while ((p = memmem(p, (size_t)(end - p), ";base64,", 8)) != NULL) {
-        const char *q = p + 8;
-        while (q < end && *q != '"') q++;
-        bytes -= (size_t)(q - p);
-        images++;
+        const char *q = p += 8;
+        while (q < end && is_base64_char(*q)) q++;
+        double data = (double)(q - p) / 4;
+        if (data > IMAGE_TOKENS) tokens -= data - IMAGE_TOKENS;
         p = q;
     }
-    return (double)(bytes / 4 + 1) + (double)images * IMAGE_TOKENS;
+    return tokens;
 }
 
 /* A call of a request read into ri (text: len bytes, NUL-terminated, copied here). */
