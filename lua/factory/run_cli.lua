@@ -374,7 +374,10 @@ local function cmd_run(flags, words, opts)
     text, err = fs.read(flags.file)
     if not text then return fail(err) end
   end
+  -- A file saved on Windows or with a byte-order mark is the same work item.
+  text = text:gsub("^\239\187\191", ""):gsub("\r\n", "\n")
   local title, body = text:match("^%s*#*%s*([^\n]*)\n?(.*)$")
+  title = title:gsub("%s+$", "")
   local repo = fs.realpath(flags.repo) or flags.repo
   local tty = ffi.C.isatty(1) == 1
   local e

@@ -147,6 +147,22 @@ describe("factory run under kill -9", function()
     assert.contains(("run %d succeeded (feature)"):format(id), out)
   end, { timeout = 30 })
 
+  it("reads a work item file saved with CRLF line ends and a byte-order mark as the same item", function()
+    local body = "# Tasks can have a due date, from a file\n\nUsers want due dates.\n"
+    assert(fs.write(dir .. "/unix.md", body))
+    assert(fs.write(dir .. "/windows.md", "\239\187\191" .. body:gsub("\n", "\r\n")))
+    local status, out = finish(factory{ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--file",
+                                        dir .. "/windows.md" })
+    assert.equal(0, status.code, out)
+    status, out = finish(factory{ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--file", dir .. "/unix.md" })
+    assert.equal(0, status.code, out)
+    assert.contains("has succeeded already", out)
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    local items = assert(store:query("SELECT title, body FROM work_items"))
+    store:close()
+    assert.same({ { title = "Tasks can have a due date, from a file", body = "\nUsers want due dates.\n" } }, items)
+  end, { timeout = 30 })
+
   it("the same work item run again after it succeeded is not run or paid for twice", function()
     local status, out = finish(start(0))
     assert.equal(0, status.code, out)
