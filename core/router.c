@@ -109,6 +109,7 @@ typedef struct {
     call *qhead, *qtail;        /* callers waiting for the rate limits */
     uv_timer_t *timer;          /* wakes the queue once the buckets have refilled */
     int failures, trial;        /* breaker: failures in a row; a half-open trial is out */
+    int no_stream_options;      /* it refused stream_options: its streams go without */
     double open_until;
     long requests, errors;
     config *cfg;
@@ -1778,6 +1779,23 @@ static void on_data(void *ud, const char *data, size_t len) {
     }
 }
 
+/* Some OpenAI-compatible servers (older Azure OpenAI API versions, some gateways)
+ * refuse the stream_options the router adds to have a stream's usage: the provider
+ * is asked again at once without them, and from then on (its streams' usage is then
+ * estimated from their content). */
+static int refused_stream_options(call *c) {
+    char msg[256];
+    upstream_message(c, msg, sizeof msg);
+    if (c->tgt->p->kind != K_OPENAI || !strstr(msg, "stream_options")) return 0;
+    c->tgt->p->no_stream_options = 1;
+    set_error(c, "EUPSTREAM", "%s/%s: HTTP 400: %s (asked again without stream_options)", c->tgt->p->name,
+              c->tgt->model, msg);
+    log_attempt(c, c->tgt, 1, c->err_code, c->err);
+    end_attempt(c);
+    dispatch(c);
+    return 1;
+}
+
 static void on_done(void *ud, const char *code, const char *message) {
     call *c = (call *)ud;
     c->http = NULL;     /* freed by the client after this returns */
@@ -1808,6 +1826,7 @@ static void on_done(void *ud, const char *code, const char *message) {
         attempt_failed(c, 0);
         return;
     }
+    if (c->status == 400 && c->stream && !c->tgt->p->no_stream_options && refused_stream_options(c)) return;
     if (c->status != 200) {
         char msg[256];
         upstream_message(c, msg, sizeof msg);
@@ -1885,6 +1904,7 @@ static char *upstream_body(call *c) {
     }
     /* Usage comes in a last chunk only when asked for. */
     const char *tail = c->op == OP_EMBED ? "}"
+                     : c->stream && c->tgt->p->no_stream_options ? ",\"stream\":true}"
                      : c->stream ? ",\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
                      : ",\"stream\":false}";
     if (ok && buf_add(&b, tail, strlen(tail))) return b.data;

@@ -309,6 +309,27 @@ describe("router", function()
     router.clear_budget("run", "pics")
   end)
 
+  it("asks again without stream_options a server that refuses them, and from then on", function()
+    fake:script{ { status = 400, message = "Unrecognized request argument supplied: stream_options" } }
+    local s = assert(router.chat(hello("solo", { stream = true })))
+    local chunks, err = read_all(s)
+    assert.is_nil(err)
+    assert.equal("Hello from the fake.", text_of(chunks))
+    assert(read_all(assert(router.chat(hello("solo", { stream = true })))))
+    local sent = fake:requests()
+    assert.equal(3, #sent)
+    assert.truthy(json.decode(sent[1].body).stream_options)
+    for i = 2, 3 do
+      local body = json.decode(sent[i].body)
+      assert.same({ true, nil }, { body.stream, body.stream_options })
+    end
+    router.flush()
+    local r = records[#records]
+    assert.equal("ok", r.status)
+    assert.truthy(r.prompt_tokens > 0 and r.completion_tokens > 0, "usage estimated")
+    assert.contains("asked again without stream_options", records[#records - 1].attempts[1].outcome)
+  end)
+
   it("skips an Anthropic provider for n > 1 completions, and refuses them when nothing else is left", function()
     local res, err, code = router.chat(hello("anth", { n = 2 }))
     assert.is_nil(res)
