@@ -27,6 +27,7 @@ return pipeline "one" {
 }]]
 
 local dir, fake, store, project, engine
+local RECOUNT_S = pipeline.RECOUNT_S
 
 local function start(usd_per_day, budgets)
   assert(fs.write(dir .. "/teams/budget_probe.lua", TEAM:format(usd_per_day)))
@@ -65,10 +66,20 @@ after_each(function()
   engine = nil
   -- The router's accounts live as long as the process: each case starts a fresh day.
   router.clear_budget("team", "budget_probe")
+  pipeline.RECOUNT_S = RECOUNT_S
   store:close()
   fake:close()
   assert(fs.remove(dir, { recursive = true }))
 end)
+
+-- A run that the team's budget stops before its first call is sent: the escalation
+-- says so (its reason starts with `reason`), and the fake has had `sent` requests.
+local function blocked_by_budget(reason, sent)
+  local _, state, esc = run_once()
+  assert.equal("waiting", state)
+  assert.equal(sent, fake:count())
+  assert.matches("^BLOCKED: budget exhausted: team budget_probe" .. (reason or ""), esc.reason)
+end
 
 local function limit()
   return router.stats().budgets["team:budget_probe"].limit_usd
@@ -82,10 +93,7 @@ describe("team budgets", function()
 
   it("a spent team budget blocks the objective before anything is sent", function()
     start("0.000001")
-    local _, state, esc = run_once()
-    assert.equal("waiting", state)
-    assert.equal(0, fake:count())
-    assert.matches("^BLOCKED: budget exhausted: team budget_probe has 0.0000 of 0.0000 USD left", esc.reason)
+    blocked_by_budget(" has 0.0000 of 0.0000 USD left", 0)
   end)
 
   it("factory.lua's smaller budget for the team wins", function()
@@ -114,10 +122,7 @@ describe("team budgets", function()
     assert.same({}, project.teams:load_all())
     account = router.stats().budgets["team:budget_probe"]
     assert.same({ 9.7501, 9.75, 42 }, { account.limit_usd, account.spent_usd, account.spent_tokens })
-    local _, state, esc = run_once()
-    assert.equal("waiting", state)
-    assert.equal(0, fake:count())
-    assert.matches("^BLOCKED: budget exhausted: team budget_probe has 0.0001 of 9.7501 USD left", esc.reason)
+    blocked_by_budget(" has 0.0001 of 9.7501 USD left", 0)
   end)
 
   it("sees what another process spends from the team's budget meanwhile, before the next objective", function()
@@ -127,13 +132,8 @@ describe("team budgets", function()
     -- Another process spends nearly all of the day's budget.
     assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, created_at)"
       .. " VALUES ('budget_probe', 'fake', 'architect', 9.9999, 'ok', ?)", { time.now() }))
-    local recount = pipeline.RECOUNT_S
     pipeline.RECOUNT_S = 0
-    local _, state, esc = run_once()
-    pipeline.RECOUNT_S = recount
-    assert.equal("waiting", state)
-    assert.equal(1, fake:count())
-    assert.matches("^BLOCKED: budget exhausted: team budget_probe", esc.reason)
+    blocked_by_budget(nil, 1)
   end)
 
   it("reloading the team file changes its budget", function()
@@ -160,9 +160,7 @@ describe("team budgets", function()
     engine:set_budgets({ teams = { budget_probe = { usd_per_day = 2 } } })
     assert.equal(2, limit())
     engine:set_budgets({ teams = { budget_probe = { usd_per_day = 0.000001 } } })
-    local _, state, esc = run_once()
-    assert.equal("waiting", state)
-    assert.matches("^BLOCKED: budget exhausted: team budget_probe", esc.reason)
+    blocked_by_budget(nil, 0)
     engine:set_budgets(nil)
     assert.equal(10, limit())
   end)
