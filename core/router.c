@@ -1994,6 +1994,18 @@ static int bad_request(lua_State *L, const char *code, const char *fmt, ...) {
     return fb_push_error(L, code, "%s", msg);
 }
 
+/* The configured aliases and providers, as far as they fit in out, for a caller who
+ * named neither. */
+static void known_names(config *cfg, char *out, size_t size) {
+    size_t n = (size_t)snprintf(out, size, "aliases:");
+    for (int i = 0; i < cfg->naliases && n < size; i++)
+        n += (size_t)snprintf(out + n, size - n, "%s %s", i ? "," : "", cfg->aliases[i].name);
+    if (n < size) n += (size_t)snprintf(out + n, size - n, "%s; providers:", cfg->naliases ? "" : " none");
+    for (int i = 0; i < cfg->nproviders && n < size; i++)
+        n += (size_t)snprintf(out + n, size - n, "%s %s", i ? "," : "", cfg->providers[i].name);
+    if (n >= size && size > 4) memcpy(out + size - 4, "...", 4);
+}
+
 /* What the router reads of a request. */
 typedef struct {
     const char *model, *model_end;      /* the value, quotes included */
@@ -2151,7 +2163,9 @@ static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_
     alias *al = find_alias(cfg, model);
     target direct = {0};
     if (!al && !set_target(cfg, &direct, model)) {
-        bad_request(L, "EALIAS", "unknown model '%.200s': not an alias nor provider/model", model);
+        char known[256];
+        known_names(cfg, known, sizeof known);
+        bad_request(L, "EALIAS", "unknown model '%.100s': not an alias nor provider/model (%s)", model, known);
         free(model);
         return 3;
     }

@@ -111,6 +111,14 @@ describe("router", function()
     assert.equal("other-model", res.model)
   end)
 
+  it("names the aliases and providers there are to a caller who named neither", function()
+    local _, err, code = router.chat(hello("sol"))
+    assert.equal("EALIAS", code)
+    assert.contains("unknown model 'sol': not an alias nor provider/model (aliases: ", err)
+    for _, name in ipairs({ "solo", "chain", "anth", "dead" }) do assert.contains(name, err:match("aliases: ([^;]*)")) end
+    for _, name in ipairs({ "a", "b", "dead" }) do assert.truthy(err:match("providers: (.*)%)$"):find(name, 1, true)) end
+  end)
+
   it("rejects bad requests with a clear error", function()
     local cases = {
       { "{not json", "EINVAL" },
