@@ -164,8 +164,11 @@ function Engine:submit(w)
   assert(type(w.pipeline) == "string" and type(w.title) == "string", "engine:submit: pipeline and title are required")
   if not self.project.pipelines:get(w.pipeline) then
     local names = self.project.pipelines:names()
-    return nil, ("ENOENT: no pipeline %q (%s)"):format(w.pipeline, #names > 0 and ("pipelines: " .. table.concat(names, ", "))
-      or "no pipelines/*.lua loaded here"), "ENOENT"
+    if #names > 0 then
+      return nil, ("ENOENT: no pipeline %q (pipelines: %s)"):format(w.pipeline, table.concat(names, ", ")), "ENOENT"
+    end
+    return nil, ("ENOENT: no pipeline %q: no pipelines/*.lua in %s; --project DIR names where teams/ and pipelines/"
+      .. " are"):format(w.pipeline, self.project.dir == "." and "the current directory" or self.project.dir), "ENOENT"
   end
   if not w.title:find("%S") then return nil, "EINVAL: the work item has no title: its text is empty", "EINVAL" end
   local anchor = w.title .. (w.body and w.body ~= "" and ("\n\n" .. w.body) or "")

@@ -186,6 +186,16 @@ describe("pipeline engine", function()
     assert.is_nil(run)
     assert.equal("ENOENT", code)
     assert.equal('ENOENT: no pipeline "featrue" (pipelines: broke, feature, short, twice)', err)
+    -- A project directory without pipelines (the wrong --project) is named.
+    assert(fs.mkdir_p(dir .. "/elsewhere"))
+    local empty = dsl.project(dir .. "/elsewhere")
+    assert.same({}, empty:load())
+    local lost = pipeline.engine{ db = store, project = empty }
+    run, err = lost:submit{ pipeline = "feature", title = "Add due dates", repo = dir }
+    lost:close()
+    assert.is_nil(run)
+    assert.equal('ENOENT: no pipeline "feature": no pipelines/*.lua in ' .. dir .. "/elsewhere; --project DIR names"
+      .. " where teams/ and pipelines/ are", err)
     assert.equal(0, rows("SELECT COUNT(*) AS n FROM work_items")[1].n, "nothing was recorded")
   end)
 
