@@ -336,6 +336,14 @@ function Engine:_execute(run, pipe)
   return "succeeded"
 end
 
+-- Why a team is not loaded, as its file's load said.
+function Engine:_team_problem(name)
+  for _, problem in ipairs(self.project.teams:problems()) do
+    if problem:find("/" .. name .. ".lua:", 1, true) or problem:find("^" .. name .. "%.lua:") then return problem end
+  end
+  return ("no teams/%s.lua"):format(name)
+end
+
 function Engine:_operative(team, st)
   return team.operative[st.operative or ""] or team.operatives[1]
 end
@@ -440,7 +448,14 @@ function Engine:_stage(run, pipe, st)
     -- The definitions as they are now; this objective keeps them even if a file is
     -- reloaded while it runs.
     local team = self.project.teams:get(st.team)
-    if not team then error(("stage %s: team %q is not loaded"):format(st.name, st.team)) end
+    if not team then
+      -- Its file does not load (or is gone): a human fixes it, the file reloads, and
+      -- the answer lets the stage go on; the stages done so far stay done.
+      if started then self:_emit(run.id, "stage_started", started) end
+      return self:_escalate(run, st, { name = st.team }, { name = st.operative or "-" },
+        ("Fix the team's file (it is reloaded when saved; `factory check` shows the problem), then answer to go"
+         .. " on."), ("team %s is not loaded: %s"):format(st.team, self:_team_problem(st.team)))
+    end
     local op = self:_operative(team, st)
     local answers = {}
     for _, a in ipairs(run.answers) do

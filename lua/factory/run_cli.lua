@@ -362,6 +362,17 @@ local function unready_repo(pipe, repo, given)
     .. " commit something first"):format(given)
 end
 
+-- A stage whose team did not load (its problem was printed as the project loaded),
+-- found before the stages ahead of it are paid for.
+local function unloaded_team(pipe, project)
+  for _, st in ipairs(pipe and pipe.stages or {}) do
+    if not project.teams:get(st.team) then
+      return ("stage %s needs team %s, which did not load (above; `factory check` shows every problem): fix it"
+        .. " and run again"):format(st.name, st.team)
+    end
+  end
+end
+
 local function cmd_run(flags, words, opts)
   if #words ~= 1 then return usage_error("factory run needs one PIPELINE") end
   if not flags.repo then return usage_error("factory run needs --repo DIR") end
@@ -387,7 +398,8 @@ local function cmd_run(flags, words, opts)
   local err
   e, err = engine_for(flags, opts, on_event, redraw)
   if not e then return fail(err) end
-  local unready = unready_repo(e.engine.project.pipelines:get(words[1]), repo, flags.repo)
+  local pipe = e.engine.project.pipelines:get(words[1])
+  local unready = unloaded_team(pipe, e.engine.project) or unready_repo(pipe, repo, flags.repo)
   if unready then
     e.close()
     return fail(unready)

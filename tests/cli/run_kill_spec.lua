@@ -195,6 +195,24 @@ describe("factory run on a repository without a commit", function()
   end, { timeout = 30 })
 end)
 
+describe("factory run with a team that does not load", function()
+  it("refuses at once, before any stage is paid for, naming the stage and the team", function()
+    -- factory.lua without factory/fast: the teams that use it do not load.
+    local cfg = assert(fs.read(dir .. "/factory.lua")):gsub(',%s*%["factory/fast"%] = { "replay/r" }', "")
+    assert(fs.write(dir .. "/factory.lua", cfg))
+    local t0 = time.now()
+    local status, out = finish(factory{ "run", "feature", "--repo", ROOT .. "examples/sample-repo",
+                                        "--issue", "A team is missing" })
+    assert.equal(1, status.code, out)
+    assert.contains('unknown model alias "factory/fast"', out)
+    assert.contains("stage build needs team backend_engineering, which did not load", out)
+    assert.equal(0, #requests(t0), "no model call")
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert.equal(0, #assert(store:query("SELECT id FROM work_items")))
+    store:close()
+  end, { timeout = 30 })
+end)
+
 describe("factory run while factory.lua changes", function()
   -- Lines of p's output until one matches pattern (nil after 10 s or at its end).
   local function read_until(p, pattern, seen)

@@ -377,6 +377,31 @@ describe("pipeline engine", function()
     assert.equal("succeeded", final)
   end)
 
+  it("asks a human to fix a stage's team whose file does not load, and goes on once it does", function()
+    local path = dir .. "/teams/solution_architecture.lua"
+    start()
+    local good = assert(fs.read(path))
+    engine:close()
+    -- The project as `factory resume` finds it: the team's file broke since the run began.
+    assert(fs.write(path, good:gsub('model = "factory/architect"', 'model = "factory/archtect"', 1)))
+    project = dsl.project(dir)
+    local problems = project:load()
+    assert.equal(1, #problems)
+    engine = pipeline.engine{ db = store, project = project }
+    fake:script{ complete("req"), complete("design") }
+    local run = submit("short")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    assert.equal(1, fake:count(), "the first stage ran")
+    assert.equal("team solution_architecture is not loaded: " .. problems[1], esc.reason)
+    assert.contains("Fix the team's file", esc.question)
+    assert(fs.write(path, good))
+    assert.same({}, project.teams:load_all())
+    assert(hitl.answer(store, esc.id, "Fixed the alias."))
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(2, fake:count(), "the first stage did not run again")
+  end)
+
   it("waits out a model outage, the wait doubling, and asks again", function()
     start()
     fake:script{ { status = 503 }, { status = 503 }, complete("requirements"), complete("design") }
