@@ -189,12 +189,34 @@ function Engine:submit(w)
         .. " updated_at) VALUES (?, ?, ?, ?, 'accepted', ?, ?, ?) RETURNING id",
         { w.source or "cli", w.external_id, w.title, w.body, { repo = w.repo }, now, now, n = 7 })).last_id
     end
+    local stages = {}
+    for i, st in ipairs(self.project.pipelines:get(w.pipeline).stages) do stages[i] = st.name end
     local run = assert(tx:exec("INSERT INTO runs (work_item_id, pipeline, state, stage_index, data, created_at,"
       .. " updated_at) VALUES (?, ?, 'pending', 0, ?, ?, ?) RETURNING id",
-      { item, w.pipeline, { anchor = anchor, repo = w.repo }, now, now })).last_id
+      { item, w.pipeline, { anchor = anchor, repo = w.repo, stages = stages }, now, now })).last_id
     records.event(tx, run, "run_created", { pipeline = w.pipeline, title = w.title })
     return run, false
   end)
+end
+
+-- The stages a run goes through are those its pipeline had when the run was
+-- submitted (runs.data.stages), each as its file defines it now: an edit that adds,
+-- removes or reorders stages applies to the runs submitted after it, so a run never
+-- runs a finished stage again, or loses its place, because the list moved. A stage
+-- removed before the run reached it is skipped; a finished one keeps its place.
+local function pinned(run, pipe)
+  local names = type(run.data) == "table" and run.data.stages
+  if not pipe or type(names) ~= "table" then return pipe end
+  local stages, by_index = {}, {}
+  for i, name in ipairs(names) do
+    local st = pipe.stage[name]
+    if st or i <= run.stage_index then
+      local at = #stages + 1
+      stages[at] = setmetatable({ index = at }, { __index = st or { name = name, inputs = {} } })
+      by_index[name] = stages[at]
+    end
+  end
+  return setmetatable({ stages = stages, stage = by_index }, { __index = pipe })
 end
 
 -- ---- the run lock ----------------------------------------------------------------
@@ -266,7 +288,7 @@ function Engine:execute(run_id)
   local unlock, err = self:_lock(run_id, function(tx)
     run = load_run(tx, run_id)
     if not run or FINISHED[run.state] then return false end
-    pipe = self.project.pipelines:get(run.pipeline)
+    pipe = pinned(run, self.project.pipelines:get(run.pipeline))
     return true
   end, function(tx)
     load_state(tx, run)
@@ -331,6 +353,12 @@ function Engine:_execute(run, pipe)
     end
     local state, detail = self:_stage(run, pipe, pipe.stages[i])
     if state ~= "complete" then return state, detail end
+  end
+  -- The last stage's commit records the success; with none left to run (they were
+  -- removed from the pipeline while the run waited) it is recorded here.
+  if not run.unlocked then
+    self:_finish(run, "succeeded")
+    return "succeeded"
   end
   self:_notify(run.id, "run_finished", { state = "succeeded" })
   return "succeeded"

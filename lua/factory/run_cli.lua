@@ -148,12 +148,13 @@ end
 
 -- Returns the run's event handler and, for a terminal, a redraw of the status line
 -- (called every second so the elapsed time moves during a long model call).
-local function progress(tty, stages)
-  local current = { stage = "-", index = 0, who = "-" }
+local function progress(tty)
+  -- The run's own count of stages (run_started): a run keeps the stages it began with.
+  local current = { stage = "-", index = 0, who = "-", stages = 0 }
   local last
   local function status(ev)
     local elapsed = ev.started and (time.monotonic() - ev.started) or 0
-    return ("[%d/%d %s] %s  %s tok  $%.4f  %.1fs"):format(current.index, stages(), current.stage, current.who,
+    return ("[%d/%d %s] %s  %s tok  $%.4f  %.1fs"):format(current.index, current.stages, current.stage, current.who,
       commas(ev.tokens), ev.cost or 0, elapsed)
   end
   local function line(text)
@@ -169,20 +170,21 @@ local function progress(tty, stages)
     local d = ev.data or {}
     local k = ev.kind
     if k == "run_started" then
+      current.stages = d.stages
       line(("run %d: %s, %d stages%s"):format(ev.run_id, d.pipeline, d.stages,
         d.resumed and (", resuming at stage " .. (d.stage_index + 1)) or ""))
     elseif k == "stage_started" then
       current.stage, current.index, current.who = d.stage, d.index, d.team
     elseif k == "objective_started" then
       current.who = d.team .. "/" .. d.operative
-      if not tty then line(("[%d/%d] %s: %s (attempt %d)"):format(current.index, stages(), d.stage, current.who, d.attempt)) end
+      if not tty then line(("[%d/%d] %s: %s (attempt %d)"):format(current.index, current.stages, d.stage, current.who, d.attempt)) end
     elseif k == "model_call" then
       if not tty then
         line(("  model %s %s: %s tok, $%.4f"):format(d.alias, d.status, commas((d.prompt_tokens or 0)
           + (d.completion_tokens or 0)), d.cost_usd or 0))
       end
     elseif k == "task_result" then
-      line(("[%d/%d] %s: %s -> %s"):format(current.index, stages(), d.stage, current.who, d.status))
+      line(("[%d/%d] %s: %s -> %s"):format(current.index, current.stages, d.stage, current.who, d.status))
     elseif k == "task_result_invalid" then
       line(("  malformed TaskResult (attempt %d): %s"):format(d.attempt, d.error))
     elseif k == "context_packed" then
@@ -391,12 +393,8 @@ local function cmd_run(flags, words, opts)
   title = title:gsub("%s+$", "")
   local repo = fs.realpath(flags.repo) or flags.repo
   local tty = ffi.C.isatty(1) == 1
-  local e
-  local on_event, redraw = progress(tty, function()
-    return #e.engine.project.pipelines:get(words[1]).stages
-  end)
-  local err
-  e, err = engine_for(flags, opts, on_event, redraw)
+  local on_event, redraw = progress(tty)
+  local e, err = engine_for(flags, opts, on_event, redraw)
   if not e then return fail(err) end
   local pipe = e.engine.project.pipelines:get(words[1])
   local unready = unloaded_team(pipe, e.engine.project) or unready_repo(pipe, repo, flags.repo)
@@ -426,20 +424,14 @@ local function cmd_resume(flags, words, opts)
   local run_id = tonumber(words[1])
   if #words ~= 1 or not run_id then return usage_error("factory resume needs one RUN id") end
   local tty = ffi.C.isatty(1) == 1
-  local e, err
-  local pipe_name
-  local on_event, redraw = progress(tty, function()
-    local p = e.engine.project.pipelines:get(pipe_name)
-    return p and #p.stages or 0
-  end)
-  e, err = engine_for(flags, opts, on_event, redraw)
+  local on_event, redraw = progress(tty)
+  local e, err = engine_for(flags, opts, on_event, redraw)
   if not e then return fail(err) end
   local run = e.db:query("SELECT pipeline FROM runs WHERE id = ?", { run_id })[1]
   local code
   if not run then
     code = fail(("no run %d"):format(run_id))
   else
-    pipe_name = run.pipeline
     code = drive(e, run_id, flags, tty)
   end
   e.close()

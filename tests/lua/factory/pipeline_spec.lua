@@ -402,6 +402,48 @@ describe("pipeline engine", function()
     assert.equal(2, fake:count(), "the first stage did not run again")
   end)
 
+  it("keeps a run on the stages its pipeline had when it began, however the file changes meanwhile", function()
+    start()
+    local function pipeline_of(...)
+      local lines = { 'return pipeline "twice" {' }
+      for _, name in ipairs({ ... }) do lines[#lines + 1] = ('  stage "%s" { team = "business_analysis" },'):format(name) end
+      lines[#lines + 1] = "}"
+      assert(fs.write(dir .. "/pipelines/twice.lua", table.concat(lines, "\n")))
+      assert.same({}, project.pipelines:load_all())
+    end
+    local function waiting_at(stage, run)
+      local state, esc = engine:execute(run)
+      assert.equal("waiting", state)
+      assert.equal(stage, esc.stage)
+      assert(hitl.answer(store, esc.id, "Go on."))
+    end
+    local function stages_run(run)
+      local out = {}
+      for _, r in ipairs(rows("SELECT stage FROM stage_results WHERE run_id = ? ORDER BY id", { run })) do
+        out[#out + 1] = r.stage
+      end
+      return out
+    end
+    -- A stage added before the finished ones: the run neither repeats "first" nor runs "zeroth".
+    fake:script{ complete("one"), blocked("a human must choose") }
+    local run = submit("twice", "pinned 1")
+    pipeline_of("zeroth", "first", "second")
+    waiting_at("second", run)
+    fake:script{ complete("two") }
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.same({ "first", "second", "second" }, stages_run(run))
+    -- A stage removed before the run reached it is skipped; with none left, the run succeeds.
+    fake:script{ complete("zero"), blocked("a human must choose") }
+    run = submit("twice", "pinned 2")
+    waiting_at("first", run)
+    pipeline_of("zeroth")
+    local calls = fake:count()
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(calls, fake:count(), "no stage ran")
+    assert.same({ "zeroth", "first" }, stages_run(run))
+    assert.equal("succeeded", rows("SELECT state FROM runs WHERE id = ?", { run })[1].state)
+  end)
+
   it("waits out a model outage, the wait doubling, and asks again", function()
     start()
     fake:script{ { status = 503 }, { status = 503 }, complete("requirements"), complete("design") }
