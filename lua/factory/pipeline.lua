@@ -10,6 +10,8 @@
 --        been cancelled), or false for a new run)
 --   engine:execute(run_id) -> state, detail
 --       state: "succeeded" | "waiting" (detail: the escalation) | "failed" (detail: why)
+--              | "busy" (another process executes it) | "unloaded" (its pipeline's file
+--              does not load: the run is left as it was)
 --   engine:set_budgets(budgets)   factory.lua's budgets again, after it was reloaded
 --   engine:close()
 --
@@ -289,16 +291,19 @@ function Engine:execute(run_id)
     run = load_run(tx, run_id)
     if not run or FINISHED[run.state] then return false end
     pipe = pinned(run, self.project.pipelines:get(run.pipeline))
-    return true
+    return pipe ~= nil
   end, function(tx)
     load_state(tx, run)
-    if pipe then
-      assert(tx:exec("UPDATE runs SET state = 'running', updated_at = ? WHERE id = ?", { time.now(), run.id }))
-      records.event(tx, run.id, "run_started", self:_started(run, pipe))
-    end
+    assert(tx:exec("UPDATE runs SET state = 'running', updated_at = ? WHERE id = ?", { time.now(), run.id }))
+    records.event(tx, run.id, "run_started", self:_started(run, pipe))
   end)
   if unlock == false then
     if not run then return "failed", ("no run %s"):format(tostring(run_id)) end
+    -- A pipeline file that does not load (now) leaves the run as it is, to resume.
+    if not pipe and not FINISHED[run.state] then
+      return "unloaded", ("EINVAL: pipeline %s is not loaded: %s; fix it and resume run %d (its finished stages"
+        .. " are kept)"):format(run.pipeline, self:_definition_problem(self.project.pipelines, run.pipeline), run.id)
+    end
     return run.state, run.error
   end
   if not unlock then return "busy", err end
@@ -337,10 +342,6 @@ function Engine:_started(run, pipe)
 end
 
 function Engine:_execute(run, pipe)
-  if not pipe then
-    self:_finish(run, "failed", ("no pipeline %q"):format(run.pipeline))
-    return "failed", ("no pipeline %q"):format(run.pipeline)
-  end
   -- Router budgets live in memory, from the start of this execution (execute clears
   -- the account when it returns): what is left is what the store has not seen spent.
   router.set_budget("run", run.id, { usd = math.max(0, pipe.limits.budget_usd - run.spent) })
@@ -364,12 +365,12 @@ function Engine:_execute(run, pipe)
   return "succeeded"
 end
 
--- Why a team is not loaded, as its file's load said.
-function Engine:_team_problem(name)
-  for _, problem in ipairs(self.project.teams:problems()) do
+-- Why a team or pipeline is not loaded, as its file's load said.
+function Engine:_definition_problem(registry, name)
+  for _, problem in ipairs(registry:problems()) do
     if problem:find("/" .. name .. ".lua:", 1, true) or problem:find("^" .. name .. "%.lua:") then return problem end
   end
-  return ("no teams/%s.lua"):format(name)
+  return ("no %s.lua"):format(name)
 end
 
 function Engine:_operative(team, st)
@@ -482,7 +483,7 @@ function Engine:_stage(run, pipe, st)
       if started then self:_emit(run.id, "stage_started", started) end
       return self:_escalate(run, st, { name = st.team }, { name = st.operative or "-" },
         ("Fix the team's file (it is reloaded when saved; `factory check` shows the problem), then answer to go"
-         .. " on."), ("team %s is not loaded: %s"):format(st.team, self:_team_problem(st.team)))
+         .. " on."), ("team %s is not loaded: %s"):format(st.team, self:_definition_problem(self.project.teams, st.team)))
     end
     local op = self:_operative(team, st)
     local answers = {}

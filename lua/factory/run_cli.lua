@@ -311,7 +311,7 @@ local function drive_run(e, run_id, flags, tty)
       ticker:cancel("done")
       io.stdout:write("\r\27[K")
     end
-    if state == "busy" then return fail(detail) end
+    if state == "busy" or state == "unloaded" then return fail(detail) end
     if state ~= "waiting" then
       summary(e.db, run_id, started)
       return state == "succeeded" and 0 or 1

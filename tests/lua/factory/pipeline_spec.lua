@@ -444,6 +444,34 @@ describe("pipeline engine", function()
     assert.equal("succeeded", rows("SELECT state FROM runs WHERE id = ?", { run })[1].state)
   end)
 
+  it("leaves a run as it was when its pipeline's file does not load, to resume once it does", function()
+    start()
+    fake:script{ complete("one"), blocked("a human must choose") }
+    local run = submit("twice")
+    local _, esc = engine:execute(run)
+    assert(hitl.answer(store, esc.id, "Go on."))
+    engine:close()
+    -- The process that resumes it finds the file broken.
+    local path = dir .. "/pipelines/twice.lua"
+    local good = assert(fs.read(path))
+    assert(fs.write(path, good:gsub('stage "second"', 'stage "second" {{', 1)))
+    project = dsl.project(dir)
+    local problems = project:load()
+    assert.equal(1, #problems)
+    engine = pipeline.engine{ db = store, project = project }
+    local before = rows("SELECT state FROM runs WHERE id = ?", { run })[1].state
+    local state, why = engine:execute(run)
+    assert.equal("unloaded", state)
+    assert.equal(("EINVAL: pipeline twice is not loaded: %s; fix it and resume run %d (its finished stages are kept)")
+      :format(problems[1], run), why)
+    assert.equal(before, rows("SELECT state FROM runs WHERE id = ?", { run })[1].state, "the run is as it was")
+    assert(fs.write(path, good))
+    assert.same({}, project.pipelines:load_all())
+    fake:script{ complete("two") }
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(3, fake:count(), "the first stage did not run again")
+  end)
+
   it("waits out a model outage, the wait doubling, and asks again", function()
     start()
     fake:script{ { status = 503 }, { status = 503 }, complete("requirements"), complete("design") }
