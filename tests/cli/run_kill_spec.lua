@@ -178,38 +178,34 @@ describe("factory run under kill -9", function()
   end, { timeout = 30 })
 end)
 
-describe("factory run on a repository without a commit", function()
-  it("refuses at once, before any stage is paid for, saying why", function()
+describe("factory run that cannot get through its pipeline", function()
+  -- The command fails at once, saying each of `says`: no model call, no work item.
+  local function refused_before_paying(args, says)
+    local t0 = time.now()
+    local status, out = finish(factory(args))
+    assert.equal(1, status.code, out)
+    for _, text in ipairs(says) do assert.contains(text, out) end
+    assert.equal(0, #requests(t0), "no model call")
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert.equal(0, #assert(store:query("SELECT id FROM work_items")))
+    store:close()
+  end
+
+  it("refuses a repository without a commit, which the build stage branches from", function()
     local empty = dir .. "/empty"
     assert(fs.mkdir_p(empty))
     assert.equal(0, assert(proc.run{ argv = { "git", "init", "-q", empty } }).code)
-    local t0 = time.now()
-    local status, out = finish(factory{ "run", "feature", "--repo", empty, "--issue", "Nothing to branch from" })
-    assert.equal(1, status.code, out)
-    assert.contains(("--repo %s: the repository has no commit yet, and the pipeline's build stage branches from"
-      .. " HEAD: commit something first"):format(empty), out)
-    assert.equal(0, #requests(t0), "no model call")
-    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
-    assert.equal(0, #assert(store:query("SELECT id FROM work_items")))
-    store:close()
+    refused_before_paying({ "run", "feature", "--repo", empty, "--issue", "Nothing to branch from" },
+      { ("--repo %s: the repository has no commit yet, and the pipeline's build stage branches from HEAD: commit"
+        .. " something first"):format(empty) })
   end, { timeout = 30 })
-end)
 
-describe("factory run with a team that does not load", function()
-  it("refuses at once, before any stage is paid for, naming the stage and the team", function()
+  it("refuses a pipeline with a team that does not load, naming the stage and the team", function()
     -- factory.lua without factory/fast: the teams that use it do not load.
     local cfg = assert(fs.read(dir .. "/factory.lua")):gsub(',%s*%["factory/fast"%] = { "replay/r" }', "")
     assert(fs.write(dir .. "/factory.lua", cfg))
-    local t0 = time.now()
-    local status, out = finish(factory{ "run", "feature", "--repo", ROOT .. "examples/sample-repo",
-                                        "--issue", "A team is missing" })
-    assert.equal(1, status.code, out)
-    assert.contains('unknown model alias "factory/fast"', out)
-    assert.contains("stage build needs team backend_engineering, which did not load", out)
-    assert.equal(0, #requests(t0), "no model call")
-    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
-    assert.equal(0, #assert(store:query("SELECT id FROM work_items")))
-    store:close()
+    refused_before_paying({ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--issue", "A team is missing" },
+      { 'unknown model alias "factory/fast"', "stage build needs team backend_engineering, which did not load" })
   end, { timeout = 30 })
 end)
 
