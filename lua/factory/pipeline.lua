@@ -341,18 +341,33 @@ function Engine:_started(run, pipe)
            resumed = run.stage_index > 0 or run.state ~= "pending" }
 end
 
+-- Where the run's time limit counts from: its creation, or the last answer a human
+-- gave it, so a run that waited overnight for an answer is not out of time for that.
+local function clock_start(run)
+  local start = run.created_at
+  for _, a in ipairs(run.answers) do
+    if a.human and a.at > start then start = a.at end
+  end
+  return start
+end
+
 function Engine:_execute(run, pipe)
   -- Router budgets live in memory, from the start of this execution (execute clears
   -- the account when it returns): what is left is what the store has not seen spent.
   router.set_budget("run", run.id, { usd = math.max(0, pipe.limits.budget_usd - run.spent) })
   self:_notify(run.id, "run_started", self:_started(run, pipe))
   for i = run.stage_index + 1, #pipe.stages do
-    if time.now() - run.created_at > pipe.limits.timeout_s then
-      local why = ("the run exceeded its time limit of %g s (timeout_s)"):format(pipe.limits.timeout_s)
-      self:_finish(run, "failed", why)
-      return "failed", why
+    local st, limit = pipe.stages[i], pipe.limits.timeout_s
+    local worked = time.now() - clock_start(run)
+    -- Out of time: a human decides. Failing the run would lose its finished stages to
+    -- the next run of the work item, which pays for them again.
+    if worked > limit and not run.escalation then
+      return self:_escalate(run, st, { name = st.team }, { name = st.operative or "-" },
+        ("Answer to give the run another %g s, or leave it stopped."):format(limit),
+        ("time limit: the run has worked %.0f s since it began or a human last answered it (timeout_s %g)")
+          :format(worked, limit))
     end
-    local state, detail = self:_stage(run, pipe, pipe.stages[i])
+    local state, detail = self:_stage(run, pipe, st)
     if state ~= "complete" then return state, detail end
   end
   -- The last stage's commit records the success; with none left to run (they were

@@ -32,6 +32,12 @@ return pipeline "broke" {
   limits = { budget_usd = 0.001 },
   stage "analysis" { team = "business_analysis" },
 }]],
+  slow = [[
+return pipeline "slow" {
+  limits = { timeout_s = 0.2 },
+  stage "analysis" { team = "business_analysis" },
+  stage "design" { team = "solution_architecture" },
+}]],
   twice = [[
 return pipeline "twice" {
   stage "first" { team = "business_analysis" },
@@ -185,7 +191,7 @@ describe("pipeline engine", function()
     local run, err, code = engine:submit{ pipeline = "featrue", title = "Add due dates", repo = dir }
     assert.is_nil(run)
     assert.equal("ENOENT", code)
-    assert.equal('ENOENT: no pipeline "featrue" (pipelines: broke, feature, short, twice)', err)
+    assert.equal('ENOENT: no pipeline "featrue" (pipelines: broke, feature, short, slow, twice)', err)
     -- A project directory without pipelines (the wrong --project) is named.
     assert(fs.mkdir_p(dir .. "/elsewhere"))
     local empty = dsl.project(dir .. "/elsewhere")
@@ -470,6 +476,25 @@ describe("pipeline engine", function()
     fake:script{ complete("two") }
     assert.equal("succeeded", (engine:execute(run)))
     assert.equal(3, fake:count(), "the first stage did not run again")
+  end)
+
+  it("asks a human when a run is out of time, and an answer gives it another timeout_s", function()
+    start()
+    fake:script{ { delay = 0.3, content = json.encode{ status = "COMPLETE", reasoning = "done", artifact = "req",
+                                                        blockers = {}, assumptions_made = {}, verified_facts = {} } },
+                 complete("design") }
+    local run = submit("slow")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    assert.equal("design", esc.stage)
+    assert.matches("^time limit: the run has worked %d+ s since it began or a human last answered it %(timeout_s 0.2%)$",
+                   esc.reason)
+    assert.equal(1, fake:count())
+    -- Waiting for the answer does not count against the run's time.
+    fiber.sleep(0.3)
+    assert(hitl.answer(store, esc.id, "Take another 0.2 s."))
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(2, fake:count(), "the finished stage did not run again")
   end)
 
   it("waits out a model outage, the wait doubling, and asks again", function()
