@@ -9,9 +9,10 @@
 --        pipeline that is continued rather than started twice (it has not failed or
 --        been cancelled), or false for a new run)
 --   engine:execute(run_id) -> state, detail
---       state: "succeeded" | "waiting" (detail: the escalation) | "failed" (detail: why)
---              | "busy" (another process executes it) | "unloaded" (its pipeline's file
---              does not load: the run is left as it was)
+--       state: "succeeded" | "waiting" (detail: the escalation) | "stopped" (detail:
+--              the error that stopped it; the run is kept, to resume) | "busy"
+--              (another process executes it) | "unloaded" (its pipeline's file does
+--              not load: the run is left as it was) | "failed" (no such run)
 --   engine:set_budgets(budgets)   factory.lua's budgets again, after it was reloaded
 --   engine:close()
 --
@@ -317,9 +318,13 @@ function Engine:execute(run_id)
   unlock(run.unlocked)
   self.totals[run_id] = nil
   if not ok then
-    log.error("pipeline: run failed", { run = run_id, error = tostring(state) })
-    self:_finish(run, "failed", tostring(state))
-    return "failed", tostring(state)
+    -- An error (a write the store refused, a bug) stops the run as a crash would: its
+    -- finished stages are kept, and resuming it (or the same `factory run`) goes on
+    -- from the first unfinished one once the cause is fixed.
+    local why = tostring(state)
+    log.error("pipeline: run stopped by an error", { run = run_id, error = why })
+    self:_stopped(run, why)
+    return "stopped", why
   end
   return state, detail
 end
@@ -334,6 +339,16 @@ function Engine:_finish(run, state, why)
     return true
   end))
   self:_notify(run.id, "run_finished", finished)
+end
+
+function Engine:_stopped(run, why)
+  local recorded, err = self.db:tx(function(tx)
+    assert(tx:exec("UPDATE runs SET state = 'stopped', error = ?, updated_at = ? WHERE id = ?", { why, time.now(), run.id }))
+    records.event(tx, run.id, "run_stopped", { error = why })
+    return true
+  end)
+  if not recorded then log.error("pipeline: the run's stop could not be recorded", { run = run.id, error = tostring(err) }) end
+  self:_notify(run.id, "run_stopped", { error = why })
 end
 
 function Engine:_started(run, pipe)

@@ -242,6 +242,9 @@ local function summary(d, run_id, started)
     print(("  %-14s %-34s %-20s attempts %d"):format(name, s.team .. "/" .. s.operative, s.status, s.attempt))
   end
   if run.error then print("  error: " .. run.error) end
+  if run.state == "stopped" then
+    print(("its finished stages are kept: once the cause is fixed, continue it with: factory resume %d"):format(run_id))
+  end
   print(("details: factory runs show %d"):format(run_id))
 end
 
@@ -515,6 +518,7 @@ local DESCRIBE = {
   human_answered = function(d) return ("  human answered #%d: %s"):format(d.id, d.answer) end,
   stage_completed = function(d) return ("stage %s COMPLETE"):format(d.stage) end,
   run_finished = function(d) return ("run %s%s"):format(d.state, d.error and (": " .. d.error) or "") end,
+  run_stopped = function(d) return ("run stopped by an error (its finished stages are kept): %s"):format(d.error) end,
 }
 
 -- An event another version recorded, or one missing a field, still gets a line: its

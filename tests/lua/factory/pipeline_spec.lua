@@ -304,7 +304,7 @@ describe("pipeline engine", function()
     assert.equal("BLOCKED", r.status)
   end)
 
-  it("fails a run whose records could not be written, saying which stage and why", function()
+  it("stops a run whose records could not be written, saying which stage and why, and resumes it", function()
     start()
     -- A timeline write of this run's fiber that the store refuses (an unknown table).
     engine.on_event = function(ev)
@@ -320,13 +320,22 @@ describe("pipeline engine", function()
     log.set_console(nil)
     logged:seek("set")
     assert.contains("a posted write failed", logged:read("*a"))
-    assert.equal("failed", state)
+    assert.equal("stopped", state)
     assert.contains("stage analysis: the objective's result could not be recorded: EPOSTED", why)
     assert.contains("no_such_table", why)
     local r = rows("SELECT state, error FROM runs WHERE id = ?", { run })[1]
-    assert.equal("failed", r.state)
+    assert.equal("stopped", r.state)
     assert.contains("EPOSTED", r.error)
     assert.same({}, rows("SELECT id FROM stage_results WHERE run_id = ?", { run }))
+    -- The cause gone, the same work item continues the run (a failed one would start anew).
+    engine.on_event = nil
+    local again, earlier = engine:submit{ pipeline = "feature", title = "Add due dates to tasks",
+                                          body = "Users want a due date on each task.", repo = dir, external_id = "feature" }
+    assert.same({ run, "stopped" }, { again, earlier })
+    fake:reset()
+    fake:script(feature_replies())
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(5, fake:count())
   end)
 
   it("sends a malformed TaskResult back and accepts the correction", function()
