@@ -9,6 +9,8 @@
 --   hitl.answers(db, run_id [, stage]) -> { { from, question, answer, human = bool, at, stage } }
 --       every answer the stage's objective received (without stage: every stage's),
 --       from teams and humans, in order
+--   hitl.close_open(tx, run_id, why)   answers the run's open escalations with why,
+--       as "factory" (the run ended without them)
 local records = require "factory.records"
 local time = require "factory.core.time"
 
@@ -63,6 +65,17 @@ end
 
 -- Top-level answers only: a clarification asked inside another clarification
 -- (depth > 1) was already folded into the answer it led to.
+-- Answers, in tx, every escalation of the run still open, with `why` (the run ended
+-- without them): nobody is asked a question that no run waits on.
+function M.close_open(tx, run_id, why)
+  local open = assert(tx:query(SELECT .. " AND a.id IS NULL AND e.run_id = ?", { run_id }))
+  for _, row in ipairs(open) do
+    local e = shaped(row)
+    records.mail(tx, { sender = "factory", recipient = e.team, kind = "answer", run_id = run_id, in_reply_to = e.id,
+                       body = why, data = { stage = e.stage } })
+  end
+end
+
 function M.answers(db, run_id, stage)
   local rows = assert(db:query("SELECT a.sender, a.body, a.data, a.created_at, q.body AS question, q.kind AS asked"
     .. " FROM mail a JOIN mail q ON q.id = a.in_reply_to WHERE a.run_id = ? AND a.kind = 'answer' ORDER BY a.id",

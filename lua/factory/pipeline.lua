@@ -14,6 +14,10 @@
 --              (another process executes it) | "unloaded" (its pipeline's file does
 --              not load: the run is left as it was) | "failed" (no such run)
 --   engine:set_budgets(budgets)   factory.lua's budgets again, after it was reloaded
+--   pipeline.cancel(db, run_id) -> true | nil, err, code (ENOENT, EINVAL, EBUSY)
+--       ends a run that has not finished and that no live process executes: it is
+--       'cancelled', its open escalations are closed, and the same work item gets a
+--       new run
 --   engine:close()
 --
 -- Team budgets: a team file's budget (usd_per_day, tokens_per_day) is given to the
@@ -224,6 +228,34 @@ end
 
 -- ---- the run lock ----------------------------------------------------------------
 
+-- The process that holds a run's lock, as its owner reads ("process PID on HOST"),
+-- or nil when none does (no lock, an expired one, or its process died here).
+local function executor(tx, run_id, except)
+  local held = assert(tx:query("SELECT owner, expires_at FROM locks WHERE name = ?", { "run:" .. run_id }))[1]
+  if not held or held.owner == except or held.expires_at <= time.now() or engine_id.alive_here(held.owner) == false then
+    return nil
+  end
+  local host, pid = tostring(held.owner):match("^(.*):(%d+):%d+$")
+  return host and ("process %s on %s"):format(pid, host) or tostring(held.owner)
+end
+
+function M.cancel(db, run_id)
+  return db:tx(function(tx)
+    local run = assert(tx:query("SELECT state FROM runs WHERE id = ?", { run_id }))[1]
+    if not run then return nil, ("ENOENT: no run %s"):format(tostring(run_id)), "ENOENT" end
+    if FINISHED[run.state] then return nil, ("EINVAL: run %d has %s already"):format(run_id, run.state), "EINVAL" end
+    local who = executor(tx, run_id)
+    if who then
+      return nil, ("EBUSY: run %d is being executed by %s: stop that process first"):format(run_id, who), "EBUSY"
+    end
+    local now = time.now()
+    assert(tx:exec("UPDATE runs SET state = 'cancelled', updated_at = ?, finished_at = ? WHERE id = ?", { now, now, run_id }))
+    hitl.close_open(tx, run_id, "the run was cancelled")
+    records.event(tx, run_id, "run_finished", { state = "cancelled" })
+    return true
+  end)
+end
+
 -- In the transaction that takes the lock, wanted(tx) says first whether to take it
 -- (false: not, and nothing is written), then start(tx) runs once it is taken.
 -- -> unlock function | false (not wanted) | nil, err
@@ -232,11 +264,8 @@ function Engine:_lock(run_id, wanted, start)
   local ok, err = self.db:tx(function(tx)
     if not wanted(tx) then return "unwanted" end
     local now = time.now()
-    local rows = assert(tx:query("SELECT owner, expires_at FROM locks WHERE name = ?", { name }))
-    local held = rows[1]
-    if held and held.owner ~= self.owner and held.expires_at > now and engine_id.alive_here(held.owner) ~= false then
-      local host, pid = tostring(held.owner):match("^(.*):(%d+):%d+$")
-      local who = host and ("process %s on %s"):format(pid, host) or tostring(held.owner)
+    local who = executor(tx, run_id, self.owner)
+    if who then
       return nil, ("EBUSY: run %d is being executed by %s: wait for it to finish, or stop that process and"
         .. " run `factory resume %d`"):format(run_id, who, run_id), "EBUSY"
     end

@@ -63,11 +63,14 @@ usage: factory hitl list [--all] [--db URL]
   runs = [[
 usage: factory runs [--limit N] [--db URL]
        factory runs show RUN [--db URL]
+       factory runs cancel RUN [--db URL]
 
   runs          the latest runs (20, or N): state, stages done, what their model
                 calls cost, when they last changed
   show RUN      the run's timeline: stages, objectives, model calls, clarifications,
                 escalations and answers, in order
+  cancel RUN    end a run that has not finished (and that no process is executing):
+                its open questions are closed, and the work item, run again, starts anew
 
 ]] .. DB_HELP .. "\n",
 }
@@ -587,8 +590,16 @@ local function cmd_runs(flags, words)
     end)
   end
   local id = tonumber(words[2])
-  if words[1] ~= "show" or #words ~= 2 or not id then return usage_error("usage: factory runs [show RUN]") end
-  return with_db(flags, function(d) return show_run(d, id) end)
+  if (words[1] ~= "show" and words[1] ~= "cancel") or #words ~= 2 or not id then
+    return usage_error("usage: factory runs [show RUN | cancel RUN]")
+  end
+  if words[1] == "show" then return with_db(flags, function(d) return show_run(d, id) end) end
+  return with_db(flags, function(d)
+    local ok, err = pipeline.cancel(d, id)
+    if not ok then return fail(err) end
+    print(("run %d cancelled: the same work item, run again, starts a new run"):format(id))
+    return 0
+  end)
 end
 
 local COMMANDS = { run = cmd_run, resume = cmd_resume, hitl = cmd_hitl, runs = cmd_runs }

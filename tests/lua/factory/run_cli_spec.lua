@@ -95,6 +95,17 @@ describe("factory runs", function()
       .. " change(s) are not in it", out)
   end)
 
+  it("cancels a run that has not finished, and says why it will not cancel one that has", function()
+    local done = new_run("Finished")
+    assert.equal(("factory: EINVAL: run %d has succeeded already\nexit=1\n"):format(done), factory("runs cancel " .. done))
+    local waiting = new_run("Waiting")
+    assert(store:exec("UPDATE runs SET state = 'waiting' WHERE id = ?", { waiting }))
+    assert.equal(("run %d cancelled: the same work item, run again, starts a new run\nexit=0\n"):format(waiting),
+                 factory("runs cancel " .. waiting))
+    assert.equal("cancelled", store:query("SELECT state FROM runs WHERE id = ?", { waiting })[1].state)
+    assert.contains("usage: factory runs [show RUN | cancel RUN]", factory("runs cancel"))
+  end)
+
   for _, b in ipairs(backends.LIST) do
     it("lists the runs with what their calls cost, and says when a run does not exist, on " .. b[1], function()
       if b[1] ~= "sqlite" then
