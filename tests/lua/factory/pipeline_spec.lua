@@ -102,6 +102,12 @@ local function complete(artifact, facts)
                 assumptions_made = {}, blockers = {}, clarification_needed = json.null }
 end
 
+-- The reply, answered after `delay` seconds.
+local function late(r, delay)
+  r.delay = delay
+  return r
+end
+
 local function ask(team, question)
   return reply{ status = "NEEDS_CLARIFICATION", reasoning = "I cannot decide this", blockers = {},
                 clarification_needed = { team = team, question = question } }
@@ -128,6 +134,14 @@ local function submit(name, title)
 end
 
 local function rows(sql, params) return assert(store:query(sql, params)) end
+
+-- Answers the run's escalation; the run then succeeds, the model having had `calls`
+-- requests in all (a finished stage does not run again).
+local function answered_to_the_end(run, esc, text, calls)
+  assert(hitl.answer(store, esc.id, text))
+  assert.equal("succeeded", (engine:execute(run)))
+  assert.equal(calls, fake:count(), "requests to the model")
+end
 
 local function feature_replies()
   return { complete("# Requirements\n1. a task has an optional due date", { "tasks live in tasks.lua" }),
@@ -375,9 +389,7 @@ describe("pipeline engine", function()
 
   it("executes a run in one engine at a time; another says which process has it", function()
     start()
-    fake:script{ { delay = 0.5, content = json.encode{ status = "COMPLETE", reasoning = "done", artifact = "req",
-                                                        blockers = {}, assumptions_made = {}, verified_facts = {} } },
-                 complete("design") }
+    fake:script{ late(complete("req"), 0.5), complete("design") }
     local run = submit("short")
     local first = fiber.spawn(function() return engine:execute(run) end)
     fiber.sleep(0.1)
@@ -412,9 +424,7 @@ describe("pipeline engine", function()
     assert.contains("Fix the team's file", esc.question)
     assert(fs.write(path, good))
     assert.same({}, project.teams:load_all())
-    assert(hitl.answer(store, esc.id, "Fixed the alias."))
-    assert.equal("succeeded", (engine:execute(run)))
-    assert.equal(2, fake:count(), "the first stage did not run again")
+    answered_to_the_end(run, esc, "Fixed the alias.", 2)
   end)
 
   it("keeps a run on the stages its pipeline had when it began, however the file changes meanwhile", function()
@@ -489,9 +499,7 @@ describe("pipeline engine", function()
 
   it("asks a human when a run is out of time, and an answer gives it another timeout_s", function()
     start()
-    fake:script{ { delay = 0.3, content = json.encode{ status = "COMPLETE", reasoning = "done", artifact = "req",
-                                                        blockers = {}, assumptions_made = {}, verified_facts = {} } },
-                 complete("design") }
+    fake:script{ late(complete("req"), 0.3), complete("design") }
     local run = submit("slow")
     local state, esc = engine:execute(run)
     assert.equal("waiting", state)
@@ -501,9 +509,7 @@ describe("pipeline engine", function()
     assert.equal(1, fake:count())
     -- Waiting for the answer does not count against the run's time.
     fiber.sleep(0.3)
-    assert(hitl.answer(store, esc.id, "Take another 0.2 s."))
-    assert.equal("succeeded", (engine:execute(run)))
-    assert.equal(2, fake:count(), "the finished stage did not run again")
+    answered_to_the_end(run, esc, "Take another 0.2 s.", 2)
   end)
 
   it("cancels a run no process executes: its questions close and the work item starts anew", function()
