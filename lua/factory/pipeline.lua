@@ -214,16 +214,16 @@ end
 local function pinned(run, pipe)
   local names = type(run.data) == "table" and run.data.stages
   if not pipe or type(names) ~= "table" then return pipe end
-  local stages, by_index = {}, {}
+  local stages, by_name = {}, {}
   for i, name in ipairs(names) do
     local st = pipe.stage[name]
     if st or i <= run.stage_index then
       local at = #stages + 1
       stages[at] = setmetatable({ index = at }, { __index = st or { name = name, inputs = {} } })
-      by_index[name] = stages[at]
+      by_name[name] = stages[at]
     end
   end
-  return setmetatable({ stages = stages, stage = by_index }, { __index = pipe })
+  return setmetatable({ stages = stages, stage = by_name }, { __index = pipe })
 end
 
 -- ---- the run lock ----------------------------------------------------------------

@@ -11,6 +11,7 @@ local time = require "factory.core.time"
 local log = require "factory.log"
 local db = require "factory.db"
 local fs = require "factory.core.fs"
+local backends = require "tests.tools.backends"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local TESTS = HERE .. "../../"
@@ -71,14 +72,6 @@ keys { ["sk-team-poor"] = { team = "poor" } }
 prices { ["up/gpt-test"] = { input = 0, output = 1000000 } }
 budgets { teams = { poor = { usd_per_day = 5 } } }
 ]]
-
--- A fresh directory and the URL of a SQLite store in it.
-local function store_dir()
-  local dir = os.tmpname()
-  os.remove(dir)
-  assert(fs.mkdir_p(dir))
-  return dir, "sqlite:" .. dir .. "/factory.db"
-end
 
 local function openai_error(res, status)
   assert.equal(status, res.status, res.body)
@@ -545,7 +538,7 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
   end)
 
   it("with --db, sees what other processes spend from a team's budget while it serves", function()
-    local dir, url = store_dir()
+    local url = backends.sqlite_url()
     local recount = serve.RECOUNT_S
     serve.RECOUNT_S = 0.05
     start(POOR_TEAM, { db = url })
@@ -564,7 +557,7 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     srv:close()
     srv = nil
     router.clear_budget("team", "poor")
-    assert(fs.remove(dir, { recursive = true }))
+    backends.cleanup()
   end)
 
   it("stops a call upstream as soon as its client gives up, streamed or not", function()
@@ -593,7 +586,7 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
   end)
 
   it("with --db, what a team spent today before serve started counts against its budget", function()
-    local dir, url = store_dir()
+    local url = backends.sqlite_url()
     local store = assert(db.open(url))
     assert(store:migrate())
     -- A restarted serve: the team spent 4.5 of its 5 USD today, and more yesterday.
@@ -610,7 +603,7 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     srv:close()
     srv = nil
     router.clear_budget("team", "poor")
-    assert(fs.remove(dir, { recursive = true }))
+    backends.cleanup()
     -- Without a store, serve says that a restart starts the day afresh.
     local logged = {}
     log.set_console({ write = function(_, ...) logged[#logged + 1] = table.concat({ ... }) end })
