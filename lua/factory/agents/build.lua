@@ -34,8 +34,9 @@
 --       repository (opened as given: never a repository found further up).
 --
 -- The branch (and worktree) is named factory-run<RUN>-<stage>-<attempt>. A run killed
--- during the stage leaves that worktree behind: the next attempt removes it and,
--- since its branch may hold a commit, takes the next free name (-2, -3, ...).
+-- during the stage leaves that worktree behind: the next attempt removes it, and its
+-- branch too when that holds no commit of its own (it is where the new one would
+-- start); a branch with a commit is kept, and the next free name (-2, -3, ...) taken.
 local git = require "factory.git"
 local workspace = require "factory.agents.workspace"
 local builtin = require "factory.agents.builtin"
@@ -71,13 +72,22 @@ local function tool_list(op)
   return out
 end
 
--- A free branch name: a leftover worktree of a killed attempt is removed first.
+local function of_family(name, base_name)
+  return name == base_name or name:sub(1, #base_name + 1) == base_name .. "-"
+end
+
+-- A free branch name: a leftover worktree of a killed attempt is removed first, and
+-- a leftover branch with nothing on it beyond the commit the new one starts from is
+-- deleted (else every resumed run would leave an empty branch beside its real one).
 local function free_name(r, base_name)
-  local taken = {}
-  for _, b in ipairs(r:branches()) do taken[b.name] = true end
   for _, w in ipairs(r:worktrees()) do
-    if w.name == base_name or w.name:sub(1, #base_name + 1) == base_name .. "-" then
-      r:worktree_remove(w.name, { force = true })
+    if of_family(w.name, base_name) then r:worktree_remove(w.name, { force = true }) end
+  end
+  local head = r:head().oid
+  local taken = {}
+  for _, b in ipairs(r:branches()) do
+    if not (of_family(b.name, base_name) and b.oid == head and not b.head and r:branch_delete(b.name)) then
+      taken[b.name] = true
     end
   end
   for i = 1, MAX_NAMES do

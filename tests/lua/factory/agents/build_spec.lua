@@ -194,7 +194,14 @@ describe("build stage", function()
     assert.contains("calc_sub returns a - b", verify)
   end)
 
-  it("a worktree left by a killed attempt is removed and the next free branch name taken", function()
+  local function branch_names(repo)
+    local names = {}
+    for _, b in ipairs(repo:branches()) do names[#names + 1] = b.name end
+    table.sort(names)
+    return names
+  end
+
+  it("a worktree left by a killed attempt is removed, and its branch, which holds no commit, reused", function()
     script_run()
     local repo = assert(git.open(repo_dir))
     assert(repo:worktree_add("factory-run1-fix-1", dir .. "/stale", {}))
@@ -204,10 +211,34 @@ describe("build stage", function()
     assert.equal(1, run_id)
     assert.equal("succeeded", (engine:execute(run_id)))
     local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
-    assert.equal("factory-run1-fix-1-2", fix.result.workspace.branch)
+    assert.equal("factory-run1-fix-1", fix.result.workspace.branch)
+    assert.truthy(fix.result.workspace.commit)
     assert.equal(nil, fs.exists(dir .. "/stale") or nil)
     repo = assert(git.open(repo_dir))
     assert.equal(0, #repo:worktrees())
+    assert.same({ "factory-run1-fix-1", "main" }, branch_names(repo))
+    repo:close()
+  end)
+
+  it("a branch left by a killed attempt with a commit of its own is kept, and the next free name taken", function()
+    script_run()
+    local repo = assert(git.open(repo_dir))
+    assert(repo:worktree_add("factory-run1-fix-1", dir .. "/stale", {}))
+    local stale = assert(git.open(dir .. "/stale"))
+    assert(fs.write(dir .. "/stale/half-done.txt", "committed by the killed attempt"))
+    assert(stale:add_all())
+    local kept = assert(stale:commit("the killed attempt's work", { author = { name = "a", email = "a@b" } }))
+    stale:close()
+    repo:close()
+    local run_id = submit()
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
+    assert.equal("factory-run1-fix-1-2", fix.result.workspace.branch)
+    repo = assert(git.open(repo_dir))
+    assert.same({ "factory-run1-fix-1", "factory-run1-fix-1-2", "main" }, branch_names(repo))
+    for _, b in ipairs(repo:branches()) do
+      if b.name == "factory-run1-fix-1" then assert.equal(kept, b.oid) end
+    end
     repo:close()
   end)
 
