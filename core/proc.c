@@ -29,6 +29,8 @@
  *     (also done by __gc); closing twice is harmless; fibers waiting on p get
  *     nil, "ECANCELED: ...".
  *   proc.getpid() -> this process's pid.
+ *   proc.which(name [, PATH]) -> the file spawn would run as argv[1] = name (looked
+ *     up in PATH, default the one above; a name with a slash is checked as is) | nil.
  * A fiber cancelled while waiting in read, read_line, write or wait kills the
  * process group (SIGKILL). A process keeps the engine running only while a fiber
  * waits on it; one still running at exit is killed. Everything but kill, close
@@ -914,6 +916,22 @@ static int proc_getpid(lua_State *L) {
     return 1;
 }
 
+/* which(name [, PATH]) -> the program spawn would run for argv[1] = name | nil */
+static int proc_which(lua_State *L) {
+    const char *name = luaL_checkstring(L, 1);
+    const char *dirs = luaL_optstring(L, 2, DEFAULT_PATH);
+    char path[PATH_MAX];
+    struct stat st;
+    if (strchr(name, '/')) {
+        if (stat(name, &st) != 0 || !S_ISREG(st.st_mode) || access(name, X_OK) != 0) return 0;
+        lua_pushstring(L, name);
+        return 1;
+    }
+    if (!*name || !search_path(dirs, name, path, sizeof path)) return 0;
+    lua_pushstring(L, path);
+    return 1;
+}
+
 static const luaL_Reg proc_methods[] = {
     {"read_line", proc_read_line},
     {"read", proc_read},
@@ -928,6 +946,7 @@ static const luaL_Reg proc_methods[] = {
 static const luaL_Reg proc_functions[] = {
     {"spawn", proc_spawn},
     {"getpid", proc_getpid},
+    {"which", proc_which},
     {NULL, NULL},
 };
 

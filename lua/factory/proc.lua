@@ -18,11 +18,13 @@
 --     stdout = STRING, stderr = STRING } | nil, err, code
 --     stdout/stderr are nil for a stream that is not piped.
 --   getpid() -> this process's pid
+--   which(name [, PATH]) -> the file spawn would run as argv[1] = name | nil
 local core = require "factory.core.proc"
 
 local M = {
   spawn = core.spawn,
   getpid = core.getpid,
+  which = core.which,
 }
 
 local function collect(p, stream)

@@ -24,6 +24,8 @@ local git = require "factory.git"
 local signal = require "factory.core.signal"
 local proc = require "factory.proc"
 local json = require "factory.json"
+local build = require "factory.agents.build"
+local agent_cli = require "factory.agents.cli"
 
 ffi.cdef "int isatty(int fd);"
 pcall(ffi.cdef, "int kill(int pid, int sig);")
@@ -149,6 +151,14 @@ local function uncommitted_note(d)
   return (" from the last commit: the repository's %d uncommitted change(s) are not in it"):format(d.uncommitted)
 end
 
+-- An agent that changed nothing leaves no branch (events recorded before that have
+-- no `kept`).
+local function workspace_outcome(d)
+  if not d.commit and d.kept == false then return ("no change: branch %s deleted"):format(d.branch) end
+  return ("branch %s: %s, %d file(s) +%d -%d"):format(d.branch, d.commit and ("commit " .. d.commit:sub(1, 10))
+    or "no change", d.files, d.insertions, d.deletions)
+end
+
 -- Returns the run's event handler and, for a terminal, a redraw of the status line
 -- (called every second so the elapsed time moves during a long model call).
 local function progress(tty)
@@ -216,8 +226,7 @@ local function progress(tty)
     elseif k == "agent_done" then
       line(("  agent %s after %d iteration(s)"):format(d.status, d.iterations))
     elseif k == "workspace_done" then
-      line(("  branch %s: %s, %d file(s) +%d -%d"):format(d.branch, d.commit and ("commit " .. d.commit:sub(1, 10))
-        or "no change", d.files, d.insertions, d.deletions))
+      line("  " .. workspace_outcome(d))
     elseif k == "workspace_skipped" then
       line(("  no worktree for stage %s: %s; it runs without changing code"):format(d.stage, d.reason))
     end
@@ -381,6 +390,25 @@ local function unloaded_team(pipe, project)
   end
 end
 
+-- A build stage whose CLI agent's program is not installed, found before the stages
+-- ahead of it are paid for (in a directory that is no git repository the stage runs
+-- as a plain objective, without its agent).
+local function missing_agent(pipe, project, repo)
+  if not build.applies({ repo = repo }) then return nil end
+  for _, st in ipairs(pipe and pipe.stages or {}) do
+    local team = st.workspace == "worktree" and project.teams:get(st.team)
+    local op = team and (team.operative[st.operative or ""] or team.operatives[1])
+    if op and type(op.agent) == "table" then
+      local program, path = agent_cli.program(op.agent)
+      if program and not proc.which(program, path) then
+        return ("stage %s: the agent of %s/%s runs %s, which is not installed (not found in PATH %s): install it,"
+          .. " or give the agent's command in the team's file, and run again"):format(st.name, team.name, op.name,
+          program, path)
+      end
+    end
+  end
+end
+
 local function cmd_run(flags, words, opts)
   if #words ~= 1 then return usage_error("factory run needs one PIPELINE") end
   if not flags.repo then return usage_error("factory run needs --repo DIR") end
@@ -404,6 +432,7 @@ local function cmd_run(flags, words, opts)
   if not e then return fail(err) end
   local pipe = e.engine.project.pipelines:get(words[1])
   local unready = unloaded_team(pipe, e.engine.project) or unready_repo(pipe, repo, flags.repo)
+    or missing_agent(pipe, e.engine.project, repo)
   if unready then
     e.close()
     return fail(unready)
@@ -515,8 +544,7 @@ local DESCRIBE = {
   agent_learning = function(d) return ("  learning: %s"):format(d.text) end,
   agent_done = function(d) return ("  agent %s after %d iteration(s), %d tokens"):format(d.status, d.iterations,
     d.tokens or 0) end,
-  workspace_done = function(d) return ("  branch %s: %s, %d file(s) +%d -%d"):format(d.branch,
-    d.commit and ("commit " .. d.commit:sub(1, 10)) or "no change", d.files, d.insertions, d.deletions) end,
+  workspace_done = function(d) return "  " .. workspace_outcome(d) end,
   workspace_skipped = function(d) return ("  no worktree for stage %s: %s"):format(d.stage, d.reason) end,
   human_answered = function(d) return ("  human answered #%d: %s"):format(d.id, d.answer) end,
   stage_completed = function(d) return ("stage %s COMPLETE"):format(d.stage) end,

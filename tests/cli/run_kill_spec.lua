@@ -10,6 +10,7 @@ local db = require "factory.db"
 local audit = require "factory.audit"
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../"
+local sample_repo = dofile(ROOT .. "tests/tools/sample_repo.lua")
 local TRIALS = 20
 
 local dir, replay
@@ -35,11 +36,19 @@ after_each(function()
   assert(fs.remove(dir, { recursive = true }))
 end)
 
+-- args may give a --project of its own.
 local function factory(args)
   local argv = { host.exe }
-  for _, a in ipairs(args) do argv[#argv + 1] = a end
-  for _, a in ipairs({ "--config", dir .. "/factory.lua", "--project", ROOT, "--db", "sqlite:" .. dir .. "/factory.db" }) do
+  local given = {}
+  for _, a in ipairs(args) do
     argv[#argv + 1] = a
+    given[a] = true
+  end
+  for _, a in ipairs({ "--config", dir .. "/factory.lua", "--db", "sqlite:" .. dir .. "/factory.db" }) do
+    argv[#argv + 1] = a
+  end
+  if not given["--project"] then
+    argv[#argv + 1], argv[#argv + 2] = "--project", ROOT
   end
   return assert(proc.spawn{ argv = argv, stdout = "pipe", stderr = "stdout" })
 end
@@ -206,6 +215,25 @@ describe("factory run that cannot get through its pipeline", function()
     assert(fs.write(dir .. "/factory.lua", cfg))
     refused_before_paying({ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--issue", "A team is missing" },
       { 'unknown model alias "factory/fast"', "stage build needs team backend_engineering, which did not load" })
+  end, { timeout = 30 })
+
+  it("refuses a pipeline whose build stage's CLI agent is not installed, naming the stage and the program", function()
+    local project = dir .. "/project"
+    for _, sub in ipairs({ "teams", "pipelines" }) do
+      assert(fs.mkdir_p(project .. "/" .. sub))
+      for _, f in ipairs(assert(fs.list(ROOT .. sub))) do
+        assert(fs.write(project .. "/" .. sub .. "/" .. f, assert(fs.read(ROOT .. sub .. "/" .. f))))
+      end
+    end
+    local team = project .. "/teams/backend_engineering.lua"
+    local text, n = assert(fs.read(team)):gsub("operative \"implementer\" {",
+      'operative "implementer" {\n    agent = { cli = "custom", command = { "factory-test-no-such-agent", "{prompt}" } },')
+    assert.equal(1, n)
+    assert(fs.write(team, text))
+    local repo = sample_repo.make(dir .. "/calc")
+    refused_before_paying({ "run", "feature", "--repo", repo, "--issue", "The agent is not installed", "--project", project },
+      { "stage build: the agent of backend_engineering/implementer runs factory-test-no-such-agent, which is not"
+        .. " installed (not found in PATH " })
   end, { timeout = 30 })
 end)
 

@@ -375,3 +375,27 @@ describe("after all the tests", function()
     assert.same({}, zombies)
   end)
 end)
+
+describe("proc.which", function()
+  it("finds the program spawn would run, in the PATH given or the default one", function()
+    local fs = require "factory.core.fs"
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(fs.mkdir_p(dir .. "/bin"))
+    assert(fs.write(dir .. "/bin/tool", "#!/bin/sh\necho tool\n"))
+    assert(fs.write(dir .. "/bin/plain", "not a program\n"))
+    assert.equal(0, assert(proc.run{ argv = { "chmod", "755", dir .. "/bin/tool" } }).code)
+    assert.equal(dir .. "/bin/tool", proc.which("tool", "/nonexistent:" .. dir .. "/bin"))
+    assert.equal(nil, proc.which("plain", dir .. "/bin"))     -- not executable
+    assert.equal(nil, proc.which("tool"))                      -- not in the default PATH
+    assert.equal("/bin/sh", proc.which("/bin/sh"))              -- a path is checked as it is
+    assert.equal(nil, proc.which(dir .. "/bin/plain"))
+    assert.equal(nil, proc.which(""))
+    assert.truthy(proc.which("sh"))
+    local p = assert(proc.spawn{ argv = { "tool" }, env = { PATH = "/nonexistent:" .. dir .. "/bin" } })
+    assert.equal("tool", p:read_line())
+    p:wait()
+    p:close()
+    assert(fs.remove(dir, { recursive = true }))
+  end)
+end)

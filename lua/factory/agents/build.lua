@@ -25,7 +25,8 @@
 --        process (factory.serve.local_proxy) with a key of its own for the team and
 --        run in the agent's environment)
 --   result: the agent's TaskResult with result.workspace = { branch, base, commit,
---   diff_stats = { files, insertions, deletions, per_file } }; a git failure gives a
+--   diff_stats = { files, insertions, deletions, per_file } }; when the agent changed
+--   nothing there is no commit, and no branch either (it is deleted); a git failure gives a
 --   BLOCKED result that names it. Never raises for the repository's or the agent's
 --   trouble.
 --
@@ -198,14 +199,18 @@ function M.run(o)
     stop_keeping()
     locks.release_all(o.db, owner)
   end
+  -- A branch without a commit is the base under another name: kept, every attempt
+  -- that changed nothing would leave one more in the repository.
+  local kept = ran and ws and (ws.commit ~= nil or not ws.removed or not r:branch_delete(ws.branch))
   r:close()
   if not ran then error(ws, 0) end
   if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
   local result = ws.result
-  result.workspace = { branch = ws.branch, base = ws.base, commit = ws.commit, diff_stats = ws.diff_stats }
+  result.workspace = { branch = kept and ws.branch or nil, base = ws.base, commit = ws.commit,
+                       diff_stats = ws.diff_stats }
   local ds = ws.diff_stats or {}
-  emit("workspace_done", { stage = st.name, branch = ws.branch, commit = ws.commit, files = ds.files or 0,
-                           insertions = ds.insertions or 0, deletions = ds.deletions or 0 })
+  emit("workspace_done", { stage = st.name, branch = ws.branch, kept = kept, commit = ws.commit,
+                           files = ds.files or 0, insertions = ds.insertions or 0, deletions = ds.deletions or 0 })
   return result
 end
 

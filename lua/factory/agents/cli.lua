@@ -52,6 +52,8 @@
 --   retries, killed, tokens, input_tokens, output_tokens, cost_usd, learnings = { text } }.
 --   Bad arguments raise; everything else is a result.
 --
+--   cli.program(spec) -> program, PATH | nil   what an agent spec ({ cli =, command =,
+--       env = } of a team file) runs, and where it is looked up
 --   cli.PRESETS, cli.PROMPT, cli.checklist(objective) -> { item, ... },
 --   cli.parse_line(format, line) -> { progress = text | nil, usage = {...} | nil,
 --       cost_usd =, error = text | nil, report = text | nil, message_id = }  (for tests)
@@ -244,6 +246,15 @@ function M.parse_line(format, line)
 end
 
 -- ---- one iteration ----------------------------------------------------------------
+
+-- The program an agent spec ({ cli =, command =, env = } of a team file, or
+-- cli.run's options) runs, and the PATH it is looked up in.
+function M.program(spec)
+  local preset = M.PRESETS[spec.preset or spec.cli]
+  local command = spec.command or (preset and preset.command)
+  if type(command) ~= "table" or type(command[1]) ~= "string" then return nil end
+  return command[1], (spec.env and spec.env.PATH) or env.get("PATH") or DEFAULT_PATH
+end
 
 local function child_env(o)
   local e = { PATH = env.get("PATH") or DEFAULT_PATH, HOME = env.get("HOME"), LANG = env.get("LANG") or "C.UTF-8",

@@ -81,6 +81,10 @@ describe("factory runs", function()
     records.event(store, run, "stage_started", { stage = "build" })  -- no index, no team
     records.event(store, run, "from_a_newer_version", { detail = "x" })
     records.event(store, run, "workspace_started", { branch = "factory-run1-build-1", stage = "build", uncommitted = 2 })
+    records.event(store, run, "workspace_done", { branch = "factory-run1-build-1", stage = "build", kept = false,
+                                                  files = 0, insertions = 0, deletions = 0 })
+    records.event(store, run, "workspace_done", { branch = "factory-run1-build-2", stage = "build",
+                                                  files = 0, insertions = 0, deletions = 0 }) -- recorded before `kept`
     records.event(store, run, "model_unavailable", { code = "ECONNREFUSED", error = "x", wait_s = 60, wait = 2, waits = 3 })
     assert(store:exec("INSERT INTO events (run_id, kind, data, created_at) VALUES (?, 'escalated', '[1]', ?)",
       { run, time.now() }))
@@ -90,6 +94,8 @@ describe("factory runs", function()
     assert.contains('stage_started {"stage":"build"}', out)
     assert.contains('from_a_newer_version {"detail":"x"}', out)
     assert.contains("escalated [1]", out)
+    assert.contains("no change: branch factory-run1-build-1 deleted", out)
+    assert.contains("branch factory-run1-build-2: no change, 0 file(s) +0 -0", out)
     assert.contains("model unreachable (ECONNREFUSED): waiting 60s before asking again (2 of 3)", out)
     assert.contains("worktree and branch factory-run1-build-1 from the last commit: the repository's 2 uncommitted"
       .. " change(s) are not in it", out)

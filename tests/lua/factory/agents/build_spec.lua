@@ -336,6 +336,11 @@ echo done
     assert.equal("succeeded", (engine:execute(run_id)))
     local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
     assert.equal(nil, fix.result.workspace.commit) -- the edit was refused: nothing to commit
+    -- and no branch is left that would only repeat the base
+    assert.equal(nil, fix.result.workspace.branch)
+    local repo = assert(git.open(repo_dir))
+    assert.same({ "main" }, branch_names(repo))
+    repo:close()
     local conflicts = assert(store:query("SELECT data FROM events WHERE kind = 'file_conflict'"))
     assert.equal(1, #conflicts)
     assert.equal("run:" .. run_id .. "/fix", conflicts[1].data.owner)
