@@ -37,6 +37,7 @@ local function redact(v, depth)
   return out
 end
 M.redact = function(v) return redact(v, 0) end
+M.is_secret = is_secret
 
 function M.set_level(level, where)
   local n = LEVELS[level]

@@ -2,7 +2,9 @@
 --
 --   main([opts])      the prompt; returns 0 at end of input (Ctrl-D).
 --                     opts.config: factory.lua's path (default: ./factory.lua if any)
---   pretty(value)     the text a result is shown as
+--   pretty(value)     the text a result is shown as; a string or table under a key
+--                     that looks secret (api_key, token, keys...: factory.log's rule)
+--                     is shown as "[REDACTED]": index it to see it
 --   compile(source)   -> function | nil (incomplete: read more) | false, error
 --   environment([opts]) the globals of a session: the engine loaded, backed by _G;
 --                     with a factory.lua, `router` is configured from it and
@@ -17,6 +19,7 @@ local fiber = require "factory.fiber"
 local env_core = require "factory.core.env"
 local host = require "factory.core.host"
 local input = require "factory.core.repl"
+local log = require "factory.log"
 
 local M = {}
 
@@ -70,7 +73,9 @@ local function render(v, indent, depth, open)
   end
   table.sort(keys, key_before)
   for _, k in ipairs(keys) do
-    items[#items + 1] = key_text(k) .. " = " .. render(rawget(v, k), inner, depth + 1, open)
+    local x = rawget(v, k)
+    local hidden = (type(x) == "string" or type(x) == "table") and log.is_secret(k)
+    items[#items + 1] = key_text(k) .. " = " .. (hidden and '"[REDACTED]"' or render(x, inner, depth + 1, open))
   end
   open[v] = nil
   if #items == 0 then return "{}" end

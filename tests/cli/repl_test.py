@@ -273,6 +273,12 @@ def configured(env, tmp):
     check("the router is configured from ./factory.lua",
           b'"factory/fast"' in p.stdout and b'"http://127.0.0.1:9/v1"' in p.stdout and p.returncode == 0,
           "stdout %r, stderr %r, exit %d" % (p.stdout, p.stderr, p.returncode))
+    p = subprocess.run([os.path.abspath(BIN), "repl"], input=b"config\nconfig.router.providers.up.api_key\n",
+                       capture_output=True, env=env, cwd=tmp, timeout=TIMEOUT)
+    check("showing the configuration hides the provider's key, which indexing it shows",
+          p.stdout.count(b"sk-x") == 1 and b'api_key = "[REDACTED]"' in p.stdout
+          and p.stdout.endswith(b'"sk-x"\n') and p.returncode == 0,
+          "stdout %r, stderr %r, exit %d" % (p.stdout, p.stderr, p.returncode))
     with open(cfg, "w") as f:
         f.write('models { x = { "nope/y" } }\n')
     p = subprocess.run([os.path.abspath(BIN), "repl", "--config", cfg], input=b"return router.models()\n",

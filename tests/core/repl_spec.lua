@@ -41,6 +41,14 @@ describe("repl.pretty", function()
   it("stops at a maximum depth", function()
     assert.contains("{...}", repl.pretty(deep))
   end)
+
+  it("hides a string or table under a key that looks secret, and shows numbers under such keys", function()
+    assert.equal('{ api_key = "[REDACTED]", base_url = "http://x", max_tokens = 16 }',
+      repl.pretty({ api_key = "sk-live-1", base_url = "http://x", max_tokens = 16 }))
+    assert.equal('{ keys = "[REDACTED]", team = { token = "[REDACTED]" } }',
+      repl.pretty({ keys = { ["sk-team"] = "qa" }, team = { token = "t" } }))
+    assert.equal('"sk-live-1"', repl.pretty("sk-live-1"))
+  end)
 end)
 
 describe("repl.compile", function()
