@@ -43,7 +43,7 @@ typedef struct {
 enum {
     OP_OPEN, OP_INIT, OP_HEAD, OP_WT_ADD, OP_WT_LIST, OP_WT_REMOVE, OP_WT_PRUNE, OP_STATUS,
     OP_DIFF_STATS, OP_DIFF, OP_ADD_ALL, OP_ADD, OP_COMMIT, OP_BRANCHES, OP_FETCH, OP_PUSH,
-    OP_REMOTE_ADD, OP_BRANCH_DELETE,
+    OP_REMOTE_ADD, OP_BRANCH_DELETE, OP_IGNORED,
 };
 
 /* One result row: a worktree, a status entry, a file's diff stats, a branch. */
@@ -779,6 +779,19 @@ static int gj_remote_add(git_job *j, git_repository *repo) {
     return 0;
 }
 
+/* Whether each path (relative to the working directory; a directory's with a
+ * trailing slash) is ignored by the repository's ignore rules. */
+static void gj_ignored(git_job *j, git_repository *repo) {
+    for (size_t i = 0; i < j->npaths && !j->ecode; i++) {
+        int ignored = 0;
+        int rc = git_ignore_path_is_ignored(&ignored, repo, j->paths[i]);
+        git_row *r = gj_row(j);
+        if (!r) gj_oom(j);
+        else if (rc < 0) gj_fail(j, rc, j->paths[i]);
+        else r->f1 = ignored;
+    }
+}
+
 static void gj_run(git_job *j) {
     if (!j->h) {
         if (j->op == OP_OPEN) gj_open(j);
@@ -804,6 +817,7 @@ static void gj_run(git_job *j) {
     case OP_PUSH: gj_push_remote(j, repo); break;
     case OP_REMOTE_ADD: gj_remote_add(j, repo); break;
     case OP_BRANCH_DELETE: gj_branch_delete(j, repo); break;
+    case OP_IGNORED: gj_ignored(j, repo); break;
     default: break;
     }
     uv_mutex_unlock(&j->h->lock);
@@ -913,6 +927,13 @@ static int gj_push(lua_State *L, git_job *j) {
             lua_rawseti(L, -2, (int)i + 1);
         }
         lua_setfield(L, -2, "per_file");
+        return 1;
+    case OP_IGNORED:
+        lua_createtable(L, (int)j->nrows, 0);
+        for (size_t i = 0; i < j->nrows; i++) {
+            lua_pushboolean(L, j->rows[i].f1);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
         return 1;
     case OP_WT_LIST:
     case OP_WT_PRUNE:
@@ -1093,8 +1114,8 @@ static int repo_diff(lua_State *L) {
     return gj_start(L, gj_new_s(L, h, OP_DIFF, opt_str(L, 2), NULL, NULL));
 }
 
-static int repo_add(lua_State *L) {
-    git_handle *h = check_repo(L);
+/* A job of op on the list of non-empty paths at index 2. */
+static int paths_job(lua_State *L, git_handle *h, int op) {
     luaL_checktype(L, 2, LUA_TTABLE);
     size_t n = lua_objlen(L, 2);
     for (size_t i = 1; i <= n; i++) {
@@ -1103,7 +1124,7 @@ static int repo_add(lua_State *L) {
             luaL_argerror(L, 2, "expected a list of non-empty path strings");
         lua_pop(L, 1);
     }
-    git_job *j = gj_new(L, h, OP_ADD);
+    git_job *j = gj_new(L, h, op);
     j->paths = calloc(n ? n : 1, sizeof *j->paths);
     int oom = !j->paths;
     for (size_t i = 1; i <= n && !oom; i++) {
@@ -1118,6 +1139,9 @@ static int repo_add(lua_State *L) {
     }
     return gj_start(L, j);
 }
+
+static int repo_add(lua_State *L) { return paths_job(L, check_repo(L), OP_ADD); }
+static int repo_ignored(lua_State *L) { return paths_job(L, check_repo(L), OP_IGNORED); }
 
 /* Reads {name=, email=} at options[k] into name and email (NULL if absent). */
 static void opt_person(lua_State *L, int idx, const char *k, const char **name, const char **email) {
@@ -1226,6 +1250,7 @@ static const luaL_Reg repo_methods[] = {
     {"commit",          repo_commit},
     {"branches",        repo_branches},
     {"branch_delete",   repo_branch_delete},
+    {"ignored",         repo_ignored},
     {"remote_add",      repo_remote_add},
     {"fetch",           repo_fetch},
     {"push",            repo_push},

@@ -38,6 +38,10 @@
 --       commits the index on HEAD; without author, user.name/user.email from the
 --       configuration; committer defaults to the author
 --   repo:branches() -> {{name, oid, head}, ...}
+--   repo:ignored({path, ...}) -> {bool, ...}  whether the ignore rules (.gitignore,
+--                                           info/exclude, core.excludesFile) ignore each
+--                                           path (relative to the working directory; a
+--                                           directory's with a trailing slash)
 --   repo:branch_delete(name) -> true        a local branch; ELOCKED when it is checked
 --                                           out (here or in a worktree), ENOTFOUND
 --   repo:remote_add(name, url) -> true

@@ -15,7 +15,8 @@
 --   box:list_dir([path]) -> { "name", "dir/", ... }
 --   box:grep(pattern [, path [, fixed]]) -> "path:line:text\n..."   (a POSIX extended
 --       regular expression, as `grep -E` reads it, from the C library; fixed = true:
---       plain text; a pattern that does not compile is an EINVAL with the reason)
+--       plain text; a pattern that does not compile is an EINVAL with the reason).
+--       In a git worktree, what git ignores is skipped, unless path is inside it.
 --   box:run_command(argv | "shell text") -> { code, signal, timed_out, truncated, stdout, stderr }
 --   box:finish(task_result) -> "finished"; box.result is the TaskResult
 --   box:call(name, args) -> the tool with named arguments (the model's JSON object)
@@ -38,6 +39,7 @@ local regex = require "factory.core.regex"
 local env = require "factory.core.env"
 local proc = require "factory.proc"
 local json = require "factory.json"
+local git = require "factory.git"
 
 local M = {}
 
@@ -257,22 +259,39 @@ function Box:grep(pattern, path, fixed)
       end
     end
   end
+  -- What git ignores (node_modules/, build output, .env) is skipped, as ripgrep
+  -- does: matches there would crowd out the source's. A path given explicitly
+  -- inside such a place is searched all the same.
+  local st = fs.stat(full, true)
+  local repo = st and st.type == "directory" and git.open(self.root) or nil
+  if repo and rel ~= "." and (repo:ignored({ rel .. "/" }) or {})[1] then
+    repo:close()
+    repo = nil
+  end
   -- Links are not followed: what they point to was either checked by resolve or is
   -- reached through its real place in the tree.
   local function walk(dir, name)
-    local names = fs.list(dir) or {}
-    for _, n in ipairs(names) do
-      if cut then return end
+    local entries, rels = {}, {}
+    for _, n in ipairs(fs.list(dir) or {}) do
       if n ~= ".git" then
         local p, shown_name = dir .. "/" .. n, name == "." and n or name .. "/" .. n
-        local st = fs.stat(p)
-        if st and st.type == "directory" then walk(p, shown_name)
-        elseif st and st.type == "file" then scan(p, shown_name) end
+        local est = fs.stat(p)
+        if est and (est.type == "directory" or est.type == "file") then
+          entries[#entries + 1] = { p, shown_name, est.type }
+          rels[#rels + 1] = shown_name .. (est.type == "directory" and "/" or "")
+        end
+      end
+    end
+    local ignored = repo and #rels > 0 and repo:ignored(rels) or {}
+    for i, e in ipairs(entries) do
+      if cut then return end
+      if not ignored[i] then
+        if e[3] == "directory" then walk(e[1], e[2]) else scan(e[1], e[2]) end
       end
     end
   end
-  local st = fs.stat(full, true)
   if st and st.type == "directory" then walk(full, rel) else scan(full, rel) end
+  if repo then repo:close() end
   if re then re:close() end
   if cut then out[#out + 1] = ("[output cut at %d matches / %d bytes]"):format(matches, bytes) end
   if #out == 0 then return "no matches" end
@@ -369,7 +388,7 @@ M.SCHEMAS = {
      { path = S, old = S, new = S }, { "path", "old", "new" }),
   fn("list_dir", "List a directory of the worktree (directories end with /).", { path = S }, {}),
   fn("grep", "Search files for a regular expression (POSIX extended, as grep -E; plain text with fixed=true);"
-     .. " prints path:line:text.",
+     .. " prints path:line:text. Files git ignores are skipped unless path names a place inside them.",
      { pattern = S, path = S, fixed = { type = "boolean" } }, { "pattern" }),
   fn("run_command", "Run a shell command in the worktree (no network credentials, time-limited).",
      { command = S }, { "command" }),

@@ -305,6 +305,28 @@ describe("file tools", function()
     assert.matches("%[output cut at 200 matches", out)
   end)
 
+  it("skips in a git worktree what git ignores, whose matches would crowd out the source's", function()
+    local git = require "factory.git"
+    local repo = assert(git.init(wt))
+    assert(fs.write(wt .. "/.gitignore", "node_modules/\n*.log\n"))
+    assert(repo:add_all())
+    assert(repo:commit("base", { author = { name = "a", email = "a@b" } }))
+    assert.same({ true, true, false, false }, repo:ignored({ "node_modules/", "x.log", "src/", "hello.txt" }))
+    repo:close()
+    assert(fs.mkdir_p(wt .. "/node_modules/lib"))
+    for i = 1, 300 do assert(fs.write(wt .. "/node_modules/lib/f" .. i .. ".js", "var needle" .. i .. ";\n")) end
+    assert(fs.write(wt .. "/debug.log", "needle in a log\n"))
+    assert(fs.mkdir_p(wt .. "/src"))
+    assert(fs.write(wt .. "/src/main.c", "int needle;\n"))
+    assert.equal("src/main.c:1:int needle;", box:grep("needle"))
+    -- a place inside what is ignored, named explicitly, is searched
+    assert.equal("node_modules/lib/f7.js:1:var needle7;", box:grep("needle7;", "node_modules"))
+    assert.equal("debug.log:1:needle in a log", box:grep("needle", "debug.log"))
+    -- outside a git repository nothing is skipped
+    local plain = assert(tools.new(wt .. "/node_modules"))
+    assert.equal("lib/f7.js:1:var needle7;", plain:grep("needle7;"))
+  end)
+
   it("dispatches named arguments and records finish", function()
     assert.equal("hello world\nsecond line\n", box:call("read_file", { path = "hello.txt" }))
     local _, _, code = box:call("teleport", {})
