@@ -12,7 +12,8 @@
 --   box:read_file(path) -> text
 --   box:write_file(path, text) -> "wrote N bytes to PATH"
 --   box:edit_file(path, old, new) -> "edited PATH"   (old must occur exactly once)
---   box:list_dir([path]) -> { "name", "dir/", ... }
+--   box:list_dir([path]) -> { "name", "dir/", ... }   (the first 1,000 entries, then a
+--       line saying how many more there are)
 --   box:grep(pattern [, path [, fixed]]) -> "path:line:text\n..."   (a POSIX extended
 --       regular expression, as `grep -E` reads it, from the C library; fixed = true:
 --       plain text; a pattern that does not compile is an EINVAL with the reason).
@@ -46,6 +47,7 @@ local M = {}
 local NAME_MAX, PATH_MAX = 255, 4096
 local MAX_GREP_MATCHES, MAX_GREP_BYTES, MAX_GREP_FILE = 200, 32 * 1024, 1024 * 1024
 local MAX_LINKS = 40
+local MAX_LIST = 1000
 
 -- Names a child may inherit; everything else (API keys included) stays behind.
 local PASSED = { "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ" }
@@ -226,10 +228,17 @@ function Box:list_dir(path)
   local names, err
   names, err, code = fs.list(full)
   if not names then return nil, err, code end
+  -- A directory of generated files can hold 100,000 entries: the model gets the
+  -- first MAX_LIST and a note, not a listing it pays for and cannot use.
+  local total = #names
+  for k = total, MAX_LIST + 1, -1 do names[k] = nil end
   for k, name in ipairs(names) do
     local st = fs.stat(full .. "/" .. name)
     if st and st.type == "directory" then names[k] = name .. "/"
     elseif st and st.type == "link" then names[k] = name .. "@" end
+  end
+  if total > MAX_LIST then
+    names[#names + 1] = ("[%d more entries not shown: %d in all]"):format(total - MAX_LIST, total)
   end
   return names
 end

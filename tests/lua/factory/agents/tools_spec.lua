@@ -277,9 +277,14 @@ describe("file tools", function()
     assert.equal(0, box.changes)
   end)
 
-  it("lists a directory", function()
+  it("lists a directory, at most 1,000 entries of it", function()
     sh("ln -s hello.txt h")
     assert.same({ "a/", "h@", "hello.txt" }, box:list_dir("."))
+    assert(fs.mkdir_p(wt .. "/many"))
+    for i = 1, 1005 do assert(fs.write(("%s/many/f%04d"):format(wt, i), "")) end
+    local list = box:list_dir("many")
+    assert.equal(1001, #list)
+    assert.equal("[5 more entries not shown: 1005 in all]", list[1001])
     assert.same({ "b/" }, box:list_dir("a"))
   end)
 
