@@ -23,7 +23,7 @@ else
 endif
 
 # Core modules: core/<name>.c is factory.core.<name> (and listed in core/modules.h).
-CORE_MODULES := fiber json time env proc http_client fs repl db_sqlite db_pg http_server router hash signal git regex
+CORE_MODULES := fiber json time env proc http_client fs repl db_sqlite db_pg http_server router hash signal git regex text
 CORE_OBJS := $(CORE_MODULES:%=$(BUILD)/%.o)
 
 # Recursive (=) so pkg-config runs after `make deps` has installed the packages.

@@ -21,6 +21,7 @@ int luaopen_factory_core_hash(lua_State *L);
 int luaopen_factory_core_signal(lua_State *L);
 int luaopen_factory_core_git(lua_State *L);
 int luaopen_factory_core_regex(lua_State *L);
+int luaopen_factory_core_text(lua_State *L);
 
 static const luaL_Reg factory_core_modules[] = {
     {"factory.core.fiber", luaopen_factory_core_fiber},
@@ -39,6 +40,7 @@ static const luaL_Reg factory_core_modules[] = {
     {"factory.core.signal", luaopen_factory_core_signal},
     {"factory.core.git", luaopen_factory_core_git},
     {"factory.core.regex", luaopen_factory_core_regex},
+    {"factory.core.text", luaopen_factory_core_text},
     {NULL, NULL},
 };
 

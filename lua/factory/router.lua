@@ -4,7 +4,8 @@
 --   router.configure{ providers =, models =, prices =, budgets =, limits = }
 --       -> true | nil, "EINVAL: ...", "EINVAL"     (factory.config builds this table)
 --   router.chat(request, opts) -> response | nil, err, code
---       request: an OpenAI chat.completions request, as a table or JSON text;
+--       request: an OpenAI chat.completions request, as a table (whose JSON is made
+--       UTF-8: each malformed byte sequence becomes U+FFFD) or JSON text (sent as is);
 --       opts: { team =, run =, stream = bool (default: request.stream), raw = bool }.
 --       Returns the OpenAI response table (raw: the JSON text). With stream, a stream:
 --         s:read([timeout]) -> chunk (OpenAI chat.completion.chunk; raw: JSON text)
@@ -17,8 +18,9 @@
 --       a chat request given as JSON texts the caller wrote with factory.json (as
 --       factory.objective does): members, its members other than model, messages and
 --       stream ('"max_tokens":1024,"temperature":0.2', or ""), and each message's
---       JSON. The router puts the request together without parsing the messages
---       again; text from outside goes through router.chat, which checks it.
+--       JSON (made UTF-8 like a table's). The router puts the request together
+--       without parsing the messages again; text from outside goes through
+--       router.chat, which checks it.
 --   router.embeddings(request, opts) -> response | nil, err, code   (opts: team, run, raw)
 --   router.models() -> { "alias", ... }     router.stats() -> table (providers, budgets)
 --   router.has_alias(name) -> whether name is a configured alias
@@ -50,6 +52,7 @@
 -- ECONNREFUSED, ECONNRESET, EHOST, ETLS, ECANCELED, ENOCONFIG.
 local core = require "factory.core.router"
 local json = require "factory.json"
+local text = require "factory.core.text"
 local log = require "factory.log"
 
 local M = {}
@@ -98,10 +101,13 @@ function M.configure(cfg)
   return core.configure(text)
 end
 
+-- A request built here is made UTF-8, as JSON must be: a provider refuses a whole
+-- request (HTTP 400) for one byte of a Latin-1 file an agent read. JSON text from a
+-- client (the proxy) is passed on as it came.
 local function encode_request(request, what)
   if type(request) == "string" then return request end
   if type(request) ~= "table" then error(what .. ": request must be a table or JSON text", 3) end
-  return assert(json.encode(request))
+  return (text.to_utf8(assert(json.encode(request))))
 end
 
 local function decoded(text, raw)
@@ -145,6 +151,8 @@ function M.chat_parts(parts, opts)
     error("router.chat_parts: expected { model =, members =, messages = { json, ... } }", 2)
   end
   if type(parts.model) ~= "string" then return flushed(nil, "EINVAL: 'model' is required", "EINVAL") end
+  local messages = parts.messages
+  for i = 1, #messages do messages[i] = text.to_utf8(messages[i]) end
   local res, err, code = core.chat_parts(parts.model, parts.members or "", parts.messages, opts.team,
                                          opts.run and tostring(opts.run), opts.stream)
   if not res then return flushed(nil, err, code) end

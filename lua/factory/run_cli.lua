@@ -26,6 +26,7 @@ local proc = require "factory.proc"
 local json = require "factory.json"
 local build = require "factory.agents.build"
 local agent_cli = require "factory.agents.cli"
+local utf8_error = require("factory.core.text").utf8_error
 
 ffi.cdef "int isatty(int fd);"
 pcall(ffi.cdef, "int kill(int pid, int sig);")
@@ -423,6 +424,15 @@ local function cmd_run(flags, words, opts)
   end
   -- A file saved on Windows or with a byte-order mark is the same work item.
   text = text:gsub("^\239\187\191", ""):gsub("\r\n", "\n")
+  -- It goes into every model request, and JSON is UTF-8.
+  local bad = utf8_error(text)
+  if bad then
+    local before = text:sub(1, bad - 1)
+    local _, newlines = before:gsub("\n", "")
+    return fail(("%s is not UTF-8 text: byte 0x%02X at line %d, column %d (Latin-1 or Windows-1252?): %s"):format(
+      flags.file and ("--file " .. flags.file) or "--issue", text:byte(bad), newlines + 1,
+      #before:match("[^\n]*$") + 1, flags.file and "save it as UTF-8 and run again" or "give it as UTF-8"))
+  end
   local title, body = text:match("^%s*#*%s*([^\n]*)\n?(.*)$")
   title = title:gsub("%s+$", "")
   local repo = fs.realpath(flags.repo) or flags.repo

@@ -217,6 +217,18 @@ describe("factory run that cannot get through its pipeline", function()
       { 'unknown model alias "factory/fast"', "stage build needs team backend_engineering, which did not load" })
   end, { timeout = 30 })
 
+  it("refuses a work item that is not UTF-8 text, saying where", function()
+    local file = dir .. "/latin1.md"
+    assert(fs.write(file, "# Prices\n\nThe caf\233 page shows \163 5.\n"))
+    local t0 = time.now()
+    local status, out = finish(factory({ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--file", file }))
+    assert.equal(1, status.code, out)
+    assert.contains(("--file %s is not UTF-8 text: byte 0xE9 at line 3, column 8 (Latin-1 or Windows-1252?): save it"
+      .. " as UTF-8 and run again"):format(file), out)
+    assert.equal(0, #requests(t0), "no model call")
+    assert.is_nil(fs.stat(dir .. "/factory.db"), "refused before the store is opened")
+  end, { timeout = 30 })
+
   it("refuses a pipeline whose build stage's CLI agent is not installed, naming the stage and the program", function()
     local project = dir .. "/project"
     for _, sub in ipairs({ "teams", "pipelines" }) do

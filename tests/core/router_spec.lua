@@ -186,6 +186,17 @@ describe("router", function()
     assert.contains('"x":' .. deep, fake:requests()[3].body)
   end)
 
+  it("sends a request it encodes as UTF-8, each malformed byte a U+FFFD, and JSON text as it came", function()
+    -- A Latin-1 file an agent read: a provider refuses a request that is not UTF-8.
+    assert(router.chat({ model = "solo", messages = { { role = "user", content = "caf\233 \255 ok \226\130\172" } } }))
+    assert.contains('"caf\239\191\189 \239\191\189 ok \226\130\172"', fake:requests()[1].body)
+    assert(router.chat_parts({ model = "solo", messages = { json.encode{ role = "user", content = "na\239ve" } } }))
+    assert.contains('"na\239\191\189ve"', fake:requests()[2].body)
+    local text = '{"model":"solo","messages":[{"role":"user","content":"as it came \255"}]}'
+    router.chat(text)
+    assert.contains("as it came \255", fake:requests()[3].body)
+  end)
+
   it("chat_parts sends what chat sends for the same request, and budgets by its max_tokens", function()
     local messages = { json.encode{ role = "system", content = "Be brief." },
                        json.encode{ role = "user", content = "Say \"hi\"" } }

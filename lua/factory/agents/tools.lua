@@ -9,7 +9,8 @@
 --       gone), e.g. factory.agents.locks.acquire on the objective's behalf. A refusal
 --       ("ECONFLICT: ...") is the tool's error and the file stays untouched; a lock
 --       function that raises gives "ELOCK: ...".
---   box:read_file(path) -> text
+--   box:read_file(path) -> text   (a binary file, one with a NUL byte in its first
+--       8,000, is an EBINARY error: its bytes would only cost the model tokens)
 --   box:write_file(path, text) -> "wrote N bytes to PATH"
 --   box:edit_file(path, old, new) -> "edited PATH"   (old must occur exactly once)
 --   box:list_dir([path]) -> { "name", "dir/", ... }   (the first 1,000 entries, then a
@@ -162,6 +163,11 @@ function Box:read_file(path)
   local text
   text, err, code = fs.read_beneath(self.root, rel)
   if not text then return beneath_error(path, err, code) end
+  -- git's test for a binary file: a NUL byte in its first 8,000.
+  if text:sub(1, 8000):find("%z") then
+    return fail("EBINARY", ("%s is a binary file (%d bytes): not shown; inspect it with run_command (file, od,"
+      .. " or the project's own tools)"):format(shown(path), #text))
+  end
   if #text > self.max_read then
     return text:sub(1, self.max_read) .. ("\n[truncated: %s has %d bytes; showing the first %d]"):format(
       rel, #text, self.max_read)

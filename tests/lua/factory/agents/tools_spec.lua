@@ -245,6 +245,18 @@ describe("run_command", function()
 end)
 
 describe("file tools", function()
+  it("does not read a binary file into the model's context, and says how to look at it", function()
+    assert(fs.write(wt .. "/logo.png", "\137PNG\r\n\26\n\0\0\0\rIHDR" .. ("\255"):rep(5000)))
+    local out, err, code = box:read_file("logo.png")
+    assert.is_nil(out)
+    assert.equal("EBINARY", code)
+    assert.equal("EBINARY: logo.png is a binary file (5016 bytes): not shown; inspect it with run_command (file, od,"
+      .. " or the project's own tools)", err)
+    -- a Latin-1 text file is read (the router makes the request UTF-8)
+    assert(fs.write(wt .. "/old.c", "/* caf\233 */\n"))
+    assert.equal("/* caf\233 */\n", box:read_file("old.c"))
+  end)
+
   it("reads, writes (creating directories), and counts changes", function()
     assert.equal("hello world\nsecond line\n", box:read_file("hello.txt"))
     assert.equal("wrote 3 bytes to new/dir/f.txt", box:write_file("new/dir/f.txt", "abc"))

@@ -1,0 +1,102 @@
+/* core/text.c — factory.core.text: text that has to be UTF-8, checked and repaired
+ * with the C library's iconv (UTF-8 to UTF-8 rejects malformed, overlong and
+ * surrogate sequences).
+ *
+ *   text.utf8_error(s) -> nil when s is UTF-8 | the 1-based offset of its first
+ *       byte that is not
+ *   text.to_utf8(s) -> s2, n   s with each malformed sequence (n of them) replaced by
+ *       U+FFFD; s itself when n is 0
+ *
+ * Why: a model request is JSON, which must be UTF-8, and providers refuse the whole
+ * request (HTTP 400) for one stray byte of a Latin-1 file an agent read or a
+ * command printed. */
+#include <errno.h>
+#include <iconv.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <string.h>
+
+static const char REPLACEMENT[] = "\xEF\xBF\xBD";
+
+/* Converts as much of *in as is valid into the buffer b; returns 0 at the end, else
+ * leaves *in at the first malformed byte. */
+static int valid_prefix(iconv_t cd, const char **in, size_t *left, luaL_Buffer *b) {
+    while (*left > 0) {
+        char *out = luaL_prepbuffer(b);
+        size_t room = LUAL_BUFFERSIZE;
+        char *inp = (char *)*in;
+        size_t r = iconv(cd, &inp, left, &out, &room);
+        luaL_addsize(b, LUAL_BUFFERSIZE - room);
+        *in = inp;
+        if (r != (size_t)-1) return 0;
+        if (errno != E2BIG) return -1;
+    }
+    return 0;
+}
+
+/* One descriptor for the process, reset before each use: opening one costs as much
+ * as checking a few kilobytes. Only the loop thread uses it. */
+static iconv_t utf8_cd = (iconv_t)-1;
+
+static iconv_t open_utf8(lua_State *L) {
+    if (utf8_cd == (iconv_t)-1) {
+        utf8_cd = iconv_open("UTF-8", "UTF-8");
+        if (utf8_cd == (iconv_t)-1) luaL_error(L, "text: iconv has no UTF-8 (%s)", strerror(errno));
+    }
+    iconv(utf8_cd, NULL, NULL, NULL, NULL);
+    return utf8_cd;
+}
+
+static int text_to_utf8(lua_State *L) {
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    iconv_t cd = open_utf8(L);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    const char *in = s;
+    size_t left = len, replaced = 0;
+    while (valid_prefix(cd, &in, &left, &b) != 0) {
+        luaL_addlstring(&b, REPLACEMENT, sizeof REPLACEMENT - 1);
+        in++;
+        left--;
+        replaced++;
+        iconv(cd, NULL, NULL, NULL, NULL);
+    }
+    if (replaced == 0) {
+        luaL_pushresult(&b);
+        lua_pop(L, 1);
+        lua_pushvalue(L, 1);
+    } else {
+        luaL_pushresult(&b);
+    }
+    lua_pushinteger(L, (lua_Integer)replaced);
+    return 2;
+}
+
+static int text_utf8_error(lua_State *L) {
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    iconv_t cd = open_utf8(L);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    const char *in = s;
+    size_t left = len;
+    int bad = valid_prefix(cd, &in, &left, &b) != 0;
+    luaL_pushresult(&b);
+    lua_pop(L, 1);
+    if (!bad) return 0;
+    lua_pushinteger(L, (lua_Integer)(in - s) + 1);
+    return 1;
+}
+
+static const luaL_Reg text_functions[] = {
+    {"to_utf8", text_to_utf8},
+    {"utf8_error", text_utf8_error},
+    {NULL, NULL},
+};
+
+int luaopen_factory_core_text(lua_State *L) {
+    lua_newtable(L);
+    luaL_register(L, NULL, text_functions);
+    return 1;
+}
