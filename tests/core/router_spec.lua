@@ -162,8 +162,9 @@ describe("router", function()
   end)
 
   it("passes a request's members upstream as they came, nested up to 256 deep", function()
-    -- Escapes stay as written; bytes that are not UTF-8 pass as they are.
-    local content = [[caf\u00e9 \"q\" \ud83d\ude00 ]] .. "\255\254"
+    -- Escapes stay as written (bytes that are not UTF-8 pass as they are too: see the
+    -- UTF-8 case below, which the fake refuses as the real services do).
+    local content = [[caf\u00e9 \"q\" \ud83d\ude00 ]] .. "\226\130\172"
     local members = '"x":[[{"y":[]}],{}],"k":-1.5e3,"t":true,"f":false,"z":null,"max_tokens":7'
     local text = '{ "model" : "solo" , "messages":[{"role":"user","content":"' .. content .. '"}],\n'
       .. members .. ' }\n'
@@ -193,7 +194,9 @@ describe("router", function()
     assert(router.chat_parts({ model = "solo", messages = { json.encode{ role = "user", content = "na\239ve" } } }))
     assert.contains('"na\239\191\189ve"', fake:requests()[2].body)
     local text = '{"model":"solo","messages":[{"role":"user","content":"as it came \255"}]}'
-    router.chat(text)
+    local ok, err = router.chat(text)
+    assert.is_nil(ok)
+    assert.contains("HTTP 400: The request body is not valid JSON: invalid UTF-8", err)
     assert.contains("as it came \255", fake:requests()[3].body)
   end)
 

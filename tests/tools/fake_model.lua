@@ -26,8 +26,9 @@
 --             the body, or a stream's one event; without it, an object cut short) |
 --             "content_type" (text/html) }
 -- A request whose Authorization (OpenAI) or x-api-key (Anthropic) header is
--- missing gets 401, as from the real services.
+-- missing gets 401, and one whose body is not UTF-8 gets 400, as from the real services.
 local server = require "factory.http_server"
+local utf8_error = require("factory.core.text").utf8_error
 local fiber = require "factory.fiber"
 local json = require "factory.json"
 
@@ -249,6 +250,10 @@ function Fake:handle(kind, req, res)
     return res:status(200):header("Content-Type", "application/json"):send(reply.text or '{"id": "x", "choices": [')
   elseif reply.fault == "content_type" then
     return res:status(200):header("Content-Type", "text/html"):send("<html>gateway</html>")
+  end
+  -- As the real services: JSON that is not UTF-8 is no JSON.
+  if utf8_error(req.body) then
+    return res:json(400, error_body(kind, 400, "The request body is not valid JSON: invalid UTF-8"))
   end
   local body, err = json.decode(req.body)
   if type(body) ~= "table" then return res:json(400, error_body(kind, 400, "invalid JSON: " .. tostring(err))) end
