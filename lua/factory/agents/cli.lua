@@ -61,6 +61,7 @@ local proc = require "factory.proc"
 local fiber = require "factory.fiber"
 local json = require "factory.json"
 local env = require "factory.core.env"
+local to_utf8 = require("factory.core.text").to_utf8
 local fs = require "factory.core.fs"
 local time = require "factory.core.time"
 local confidence = require "factory.confidence"
@@ -304,7 +305,9 @@ local function iterate(ctx, n)
         last_beat = last
         emit("agent_heartbeat", { iteration = n })
       end
-      local ev = M.parse_line(ctx.format, line)
+      -- Its report becomes the stage's recorded result, which must be UTF-8 (JSON,
+      -- and PostgreSQL's text): an agent printing Latin-1 must not stop the run.
+      local ev = M.parse_line(ctx.format, (to_utf8(line)))
       if ev.progress then emit("agent_progress", { iteration = n, text = ev.progress }) end
       if ev.message_id and ev.message_usage then msg_usage[ev.message_id] = ev.message_usage end
       if ev.usage then
@@ -389,9 +392,11 @@ local function learnings_of(text)
   return out
 end
 
+-- What the agent wrote (SPEC.md, its learnings, its stuck note) is recorded, so
+-- it is made UTF-8 like its output.
 local function read(path)
   local text = fs.read(path)
-  return text
+  return text and (to_utf8(text))
 end
 
 function M.run(o)
@@ -423,7 +428,7 @@ function M.run(o)
 
   -- SPEC.md (a SPEC.md of the repository's own is kept to be put back) and .ai/.
   local spec_path = root .. "/" .. SPEC
-  local old_spec = read(spec_path)
+  local old_spec = fs.read(spec_path)  -- byte for byte
   local had_ai = fs.exists(root .. "/.ai")
   local items = o.checklist or M.checklist(o.objective)
   local ok, err = fs.write(spec_path, spec_text(o.objective, items, o.learnings))

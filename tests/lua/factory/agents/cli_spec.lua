@@ -197,6 +197,19 @@ describe("cli agent", function()
     assert.equal("the repository's own spec\n", read(dir .. "/SPEC.md"))
   end)
 
+  it("makes what an agent prints and writes UTF-8 before it is recorded, and puts the repo's SPEC.md back as it was", function()
+    local text = require "factory.core.text"
+    assert(fs.write(dir .. "/SPEC.md", "caf\233 spec\n"))
+    local script = "printf 'edited caf\\351.c\\n'; mkdir -p .ai; printf 'caf\\351 needs a human\\n' > .ai/stuck.md"
+    local result = cli.run{ root = dir, objective = OBJECTIVE, command = { "sh", "-c", script }, emit = emit }
+    assert.equal("BLOCKED", result.status)
+    assert.same({ "caf\239\191\189 needs a human" }, result.blockers)
+    local progress = kinds("agent_progress")
+    assert.equal("edited caf\239\191\189.c", progress[1].text)
+    assert.is_nil(text.utf8_error(require("factory.json").encode(result)))
+    assert.equal("caf\233 spec\n", read(dir .. "/SPEC.md"))
+  end)
+
   it("the iteration cap and the stuck limit give BLOCKED", function()
     local result, stats = cli.run{ root = dir, objective = OBJECTIVE, command = fake("idle"), format = "claude",
                                    max_iterations = 2, stuck_idle = 5 }
