@@ -410,6 +410,17 @@ local function missing_agent(pipe, project, repo)
   end
 end
 
+-- Why text a human gave cannot be taken: it goes into model requests, whose JSON
+-- is UTF-8 (and into the store, which PostgreSQL keeps as UTF-8).
+local function not_utf8(what, text, fix)
+  local bad = utf8_error(text)
+  if not bad then return nil end
+  local before = text:sub(1, bad - 1)
+  local _, newlines = before:gsub("\n", "")
+  return ("%s is not UTF-8 text: byte 0x%02X at line %d, column %d (Latin-1 or Windows-1252?): %s"):format(
+    what, text:byte(bad), newlines + 1, #before:match("[^\n]*$") + 1, fix)
+end
+
 local function cmd_run(flags, words, opts)
   if #words ~= 1 then return usage_error("factory run needs one PIPELINE") end
   if not flags.repo then return usage_error("factory run needs --repo DIR") end
@@ -424,15 +435,9 @@ local function cmd_run(flags, words, opts)
   end
   -- A file saved on Windows or with a byte-order mark is the same work item.
   text = text:gsub("^\239\187\191", ""):gsub("\r\n", "\n")
-  -- It goes into every model request, and JSON is UTF-8.
-  local bad = utf8_error(text)
-  if bad then
-    local before = text:sub(1, bad - 1)
-    local _, newlines = before:gsub("\n", "")
-    return fail(("%s is not UTF-8 text: byte 0x%02X at line %d, column %d (Latin-1 or Windows-1252?): %s"):format(
-      flags.file and ("--file " .. flags.file) or "--issue", text:byte(bad), newlines + 1,
-      #before:match("[^\n]*$") + 1, flags.file and "save it as UTF-8 and run again" or "give it as UTF-8"))
-  end
+  local bad = not_utf8(flags.file and ("--file " .. flags.file) or "--issue", text,
+                       flags.file and "save it as UTF-8 and run again" or "give it as UTF-8")
+  if bad then return fail(bad) end
   local title, body = text:match("^%s*#*%s*([^\n]*)\n?(.*)$")
   title = title:gsub("%s+$", "")
   local repo = fs.realpath(flags.repo) or flags.repo
@@ -513,6 +518,8 @@ local function cmd_hitl(flags, words)
   elseif sub == "answer" then
     local id = tonumber(words[2])
     if #words ~= 3 or not id then return usage_error("usage: factory hitl answer ID TEXT") end
+    local bad = not_utf8("the answer", words[3], "give it as UTF-8")
+    if bad then return fail(bad) end
     return with_db(flags, function(d)
       local ok, err = hitl.answer(d, id, words[3], "human")
       if not ok then return fail(err) end

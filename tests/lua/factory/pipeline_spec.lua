@@ -292,6 +292,12 @@ describe("pipeline engine", function()
     local p = io.popen(("%s hitl list --db %s 2>&1"):format(host.exe, url))
     assert.contains(("#%d  run %d  stage analysis"):format(esc.id, run), p:read("*a"))
     p:close()
+    -- An answer typed in a Latin-1 terminal is refused, saying where, and the question stays open.
+    p = io.popen(("%s hitl answer %d 'Euros \163' --db %s 2>&1; echo exit=$?"):format(host.exe, esc.id, url))
+    assert.equal("factory: the answer is not UTF-8 text: byte 0xA3 at line 1, column 7 (Latin-1 or Windows-1252?):"
+      .. " give it as UTF-8\nexit=1\n", p:read("*a"))
+    p:close()
+    assert.equal(1, #hitl.list(store))
     p = io.popen(("%s hitl answer %d 'Euros, always.' --db %s 2>&1; echo exit=$?"):format(host.exe, esc.id, url))
     assert.equal(("answered #%d: run %d goes on (a factory run waiting for it takes the answer; if none is,"
       .. " continue it with: factory resume %d)\nexit=0\n"):format(esc.id, run, run), p:read("*a"))
