@@ -37,16 +37,34 @@ Make the smallest change that meets the objective, check it by running the tests
 then call `finish` with your TaskResult: status COMPLETE (with the artifact: a short
 summary of the change), NEEDS_CLARIFICATION, or BLOCKED (with blockers).]]
 
-local function as_text(v, err, max)
+-- A command's outcome as a terminal would show it, stderr first: a long result
+-- keeps its beginning (the first compiler errors) and its end (the test run's
+-- verdict, on stdout).
+local function command_text(r)
+  local parts = { r.timed_out and "timed out: killed" or r.signal and ("killed by signal " .. r.signal)
+                  or ("exit code " .. tostring(r.code)) }
+  if r.stderr and r.stderr ~= "" then parts[#parts + 1] = "[stderr]\n" .. r.stderr end
+  if r.stdout and r.stdout ~= "" then parts[#parts + 1] = "[stdout]\n" .. r.stdout end
+  return table.concat(parts, "\n")
+end
+
+-- A tool's result for the model, at most max bytes: a longer one keeps its first
+-- quarter and its last three, with a line saying what was cut between them.
+local function as_text(v, err, max, tool)
   local text
   if v == nil then
     text = "ERROR: " .. tostring(err)
   elseif type(v) == "string" then
     text = v
+  elseif tool == "run_command" then
+    text = command_text(v)
   else
     text = json.encode(v) or tostring(v)
   end
-  if #text > max then text = text:sub(1, max) .. ("\n[cut: %d bytes in all]"):format(#text) end
+  if #text > max then
+    local head = math.floor(max / 4)
+    text = text:sub(1, head) .. ("\n[... %d bytes cut here ...]\n"):format(#text - max) .. text:sub(head - max)
+  end
   return text
 end
 
@@ -155,7 +173,8 @@ function M.run(o)
           box.result = nil
           v, verr = nil, "EINVAL: not a valid TaskResult: " .. problem
         end
-        messages[#messages + 1] = { role = "tool", tool_call_id = call.id, content = as_text(v, verr, max_result) }
+        messages[#messages + 1] = { role = "tool", tool_call_id = call.id,
+                                    content = as_text(v, verr, max_result, name) }
       end
     end
     if budget and stats.tokens >= budget then

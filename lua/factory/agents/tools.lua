@@ -20,6 +20,9 @@
 --       plain text; a pattern that does not compile is an EINVAL with the reason).
 --       In a git worktree, what git ignores is skipped, unless path is inside it.
 --   box:run_command(argv | "shell text") -> { code, signal, timed_out, truncated, stdout, stderr }
+--       a stream longer than max_output keeps its first quarter and last three
+--       quarters of that, with a line saying how much was cut (truncated = true);
+--       past 4 MiB a command's output is discarded
 --   box:finish(task_result) -> "finished"; box.result is the TaskResult
 --   box:call(name, args) -> the tool with named arguments (the model's JSON object)
 --   box.changes: count of successful writes and edits (stuck detection)
@@ -49,6 +52,9 @@ local NAME_MAX, PATH_MAX = 255, 4096
 local MAX_GREP_MATCHES, MAX_GREP_BYTES, MAX_GREP_FILE = 200, 32 * 1024, 1024 * 1024
 local MAX_LINKS = 40
 local MAX_LIST = 1000
+-- What a command may print before the rest is discarded (max_output is what the
+-- model is shown of it).
+local CAPTURE = 4 * 1024 * 1024
 
 -- Names a child may inherit; everything else (API keys included) stays behind.
 local PASSED = { "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ" }
@@ -326,6 +332,14 @@ function Box:child_env()
   return e
 end
 
+-- A test run's verdict is at the end of its output: a long output keeps its first
+-- quarter and its last three, with a line saying what was cut between them.
+local function middle_cut(text, max)
+  local head = math.floor(max / 4)
+  local tail = max - head
+  return text:sub(1, head) .. ("\n[... %d bytes cut here ...]\n"):format(#text - max) .. text:sub(-tail)
+end
+
 function Box:run_command(cmd)
   local argv
   if type(cmd) == "string" then
@@ -340,9 +354,16 @@ function Box:run_command(cmd)
   else
     return fail("EINVAL", "run_command: expected an argv list or a shell command string")
   end
-  local res, err, code = proc.run{ argv = argv, cwd = self.root, env = self:child_env(),
-                                   timeout = self.timeout, max_output = self.max_output, stderr = "pipe" }
+  local res, err, code = proc.run{ argv = argv, cwd = self.root, env = self:child_env(), timeout = self.timeout,
+                                   max_output = math.max(self.max_output, CAPTURE), stderr = "pipe" }
   if not res then return nil, err, code end
+  for _, stream in ipairs({ "stdout", "stderr" }) do
+    local text = res[stream]
+    if text and #text > self.max_output then
+      res[stream] = middle_cut(text, self.max_output)
+      res.truncated = true
+    end
+  end
   return res
 end
 

@@ -35,6 +35,20 @@ local FINISH = { status = "COMPLETE", reasoning = "add subtracted; fixed the ope
                  artifact = "src/add.c: return a + b", verified_facts = { "add(2,3) is 5" } }
 
 describe("builtin agent", function()
+  it("shows a long command's first errors and its verdict, cutting the middle to max_result", function()
+    local script = "i=0; while [ $i -lt 3000 ]; do echo \"warning $i\" >&2; echo \"test $i ok\"; i=$((i+1)); done;"
+      .. " echo 'src/a.c:1: error: first' >&2; echo '1 test FAILED'; exit 2"
+    fake:script{ call("run_command", { command = script }), call("finish", FINISH) }
+    assert.equal("COMPLETE", (builtin.run{ root = dir, objective = "Run the tests", model = "coder", max_result = 4096 }).status)
+    local last = json.decode(fake:requests()[2].body).messages
+    local seen = last[#last].content
+    assert.equal("tool", last[#last].role)
+    assert.matches("^exit code 2\n%[stderr%]\nwarning 0\nwarning 1\n", seen)
+    assert.matches("\n%[%.%.%. %d+ bytes cut here %.%.%.%]\n", seen)
+    assert.matches("test 2999 ok\n1 test FAILED\n$", seen)
+    assert.truthy(#seen <= 4096 + 40, #seen)
+  end)
+
   it("edits a file with tool calls and finishes with the TaskResult", function()
     fake:script{
       call("list_dir", { path = "src" }),
@@ -66,7 +80,7 @@ describe("builtin agent", function()
     assert.equal('["add.c"]', seen[1])
     assert.equal("int add(int a, int b) { return a - b; }\n", seen[2])
     assert.equal("edited src/add.c", seen[3])
-    assert.matches('"stdout":"1\\n"', seen[4])
+    assert.equal("exit code 0\n[stdout]\n1\n", seen[4])
     assert.equal("agent_done", events[#events][1])
   end)
 

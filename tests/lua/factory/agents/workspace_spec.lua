@@ -86,10 +86,10 @@ describe("workspace", function()
 
     -- The model saw the failing test first, then the passing one.
     local seen = tool_results()
-    assert.matches('"code":2', seen[1])
+    assert.matches("^exit code 2\n", seen[1])
     assert.matches("expected %-1, got 5", seen[1])
     assert.equal("edited src/calc.c", seen[4])
-    assert.matches('"code":0', seen[5])
+    assert.matches("^exit code 0\n", seen[5])
     assert.matches("all checks passed", seen[5])
 
     -- Diff stats name the file changed.
