@@ -48,8 +48,9 @@ local function command_text(r)
   return table.concat(parts, "\n")
 end
 
--- A tool's result for the model, at most max bytes: a longer one keeps its first
--- quarter and its last three, with a line saying what was cut between them.
+-- A tool's result for the model, at most max bytes. A longer command outcome keeps
+-- its first quarter and its last three, with a line saying what was cut between
+-- them; anything else (a file) its beginning, with a line saying how to read on.
 local function as_text(v, err, max, tool)
   local text
   if v == nil then
@@ -61,9 +62,12 @@ local function as_text(v, err, max, tool)
   else
     text = json.encode(v) or tostring(v)
   end
-  if #text > max then
+  if #text > max and tool == "run_command" then
     local head = math.floor(max / 4)
     text = text:sub(1, head) .. ("\n[... %d bytes cut here ...]\n"):format(#text - max) .. text:sub(head - max)
+  elseif #text > max then
+    text = text:sub(1, max) .. ("\n[cut: %d bytes in all; read further with run_command, e.g. sed -n '400,600p' FILE,"
+      .. " or grep]"):format(#text)
   end
   return text
 end

@@ -49,6 +49,19 @@ describe("builtin agent", function()
     assert.truthy(#seen <= 4096 + 40, #seen)
   end)
 
+  it("shows the beginning of a long file, and how to read on", function()
+    local lines = {}
+    for i = 1, 2000 do lines[i] = ("line %d of the file"):format(i) end
+    assert(fs.write(dir .. "/big.txt", table.concat(lines, "\n")))
+    fake:script{ call("read_file", { path = "big.txt" }), call("finish", FINISH) }
+    builtin.run{ root = dir, objective = "Read it", model = "coder", max_result = 4096 }
+    local last = json.decode(fake:requests()[2].body).messages
+    local seen = last[#last].content
+    assert.matches("^line 1 of the file\nline 2 of", seen)
+    assert.matches("\n%[cut: %d+ bytes in all; read further with run_command, e%.g%. sed %-n '400,600p' FILE, or grep%]$",
+      seen)
+  end)
+
   it("edits a file with tool calls and finishes with the TaskResult", function()
     fake:script{
       call("list_dir", { path = "src" }),
