@@ -47,28 +47,44 @@ static iconv_t open_utf8(lua_State *L) {
     return utf8_cd;
 }
 
+/* The offset of the first byte of s that is not UTF-8, or len when all are. The
+ * converted text goes to a scratch buffer and is dropped: only iconv's verdict
+ * counts. */
+static size_t valid_length(iconv_t cd, const char *s, size_t len) {
+    char scratch[4096];
+    char *in = (char *)s;
+    size_t left = len;
+    while (left > 0) {
+        char *out = scratch;
+        size_t room = sizeof scratch;
+        if (iconv(cd, &in, &left, &out, &room) != (size_t)-1 || errno != E2BIG) break;
+    }
+    return len - left;
+}
+
 static int text_to_utf8(lua_State *L) {
     size_t len;
     const char *s = luaL_checklstring(L, 1, &len);
     iconv_t cd = open_utf8(L);
+    size_t ok = valid_length(cd, s, len);
+    if (ok == len) {
+        lua_pushvalue(L, 1);
+        lua_pushinteger(L, 0);
+        return 2;
+    }
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    const char *in = s;
-    size_t left = len, replaced = 0;
-    while (valid_prefix(cd, &in, &left, &b) != 0) {
+    luaL_addlstring(&b, s, ok);
+    const char *in = s + ok;
+    size_t left = len - ok, replaced = 0;
+    do {
         luaL_addlstring(&b, REPLACEMENT, sizeof REPLACEMENT - 1);
         in++;
         left--;
         replaced++;
         iconv(cd, NULL, NULL, NULL, NULL);
-    }
-    if (replaced == 0) {
-        luaL_pushresult(&b);
-        lua_pop(L, 1);
-        lua_pushvalue(L, 1);
-    } else {
-        luaL_pushresult(&b);
-    }
+    } while (valid_prefix(cd, &in, &left, &b) != 0);
+    luaL_pushresult(&b);
     lua_pushinteger(L, (lua_Integer)replaced);
     return 2;
 }
@@ -76,16 +92,9 @@ static int text_to_utf8(lua_State *L) {
 static int text_utf8_error(lua_State *L) {
     size_t len;
     const char *s = luaL_checklstring(L, 1, &len);
-    iconv_t cd = open_utf8(L);
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    const char *in = s;
-    size_t left = len;
-    int bad = valid_prefix(cd, &in, &left, &b) != 0;
-    luaL_pushresult(&b);
-    lua_pop(L, 1);
-    if (!bad) return 0;
-    lua_pushinteger(L, (lua_Integer)(in - s) + 1);
+    size_t ok = valid_length(open_utf8(L), s, len);
+    if (ok == len) return 0;
+    lua_pushinteger(L, (lua_Integer)ok + 1);
     return 1;
 }
 

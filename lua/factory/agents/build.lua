@@ -84,7 +84,7 @@ local function free_name(r, base_name)
   for _, w in ipairs(r:worktrees()) do
     if of_family(w.name, base_name) then r:worktree_remove(w.name, { force = true }) end
   end
-  local head = r:head().oid
+  local head = (r:head() or {}).oid
   local taken = {}
   for _, b in ipairs(r:branches()) do
     if not (of_family(b.name, base_name) and b.oid == head and not b.head and r:branch_delete(b.name)) then
