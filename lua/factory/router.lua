@@ -52,7 +52,7 @@
 -- ECONNREFUSED, ECONNRESET, EHOST, ETLS, ECANCELED, ENOCONFIG.
 local core = require "factory.core.router"
 local json = require "factory.json"
-local text = require "factory.core.text"
+local to_utf8 = require("factory.core.text").to_utf8
 local log = require "factory.log"
 
 local M = {}
@@ -107,7 +107,7 @@ end
 local function encode_request(request, what)
   if type(request) == "string" then return request end
   if type(request) ~= "table" then error(what .. ": request must be a table or JSON text", 3) end
-  return (text.to_utf8(assert(json.encode(request))))
+  return (to_utf8(assert(json.encode(request))))
 end
 
 local function decoded(text, raw)
@@ -152,7 +152,7 @@ function M.chat_parts(parts, opts)
   end
   if type(parts.model) ~= "string" then return flushed(nil, "EINVAL: 'model' is required", "EINVAL") end
   local messages = parts.messages
-  for i = 1, #messages do messages[i] = text.to_utf8(messages[i]) end
+  for i = 1, #messages do messages[i] = to_utf8(messages[i]) end
   local res, err, code = core.chat_parts(parts.model, parts.members or "", parts.messages, opts.team,
                                          opts.run and tostring(opts.run), opts.stream)
   if not res then return flushed(nil, err, code) end
