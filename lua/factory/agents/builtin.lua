@@ -62,9 +62,8 @@ local function as_text(v, err, max, tool)
   else
     text = json.encode(v) or tostring(v)
   end
-  if #text > max and tool == "run_command" then
-    local head = math.floor(max / 4)
-    text = text:sub(1, head) .. ("\n[... %d bytes cut here ...]\n"):format(#text - max) .. text:sub(head - max)
+  if tool == "run_command" then
+    text = tools.middle_cut(text, max)
   elseif #text > max then
     text = text:sub(1, max) .. ("\n[cut: %d bytes in all; read further with run_command, e.g. sed -n '400,600p' FILE,"
       .. " or grep]"):format(#text)

@@ -27,6 +27,8 @@
 --   box:call(name, args) -> the tool with named arguments (the model's JSON object)
 --   box.changes: count of successful writes and edits (stuck detection)
 --   tools.SCHEMAS: the tools in OpenAI function-calling format
+--   tools.middle_cut(text, max) -> text, or at most max bytes of it: its first quarter
+--       and last three, with a line saying how much was cut between them
 --
 -- Every failure is a value the model sees: nil, "ECODE: message", "ECODE". A path
 -- that leaves the worktree, lexically (`..`, an absolute path) or through a symbolic
@@ -334,7 +336,8 @@ end
 
 -- A test run's verdict is at the end of its output: a long output keeps its first
 -- quarter and its last three, with a line saying what was cut between them.
-local function middle_cut(text, max)
+function M.middle_cut(text, max)
+  if #text <= max then return text end
   local head = math.floor(max / 4)
   local tail = max - head
   return text:sub(1, head) .. ("\n[... %d bytes cut here ...]\n"):format(#text - max) .. text:sub(-tail)
@@ -360,7 +363,7 @@ function Box:run_command(cmd)
   for _, stream in ipairs({ "stdout", "stderr" }) do
     local text = res[stream]
     if text and #text > self.max_output then
-      res[stream] = middle_cut(text, self.max_output)
+      res[stream] = M.middle_cut(text, self.max_output)
       res.truncated = true
     end
   end
