@@ -7,7 +7,9 @@
 --     responder = "implementer",                 -- answers clarifications (default: first)
 --     operative "implementer" { prompt = [[...]], tools = { "read", ... }, max_iterations = 20,
 --                               model =, agent = "builtin" | { cli = "claude" }, max_tokens =,
---                               temperature =, context_window = },
+--                               temperature =, context_window =,
+--                               command_timeout = seconds a built-in agent's run_command
+--                                 may take (default 120: a slow test suite needs more) },
 --   }
 --   return pipeline "feature" {
 --     description = "...",
@@ -130,7 +132,8 @@ local function check_model(t, aliases, what)
 end
 
 local OPERATIVE_FIELDS = { name = true, prompt = true, model = true, tools = true, max_iterations = true,
-                           agent = true, max_tokens = true, temperature = true, context_window = true }
+                           agent = true, max_tokens = true, temperature = true, context_window = true,
+                           command_timeout = true }
 
 -- A CLI agent's options: those of factory.agents.cli.run a team file may set.
 local CLI_AGENT_FIELDS = { cli = true, command = true, format = true, prompt = true, max_iterations = true,
@@ -189,6 +192,7 @@ local function check_operative(op, team, aliases)
   positive_int(op, "max_tokens", what)
   positive_int(op, "context_window", what)
   number_in(op, "temperature", 0, 2, what)
+  number_in(op, "command_timeout", 1, math.huge, what)
   local agent = op.agent or "builtin"
   if agent ~= "builtin" and not (type(agent) == "table" and type(agent.cli) == "string") then
     fail(op, "%s: agent must be \"builtin\" or { cli = \"name\", ... }", what)

@@ -41,8 +41,14 @@ summary of the change), NEEDS_CLARIFICATION, or BLOCKED (with blockers).]]
 -- keeps its beginning (the first compiler errors) and its end (the test run's
 -- verdict, on stdout).
 local function command_text(r)
-  local parts = { r.timed_out and "timed out: killed" or r.signal and ("killed by signal " .. r.signal)
-                  or ("exit code " .. tostring(r.code)) }
+  local head
+  if r.timed_out then
+    head = r.timeout and ("timed out after %g s: killed (a team's operative sets the limit: command_timeout)")
+      :format(r.timeout) or "timed out: killed"
+  else
+    head = r.signal and ("killed by signal " .. r.signal) or ("exit code " .. tostring(r.code))
+  end
+  local parts = { head }
   if r.stderr and r.stderr ~= "" then parts[#parts + 1] = "[stderr]\n" .. r.stderr end
   if r.stdout and r.stdout ~= "" then parts[#parts + 1] = "[stdout]\n" .. r.stdout end
   return table.concat(parts, "\n")

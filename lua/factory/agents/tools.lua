@@ -19,7 +19,8 @@
 --       regular expression, as `grep -E` reads it, from the C library; fixed = true:
 --       plain text; a pattern that does not compile is an EINVAL with the reason).
 --       In a git worktree, what git ignores is skipped, unless path is inside it.
---   box:run_command(argv | "shell text") -> { code, signal, timed_out, truncated, stdout, stderr }
+--   box:run_command(argv | "shell text") -> { code, signal, timed_out, truncated, stdout, stderr,
+--       timeout = the limit in seconds, when timed_out }
 --       a stream longer than max_output keeps its first quarter and last three
 --       quarters of that, with a line saying how much was cut (truncated = true);
 --       past 4 MiB a command's output is discarded
@@ -360,6 +361,7 @@ function Box:run_command(cmd)
   local res, err, code = proc.run{ argv = argv, cwd = self.root, env = self:child_env(), timeout = self.timeout,
                                    max_output = math.max(self.max_output, CAPTURE), stderr = "pipe" }
   if not res then return nil, err, code end
+  if res.timed_out then res.timeout = self.timeout end
   for _, stream in ipairs({ "stdout", "stderr" }) do
     local text = res[stream]
     if text and #text > self.max_output then

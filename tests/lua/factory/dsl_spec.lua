@@ -21,6 +21,7 @@ local EXPECTED = {
   { "teams/misspelt_field.lua", 5, "operative \"worker\": unknown field 'promt'" },
   { "teams/no_operative.lua", 3, 'team "no_operative" has no operative (operative "name" { prompt = ... })' },
   { "teams/no_prompt.lua", 5, 'operative "worker" of team "no_prompt" has no prompt (prompt = [[...]])' },
+  { "teams/short_command_timeout.lua", 5, 'operative "worker": command_timeout must be a number 1 or more, got 0' },
   { "teams/syntax_error.lua", 4, "unexpected symbol near '='" },
   { "teams/unknown_alias.lua", 2, 'team "unknown_alias": unknown model alias "factory/genius" (known: '
     .. "factory/architect, factory/cheap, factory/coder, factory/fast, local/embed)" },

@@ -242,6 +242,27 @@ describe("build stage", function()
     repo:close()
   end)
 
+  it("the operative's command_timeout is how long its agent's commands may run, and the model is told", function()
+    local team = dir .. "/project/teams/backend_engineering.lua"
+    local text, subs = assert(fs.read(team)):gsub("max_iterations = 20,", "max_iterations = 20,\n    command_timeout = 1,", 1)
+    assert.equal(1, subs)
+    assert(fs.write(team, text))
+    onefix_engine()
+    fake:script{ call("run_command", { command = "sleep 5; echo never" }),
+                 call("finish", { status = "COMPLETE", reasoning = "the tests are too slow to run here",
+                                  artifact = "nothing changed" }) }
+    local t0 = require("factory.core.time").monotonic()
+    local run_id = assert(engine:submit{ pipeline = "onefix", title = "slow tests", body = "x", repo = repo_dir,
+                                         external_id = "slow-1" })
+    assert.equal("succeeded", (engine:execute(run_id)))
+    assert.truthy(require("factory.core.time").monotonic() - t0 < 4)
+    local seen
+    for _, m in ipairs(json.decode(fake:requests()[2].body).messages) do
+      if m.role == "tool" then seen = m.content end
+    end
+    assert.equal("timed out after 1 s: killed (a team's operative sets the limit: command_timeout)", seen)
+  end)
+
   it("a repository that is not a git repository: the stage runs without a worktree and says why", function()
     local plain = dir .. "/plain"
     assert(fs.mkdir_p(plain))
