@@ -39,6 +39,7 @@
 -- branch too when that holds no commit of its own (it is where the new one would
 -- start); a branch with a commit is kept, and the next free name (-2, -3, ...) taken.
 local git = require "factory.git"
+local fs = require "factory.core.fs"
 local workspace = require "factory.agents.workspace"
 local builtin = require "factory.agents.builtin"
 local cli = require "factory.agents.cli"
@@ -55,11 +56,28 @@ local MAX_NAMES = 9
 local TOOL_NAMES = { read = "read_file", write = "write_file", edit = "edit_file", grep = "grep",
                      list = "list_dir", run = "run_command" }
 
+-- The top of the git repository dir is inside, if it is inside one.
+local function enclosing_repo(dir)
+  local d = dir:gsub("/+$", "")
+  while true do
+    d = d:match("^(.*)/[^/]*$")
+    if not d or d == "" then return nil end
+    if fs.stat(d .. "/.git") then return d end
+  end
+end
+
 function M.applies(o)
   if not o.repo then return false, "the run names no repository (--repo)" end
   local r, err, code = git.open(o.repo)
   if not r then
-    if code == "ENOTFOUND" then return false, ("%s is not a git repository"):format(o.repo) end
+    if code == "ENOTFOUND" then
+      local top = enclosing_repo(o.repo)
+      if top then
+        return false, ("%s is not a git repository but a directory inside %s (give --repo %s for a worktree)")
+          :format(o.repo, top, top)
+      end
+      return false, ("%s is not a git repository"):format(o.repo)
+    end
     return false, ("cannot open the repository %s: %s"):format(o.repo, err)
   end
   r:close()

@@ -12,6 +12,7 @@ local json = require "factory.json"
 local proc = require "factory.proc"
 local fs = require "factory.core.fs"
 local fiber = require "factory.fiber"
+local build = require "factory.agents.build"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local ROOT = HERE .. "../../../../"
@@ -276,6 +277,9 @@ describe("build stage", function()
     assert.equal("fix", skipped.stage)
     assert.equal(plain .. " is not a git repository", skipped.reason)
     assert.equal(4, fake:count())
+    -- A directory inside a repository (a monorepo's service): the message names the top.
+    assert.same({ false, ("%s/src is not a git repository but a directory inside %s (give --repo %s for a worktree)")
+      :format(repo_dir, repo_dir, repo_dir) }, { build.applies({ repo = repo_dir .. "/src" }) })
   end)
 
   it("a stage's workspace other than \"worktree\" is refused with file:line", function()
