@@ -3,7 +3,8 @@
 --
 --   confidence.parse(text) -> result | nil, "what is wrong with it"
 --       text: the model's reply; the JSON object may be fenced (```json ... ```) or
---       surrounded by prose. result: { status, reasoning, blockers, assumptions_made,
+--       surrounded by prose; the status is read in any case ("complete"). result:
+--       { status, reasoning, blockers, assumptions_made,
 --       verified_facts, clarification_needed = nil | { team =, question = },
 --       artifact (required when COMPLETE), learnings }
 --   confidence.blocked(reason [, reasoning]) -> a BLOCKED result made by the engine
@@ -53,6 +54,8 @@ function M.parse(text)
   if type(text) ~= "string" or text == "" then return nil, "the reply was empty" end
   local r = extract(text)
   if not r then return nil, "the reply is not a JSON object" end
+  -- "complete" is what was meant: sending it back would cost a model call.
+  if type(r.status) == "string" and STATUSES[r.status:upper()] then r.status = r.status:upper() end
   if not STATUSES[r.status] then
     return nil, ("status must be COMPLETE, NEEDS_CLARIFICATION or BLOCKED, got %s"):format(json.encode(r.status or json.null))
   end

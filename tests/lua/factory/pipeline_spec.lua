@@ -369,6 +369,16 @@ describe("pipeline engine", function()
     assert.contains("not a valid TaskResult: the reply is not a JSON object", msgs[#msgs].content)
   end)
 
+  it("takes a status written in lower case without sending it back", function()
+    start()
+    fake:script{ reply{ status = "complete", reasoning = "r", artifact = "req" }, complete("design") }
+    local run = submit("short")
+    assert.equal("succeeded", (engine:execute(run)))
+    assert.equal(2, fake:count())
+    assert.equal("COMPLETE", rows("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'analysis'",
+      { run })[1].result.status)
+  end)
+
   it("blocks an objective whose TaskResult is never corrected", function()
     start(1)
     fake:script{ { content = "nope" }, reply{ status = "DONE", reasoning = "x" } }
