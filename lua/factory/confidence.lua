@@ -3,7 +3,8 @@
 --
 --   confidence.parse(text) -> result | nil, "what is wrong with it"
 --       text: the model's reply; the JSON object may be fenced (```json ... ```) or
---       surrounded by prose; the status is read in any case ("complete"). result:
+--       surrounded by prose; the status is read in any case ("complete"), and a list
+--       given as one string is that one item. result:
 --       { status, reasoning, blockers, assumptions_made,
 --       verified_facts, clarification_needed = nil | { team =, question = },
 --       artifact (required when COMPLETE), learnings }
@@ -64,6 +65,9 @@ function M.parse(text)
     local v = r[k]
     if v == nil or v == json.null then
       r[k] = {}
+    elseif type(v) == "string" then
+      -- one item written without its list: meant as that list
+      r[k] = v:find("%S") and { v } or {}
     elseif type(v) ~= "table" then
       return nil, k .. " must be a list of strings"
     else

@@ -369,14 +369,16 @@ describe("pipeline engine", function()
     assert.contains("not a valid TaskResult: the reply is not a JSON object", msgs[#msgs].content)
   end)
 
-  it("takes a status written in lower case without sending it back", function()
+  it("takes a status in lower case, or one fact without its list, without sending them back", function()
     start()
-    fake:script{ reply{ status = "complete", reasoning = "r", artifact = "req" }, complete("design") }
+    fake:script{ reply{ status = "complete", reasoning = "r", artifact = "req", verified_facts = "Tasks have ids." },
+                 complete("design") }
     local run = submit("short")
     assert.equal("succeeded", (engine:execute(run)))
     assert.equal(2, fake:count())
-    assert.equal("COMPLETE", rows("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'analysis'",
-      { run })[1].result.status)
+    local result = rows("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'analysis'", { run })[1].result
+    assert.equal("COMPLETE", result.status)
+    assert.same({ "Tasks have ids." }, result.verified_facts)
   end)
 
   it("blocks an objective whose TaskResult is never corrected", function()
