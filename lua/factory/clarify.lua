@@ -11,6 +11,8 @@
 -- question to a human. The limits: max_clarifications per objective, max_hops
 -- (depth of the chain), no self-routing, no cycle (A asks B asks A), may_ask, and
 -- clarification_timeout_s for the whole exchange. Every question and answer is mail.
+-- The target is read as people write team names too ("Solution Architecture" is
+-- solution_architecture, when the asker may ask it).
 local fiber = require "factory.fiber"
 local records = require "factory.records"
 local confidence = require "factory.confidence"
@@ -49,9 +51,20 @@ local function resolve(ctx, chain, team, question)
   return nil, ("the %s team gave no answer within %d iterations"):format(team.name, ctx.limits.max_iterations)
 end
 
+-- The team of may_ask a model meant by target: "Solution Architecture" or
+-- "solution-architecture" is solution_architecture.
+local function named(may_ask, target)
+  local want = tostring(target):lower():gsub("^%s+", ""):gsub("%s+$", ""):gsub("[%s%-]+", "_")
+  for _, name in ipairs(may_ask or {}) do
+    if name:lower() == want then return name end
+  end
+  return target
+end
+
 -- at: { chain = teams from the root asker to this asker, asker = team, count = n }
 function ask(ctx, at, target, question)
   local asker, limits = at.asker, ctx.limits
+  target = named(asker.may_ask, target)
   local depth = #at.chain
   if target == asker.name then return nil, ("self-routing: the %s team asked itself"):format(target) end
   if not contains(asker.may_ask, target) then

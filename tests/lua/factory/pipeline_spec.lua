@@ -238,6 +238,18 @@ describe("pipeline engine", function()
       { run })[1].attempt, rows("SELECT MAX(attempt) AS a FROM stage_results WHERE stage = 'build'")[1].a })
   end)
 
+  it("asks the team a model names as people write it (\"Solution Architecture\")", function()
+    start()
+    local replies = feature_replies()
+    table.insert(replies, 3, ask("Solution Architecture", "REST or GraphQL?"))
+    table.insert(replies, 4, complete("REST."))
+    fake:script(replies)
+    local run = submit("feature")
+    assert.equal("succeeded", (engine:execute(run)))
+    local mail = rows("SELECT sender, recipient, kind FROM mail WHERE run_id = ? ORDER BY id", { run })
+    assert.same({ sender = "backend_engineering", recipient = "solution_architecture", kind = "clarification" }, mail[1])
+  end)
+
   local limit_cases = {
     { "stops a ping-pong A -> B -> A by cycle detection", 1,
       { ask("product_management", "Is this in scope?"), ask("business_analysis", "What do users need?") },
