@@ -219,14 +219,22 @@ describe("pipeline engine", function()
     assert.equal(0, rows("SELECT COUNT(*) AS n FROM work_items")[1].n, "nothing was recorded")
   end)
 
-  it("asks another team and feeds its answer back to the asker", function()
+  -- A feature run whose build stage asks `to` the question and gets the answer;
+  -- returns the run, which has succeeded.
+  local function clarified_run(to, question, answer)
     start()
     local replies = feature_replies()
-    table.insert(replies, 3, ask("solution_architecture", "REST or GraphQL for the due-date API?"))
-    table.insert(replies, 4, complete("Use REST: the service already exposes /tasks over REST."))
+    table.insert(replies, 3, ask(to, question))
+    table.insert(replies, 4, complete(answer))
     fake:script(replies)
     local run = submit("feature")
     assert.equal("succeeded", (engine:execute(run)))
+    return run
+  end
+
+  it("asks another team and feeds its answer back to the asker", function()
+    local run = clarified_run("solution_architecture", "REST or GraphQL for the due-date API?",
+                              "Use REST: the service already exposes /tasks over REST.")
     assert.equal(7, fake:count())
     assert.contains("objective: clarification", request(4).messages[1].content)
     assert.contains("REST or GraphQL for the due-date API?", text_of(4))
@@ -239,13 +247,7 @@ describe("pipeline engine", function()
   end)
 
   it("asks the team a model names as people write it (\"Solution Architecture\")", function()
-    start()
-    local replies = feature_replies()
-    table.insert(replies, 3, ask("Solution Architecture", "REST or GraphQL?"))
-    table.insert(replies, 4, complete("REST."))
-    fake:script(replies)
-    local run = submit("feature")
-    assert.equal("succeeded", (engine:execute(run)))
+    local run = clarified_run("Solution Architecture", "REST or GraphQL?", "REST.")
     local mail = rows("SELECT sender, recipient, kind FROM mail WHERE run_id = ? ORDER BY id", { run })
     assert.same({ sender = "backend_engineering", recipient = "solution_architecture", kind = "clarification" }, mail[1])
   end)
