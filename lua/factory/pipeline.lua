@@ -18,6 +18,8 @@
 --       ends a run that has not finished and that no live process executes: it is
 --       'cancelled', its open escalations are closed, and the same work item gets a
 --       new run
+--   pipeline.operative_of(team, stage) -> the operative that works on the stage (its
+--       `operative`, else the team's first)
 --   engine:close()
 --
 -- Team budgets: a team file's budget (usd_per_day, tokens_per_day) is given to the
@@ -432,7 +434,7 @@ function Engine:_definition_problem(registry, name)
   return ("no %s.lua"):format(name)
 end
 
-function Engine:_operative(team, st)
+function M.operative_of(team, st)
   return team.operative[st.operative or ""] or team.operatives[1]
 end
 
@@ -544,7 +546,7 @@ function Engine:_stage(run, pipe, st)
         ("Fix the team's file (it is reloaded when saved; `factory check` shows the problem), then answer to go"
          .. " on."), ("team %s is not loaded: %s"):format(st.team, self:_definition_problem(self.project.teams, st.team)))
     end
-    local op = self:_operative(team, st)
+    local op = M.operative_of(team, st)
     local answers = {}
     for _, a in ipairs(run.answers) do
       if a.stage == st.name then answers[#answers + 1] = a end

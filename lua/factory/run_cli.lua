@@ -398,7 +398,7 @@ local function missing_agent(pipe, project, repo)
   if not build.applies({ repo = repo }) then return nil end
   for _, st in ipairs(pipe and pipe.stages or {}) do
     local team = st.workspace == "worktree" and project.teams:get(st.team)
-    local op = team and (team.operative[st.operative or ""] or team.operatives[1])
+    local op = team and pipeline.operative_of(team, st)
     if op and type(op.agent) == "table" then
       local program, path = agent_cli.program(op.agent)
       if program and not proc.which(program, path) then
