@@ -1311,9 +1311,12 @@ static const luaL_Reg conn_methods[] = {
  * statement journal. Past SQLite's default of 64 KiB that journal moves to a temporary
  * file, created, written page by page and deleted for each group: in the pipeline
  * bench (16 runs at once) most groups crossed it, and those system calls cost the
- * loop thread about 10% of its time. 1 MiB holds a group of a few dozen stage
- * results; it is allocated once per transaction that needs a journal. */
-#define STMT_JOURNAL_SPILL (1 << 20)
+ * loop thread about 10% of its time; at this size none does. SQLite holds the
+ * journal in one chunk of this size and, when it outgrows it, writes the chunk to
+ * the file in one call, which its unix VFS cuts to the low 17 bits of the length:
+ * a larger chunk made every transaction that journals more fail as "database or
+ * disk is full". */
+#define STMT_JOURNAL_SPILL ((1 << 17) - 1)
 
 static const luaL_Reg sqlite_functions[] = {
     {"open", sq_open},
