@@ -12,6 +12,8 @@
 --        outage_retries = n (default 3), outage_wait_s = s (default 30),
 --        emit = fn(kind, data) }
 --   objective.pack(o) -> messages, { tokens =, window =, summarised = bool }
+--   objective.window(team, operative) -> the operative's context window in tokens
+--   objective.tokens(text) -> the estimate of text's tokens that packing uses
 --   objective.outlast(o, call), objective.unreachable(err, code, waits): the outage
 --       wait and the BLOCKED result of a failed model call, for the built-in agent too
 -- A budget the router refuses (EBUDGET), a provider that cannot answer, and a reply
@@ -32,6 +34,11 @@ local M = {}
 local SUMMARY_AT = 0.8
 
 local function tokens(text) return math.ceil(#text / 4) + 4 end
+M.tokens = tokens
+
+function M.window(team, op)
+  return op.context_window or team.context_window or dsl.DEFAULT_WINDOW
+end
 
 local function bullets(list)
   local out = {}
@@ -137,7 +144,7 @@ end
 
 function M.pack(o)
   local op, team = o.operative, o.team
-  local window = op.context_window or team.context_window or dsl.DEFAULT_WINDOW
+  local window = M.window(team, op)
   local limit = math.floor(window * SUMMARY_AT)
   local system, anchor = system_prompt(o).text, anchor_text(o)
   local older, recent = material(o)

@@ -169,6 +169,25 @@ local function recall_subject(run)
   return anchor:sub(1, -#suffix - 1)
 end
 
+-- Every request of a run holds its whole work item (the anchor, never cut), so one
+-- that cannot fit in a stage operative's context window with room for the reply
+-- would fail at that stage, after the stages before it were paid for.
+local function oversized(project, pipe, anchor)
+  local need = objective.tokens(anchor)
+  for _, st in ipairs(pipe.stages) do
+    local team = project.teams:get(st.team)
+    local op = team and M.operative_of(team, st)
+    local window = op and objective.window(team, op)
+    if window and need + (op.max_tokens or 0) > window then
+      return ("EINVAL: the work item (%d bytes, about %d tokens) does not fit in the context window of stage %s"
+        .. " (%s/%s: %d tokens%s), and every request of the run holds all of it: shorten it (keep the part of a"
+        .. " log that shows the failure), or set context_window in the team's file if its model's window is"
+        .. " larger"):format(#anchor, need, st.name, team.name, op.name, window,
+          op.max_tokens and (", %d of them kept for the reply"):format(op.max_tokens) or "")
+    end
+  end
+end
+
 function Engine:submit(w)
   assert(type(w.pipeline) == "string" and type(w.title) == "string", "engine:submit: pipeline and title are required")
   if not self.project.pipelines:get(w.pipeline) then
@@ -182,10 +201,12 @@ function Engine:submit(w)
   if not w.title:find("%S") then return nil, "EINVAL: the work item has no title: its text is empty", "EINVAL" end
   local anchor = w.title .. (w.body and w.body ~= "" and ("\n\n" .. w.body) or "")
   if w.repo then anchor = anchor .. REPOSITORY .. w.repo end
+  local too_big = oversized(self.project, self.project.pipelines:get(w.pipeline), anchor)
+  if too_big then return nil, too_big, "EINVAL" end
   return self.db:tx(function(tx)
     local now = time.now()
     local rows = assert(tx:query("SELECT id FROM work_items WHERE source = ? AND external_id = ?",
-      { w.source or "cli", w.external_id }))
+      { w.source or "cli", w.external_id, n = 2 }))
     local item = rows[1] and rows[1].id
     if item then
       -- The same work item again continues its run, and a run that already succeeded

@@ -219,6 +219,37 @@ describe("pipeline engine", function()
     assert.equal(0, rows("SELECT COUNT(*) AS n FROM work_items")[1].n, "nothing was recorded")
   end)
 
+  it("refuses, before paying, a work item that cannot fit in a stage's context window, saying how to go on",
+    function()
+    start()
+    -- A pasted log of 2.8 MB: every request would hold it, past any window.
+    local log = string.rep("Some log line with details about the failure.\n", 60000)
+    local run, err, code = engine:submit{ pipeline = "feature", title = "Tests fail", body = log, repo = dir }
+    assert.is_nil(run)
+    assert.equal("EINVAL", code)
+    local anchor = "Tests fail\n\n" .. log .. "\n\nRepository: " .. dir
+    assert.equal(("EINVAL: the work item (%d bytes, about %d tokens) does not fit in the context window of stage"
+      .. " analysis (business_analysis/analyst: 32000 tokens), and every request of the run holds all of it: shorten"
+      .. " it (keep the part of a log that shows the failure), or set context_window in the team's file if its"
+      .. " model's window is larger"):format(#anchor, math.ceil(#anchor / 4) + 4), err)
+    assert.equal(0, rows("SELECT COUNT(*) AS n FROM work_items")[1].n, "nothing was recorded")
+    assert.equal(0, fake:count(), "no model was called")
+    -- The room kept for a stage operative's reply counts; a team with a larger window takes it.
+    local text = assert(fs.read(dir .. "/teams/business_analysis.lua"))
+    assert(fs.write(dir .. "/teams/business_analysis.lua", (text:gsub('operative "analyst" {',
+      'operative "analyst" { max_tokens = 4000,'))))
+    assert.same({}, project:load())
+    local fits_alone = string.rep("x", 4 * 30000)
+    run, err = engine:submit{ pipeline = "feature", title = "Tests fail", body = fits_alone, repo = dir }
+    assert.is_nil(run)
+    assert.truthy(err:find("(business_analysis/analyst: 32000 tokens, 4000 of them kept for the reply)", 1, true),
+      err)
+    assert(fs.write(dir .. "/teams/business_analysis.lua", (text:gsub('operative "analyst" {',
+      'operative "analyst" { max_tokens = 4000, context_window = 200000,'))))
+    assert.same({}, project:load())
+    assert.truthy(engine:submit{ pipeline = "feature", title = "Tests fail", body = fits_alone, repo = dir })
+  end)
+
   -- A feature run whose build stage asks `to` the question and gets the answer;
   -- returns the run, which has succeeded.
   local function clarified_run(to, question, answer)
