@@ -410,6 +410,21 @@ local function missing_agent(pipe, project, repo)
   end
 end
 
+-- The stages of a run that have no COMPLETE result yet, as a pipeline (for the
+-- checks made before paying).
+local function stages_ahead(db, run_id, pipe)
+  local done = {}
+  for _, r in ipairs(db:query("SELECT stage FROM stage_results WHERE run_id = ? AND status = 'COMPLETE'",
+                              { run_id })) do
+    done[r.stage] = true
+  end
+  local ahead = {}
+  for _, st in ipairs(pipe and pipe.stages or {}) do
+    if not done[st.name] then ahead[#ahead + 1] = st end
+  end
+  return { stages = ahead }
+end
+
 -- Why text a human gave cannot be taken: it goes into model requests, whose JSON
 -- is UTF-8 (and into the store, which PostgreSQL keeps as UTF-8).
 local function not_utf8(what, text, fix)
@@ -477,12 +492,14 @@ local function cmd_resume(flags, words, opts)
   local on_event, redraw = progress(tty)
   local e, err = engine_for(flags, opts, on_event, redraw)
   if not e then return fail(err) end
-  local run = e.db:query("SELECT pipeline FROM runs WHERE id = ?", { run_id })[1]
+  local run = e.db:query("SELECT pipeline, data FROM runs WHERE id = ?", { run_id })[1]
   local code
   if not run then
     code = fail(("no run %d"):format(run_id))
   else
-    code = drive(e, run_id, flags, tty)
+    local missing = missing_agent(stages_ahead(e.db, run_id, e.engine.project.pipelines:get(run.pipeline)),
+      e.engine.project, type(run.data) == "table" and run.data.repo)
+    code = missing and fail(missing) or drive(e, run_id, flags, tty)
   end
   e.close()
   return code

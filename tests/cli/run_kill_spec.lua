@@ -8,6 +8,8 @@ local host = require "factory.core.host"
 local time = require "factory.core.time"
 local db = require "factory.db"
 local audit = require "factory.audit"
+local dsl = require "factory.dsl"
+local pipeline = require "factory.pipeline"
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../"
 local sample_repo = dofile(ROOT .. "tests/tools/sample_repo.lua")
@@ -229,7 +231,8 @@ describe("factory run that cannot get through its pipeline", function()
     assert.is_nil(fs.stat(dir .. "/factory.db"), "refused before the store is opened")
   end, { timeout = 30 })
 
-  it("refuses a pipeline whose build stage's CLI agent is not installed, naming the stage and the program", function()
+  -- A project whose build stage's agent runs a program that is not installed.
+  local function agent_missing_project()
     local project = dir .. "/project"
     for _, sub in ipairs({ "teams", "pipelines" }) do
       assert(fs.mkdir_p(project .. "/" .. sub))
@@ -242,10 +245,38 @@ describe("factory run that cannot get through its pipeline", function()
       'operative "implementer" {\n    agent = { cli = "custom", command = { "factory-test-no-such-agent", "{prompt}" } },')
     assert.equal(1, n)
     assert(fs.write(team, text))
+    return project
+  end
+  local NOT_INSTALLED = "stage build: the agent of backend_engineering/implementer runs factory-test-no-such-agent,"
+    .. " which is not installed (not found in PATH "
+
+  it("refuses a pipeline whose build stage's CLI agent is not installed, naming the stage and the program", function()
+    local project = agent_missing_project()
     local repo = sample_repo.make(dir .. "/calc")
     refused_before_paying({ "run", "feature", "--repo", repo, "--issue", "The agent is not installed", "--project", project },
-      { "stage build: the agent of backend_engineering/implementer runs factory-test-no-such-agent, which is not"
-        .. " installed (not found in PATH " })
+      { NOT_INSTALLED })
+  end, { timeout = 30 })
+
+  it("factory resume refuses the same, for a build stage the run has still to do", function()
+    local project = agent_missing_project()
+    local repo = sample_repo.make(dir .. "/calc")
+    -- The run was submitted where the agent was installed (here: by the engine itself).
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert(store:migrate())
+    local defs = dsl.project(project)
+    defs:load()
+    local engine = pipeline.engine{ db = store, project = defs }
+    local run = assert(engine:submit{ pipeline = "feature", title = "The agent went away", repo = repo })
+    engine:close()
+    store:close()
+    local t0 = time.now()
+    local status, out = finish(factory{ "resume", tostring(run), "--project", project })
+    assert.equal(1, status.code, out)
+    assert.contains(NOT_INSTALLED, out)
+    assert.equal(0, #requests(t0), "no model call")
+    store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert.same({ { state = "pending", stage_index = 0 } }, store:query("SELECT state, stage_index FROM runs"))
+    store:close()
   end, { timeout = 30 })
 end)
 
