@@ -34,27 +34,47 @@ Use BLOCKED when nobody but a human can unblock you.]]
 local STATUSES = { COMPLETE = true, NEEDS_CLARIFICATION = true, BLOCKED = true }
 local LISTS = { "blockers", "assumptions_made", "verified_facts", "learnings" }
 
--- The JSON object in a reply: the whole text, a fenced block, or the outermost braces.
+-- Where the JSON in candidate broke, as the decoder says, with the text around it:
+-- a model told where its reply went wrong mends it rather than resending the mistake.
+local function json_problem(candidate, err)
+  local at = tonumber(tostring(err):match("at character (%d+)"))
+  local why = tostring(err):gsub("^EJSON: ", ""):gsub(" at character %d+$", "")
+  if not at then return why end
+  local near = candidate:sub(math.max(1, at - 30), at + 10):gsub("%s+", " "):gsub("^ ", ""):gsub(" $", "")
+  return ("%s at character %d of the JSON, near `%s`"):format(why, at, near)
+end
+
+-- The JSON object in a reply: the whole text, a fenced block, or the outermost
+-- braces; else nil and what is wrong with the likeliest of them.
 local function extract(text)
-  local v = json.decode(text)
+  local v, err = json.decode(text)
   if type(v) == "table" then return v end
+  local candidate = text
   local fenced = text:match("```json%s*(.-)```") or text:match("```%s*(.-)```")
-  v = fenced and json.decode(fenced)
-  if type(v) == "table" then return v end
+  if fenced then
+    v, err = json.decode(fenced)
+    if type(v) == "table" then return v end
+    candidate = fenced
+  end
   local first, last = text:find("{", 1, true), nil
   for i = #text, 1, -1 do
     if text:sub(i, i) == "}" then last = i break end
   end
-  v = first and last and json.decode(text:sub(first, last))
-  if type(v) == "table" then return v end
+  if first and last and first < last then
+    local braces = text:sub(first, last)
+    local v2, err2 = json.decode(braces)
+    if type(v2) == "table" then return v2 end
+    if not fenced then candidate, err = braces, err2 end
+  end
+  if candidate:find("{", 1, true) and err then return nil, json_problem(candidate, err) end
 end
 
 local function nonempty(s) return type(s) == "string" and s:find("%S") ~= nil end
 
 function M.parse(text)
   if type(text) ~= "string" or text == "" then return nil, "the reply was empty" end
-  local r = extract(text)
-  if not r then return nil, "the reply is not a JSON object" end
+  local r, problem = extract(text)
+  if not r then return nil, "the reply is not a JSON object" .. (problem and (": " .. problem) or "") end
   -- "complete" is what was meant: sending it back would cost a model call.
   if type(r.status) == "string" and STATUSES[r.status:upper()] then r.status = r.status:upper() end
   if not STATUSES[r.status] then

@@ -414,6 +414,17 @@ describe("pipeline engine", function()
     assert.contains("not a valid TaskResult: the reply is not a JSON object", msgs[#msgs].content)
   end)
 
+  it("says where the JSON of a malformed TaskResult broke when it sends it back", function()
+    start()
+    local broken = '```json\n{"status": "COMPLETE", "reasoning": "r", "artifact": "req",}\n```'
+    fake:script{ { content = broken }, complete("req"), complete("design") }
+    local run = submit("short")
+    assert.equal("succeeded", (engine:execute(run)))
+    local msgs = request(2).messages
+    assert.contains('the reply is not a JSON object: Expected object key string but found T_OBJ_END at character'
+      .. ' 60 of the JSON, near `ning": "r", "artifact": "req",}`', msgs[#msgs].content)
+  end)
+
   it("takes a status in lower case, or one fact without its list, without sending them back", function()
     start()
     fake:script{ reply{ status = "complete", reasoning = "r", artifact = "req", verified_facts = "Tasks have ids." },
