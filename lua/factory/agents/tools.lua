@@ -210,6 +210,45 @@ local function count_plain(s, needle)
   end
 end
 
+local function squeeze(line) return (line:gsub("%s+", " "):gsub("^ ", ""):gsub(" $", "")) end
+
+local function lines_of(text)
+  local out = {}
+  for line in (text .. "\n"):gmatch("([^\n]*)\n") do out[#out + 1] = line end
+  return out
+end
+
+-- Where old occurs in text but for whitespace (indentation, tabs for spaces, trailing
+-- blanks, CRLF line ends): models copy code with the whitespace changed more than
+-- anything else, and shown the file's own lines they get the next edit right. The
+-- first and last lines of old may be parts of lines. Returns the first line number
+-- and the file's lines there, when there is exactly one such place.
+local MAX_HINT_LINES = 40
+
+local function near_miss(text, old)
+  local want = lines_of(old:gsub("\n$", ""))
+  for i, line in ipairs(want) do want[i] = squeeze(line) end
+  if #want > MAX_HINT_LINES or squeeze(old) == "" then return nil end
+  local have = lines_of(text)
+  local found
+  for start = 1, #have - #want + 1 do
+    local ok = true
+    for k = 1, #want do
+      local line, w = squeeze(have[start + k - 1]), want[k]
+      if #want == 1 then ok = line:find(w, 1, true) ~= nil
+      elseif k == 1 then ok = w ~= "" and line:sub(-#w) == w
+      elseif k == #want then ok = w ~= "" and line:sub(1, #w) == w
+      else ok = line == w end
+      if not ok then break end
+    end
+    if ok then
+      if found then return nil end
+      found = start
+    end
+  end
+  if found then return found, (table.concat(have, "\n", found, found + #want - 1):gsub("\r\n", "\n"):gsub("\r$", "")) end
+end
+
 function Box:edit_file(path, old, new)
   if type(old) ~= "string" or old == "" then return fail("EINVAL", "edit_file: old must be a non-empty string") end
   if type(new) ~= "string" then return fail("EINVAL", "edit_file: new must be a string") end
@@ -219,7 +258,20 @@ function Box:edit_file(path, old, new)
   local size = fs.stat(full, true).size
   if #text ~= size then return fail("EFBIG", shown(path) .. " is too large to edit here") end
   local n = count_plain(text, old)
+  -- A file with CRLF line ends, edited with the LF ends a model writes: the same text.
+  if n == 0 and not old:find("\r", 1, true) and text:find("\r\n", 1, true) then
+    local crlf = old:gsub("\n", "\r\n")
+    if crlf ~= old and count_plain(text, crlf) > 0 then
+      old, new, n = crlf, new:find("\r", 1, true) and new or new:gsub("\n", "\r\n"), count_plain(text, crlf)
+    end
+  end
   if n == 0 then
+    local line, there = near_miss(text, old)
+    if line then
+      return fail("ENOTFOUND", ("the text to replace was not found in %s as given, but line %d on matches it except"
+        .. " for whitespace (indentation, tabs, line ends); give old exactly as the file has it:\n%s"):format(rel,
+        line, there))
+    end
     return fail("ENOTFOUND", ("the text to replace was not found in %s (it must match exactly, "
       .. "whitespace included)"):format(rel))
   end

@@ -295,6 +295,28 @@ describe("file tools", function()
     assert.equal(0, box.changes)
   end)
 
+  it("edits a file with CRLF line ends given text with LF ends, keeping the file's ends", function()
+    assert(fs.write(wt .. "/dos.c", "int add(int a, int b)\r\n{\r\n\treturn a - b;\r\n}\r\n"))
+    assert.equal("edited dos.c", box:edit_file("dos.c", "{\n\treturn a - b;\n}", "{\n\treturn a + b;\n}"))
+    assert.equal("int add(int a, int b)\r\n{\r\n\treturn a + b;\r\n}\r\n", fs.read(wt .. "/dos.c"))
+  end)
+
+  it("shows the file's own lines when the text to replace differs from them only in whitespace", function()
+    assert(fs.write(wt .. "/calc.c", "int add(int a, int b)\n{\n\treturn a - b;\n}\n\nint sub(int a, int b)\n{\n"
+      .. "\treturn a + b;\n}\n"))
+    -- Spaces for the file's tab, and the first line given only in part.
+    local _, err, code = box:edit_file("calc.c", "sub(int a, int b)\n{\n    return a + b;\n}", "x")
+    assert.equal("ENOTFOUND", code)
+    assert.equal("ENOTFOUND: the text to replace was not found in calc.c as given, but line 6 on matches it except"
+      .. " for whitespace (indentation, tabs, line ends); give old exactly as the file has it:\nint sub(int a, int b)\n"
+      .. "{\n\treturn a + b;\n}", err)
+    -- Twice but for whitespace, or nowhere: no lines to show.
+    _, err = box:edit_file("calc.c", "{\n    return", "x")
+    assert.equal("ENOTFOUND: the text to replace was not found in calc.c (it must match exactly, whitespace included)",
+      err)
+    assert.equal(0, box.changes)
+  end)
+
   it("lists a directory, at most 1,000 entries of it", function()
     sh("ln -s hello.txt h")
     assert.same({ "a/", "h@", "hello.txt" }, box:list_dir("."))
