@@ -2,7 +2,10 @@
 --
 --   tools.new(root, { secrets = { "NAME", ... }, timeout = SECONDS (default 120),
 --                     max_output = BYTES (default 64 KiB), max_read = BYTES (default 256 KiB),
---                     lock = fn(relpath) -> true | nil, err, code })
+--                     lock = fn(relpath) -> true | nil, err, code },
+--                     home = DIR (HOME of the commands; default: the agents' own home,
+--                       $XDG_CACHE_HOME/factory/agent-home or ~/.cache/factory/agent-home,
+--                       shared by them and outside every worktree) })
 --       -> box | nil, err, code
 --       lock: asked before write_file or edit_file changes a file, with the path
 --       relative to the worktree after confinement (links resolved, "./" and ".."
@@ -374,14 +377,36 @@ function Box:grep(pattern, path, fixed)
   return table.concat(out, "\n")
 end
 
--- The explicit environment of a child: a few harmless names, HOME at the worktree,
--- and never a secret, even when one of the passed names is listed as secret.
+-- HOME of the commands: one directory for every built-in agent, outside any
+-- worktree. What tools keep in a home (npm's logs and cache, Go's module cache,
+-- ~/.local, ~/.gitconfig) landed in the worktree when HOME was the worktree, and
+-- was committed with the agent's change; the user's own home (credentials,
+-- dotfiles) stays out of reach.
+local shared_home
+
+local function agent_home()
+  if shared_home then return shared_home end
+  local base = env.get("XDG_CACHE_HOME")
+  if not base or base == "" then
+    local home = env.get("HOME")
+    base = home and home ~= "" and home .. "/.cache"
+  end
+  for _, dir in ipairs({ base and base .. "/factory/agent-home", "/tmp/factory-agent-home" }) do
+    if dir and fs.mkdir_p(dir, tonumber("700", 8)) then
+      shared_home = dir
+      return dir
+    end
+  end
+end
+
+-- The explicit environment of a child: a few harmless names, HOME at the agents'
+-- own home, and never a secret, even when one of the passed names is listed as secret.
 function Box:child_env()
   local e = {}
   for _, name in ipairs(PASSED) do e[name] = env.get(name) end
   e.PATH = e.PATH or "/usr/local/bin:/usr/bin:/bin"
   e.LANG = e.LANG or "C.UTF-8"
-  e.HOME = self.root
+  e.HOME = self.home or agent_home() or self.root
   e.TERM = "dumb"
   for name in pairs(self.secrets) do e[name] = nil end
   return e
@@ -463,7 +488,7 @@ function M.new(root, opts)
   return setmetatable({
     root = real, secrets = secrets, changes = 0,
     timeout = opts.timeout or 120, max_output = opts.max_output or 64 * 1024,
-    max_read = opts.max_read or 256 * 1024, lock = opts.lock,
+    max_read = opts.max_read or 256 * 1024, lock = opts.lock, home = opts.home,
   }, Box)
 end
 

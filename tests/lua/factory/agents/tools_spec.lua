@@ -194,8 +194,21 @@ describe("run_command environment (acceptance 5)", function()
       assert.falsy(r.stdout:find("sk-leak-", 1, true))
     end
     assert.falsy(r.stdout:find("FACTORY_TEST_HARMLESS", 1, true))
-    assert.matches("\nHOME=" .. wt:gsub("%p", "%%%0") .. "\n", "\n" .. r.stdout)
+    local home = r.stdout:match("\nHOME=([^\n]*)")
+    assert.truthy(home and home ~= "" and not (home .. "/"):find(wt .. "/", 1, true), home)
     assert.matches("\nPATH=", "\n" .. r.stdout)
+  end)
+
+  it("gives commands a home outside the worktree, so what tools keep there is not committed", function()
+    -- npm writes a debug log into ~/.npm/_logs on every run, Go its module cache into ~/go.
+    local r = assert(box:run_command("mkdir -p \"$HOME/.npm/_logs\" && echo log > \"$HOME/.npm/_logs/debug.log\""
+      .. " && echo \"$HOME\""))
+    assert.equal(0, r.code, r.stderr)
+    local home = r.stdout:gsub("\n$", "")
+    assert.equal("log\n", fs.read(home .. "/.npm/_logs/debug.log"))
+    assert.is_nil(fs.stat(wt .. "/.npm"))
+    local own = tools.new(wt, { home = wt .. "/../elsewhere" })
+    assert.equal(wt .. "/../elsewhere\n", assert(own:run_command("echo \"$HOME\"")).stdout)
   end)
 
   it("scrubs a shell command string too", function()
