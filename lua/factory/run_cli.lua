@@ -235,12 +235,23 @@ local function progress(tty)
   end, redraw
 end
 
+-- What a build stage left in the repository, for the summary: where the change is,
+-- or that there is none (a COMPLETE fix that changed nothing is worth a look).
+local function change_of(result)
+  local ws = type(result) == "table" and type(result.workspace) == "table" and result.workspace
+  if not ws then return "" end
+  local stats = type(ws.diff_stats) == "table" and ws.diff_stats or {}
+  if not ws.commit then return "  no change to the repository" end
+  return ("  branch %s (commit %s, %d file(s) +%d -%d)"):format(tostring(ws.branch), tostring(ws.commit):sub(1, 10),
+    stats.files or 0, stats.insertions or 0, stats.deletions or 0)
+end
+
 local function summary(d, run_id, started)
   local run = d:query("SELECT r.*, w.title FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE r.id = ?",
     { run_id })[1]
   local calls = d:query("SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS tokens,"
     .. " COALESCE(SUM(cost_usd), 0) AS usd FROM model_calls WHERE run_id = ?", { run_id })[1]
-  local stages = d:query("SELECT stage, team, operative, status, attempt FROM stage_results WHERE run_id = ?"
+  local stages = d:query("SELECT stage, team, operative, status, attempt, result FROM stage_results WHERE run_id = ?"
     .. " ORDER BY id", { run_id })
   local last = {}
   local order = {}
@@ -252,7 +263,8 @@ local function summary(d, run_id, started)
     run.pipeline, time.monotonic() - started, run.stage_index, calls.n, commas(calls.tokens), calls.usd))
   for _, name in ipairs(order) do
     local s = last[name]
-    print(("  %-14s %-34s %-20s attempts %d"):format(name, s.team .. "/" .. s.operative, s.status, s.attempt))
+    print(("  %-14s %-34s %-20s attempts %d%s"):format(name, s.team .. "/" .. s.operative, s.status, s.attempt,
+      change_of(s.result)))
   end
   if run.error then print("  error: " .. run.error) end
   if run.state == "stopped" then

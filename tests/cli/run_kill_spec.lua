@@ -10,6 +10,7 @@ local db = require "factory.db"
 local audit = require "factory.audit"
 local dsl = require "factory.dsl"
 local pipeline = require "factory.pipeline"
+local locks = require "factory.agents.locks"
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../"
 local sample_repo = dofile(ROOT .. "tests/tools/sample_repo.lua")
@@ -277,6 +278,31 @@ describe("factory run that cannot get through its pipeline", function()
     store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
     assert.same({ { state = "pending", stage_index = 0 } }, store:query("SELECT state, stage_index FROM runs"))
     store:close()
+  end, { timeout = 30 })
+end)
+
+describe("factory run with a build stage", function()
+  it("ends with the branch that holds the change, or says that the stage changed nothing", function()
+    local bugfix = assert(proc.spawn{ argv = { host.exe, ROOT .. "examples/replay/server.lua", "--replies",
+                                               ROOT .. "examples/replay/bugfix.lua" } })
+    local url = assert(bugfix:read_line())
+    assert(fs.write(dir .. "/factory.lua", assert(fs.read(dir .. "/factory.lua")):gsub("http://[%d.:]+/v1", url .. "/v1")))
+    local repo = sample_repo.make(dir .. "/calc")
+    local status, out = finish(factory{ "run", "bugfix", "--repo", repo, "--issue", "calc_sub adds" })
+    assert.equal(0, status.code, out)
+    assert.matches("\n  fix +backend_engineering/implementer +COMPLETE +attempts 1  branch factory%-run1%-fix%-1 %(commit"
+      .. " %x+, 1 file%(s%) %+1 %-1%)\n", out)
+    -- Another objective holds the file the fix edits: the replayed agent finishes without a change.
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert(locks.acquire(store, { repo = repo, path = "src/calc.c", owner = "run:99/fix" }))
+    store:close()
+    status, out = finish(factory{ "run", "bugfix", "--repo", repo, "--issue", "calc_sub adds, again" })
+    bugfix:kill("KILL")
+    bugfix:wait()
+    bugfix:close()
+    assert.equal(0, status.code, out)
+    assert.matches("\n  fix +backend_engineering/implementer +COMPLETE +attempts 1  no change to the repository\n", out)
+    assert.matches("\n  triage +qa_engineering/tester +COMPLETE +attempts 1\n", out)
   end, { timeout = 30 })
 end)
 
