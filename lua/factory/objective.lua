@@ -237,8 +237,21 @@ function M.unreachable(err, code, waits)
     return confidence.blocked(why,
       "The model router refused the call because a budget is spent; a human must raise it or stop the run.")
   end
-  local waited = (waits or 0) > 0 and (" (still, after %d wait(s) for it to come back)"):format(waits) or ""
-  return confidence.blocked(("the model could not be reached (%s): %s%s"):format(code, why, waited))
+  if outage(code, err) then
+    local waited = (waits or 0) > 0 and (" (still, after %d wait(s) for it to come back)"):format(waits) or ""
+    return confidence.blocked(("the model could not be reached (%s): %s%s"):format(code, why, waited))
+  end
+  -- The provider answered: waiting, or a human's answer alone, would not change it.
+  local status = code == "EUPSTREAM" and tonumber(tostring(err):match("HTTP (4%d%d)"))
+  if status == 401 or status == 403 then
+    local provider = why:match("^([^/:%s]+)/") or "the provider"
+    return confidence.blocked(("the model's provider refused the credentials (%s): %s: check the api_key of provider"
+      .. " %s in factory.lua (and the environment variable it reads), then answer this to try again"):format(code,
+      why, provider))
+  elseif status then
+    return confidence.blocked(("the model's provider refused the request (%s): %s"):format(code, why))
+  end
+  return confidence.blocked(("the model call failed (%s): %s"):format(code, why))
 end
 
 -- The router's answer to one request: res, or nil and the BLOCKED result to end with.

@@ -639,7 +639,16 @@ describe("pipeline engine", function()
     state, esc = engine:execute(submit("short", "a second item"))
     assert.equal("waiting", state)
     assert.equal(1, fake:count())
-    assert.matches("^BLOCKED: the model could not be reached %(EUPSTREAM%): .*context too long$", esc.reason)
+    assert.matches("^BLOCKED: the model's provider refused the request %(EUPSTREAM%): .*context too long$", esc.reason)
+    -- A key it refuses: which setting to check.
+    fake:reset()
+    fake:script{ { status = 401, message = "invalid x-api-key" } }
+    state, esc = engine:execute(submit("short", "a third item"))
+    assert.equal("waiting", state)
+    assert.equal(1, fake:count())
+    assert.matches("^BLOCKED: the model's provider refused the credentials %(EUPSTREAM%): fake/architect: HTTP 401:"
+      .. " invalid x%-api%-key: check the api_key of provider fake in factory%.lua %(and the environment variable it"
+      .. " reads%), then answer this to try again$", esc.reason)
   end)
 
   it("blocks an objective whose model answers malformed JSON, saying so", function()
@@ -649,7 +658,7 @@ describe("pipeline engine", function()
     local state, esc = engine:execute(run)
     assert.equal("waiting", state)
     assert.equal(1, fake:count())
-    assert.matches("^BLOCKED: the model could not be reached %(EUPSTREAM%): .*malformed", esc.reason)
+    assert.matches("^BLOCKED: the model call failed %(EUPSTREAM%): .*malformed", esc.reason)
   end)
 
   it("hot reload: an edited prompt reaches the next objective, not the running one", function()

@@ -166,7 +166,7 @@ describe("builtin agent", function()
   it("returns BLOCKED when the model cannot be reached", function()
     local result = builtin.run{ root = dir, objective = "x", model = "no-such-alias" }
     assert.equal("BLOCKED", result.status)
-    assert.matches("^the model could not be reached %(EALIAS%): unknown model", result.blockers[1])
+    assert.matches("^the model call failed %(EALIAS%): unknown model", result.blockers[1])
   end)
 
   it("waits out a model outage, then carries on; one that lasts ends BLOCKED, saying so", function()
