@@ -22,6 +22,8 @@
 --        kill_grace = SECONDS (default 5): SIGTERM, then SIGKILL that much later,
 --        max_retries = n (default 2): killed iterations retried in a row before BLOCKED,
 --        proxy_url = the model proxy's root URL, virtual_key = the team's key for it,
+--        model = the operative's model alias: "{model}" in the command, and through the
+--          proxy the model of every variable the agents read (below),
 --        env = { NAME = value } more variables for the agent,
 --        db = a store | nil: harvested learnings are stored there (memory.learn with
 --          team, run, repo, objective); on_learnings = fn(texts) | nil instead;
@@ -37,7 +39,10 @@
 --   OPENAI_BASE_URL = PROXY/v1 and ANTHROPIC_BASE_URL = PROXY (from proxy_url),
 --   OPENAI_API_KEY = ANTHROPIC_API_KEY = ANTHROPIC_AUTH_TOKEN = virtual_key (never a
 --   provider key: the proxy counts the team's spend), ANTHROPIC_CUSTOM_HEADERS =
---   "X-Factory-Run: RUN", then o.env. It runs in the worktree in its own process group.
+--   "X-Factory-Run: RUN"; with a proxy and a model, that model as ANTHROPIC_MODEL,
+--   ANTHROPIC_DEFAULT_{OPUS,SONNET,HAIKU}_MODEL, ANTHROPIC_SMALL_FAST_MODEL and
+--   CLAUDE_CODE_SUBAGENT_MODEL (Claude Code), AIDER_MODEL = "openai/MODEL" with
+--   OPENAI_API_BASE (Aider); then o.env. It runs in the worktree in its own process group.
 --   Each iteration: spawn -> read its output (stdout and stderr merged) line by line,
 --   parse events into emit("agent_progress" | "agent_heartbeat" | "agent_usage" |
 --   "agent_killed" | "agent_iteration" | "agent_learning", { iteration =, ... }; at the
@@ -72,7 +77,7 @@ local M = {}
 M.PRESETS = {
   claude = { format = "claude", command = { "claude", "-p", "{prompt}", "--output-format", "stream-json", "--verbose",
                                             "--permission-mode", "bypassPermissions" } },
-  codex = { format = "codex", command = { "codex", "exec", "--json", "--full-auto", "{prompt}" } },
+  codex = { format = "codex", command = { "codex", "exec", "--json", "--full-auto", "--model", "{model}", "{prompt}" } },
   aider = { format = "plain", command = { "aider", "--yes-always", "--no-auto-commits", "--message", "{prompt}" } },
 }
 
@@ -257,6 +262,9 @@ function M.program(spec)
   return command[1], (spec.env and spec.env.PATH) or env.get("PATH") or DEFAULT_PATH
 end
 
+local MODEL_VARIABLES = { "ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFAULT_SONNET_MODEL",
+                          "ANTHROPIC_DEFAULT_HAIKU_MODEL", "ANTHROPIC_SMALL_FAST_MODEL", "CLAUDE_CODE_SUBAGENT_MODEL" }
+
 local function child_env(o)
   local e = { PATH = env.get("PATH") or DEFAULT_PATH, HOME = env.get("HOME"), LANG = env.get("LANG") or "C.UTF-8",
               TERM = "dumb" }
@@ -267,20 +275,33 @@ local function child_env(o)
   if o.virtual_key then
     e.OPENAI_API_KEY, e.ANTHROPIC_API_KEY, e.ANTHROPIC_AUTH_TOKEN = o.virtual_key, o.virtual_key, o.virtual_key
   end
+  -- Left to itself an agent asks the proxy for its vendor's models
+  -- ("claude-sonnet-4-5-...", and a haiku for its small tasks), which are not
+  -- aliases: every call would fail. Each model it may pick is the operative's.
+  if o.proxy_url and o.model then
+    for _, name in ipairs(MODEL_VARIABLES) do e[name] = o.model end
+    e.OPENAI_API_BASE, e.AIDER_MODEL = e.OPENAI_BASE_URL, "openai/" .. o.model
+  end
   if o.run then e.ANTHROPIC_CUSTOM_HEADERS = "X-Factory-Run: " .. tostring(o.run) end
   for k, v in pairs(o.env or {}) do e[k] = v end
   return e
 end
 
-local function argv_of(command, prompt)
+-- "{model}" is the operative's model; without one, an argument "{model}" is left
+-- out with the option before it ("--model"), and the agent keeps its own default.
+local function argv_of(command, prompt, model)
   local argv, used = {}, false
-  for i, a in ipairs(command) do
-    local s, e = a:find("{prompt}", 1, true)
-    if s then
-      used = true
-      a = a:sub(1, s - 1) .. prompt .. a:sub(e + 1)
+  for _, a in ipairs(command) do
+    if a == "{model}" and not model then
+      if (argv[#argv] or ""):find("^%-") then argv[#argv] = nil end
+    else
+      local s, e = a:find("{prompt}", 1, true)
+      if s then
+        used = true
+        a = a:sub(1, s - 1) .. prompt .. a:sub(e + 1)
+      end
+      argv[#argv + 1] = model and (a:gsub("{model}", function() return model end)) or a
     end
-    argv[i] = a
   end
   return argv, not used and prompt or nil
 end
@@ -289,7 +310,7 @@ end
 -- signal, input_tokens, output_tokens, cost_usd, report, error } or nil, spawn error.
 local function iterate(ctx, n)
   local emit = ctx.emit
-  local argv, stdin = argv_of(ctx.command, ctx.prompt)
+  local argv, stdin = argv_of(ctx.command, ctx.prompt, ctx.model)
   local p, err = proc.spawn{ argv = argv, cwd = ctx.root, env = ctx.env, stdin = stdin, stdout = "pipe",
                              stderr = "stdout", timeout = ctx.iteration_timeout, kill_grace = ctx.kill_grace }
   if not p then return nil, err end
@@ -416,7 +437,7 @@ function M.run(o)
   local stats = { iterations = 0, retries = 0, killed = 0, tokens = 0, input_tokens = 0, output_tokens = 0,
                   cost_usd = 0, learnings = {} }
   local ctx = {
-    o = o, root = root, command = command, format = format, env = child_env(o),
+    o = o, root = root, command = command, format = format, env = child_env(o), model = o.model,
     emit = user_emit,
     prompt = (o.prompt or M.PROMPT) .. "\n\nThe objective, in short: " .. first_line(o.objective),
     heartbeat_timeout = o.heartbeat_timeout or 300, iteration_timeout = o.iteration_timeout or 3600,

@@ -319,11 +319,12 @@ describe("build stage", function()
   end)
 
   it("a CLI agent's model calls go through a proxy of the engine, counted for its team and run", function()
-    -- The agent: one chat call through the proxy in its environment, then the box checked.
+    -- The agent: one chat call through the proxy in its environment, with the model its
+    -- environment names (the operative's), then the box checked.
     local script = [[
 set -e
 curl -s -f -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \
-  -d '{"model":"factory/coder","messages":[{"role":"user","content":"fix it"}]}' \
+  -d '{"model":"'"$ANTHROPIC_MODEL"'","messages":[{"role":"user","content":"fix it"}]}' \
   "$OPENAI_BASE_URL/chat/completions" > reply.json
 printf '%s\n' "$OPENAI_API_KEY" > key.txt
 sed -i 's/- \[ \]/- [x]/' SPEC.md

@@ -237,7 +237,7 @@ describe("cli agent", function()
     env.set("FACTORY_TEST_SECRET", "hush")
     local result = cli.run{ root = dir, objective = "One thing", command = { "sh", FAKE, "work", state },
                             format = "claude", proxy_url = "http://127.0.0.1:8420/", virtual_key = "vk-backend-123",
-                            run = 42, env = { EXTRA = "yes" } }
+                            run = 42, model = "factory/coder", env = { EXTRA = "yes" } }
     env.set("OPENAI_API_KEY", saved_key)
     env.set("FACTORY_TEST_SECRET", saved_other)
     assert.equal("COMPLETE", result.status, result.reasoning)
@@ -251,12 +251,34 @@ describe("cli agent", function()
     assert.equal("vk-backend-123", e.OPENAI_API_KEY)
     assert.equal("vk-backend-123", e.ANTHROPIC_API_KEY)
     assert.equal("X-Factory-Run: 42", e.ANTHROPIC_CUSTOM_HEADERS)
+    -- Whatever model the agent picks (its main one, a haiku for small tasks, a
+    -- subagent's) is the operative's alias, which the proxy knows.
+    for _, name in ipairs({ "ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFAULT_SONNET_MODEL",
+                            "ANTHROPIC_DEFAULT_HAIKU_MODEL", "ANTHROPIC_SMALL_FAST_MODEL",
+                            "CLAUDE_CODE_SUBAGENT_MODEL" }) do
+      assert.equal("factory/coder", e[name], name)
+    end
+    assert.equal("openai/factory/coder", e.AIDER_MODEL)
+    assert.equal("http://127.0.0.1:8420/v1", e.OPENAI_API_BASE)
     assert.equal("yes", e.EXTRA)
     assert.equal(env.get("PATH"), e.PATH)
     assert.is_nil(e.FACTORY_TEST_SECRET)
     assert.falsy(read(state .. "/env.1"):find("sk-parent-provider-key", 1, true))
     -- Without "{prompt}" in the command the prompt came on stdin.
     assert.contains("Read SPEC.md", read(state .. "/prompt.1"))
+  end)
+
+  it("gives a command's \"{model}\" the operative's model, and leaves it out with its option without one", function()
+    local function argv(model)
+      local result = cli.run{ root = dir, objective = "One thing", model = model,
+                              command = { "sh", "-c", 'printf "%s|" "$@" > argv.txt; sed -i "s/- \\[ \\]/- [x]/" SPEC.md',
+                                          "agent", "--model", "{model}", "--name={model}", "{prompt}" } }
+      assert.equal("COMPLETE", result.status, result.reasoning)
+      return (assert(fs.read(dir .. "/argv.txt")):gsub("You are one iteration.*", "PROMPT|"))
+    end
+    assert.equal("--model|factory/coder|--name=factory/coder|PROMPT|", argv("factory/coder"))
+    assert.equal("--name={model}|PROMPT|", argv(nil))
+    assert.same({ "codex", "exec", "--json", "--full-auto", "--model", "{model}", "{prompt}" }, cli.PRESETS.codex.command)
   end)
 
   it("parses Codex --json events and plain text", function()
