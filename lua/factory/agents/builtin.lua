@@ -3,6 +3,7 @@
 --
 --   builtin.run(o) -> result, stats
 --   o: { root = DIR (or box = a toolbox), objective = text, model = alias,
+--        max_tokens =, temperature = (of each model call; the operative's),
 --        team =, run =, system = extra instructions | nil,
 --        messages = the conversation to start from (e.g. factory.objective.pack's:
 --                   the operative's system prompt, the anchor, earlier stages' results)
@@ -137,7 +138,8 @@ function M.run(o)
   for iter = 1, max_iter do
     stats.iterations = iter
     local res, err, code, waits = objective.outlast(o, function()
-      return router.chat({ model = o.model, messages = messages, tools = schemas }, { team = o.team, run = o.run })
+      return router.chat({ model = o.model, messages = messages, tools = schemas, max_tokens = o.max_tokens,
+                           temperature = o.temperature }, { team = o.team, run = o.run })
     end)
     if not res then return done(objective.unreachable(err, code, waits)) end
     stats.tokens = stats.tokens + usage_tokens(res)
@@ -146,6 +148,7 @@ function M.run(o)
     if type(msg) ~= "table" then return done(confidence.blocked("the model's reply has no message")) end
     local calls = msg.tool_calls
     if calls == json.null then calls = nil end
+    local cut_off = choice.finish_reason == "length"
     messages[#messages + 1] = { role = "assistant", content = msg.content ~= json.null and msg.content or nil,
                                 tool_calls = calls }
     local changes_before = box.changes
@@ -170,6 +173,13 @@ function M.run(o)
         local v, verr
         if not offered[name] then
           v, verr = nil, ("ETOOL: %s is not one of this operative's tools"):format(name)
+        elseif type(args) ~= "table" and cut_off then
+          -- The reply hit its output limit in the middle of the arguments (a whole
+          -- file in write_file): the same call again would be cut the same way.
+          v, verr = nil, ("EINVAL: your reply was cut off at its output limit (max_tokens%s) inside the arguments"
+            .. " of %s, so they are incomplete: nothing was done. Make the change in smaller steps: edit_file for"
+            .. " part of a file, or write_file with a first part and edit_file to add the rest"):format(
+            o.max_tokens and (" " .. o.max_tokens) or "", name)
         elseif type(args) ~= "table" then
           v, verr = nil, "EINVAL: the arguments are not a JSON object"
         else

@@ -245,7 +245,8 @@ describe("build stage", function()
 
   it("the operative's command_timeout is how long its agent's commands may run, and the model is told", function()
     local team = dir .. "/project/teams/backend_engineering.lua"
-    local text, subs = assert(fs.read(team)):gsub("max_iterations = 20,", "max_iterations = 20,\n    command_timeout = 1,", 1)
+    local text, subs = assert(fs.read(team)):gsub("max_iterations = 20,",
+      "max_iterations = 20,\n    command_timeout = 1, max_tokens = 3000,", 1)
     assert.equal(1, subs)
     assert(fs.write(team, text))
     onefix_engine()
@@ -262,6 +263,8 @@ describe("build stage", function()
       if m.role == "tool" then seen = m.content end
     end
     assert.equal("timed out after 1 s: killed (a team's operative sets the limit: command_timeout)", seen)
+    -- The operative's max_tokens is its agent's too.
+    assert.equal(3000, json.decode(fake:requests()[1].body).max_tokens)
   end)
 
   it("a repository that is not a git repository: the stage runs without a worktree and says why", function()

@@ -112,6 +112,30 @@ describe("builtin agent", function()
     assert.matches("^ERROR: ENOTFOUND: ", tool_msgs[2])
   end)
 
+  it("asks with the operative's max_tokens, and says so when a reply cut off there left a tool call incomplete",
+    function()
+    fake:script{
+      { tool_calls = { { id = "call_cut", name = "write_file", arguments = '{"path": "src/big.c", "text": "int main(' } },
+        finish = "length" },
+      { tool_calls = { { id = "call_bad", name = "write_file", arguments = '{"path": ' } } },
+      call("finish", FINISH),
+    }
+    local result = builtin.run{ root = dir, objective = "Write big.c", model = "coder", max_tokens = 2048,
+                                temperature = 0.1 }
+    assert.equal("COMPLETE", result.status)
+    local first = json.decode(fake:requests()[1].body)
+    assert.same({ 2048, 0.1 }, { first.max_tokens, first.temperature })
+    local msgs = json.decode(fake:requests()[3].body).messages
+    local tool_msgs = {}
+    for _, m in ipairs(msgs) do if m.role == "tool" then tool_msgs[#tool_msgs + 1] = m.content end end
+    assert.equal("ERROR: EINVAL: your reply was cut off at its output limit (max_tokens 2048) inside the arguments of"
+      .. " write_file, so they are incomplete: nothing was done. Make the change in smaller steps: edit_file for part"
+      .. " of a file, or write_file with a first part and edit_file to add the rest", tool_msgs[1])
+    -- Arguments that are simply not JSON (the reply was not cut) say so.
+    assert.equal("ERROR: EINVAL: the arguments are not a JSON object", tool_msgs[2])
+    assert.is_nil(fs.stat(dir .. "/src/big.c"))
+  end)
+
   it("rejects an invalid TaskResult in finish and lets the model retry", function()
     fake:script{ call("finish", { status = "DONE", reasoning = "x" }), call("finish", FINISH) }
     local result, stats = builtin.run{ root = dir, objective = "Fix add()", model = "coder" }
