@@ -586,6 +586,8 @@ local DESCRIBE = {
   end,
   agent_usage = function(d) return ("    agent usage: %d+%d tok, $%.4f"):format(d.input_tokens or 0,
     d.output_tokens or 0, d.cost_usd or 0) end,
+  agent_context_fitted = function(d) return ("    context fitted to the window: %d earlier tool message(s) left out,"
+    .. " %d bytes sent"):format(d.messages or 0, d.bytes or 0) end,
   agent_killed = function(d) return ("  agent killed in iteration %d: %s"):format(d.iteration, d.reason) end,
   agent_learning = function(d) return ("  learning: %s"):format(d.text) end,
   agent_done = function(d) return ("  agent %s after %d iteration(s), %d tokens"):format(d.status, d.iterations,

@@ -4,6 +4,9 @@
 --   builtin.run(o) -> result, stats
 --   o: { root = DIR (or box = a toolbox), objective = text, model = alias,
 --        max_tokens =, temperature = (of each model call; the operative's),
+--        context_window = tokens (default dsl.DEFAULT_WINDOW): past 80% of it the oldest
+--          tool results and tool-call arguments are left out, the last 6 messages kept
+--          (event "agent_context_fitted", { messages =, bytes =, iteration = }),
 --        team =, run =, system = extra instructions | nil,
 --        messages = the conversation to start from (e.g. factory.objective.pack's:
 --                   the operative's system prompt, the anchor, earlier stages' results)
@@ -27,6 +30,7 @@ local router = require "factory.router"
 local json = require "factory.json"
 local confidence = require "factory.confidence"
 local objective = require "factory.objective"
+local dsl = require "factory.dsl"
 local tools = require "factory.agents.tools"
 
 local M = {}
@@ -76,6 +80,51 @@ local function as_text(v, err, max, tool)
       .. " or grep]"):format(#text)
   end
   return text
+end
+
+-- The conversation grows by every tool result and every file written, and each
+-- model call sends all of it: past the model's window the provider refuses the
+-- call, after the iterations before it were paid for. Once it passes FIT_AT of the
+-- window (by the packing's estimate, 4 bytes a token), the oldest tool results and
+-- tool-call arguments give way to a line saying so, newest kept; the last
+-- KEEP_RECENT messages, the system prompt and the objective always stay.
+local FIT_AT, KEEP_RECENT = 0.8, 6
+local ELIDED = "[an earlier tool result, left out to fit the context window: run the tool again if you need it]"
+
+local function size_of(m)
+  local n = type(m.content) == "string" and #m.content or 0
+  for _, call in ipairs(type(m.tool_calls) == "table" and m.tool_calls or {}) do
+    local fn = type(call["function"]) == "table" and call["function"] or {}
+    n = n + (type(fn.arguments) == "string" and #fn.arguments or 0)
+  end
+  return n
+end
+
+local function fit(messages, window)
+  local limit = window * FIT_AT * 4
+  local total = 0
+  for _, m in ipairs(messages) do total = total + size_of(m) end
+  local elided = 0
+  for i = 3, #messages - KEEP_RECENT do
+    if total <= limit then break end
+    local m = messages[i]
+    local before = size_of(m)
+    if m.role == "tool" and m.content ~= ELIDED then
+      m.content = ELIDED
+    elseif m.role == "assistant" and type(m.tool_calls) == "table" then
+      for _, call in ipairs(m.tool_calls) do
+        local fn = type(call["function"]) == "table" and call["function"]
+        if fn and type(fn.arguments) == "string" and #fn.arguments > 200 then
+          fn.arguments = json.encode{ left_out = ("%d bytes of arguments, to fit the context window"):format(
+            #fn.arguments) }
+        end
+      end
+    end
+    if size_of(m) < before then
+      total, elided = total - before + size_of(m), elided + 1
+    end
+  end
+  return elided, total
 end
 
 local function usage_tokens(res)
@@ -137,6 +186,8 @@ function M.run(o)
 
   for iter = 1, max_iter do
     stats.iterations = iter
+    local elided, size = fit(messages, o.context_window or dsl.DEFAULT_WINDOW)
+    if elided > 0 then emit("agent_context_fitted", { messages = elided, bytes = size, iteration = iter }) end
     local res, err, code, waits = objective.outlast(o, function()
       return router.chat({ model = o.model, messages = messages, tools = schemas, max_tokens = o.max_tokens,
                            temperature = o.temperature }, { team = o.team, run = o.run })

@@ -136,6 +136,42 @@ describe("builtin agent", function()
     assert.is_nil(fs.stat(dir .. "/src/big.c"))
   end)
 
+  it("leaves the oldest tool results out once the conversation nears the model's window, keeping the newest",
+    function()
+    -- A window of 3,000 tokens: about 9,600 bytes before results give way.
+    local line = string.rep("x", 99) .. "\n"
+    for i = 1, 8 do assert(fs.write(dir .. "/src/part" .. i .. ".c", string.rep(line, 20))) end
+    local script = {}
+    for i = 1, 8 do script[i] = call("read_file", { path = "src/part" .. i .. ".c" }) end
+    script[9] = call("write_file", { path = "src/all.c", text = string.rep(line, 30) })
+    script[10] = call("finish", FINISH)
+    fake:script(script)
+    local fitted = {}
+    local result = builtin.run{ root = dir, objective = "Merge the parts", model = "coder", context_window = 3000,
+                                stuck_idle = 20,
+                                emit = function(kind, data) if kind == "agent_context_fitted" then fitted[#fitted + 1] = data end end }
+    assert.equal("COMPLETE", result.status)
+    local sizes = {}
+    for i, req in ipairs(fake:requests()) do sizes[i] = #req.body end
+    local last = json.decode(fake:requests()[10].body).messages
+    -- The system prompt, the objective and the last six messages are as they were.
+    assert.equal("Merge the parts", last[2].content)
+    local elided, kept = 0, 0
+    for i = 3, #last do
+      if last[i].role == "tool" then
+        if last[i].content:find("left out to fit the context window", 1, true) then elided = elided + 1
+        else kept = kept + 1 end
+      end
+    end
+    assert.truthy(elided >= 3, "old results left out: " .. elided)
+    assert.equal(string.rep(line, 20), last[#last - 2].content, "the newest read is whole")
+    assert.equal(9, elided + kept)
+    assert.truthy(#fitted > 0)
+    for _, f in ipairs(fitted) do assert.truthy(f.bytes <= 3000 * 0.8 * 4, f.bytes) end
+    -- Without that, the last request would have carried every result.
+    assert.truthy(sizes[10] < 8 * #string.rep(line, 20), sizes[10])
+  end)
+
   it("rejects an invalid TaskResult in finish and lets the model retry", function()
     fake:script{ call("finish", { status = "DONE", reasoning = "x" }), call("finish", FINISH) }
     local result, stats = builtin.run{ root = dir, objective = "Fix add()", model = "coder" }
