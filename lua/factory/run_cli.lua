@@ -261,10 +261,15 @@ local function summary(d, run_id, started)
   end
   print(("\nrun %d %s (%s) in %.1f s: %d stage(s) done, %d model calls, %s tokens, $%.4f"):format(run_id, run.state,
     run.pipeline, time.monotonic() - started, run.stage_index, calls.n, commas(calls.tokens), calls.usd))
+  local wide_stage, wide_who = 14, 34
+  for _, name in ipairs(order) do
+    wide_stage = math.max(wide_stage, #name)
+    wide_who = math.max(wide_who, #last[name].team + 1 + #last[name].operative)
+  end
   for _, name in ipairs(order) do
     local s = last[name]
-    print(("  %-14s %-34s %-20s attempts %d%s"):format(name, s.team .. "/" .. s.operative, s.status, s.attempt,
-      change_of(s.result)))
+    print(("  %-" .. wide_stage .. "s %-" .. wide_who .. "s %-20s attempts %d%s"):format(name,
+      s.team .. "/" .. s.operative, s.status, s.attempt, change_of(s.result)))
   end
   if run.error then print("  error: " .. run.error) end
   if run.state == "stopped" then
