@@ -152,6 +152,17 @@ local function uncommitted_note(d)
   return (" from the last commit: the repository's %d uncommitted change(s) are not in it"):format(d.uncommitted)
 end
 
+-- Where a build stage's branch starts when an earlier build stage of the run left a change.
+local function from_note(d)
+  local from = type(d.from) == "table" and d.from
+  if not from then return "" end
+  if from.gone then
+    return (" from the repository's HEAD: branch %s of stage %s no longer holds that stage's commit"):format(
+      tostring(from.branch), tostring(from.stage))
+  end
+  return (" from stage %s's commit %s"):format(tostring(from.stage), tostring(from.commit):sub(1, 10))
+end
+
 -- An agent that changed nothing leaves no branch (events recorded before that have
 -- no `kept`).
 local function workspace_outcome(d)
@@ -211,7 +222,7 @@ local function progress(tty)
     elseif k == "escalated" then
       line(("  escalated to a human (#%d): %s"):format(d.id, d.reason))
     elseif k == "workspace_started" then
-      line(("  worktree: branch %s%s"):format(d.branch, uncommitted_note(d)))
+      line(("  worktree: branch %s%s%s"):format(d.branch, from_note(d), uncommitted_note(d)))
     elseif k == "model_unavailable" then
       line(unavailable_text(d))
     elseif k == "tool_call" then
@@ -582,7 +593,8 @@ local DESCRIBE = {
   clarification_answered = function(d) return ("  answer %s -> %s"):format(d.from, d.to) end,
   escalated = function(d) return ("  ESCALATED #%d to a human: %s"):format(d.id, d.reason) end,
   model_unavailable = unavailable_text,
-  workspace_started = function(d) return ("  worktree and branch %s%s"):format(d.branch, uncommitted_note(d)) end,
+  workspace_started = function(d) return ("  worktree and branch %s%s%s"):format(d.branch, from_note(d),
+    uncommitted_note(d)) end,
   tool_call = function(d) return ("    tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))) end,
   -- The built-in agent is charged once per attempt, a CLI agent per iteration.
   agent_iteration = function(d)

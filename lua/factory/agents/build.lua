@@ -34,6 +34,11 @@
 --       whether a worktree can be made: the run names a repository that is a git
 --       repository (opened as given: never a repository found further up).
 --
+-- The branch starts from the commit of the run's latest earlier build stage (so a
+-- run's build stages build on one another), else from the repository's HEAD; when
+-- that stage's branch no longer holds its commit (deleted, moved), from HEAD, and the
+-- workspace_started event says so (from = { stage, branch, commit } | { stage, branch,
+-- gone = true }).
 -- The branch (and worktree) is named factory-run<RUN>-<stage>-<attempt>. A run killed
 -- during the stage leaves that worktree behind: the next attempt removes it, and its
 -- branch too when that holds no commit of its own (it is where the new one would
@@ -98,14 +103,13 @@ end
 -- A free branch name: a leftover worktree of a killed attempt is removed first, and
 -- a leftover branch with nothing on it beyond the commit the new one starts from is
 -- deleted (else every resumed run would leave an empty branch beside its real one).
-local function free_name(r, base_name)
+local function free_name(r, base_name, start)
   for _, w in ipairs(r:worktrees()) do
     if of_family(w.name, base_name) then r:worktree_remove(w.name, { force = true }) end
   end
-  local head = (r:head() or {}).oid
   local taken = {}
   for _, b in ipairs(r:branches()) do
-    if not (of_family(b.name, base_name) and b.oid == head and not b.head and r:branch_delete(b.name)) then
+    if not (of_family(b.name, base_name) and b.oid == start and not b.head and r:branch_delete(b.name)) then
       taken[b.name] = true
     end
   end
@@ -114,6 +118,27 @@ local function free_name(r, base_name)
     if not taken[name] then return name end
   end
   return nil, ("EEXISTS: branches %s to %s-%d exist already"):format(base_name, base_name, MAX_NAMES)
+end
+
+-- A run's build stages follow one another: each starts from the commit the latest
+-- build stage before it left (integration sees what backend and frontend wrote), the
+-- first from the repository's latest commit. Returns that stage's { stage, branch,
+-- commit } while its branch still holds the commit, or the stage and why not.
+local function earlier_change(o, r)
+  if not o.db then return nil end
+  local rows = o.db:query("SELECT stage, result FROM stage_results WHERE run_id = ? AND stage <> ? AND status = 'COMPLETE'"
+    .. " ORDER BY id DESC", { o.run_id, o.stage.name }) or {}
+  for _, row in ipairs(rows) do
+    local ws = type(row.result) == "table" and row.result.workspace
+    if type(ws) == "table" and type(ws.commit) == "string" then
+      for _, b in ipairs(r:branches()) do
+        if b.name == ws.branch and b.oid == ws.commit then
+          return { stage = row.stage, branch = ws.branch, commit = ws.commit }
+        end
+      end
+      return nil, { stage = row.stage, branch = ws.branch, gone = true }
+    end
+  end
 end
 
 -- The agent function and the options it takes beyond workspace.run's own.
@@ -144,7 +169,9 @@ function M.run(o)
   local st, op, team = o.stage, o.operative, o.team
   local r, err = git.open(o.repo)
   if not r then return confidence.blocked(("cannot open the repository %s: %s"):format(o.repo, err)) end
-  local name, nerr = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1))
+  local from, missing = earlier_change(o, r)
+  local start = from and from.commit or (r:head() or {}).oid
+  local name, nerr = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1), start)
   if not name then
     r:close()
     return confidence.blocked(nerr)
@@ -170,7 +197,7 @@ function M.run(o)
       if not paid then return blocked((tostring(why):gsub("^E%u+: ", ""))) end
     end
   end
-  args.repo, args.branch, args.agent = r, name, agent
+  args.repo, args.branch, args.agent, args.base = r, name, agent, from and from.commit
   args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
   args.message = ("factory: %s (run %d, stage %s)"):format(o.anchor:match("^[^\n]*"), o.run_id, st.name)
   args.model, args.team, args.run = op.model or team.model, team.name, o.run_id
@@ -209,7 +236,8 @@ function M.run(o)
   for _, change in ipairs(r:status() or {}) do
     if change.status ~= "??" then uncommitted = uncommitted + 1 end
   end
-  emit("workspace_started", { stage = st.name, branch = name, uncommitted = uncommitted > 0 and uncommitted or nil })
+  emit("workspace_started", { stage = st.name, branch = name, uncommitted = uncommitted > 0 and uncommitted or nil,
+                               from = from or missing })
   -- Whatever happens in there (a cancelled fiber raises), the place, the proxy, the
   -- locks and the repository are given back.
   local ran, ws, werr = pcall(workspace.run, args)

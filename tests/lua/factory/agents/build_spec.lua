@@ -243,6 +243,57 @@ describe("build stage", function()
     repo:close()
   end)
 
+  it("a run's second build stage starts from the commit the first left, and says so", function()
+    assert(fs.write(dir .. "/project/pipelines/twofix.lua", 'return pipeline "twofix" {\n'
+      .. '  stage "backend" { team = "backend_engineering", workspace = "worktree" },\n'
+      .. '  stage "frontend" { team = "backend_engineering", workspace = "worktree" },\n}'))
+    onefix_engine()
+    fake:script{
+      call("write_file", { path = "api.txt", text = "GET /tasks\n" }),
+      call("finish", { status = "COMPLETE", reasoning = "r", artifact = "the API" }),
+      call("read_file", { path = "api.txt" }),
+      call("write_file", { path = "ui.txt", text = "a list of tasks\n" }),
+      call("finish", { status = "COMPLETE", reasoning = "r", artifact = "the UI" }),
+    }
+    local run_id = assert(engine:submit{ pipeline = "twofix", title = "tasks page", repo = repo_dir,
+                                         external_id = "two-1" })
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local ws = {}
+    for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
+      ws[row.stage] = row.result.workspace
+    end
+    assert.equal(ws.backend.commit, ws.frontend.base)
+    -- The frontend's agent read what the backend's wrote, and its branch holds both.
+    local read = json.decode(fake:requests()[4].body).messages
+    assert.equal("GET /tasks\n", read[#read].content)
+    assert.same({ { path = "ui.txt", insertions = 1, deletions = 0 } }, ws.frontend.diff_stats.per_file)
+    local check = dir .. "/check"
+    local repo = assert(git.open(repo_dir))
+    assert(repo:worktree_add("check", check, { base = ws.frontend.branch }))
+    assert.equal("GET /tasks\n", fs.read(check .. "/api.txt"))
+    assert.equal("a list of tasks\n", fs.read(check .. "/ui.txt"))
+    assert(repo:worktree_remove("check", { force = true }))
+    local from
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" and ev.data.stage == "frontend" then from = ev.data.from end
+    end
+    assert.same({ stage = "backend", branch = ws.backend.branch, commit = ws.backend.commit }, from)
+    -- A resumed run whose earlier branch was deleted meanwhile starts from HEAD and says so.
+    assert(repo:branch_delete(ws.frontend.branch))
+    assert(repo:branch_delete(ws.backend.branch))
+    repo:close()
+    assert(store:exec("DELETE FROM stage_results WHERE run_id = ? AND stage = 'frontend'", { run_id }))
+    assert(store:exec("UPDATE runs SET state = 'stopped', stage_index = 1 WHERE id = ?", { run_id }))
+    fake:script{ call("write_file", { path = "ui.txt", text = "again\n" }),
+                 call("finish", { status = "COMPLETE", reasoning = "r", artifact = "the UI" }) }
+    events = {}
+    assert.equal("succeeded", (engine:execute(run_id)))
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" then from = ev.data.from end
+    end
+    assert.same({ stage = "backend", branch = ws.backend.branch, gone = true }, from)
+  end)
+
   it("the operative's command_timeout is how long its agent's commands may run, and the model is told", function()
     local team = dir .. "/project/teams/backend_engineering.lua"
     local text, subs = assert(fs.read(team)):gsub("max_iterations = 20,",
