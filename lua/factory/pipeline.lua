@@ -493,6 +493,17 @@ function Engine:_objective(run, team, op, o)
   return result
 end
 
+-- A build stage's change as the later stages read it: where it is and the patch, so
+-- that a verify stage reviews the code, not only the agent's account of it.
+local function change_text(result)
+  local ws = type(result.workspace) == "table" and result.workspace
+  if not ws or type(ws.commit) ~= "string" then return "" end
+  local ds = type(ws.diff_stats) == "table" and ws.diff_stats or {}
+  return ("\n\n### The change: branch %s, commit %s, %d file(s) +%d -%d\n```diff\n%s\n```"):format(
+    tostring(ws.branch or "(deleted)"), ws.commit:sub(1, 10), ds.files or 0, ds.insertions or 0, ds.deletions or 0,
+    (type(ws.diff) == "string" and ws.diff or "(not recorded)"):gsub("\n$", ""))
+end
+
 local function inputs_of(run, st, pipe)
   local wanted
   if #st.inputs > 0 then
@@ -503,7 +514,8 @@ local function inputs_of(run, st, pipe)
   for _, r in ipairs(run.results) do
     if r.status == "COMPLETE" and pipe.stage[r.stage] and pipe.stage[r.stage].index < st.index
         and (not wanted or wanted[r.stage]) then
-      out[#out + 1] = { stage = r.stage, team = r.team, text = confidence.artifact_text(r.result) }
+      out[#out + 1] = { stage = r.stage, team = r.team, text = confidence.artifact_text(r.result)
+        .. change_text(r.result) }
     end
   end
   return out

@@ -25,7 +25,8 @@
 --        process (factory.serve.local_proxy) with a key of its own for the team and
 --        run in the agent's environment)
 --   result: the agent's TaskResult with result.workspace = { branch, base, commit,
---   diff_stats = { files, insertions, deletions, per_file } }; when the agent changed
+--   diff_stats = { files, insertions, deletions, per_file }, diff = the patch (its first
+--   32 KiB) }; the later stages of the run read the patch with the artifact; when the agent changed
 --   nothing there is no commit, and no branch either (it is deleted); a git failure gives a
 --   BLOCKED result that names it. Never raises for the repository's or the agent's
 --   trouble.
@@ -255,7 +256,7 @@ function M.run(o)
   if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
   local result = ws.result
   result.workspace = { branch = kept and ws.branch or nil, base = ws.base, commit = ws.commit,
-                       diff_stats = ws.diff_stats }
+                       diff_stats = ws.diff_stats, diff = ws.diff }
   local ds = ws.diff_stats or {}
   emit("workspace_done", { stage = st.name, branch = ws.branch, kept = kept, commit = ws.commit,
                            files = ds.files or 0, insertions = ds.insertions or 0, deletions = ds.deletions or 0 })

@@ -18,6 +18,8 @@
 --   ws: { result = TaskResult, stats = the agent's stats, branch = NAME, path = DIR,
 --         base = OID the branch started from, commit = OID | nil (no change),
 --         diff_stats = { files, insertions, deletions, per_file = {{path, ...}} },
+--         diff = the commit's patch against the base, its first max_diff bytes (default
+--           32 KiB) and a line saying how much was cut (nil without a commit),
 --         removed = true | false }
 --   An error in the git steps returns nil, "CODE: message", CODE (the worktree is
 --   removed first unless keep); the agent's own outcome is in ws.result.
@@ -33,6 +35,8 @@ local fs = require "factory.core.fs"
 local builtin = require "factory.agents.builtin"
 
 local M = {}
+
+local MAX_DIFF = 32 * 1024
 
 M.DEFAULT_AUTHOR = { name = "Factory Agent", email = "agent@factory.local" }
 
@@ -129,6 +133,13 @@ function M.run(o)
   local ds, derr, dcode = wt:diff_stats(base_oid)
   if not ds then return cleanup_fail(derr, dcode) end
   ws.diff_stats = ds
+  if ws.commit then
+    local patch, perr, pcode = wt:diff(base_oid)
+    if not patch then return cleanup_fail(perr, pcode) end
+    local max = o.max_diff or MAX_DIFF
+    ws.diff = #patch <= max and patch
+      or patch:sub(1, max) .. ("\n[diff cut: %d bytes in all; the branch holds the whole change]\n"):format(#patch)
+  end
   wt:close()
 
   if not o.keep then

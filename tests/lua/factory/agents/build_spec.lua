@@ -184,15 +184,27 @@ describe("build stage", function()
     assert.truthy(make_test(repo_dir).code ~= 0)
   end)
 
-  it("the verify stage sees the change summary of the fix", function()
+  it("the verify stage sees the change summary of the fix, and the change itself", function()
     script_run()
-    assert.equal("succeeded", (engine:execute(submit())))
+    local run_id = submit()
+    assert.equal("succeeded", (engine:execute(run_id)))
     local verify
     for _, r in ipairs(fake:requests()) do
       local body = json.decode(r.body)
-      if body.messages[1].content:find("objective: stage verify", 1, true) then verify = r.body end
+      if body.messages[1].content:find("objective: stage verify", 1, true) then
+        local all = {}
+        for _, m in ipairs(body.messages) do all[#all + 1] = m.content end
+        verify = table.concat(all, "\n")
+      end
     end
     assert.contains("calc_sub returns a - b", verify)
+    local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
+    local ws = fix.result.workspace
+    assert.contains(("### The change: branch %s, commit %s, 1 file(s) +1 -1\n```diff\n"):format(ws.branch,
+      ws.commit:sub(1, 10)), verify)
+    assert.contains("-int calc_sub(int a, int b) { return a + b; }\n+int calc_sub(int a, int b) { return a - b; }",
+      verify)
+    assert.contains("diff --git a/src/calc.c b/src/calc.c", ws.diff)
   end)
 
   local function branch_names(repo)

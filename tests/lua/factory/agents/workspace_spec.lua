@@ -97,6 +97,8 @@ describe("workspace", function()
     assert.equal(1, ws.diff_stats.insertions)
     assert.equal(1, ws.diff_stats.deletions)
     assert.equal("src/calc.c", ws.diff_stats.per_file[1].path)
+    -- and the patch is kept for the stages after.
+    assert.contains("+int calc_sub(int a, int b) { return a - b; }", ws.diff)
 
     -- The branch holds the agent's commit, authored as configured, on top of main.
     local branch_oid, main_oid
@@ -140,12 +142,24 @@ describe("workspace", function()
                                      objective = "Look only", model = "coder" })
     assert.equal("BLOCKED", ws.result.status)
     assert.equal(nil, ws.commit)
+    assert.equal(nil, ws.diff)
     assert.equal(0, ws.diff_stats.files)
     assert.equal(true, ws.removed)
     assert.equal(nil, fs.exists(root .. "/wt/idle") or nil)
     local repo = assert(git.open(repo_dir))
     assert.same({}, repo:worktrees())
     repo:close()
+  end)
+
+  it("keeps the first max_diff bytes of a long patch, saying how long it was", function()
+    fake:script{ call("write_file", { path = "big.txt", text = string.rep("a line of generated text\n", 400) }),
+                 call("finish", { status = "COMPLETE", reasoning = "r", artifact = "big.txt" }) }
+    local ws = assert(workspace.run{ repo = repo_dir, branch = "big", path = root .. "/wt/big", objective = "Write",
+                                     model = "coder", author = AUTHOR, max_diff = 500 })
+    assert.truthy(ws.commit)
+    local cut = ws.diff:match("\n%[diff cut: (%d+) bytes in all; the branch holds the whole change%]\n$")
+    assert.truthy(tonumber(cut) > 10000, ws.diff:sub(-200))
+    assert.equal(500, #ws.diff:match("^(.-)\n%[diff cut"))
   end)
 
   it("makes its default worktree root a top directory where the filesystem has the flag", function()
