@@ -109,7 +109,7 @@ local function fit(messages, window)
     if total <= limit then break end
     local m = messages[i]
     local before = size_of(m)
-    if m.role == "tool" and m.content ~= ELIDED then
+    if m.role == "tool" and type(m.content) == "string" and #m.content > #ELIDED then
       m.content = ELIDED
     elseif m.role == "assistant" and type(m.tool_calls) == "table" then
       for _, call in ipairs(m.tool_calls) do
