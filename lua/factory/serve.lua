@@ -15,8 +15,9 @@
 --     until SIGINT or SIGTERM, then stops accepting and gives the requests in flight
 --     GRACE seconds to finish before closing.
 -- Endpoints: POST /v1/chat/completions (stream or not), POST /v1/embeddings,
--- GET /v1/models, with OpenAI-shaped JSON errors; and POST /v1/messages, Anthropic's
--- Messages API (factory.serve_messages), with Anthropic-shaped errors.
+-- GET /v1/models, with OpenAI-shaped JSON errors; POST /v1/responses, OpenAI's
+-- Responses API, which Codex speaks (factory.serve_responses); and POST /v1/messages,
+-- Anthropic's Messages API (factory.serve_messages), with Anthropic-shaped errors.
 -- Teams: factory.lua's keys { ["sk-..."] = { team = NAME } } are virtual keys: the
 -- bearer key (or x-api-key) picks the team whose budget the call is charged to; with keys
 -- configured, any other key gets 401 (from the core server, which also lets them
@@ -40,6 +41,7 @@ local signal = require "factory.core.signal"
 local log = require "factory.log"
 local records = require "factory.records"
 local messages = require "factory.serve_messages"
+local responses = require "factory.serve_responses"
 local fiber = require "factory.fiber"
 
 local M = {}
@@ -221,6 +223,11 @@ function M.mount(srv, keys)
     return messages.handle(req, res, { team = team, run = run })
   end)
   srv:route("POST", "/v1/messages/count_tokens", function(req, res) return messages.count_tokens(req, res) end)
+  srv:route("POST", "/v1/responses", function(req, res)
+    res:cancel_on_disconnect()
+    local team, run = caller_of(req, keys())
+    return responses.handle(req, res, { team = team, run = run })
+  end)
   srv:route("GET", "/v1/models", function(_, res)
     return res:status(200):header("Content-Type", "application/json"):send(router.models_json())
   end)

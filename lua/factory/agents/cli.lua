@@ -23,7 +23,8 @@
 --        max_retries = n (default 2): killed iterations retried in a row before BLOCKED,
 --        proxy_url = the model proxy's root URL, virtual_key = the team's key for it,
 --        model = the operative's model alias: "{model}" in the command, and through the
---          proxy the model of every variable the agents read (below),
+--          proxy the model of every variable the agents read (below); "{proxy}" in the
+--          command is the proxy's root URL (Codex's model provider),
 --        env = { NAME = value } more variables for the agent,
 --        db = a store | nil: harvested learnings are stored there (memory.learn with
 --          team, run, repo, objective); on_learnings = fn(texts) | nil instead;
@@ -77,7 +78,11 @@ local M = {}
 M.PRESETS = {
   claude = { format = "claude", command = { "claude", "-p", "{prompt}", "--output-format", "stream-json", "--verbose",
                                             "--permission-mode", "bypassPermissions" } },
-  codex = { format = "codex", command = { "codex", "exec", "--json", "--full-auto", "--model", "{model}", "{prompt}" } },
+  -- Codex reaches models only through a configured provider speaking the Responses
+  -- API (the proxy's /v1/responses); its sandbox lets it write in the worktree.
+  codex = { format = "codex", command = { "codex", "exec", "--json", "--sandbox", "workspace-write", "--ephemeral",
+    "--model", "{model}", "-c", "model_provider=factory", "-c", 'model_providers.factory={ name = "factory",'
+      .. ' base_url = "{proxy}/v1", env_key = "OPENAI_API_KEY", wire_api = "responses" }', "{prompt}" } },
   aider = { format = "plain", command = { "aider", "--yes-always", "--no-auto-commits", "--message", "{prompt}" } },
 }
 
@@ -287,12 +292,19 @@ local function child_env(o)
   return e
 end
 
--- "{model}" is the operative's model; without one, an argument "{model}" is left
--- out with the option before it ("--model"), and the agent keeps its own default.
-local function argv_of(command, prompt, model)
+-- "{model}" is the operative's model and "{proxy}" the model proxy's root URL; an
+-- argument naming one that is not there is left out with the option before it
+-- ("--model", "-c"), and the agent keeps its own default.
+local function argv_of(command, prompt, values)
   local argv, used = {}, false
   for _, a in ipairs(command) do
-    if a == "{model}" and not model then
+    local missing = false
+    a = a:gsub("{(%a+)}", function(name)
+      if name == "prompt" then return nil end
+      if values[name] == nil then missing = true return nil end
+      return values[name]
+    end)
+    if missing then
       if (argv[#argv] or ""):find("^%-") then argv[#argv] = nil end
     else
       local s, e = a:find("{prompt}", 1, true)
@@ -300,7 +312,7 @@ local function argv_of(command, prompt, model)
         used = true
         a = a:sub(1, s - 1) .. prompt .. a:sub(e + 1)
       end
-      argv[#argv + 1] = model and (a:gsub("{model}", function() return model end)) or a
+      argv[#argv + 1] = a
     end
   end
   return argv, not used and prompt or nil
@@ -310,7 +322,7 @@ end
 -- signal, input_tokens, output_tokens, cost_usd, report, error } or nil, spawn error.
 local function iterate(ctx, n)
   local emit = ctx.emit
-  local argv, stdin = argv_of(ctx.command, ctx.prompt, ctx.model)
+  local argv, stdin = argv_of(ctx.command, ctx.prompt, { model = ctx.model, proxy = ctx.proxy })
   local p, err = proc.spawn{ argv = argv, cwd = ctx.root, env = ctx.env, stdin = stdin, stdout = "pipe",
                              stderr = "stdout", timeout = ctx.iteration_timeout, kill_grace = ctx.kill_grace }
   if not p then return nil, err end
@@ -438,6 +450,7 @@ function M.run(o)
                   cost_usd = 0, learnings = {} }
   local ctx = {
     o = o, root = root, command = command, format = format, env = child_env(o), model = o.model,
+    proxy = o.proxy_url and (o.proxy_url:gsub("/+$", ""):gsub("/v1$", "")),
     emit = user_emit,
     prompt = (o.prompt or M.PROMPT) .. "\n\nThe objective, in short: " .. first_line(o.objective),
     heartbeat_timeout = o.heartbeat_timeout or 300, iteration_timeout = o.iteration_timeout or 3600,

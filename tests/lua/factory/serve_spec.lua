@@ -670,6 +670,47 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     end
   end, { timeout = 180 })
 
+  it("serves the official openai npm SDK's Responses API (Codex's): response, stream, function call, both upstreams",
+    function()
+    local npm_dir = TESTS .. "npm"
+    local env = { PATH = os.getenv("PATH"), HOME = os.getenv("HOME") }
+    if not io.open(npm_dir .. "/node_modules/openai/package.json") then
+      local r = assert(proc.run{ argv = { "npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund" }, cwd = npm_dir,
+                                 env = env, timeout = 120 })
+      assert.equal(0, r.code, "npm ci failed: " .. r.stderr)
+    end
+    start()
+    for _, model in ipairs({ "factory/coder", "factory/claude" }) do
+      fake:script{ {}, {}, { tool_calls = { { id = "call_w1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
+                   { content = "It is sunny in Paris." } }
+      local r = assert(proc.run{ argv = { "node", npm_dir .. "/responses_sdk_test.mjs", base, "sk-anything", model },
+                                 env = env, timeout = 60 })
+      assert.equal(0, r.code, r.stderr)
+      local out = assert(json.decode(r.stdout))
+      assert.equal("Hello from the fake.", out.text, model)
+      assert.equal("completed", out.status, model)
+      assert.truthy(out.usage.input_tokens > 0 and out.usage.output_tokens > 0, model)
+      assert.equal("Hello from the fake.", out.stream, model)
+      assert.equal("Hello from the fake.", out.stream_final.text, model)
+      assert.same({ "response.created", "response.in_progress", "response.output_item.added",
+                    "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+                    "response.content_part.done", "response.output_item.done", "response.completed" }, out.events, model)
+      assert.same({ name = "get_weather", args = { city = "Paris" }, call_id = "call_w1" }, out.tool, model)
+      assert.equal("It is sunny in Paris.", out.after_tool, model)
+      assert.equal(404, out.unknown.status, model)
+      local sent = json.decode(fake:requests()[#fake:requests()].body)
+      if model == "factory/claude" then
+        assert.equal("Use tools.", sent.system)
+        assert.equal("tool_result", sent.messages[3].content[1].type)
+      else
+        assert.same({ "system", "user", "assistant", "tool" }, { sent.messages[1].role, sent.messages[2].role,
+                                                                  sent.messages[3].role, sent.messages[4].role })
+        assert.equal("call_w1", sent.messages[4].tool_call_id)
+      end
+      fake:reset()
+    end
+  end, { timeout = 180 })
+
   it("serves the official Anthropic npm SDK on /v1/messages: message, stream, tool call, both upstreams", function()
     local npm_dir = TESTS .. "npm"
     local env = { PATH = os.getenv("PATH"), HOME = os.getenv("HOME") }

@@ -268,17 +268,22 @@ describe("cli agent", function()
     assert.contains("Read SPEC.md", read(state .. "/prompt.1"))
   end)
 
-  it("gives a command's \"{model}\" the operative's model, and leaves it out with its option without one", function()
-    local function argv(model)
-      local result = cli.run{ root = dir, objective = "One thing", model = model,
+  it("gives a command's \"{model}\" and \"{proxy}\" their values, and leaves them out with their option without",
+    function()
+    local function argv(model, proxy)
+      local result = cli.run{ root = dir, objective = "One thing", model = model, proxy_url = proxy,
                               command = { "sh", "-c", 'printf "%s|" "$@" > argv.txt; sed -i "s/- \\[ \\]/- [x]/" SPEC.md',
-                                          "agent", "--model", "{model}", "--name={model}", "{prompt}" } }
+                                          "agent", "--model", "{model}", "--name={model}", "-c", "url={proxy}/v1",
+                                          "{prompt}" } }
       assert.equal("COMPLETE", result.status, result.reasoning)
       return (assert(fs.read(dir .. "/argv.txt")):gsub("You are one iteration.*", "PROMPT|"))
     end
-    assert.equal("--model|factory/coder|--name=factory/coder|PROMPT|", argv("factory/coder"))
-    assert.equal("--name={model}|PROMPT|", argv(nil))
-    assert.same({ "codex", "exec", "--json", "--full-auto", "--model", "{model}", "{prompt}" }, cli.PRESETS.codex.command)
+    assert.equal("--model|factory/coder|--name=factory/coder|-c|url=http://127.0.0.1:9/v1|PROMPT|",
+      argv("factory/coder", "http://127.0.0.1:9/v1/"))
+    assert.equal("PROMPT|", argv(nil, nil))
+    local codex = table.concat(cli.PRESETS.codex.command, " ")
+    assert.contains('--model {model} -c model_provider=factory -c model_providers.factory={ name = "factory",'
+      .. ' base_url = "{proxy}/v1", env_key = "OPENAI_API_KEY", wire_api = "responses" } {prompt}', codex)
   end)
 
   it("parses Codex --json events and plain text", function()
