@@ -118,11 +118,17 @@ function M.to_openai(r)
   local system = text_of(r.system)
   if system ~= "" then msgs[1] = { role = "system", content = system } end
   for i, m in ipairs(r.messages) do
-    if type(m) ~= "table" or (m.role ~= "user" and m.role ~= "assistant") then
-      return nil, ("messages.%d: role must be \"user\" or \"assistant\""):format(i - 1)
+    if type(m) == "table" and m.role == "system" then
+      -- Claude Code (2.1) sends instructions as system messages among the turns; the
+      -- router gives them to an Anthropic upstream as its system prompt.
+      msgs[#msgs + 1] = { role = "system", content = text_of(m.content) }
+    else
+      if type(m) ~= "table" or (m.role ~= "user" and m.role ~= "assistant") then
+        return nil, ("messages.%d: role must be \"user\", \"assistant\" or \"system\""):format(i - 1)
+      end
+      local ok, err = add_turn(msgs, m)
+      if not ok then return nil, ("messages.%d%s%s"):format(i - 1, err:find("^content%.") and "." or ": ", err) end
     end
-    local ok, err = add_turn(msgs, m)
-    if not ok then return nil, ("messages.%d%s%s"):format(i - 1, err:find("^content%.") and "." or ": ", err) end
   end
   local out = { model = r.model, messages = msgs, max_tokens = r.max_tokens, temperature = r.temperature,
                 top_p = r.top_p, stop = r.stop_sequences, tool_choice = tool_choice(r.tool_choice) }

@@ -76,8 +76,11 @@ local memory = require "factory.memory"
 local M = {}
 
 M.PRESETS = {
+  -- Edits accepted and commands allowed without asking; bypassPermissions would do
+  -- the same but Claude Code refuses it to root, which CI machines and containers are.
   claude = { format = "claude", command = { "claude", "-p", "{prompt}", "--output-format", "stream-json", "--verbose",
-                                            "--permission-mode", "bypassPermissions" } },
+                                            "--permission-mode", "acceptEdits",
+                                            "--allowedTools", "Bash Edit Write Read Glob Grep" } },
   -- Codex reaches models only through a configured provider speaking the Responses
   -- API (the proxy's /v1/responses); its sandbox lets it write in the worktree.
   codex = { format = "codex", command = { "codex", "exec", "--json", "--sandbox", "workspace-write", "--ephemeral",

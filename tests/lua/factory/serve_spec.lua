@@ -362,6 +362,18 @@ budgets { utc_offset = 99 }
       else
         assert.equal("Be brief.", sent.system)
       end
+      -- Claude Code (2.1) also sends system messages among the turns.
+      res = post("/v1/messages", json.encode({ model = model, max_tokens = 100, system = { { type = "text",
+        text = "Be brief." } }, messages = { { role = "user", content = "Say hello" },
+        { role = "system", content = "Agent types: claude, Explore." } } }), key)
+      assert.equal(200, res.status, res.body)
+      sent = json.decode(fake:requests()[2].body)
+      if model == "factory/coder" then
+        assert.same({ role = "system", content = "Agent types: claude, Explore." }, sent.messages[3])
+      else
+        assert.contains("Agent types: claude, Explore.", sent.system)
+        assert.same({ "user" }, { sent.messages[1].role, sent.messages[2] and sent.messages[2].role })
+      end
       -- A tool call, and its result sent back.
       fake:script{ { tool_calls = { { id = "call_1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
                    { content = "Sunny." } }
@@ -370,7 +382,7 @@ budgets { utc_offset = 99 }
       msg = json.decode(res.body)
       assert.equal("tool_use", msg.stop_reason, res.body)
       assert.same({ type = "tool_use", id = "call_1", name = "get_weather", input = { city = "Paris" } }, msg.content[1])
-      sent = json.decode(fake:requests()[2].body)
+      sent = json.decode(fake:requests()[3].body)
       if model == "factory/coder" then
         assert.equal("required", sent.tool_choice)
         assert.equal(false, sent.parallel_tool_calls)
@@ -385,7 +397,7 @@ budgets { utc_offset = 99 }
         { role = "user", content = { { type = "tool_result", tool_use_id = "call_1", content = "sunny, 24C" } } } } }),
         key)
       assert.equal("Sunny.", json.decode(res.body).content[1].text, res.body)
-      sent = json.decode(fake:requests()[3].body)
+      sent = json.decode(fake:requests()[4].body)
       if model == "factory/coder" then
         assert.equal("call_1", sent.messages[2].tool_calls[1].id)
         assert.same({ city = "Paris" }, json.decode(sent.messages[2].tool_calls[1]["function"].arguments))

@@ -281,6 +281,9 @@ describe("cli agent", function()
     assert.equal("--model|factory/coder|--name=factory/coder|-c|url=http://127.0.0.1:9/v1|PROMPT|",
       argv("factory/coder", "http://127.0.0.1:9/v1/"))
     assert.equal("PROMPT|", argv(nil, nil))
+    -- Claude Code refuses bypassPermissions to root (CI machines, containers).
+    local claude = table.concat(cli.PRESETS.claude.command, " ")
+    assert.contains("--permission-mode acceptEdits --allowedTools Bash Edit Write Read Glob Grep", claude)
     local codex = table.concat(cli.PRESETS.codex.command, " ")
     assert.contains('--model {model} -c model_provider=factory -c model_providers.factory={ name = "factory",'
       .. ' base_url = "{proxy}/v1", env_key = "OPENAI_API_KEY", wire_api = "responses" } {prompt}', codex)
