@@ -117,6 +117,7 @@ function M.to_openai(r)
   local msgs = {}
   local system = text_of(r.system)
   if system ~= "" then msgs[1] = { role = "system", content = system } end
+  local turns = 0
   for i, m in ipairs(r.messages) do
     if type(m) == "table" and m.role == "system" then
       -- Claude Code (2.1) sends instructions as system messages among the turns; the
@@ -128,8 +129,10 @@ function M.to_openai(r)
       end
       local ok, err = add_turn(msgs, m)
       if not ok then return nil, ("messages.%d%s%s"):format(i - 1, err:find("^content%.") and "." or ": ", err) end
+      turns = turns + 1
     end
   end
+  if turns == 0 then return nil, "messages: at least one user or assistant message is required" end
   local out = { model = r.model, messages = msgs, max_tokens = r.max_tokens, temperature = r.temperature,
                 top_p = r.top_p, stop = r.stop_sequences, tool_choice = tool_choice(r.tool_choice) }
   if type(r.tools) == "table" and #r.tools > 0 then

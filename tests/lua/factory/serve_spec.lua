@@ -483,11 +483,12 @@ budgets { utc_offset = 99 }
     start([[keys { ["sk-team-ant"] = { team = "ant" } }
 budgets { teams = { ant = { tokens_per_day = 10 } } }]])
     local key = { ["x-api-key"] = "sk-team-ant" }
-    anthropic_error(post("/v1/messages", "{nope", key), 400, "invalid_request_error")
+    local err = anthropic_error(post("/v1/messages", "{nope", key), 400, "invalid_request_error")
     anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 5 }), key), 400)
-    anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 5,
+    err = anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 5,
       messages = { { role = "system", content = "x" } } }), key), 400)
-    local err = anthropic_error(post("/v1/messages", json.encode({ model = "claude-nope", max_tokens = 5,
+    assert.equal("messages: at least one user or assistant message is required", err.message)
+    err = anthropic_error(post("/v1/messages", json.encode({ model = "claude-nope", max_tokens = 5,
       messages = { { role = "user", content = "x" } } }), key), 404, "not_found_error")
     assert.contains("claude-nope", err.message)
     err = anthropic_error(post("/v1/messages", json.encode({ model = "factory/coder", max_tokens = 500,
