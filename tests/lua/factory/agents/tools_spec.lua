@@ -194,7 +194,7 @@ describe("run_command environment (acceptance 5)", function()
       assert.falsy(r.stdout:find("sk-leak-", 1, true))
     end
     assert.falsy(r.stdout:find("FACTORY_TEST_HARMLESS", 1, true))
-    local home = r.stdout:match("\nHOME=([^\n]*)")
+    local home = ("\n" .. r.stdout):match("\nHOME=([^\n]*)")
     assert.truthy(home and home ~= "" and not (home .. "/"):find(wt .. "/", 1, true), home)
     assert.matches("\nPATH=", "\n" .. r.stdout)
   end)
