@@ -17,7 +17,8 @@
 --        lock = fn(relpath) -> true | nil, err, code   (the toolbox's: tools.new),
 --        max_iterations = n (default 30), token_budget = n | nil,
 --        stuck_repeats = n (default 3: the same call that many times in a row),
---        stuck_idle = n (default 8: iterations without a file change),
+--        stuck_idle = n (default 8: iterations that changed no file and made no call
+--          not made before in the session: reading new files is exploring, not stuck),
 --        max_result = BYTES of one tool result shown to the model (default 16 KiB),
 --        outage_retries =, outage_wait_s = (a model out of reach is waited out:
 --          factory.objective.outlast),
@@ -177,6 +178,7 @@ function M.run(o)
   local messages = initial_messages(o)
   local schemas, offered = offered_tools(o.tools)
   local last_call, repeats, idle = nil, 0, 0
+  local seen = {}
 
   local function done(result)
     stats.changes = box.changes
@@ -203,6 +205,7 @@ function M.run(o)
     messages[#messages + 1] = { role = "assistant", content = msg.content ~= json.null and msg.content or nil,
                                 tool_calls = calls }
     local changes_before = box.changes
+    local fresh = false
     if not calls or #calls == 0 then
       -- A TaskResult written as text is accepted like a finish call.
       local r = type(msg.content) == "string" and confidence.parse(msg.content)
@@ -216,6 +219,7 @@ function M.run(o)
         local name, argtext = tostring(fn.name), fn.arguments
         local key = name .. "\0" .. tostring(argtext)
         if key == last_call then repeats = repeats + 1 else last_call, repeats = key, 1 end
+        if not seen[key] then seen[key], fresh = true, true end
         if repeats >= stuck_repeats then
           return done(confidence.blocked(("stuck: the same call %s(%s) was repeated %d times"):format(
             name, as_text(argtext, nil, 200), repeats)))
@@ -251,9 +255,10 @@ function M.run(o)
       return done(confidence.blocked(("token budget exhausted: %d of %d tokens used after %d iterations"):format(
         stats.tokens, budget, iter)))
     end
-    if box.changes == changes_before then idle = idle + 1 else idle = 0 end
+    if box.changes ~= changes_before then idle = 0 elseif not fresh then idle = idle + 1 end
     if idle >= stuck_idle then
-      return done(confidence.blocked(("stuck: no file changed in %d iterations"):format(idle)))
+      return done(confidence.blocked(("stuck: %d iterations since the last file change made no call that was"
+        .. " not made before"):format(idle)))
     end
   end
   return done(confidence.blocked(("iteration cap reached: %d iterations without finish"):format(max_iter)))

@@ -199,14 +199,24 @@ describe("builtin agent", function()
     assert.equal(3, stats.iterations)
   end)
 
-  it("detects iterations without a file change", function()
+  it("detects iterations that change no file and only repeat earlier calls; exploring is not stuck", function()
+    -- Reading around a repository first, a new call each time, as models do.
     local script = {}
     for i = 1, 6 do script[i] = call("grep", { pattern = "add" .. i }) end
+    script[7] = call("finish", FINISH)
     fake:script(script)
-    local result = builtin.run{ root = dir, objective = "loop", model = "coder", stuck_idle = 4 }
+    local result = builtin.run{ root = dir, objective = "explore", model = "coder", stuck_idle = 4 }
+    assert.equal("COMPLETE", result.status, result.blockers and result.blockers[1])
+    -- Going round the same calls.
+    fake:reset()
+    script = {}
+    for i = 1, 8 do script[i] = call("grep", { pattern = "add" .. (i % 2) }) end
+    fake:script(script)
+    result = builtin.run{ root = dir, objective = "loop", model = "coder", stuck_idle = 4 }
     assert.equal("BLOCKED", result.status)
-    assert.equal("stuck: no file changed in 4 iterations", result.blockers[1])
-    assert.equal(4, fake:count())
+    assert.equal("stuck: 4 iterations since the last file change made no call that was not made before",
+      result.blockers[1])
+    assert.equal(6, fake:count())
   end)
 
   it("stops when the token budget is spent", function()
