@@ -153,6 +153,12 @@ function M.to_openai(r)
   return out
 end
 
+-- A Messages id: an Anthropic upstream's own ("msg_..."), else the chat id prefixed.
+local function message_id(id)
+  id = tostring(id or "")
+  return id:find("^msg_") and id or ("msg_" .. id)
+end
+
 function M.from_openai(resp, model)
   local choice = type(resp.choices) == "table" and resp.choices[1] or {}
   local msg = choice.message or {}
@@ -168,7 +174,7 @@ function M.from_openai(resp, model)
                               input = type(input) == "table" and input or {} }
   end
   local usage = type(resp.usage) == "table" and resp.usage or {}
-  return { id = "msg_" .. tostring(resp.id or ""), type = "message", role = "assistant", model = resp.model or model,
+  return { id = message_id(resp.id), type = "message", role = "assistant", model = resp.model or model,
            content = #content > 0 and content or json.empty_array,
            stop_reason = STOP_REASONS[choice.finish_reason] or "end_turn", stop_sequence = json.null,
            usage = { input_tokens = usage.prompt_tokens or 0, output_tokens = usage.completion_tokens or 0 } }
@@ -189,7 +195,7 @@ local function stream_reply(res, s, model)
   local function start(id)
     started = true
     local input = s:usage()
-    return event("message_start", { message = { id = "msg_" .. tostring(id or ""), type = "message",
+    return event("message_start", { message = { id = message_id(id), type = "message",
       role = "assistant", model = model, content = json.empty_array, stop_reason = json.null,
       stop_sequence = json.null, usage = { input_tokens = input, output_tokens = 0 } } })
   end

@@ -353,6 +353,9 @@ budgets { utc_offset = 99 }
       assert.equal(200, res.status, res.body)
       local msg = json.decode(res.body)
       assert.same({ "message", "assistant", "end_turn" }, { msg.type, msg.role, msg.stop_reason }, model)
+      -- An Anthropic upstream's message id is passed on as it is, a chat id prefixed.
+      assert.matches("^msg_", msg.id)
+      assert.is_nil(msg.id:find("^msg_msg_"), msg.id)
       assert.same({ { type = "text", text = "Hello from the fake." } }, msg.content)
       assert.truthy(msg.usage.input_tokens > 0 and msg.usage.output_tokens > 0, model)
       assert.equal("ant", team)
