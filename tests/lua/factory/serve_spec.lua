@@ -655,14 +655,22 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     assert.truthy(verified, why)
   end)
 
-  it("serves the official openai npm SDK: chat, stream, tool call, for both upstream formats", function()
+  -- tests/npm with the official SDKs installed (npm ci, once), and the environment
+  -- node runs them in.
+  local function sdks()
     local npm_dir = TESTS .. "npm"
     local env = { PATH = os.getenv("PATH"), HOME = os.getenv("HOME") }
-    if not io.open(npm_dir .. "/node_modules/openai/package.json") then
+    if not (io.open(npm_dir .. "/node_modules/openai/package.json")
+            and io.open(npm_dir .. "/node_modules/@anthropic-ai/sdk/package.json")) then
       local r = assert(proc.run{ argv = { "npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund" }, cwd = npm_dir,
                                  env = env, timeout = 120 })
       assert.equal(0, r.code, "npm ci failed: " .. r.stderr)
     end
+    return npm_dir, env
+  end
+
+  it("serves the official openai npm SDK: chat, stream, tool call, for both upstream formats", function()
+    local npm_dir, env = sdks()
     start()
     for _, model in ipairs({ "factory/coder", "factory/claude" }) do
       fake:script{ {}, {}, { tool_calls = { { id = "call_w1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
@@ -688,13 +696,7 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
 
   it("serves the official openai npm SDK's Responses API (Codex's): response, stream, function call, both upstreams",
     function()
-    local npm_dir = TESTS .. "npm"
-    local env = { PATH = os.getenv("PATH"), HOME = os.getenv("HOME") }
-    if not io.open(npm_dir .. "/node_modules/openai/package.json") then
-      local r = assert(proc.run{ argv = { "npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund" }, cwd = npm_dir,
-                                 env = env, timeout = 120 })
-      assert.equal(0, r.code, "npm ci failed: " .. r.stderr)
-    end
+    local npm_dir, env = sdks()
     start()
     for _, model in ipairs({ "factory/coder", "factory/claude" }) do
       fake:script{ {}, {}, { tool_calls = { { id = "call_w1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
@@ -728,13 +730,7 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
   end, { timeout = 180 })
 
   it("serves the official Anthropic npm SDK on /v1/messages: message, stream, tool call, both upstreams", function()
-    local npm_dir = TESTS .. "npm"
-    local env = { PATH = os.getenv("PATH"), HOME = os.getenv("HOME") }
-    if not io.open(npm_dir .. "/node_modules/@anthropic-ai/sdk/package.json") then
-      local r = assert(proc.run{ argv = { "npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund" }, cwd = npm_dir,
-                                 env = env, timeout = 120 })
-      assert.equal(0, r.code, "npm ci failed: " .. r.stderr)
-    end
+    local npm_dir, env = sdks()
     start([[keys { ["sk-ant-team"] = { team = "ant" } }]])
     for _, model in ipairs({ "factory/coder", "factory/claude" }) do
       fake:script{ {}, {}, { tool_calls = { { id = "call_w1", name = "get_weather", arguments = '{"city":"Paris"}' } } },
