@@ -501,7 +501,7 @@ local function change_text(result)
   local ds = type(ws.diff_stats) == "table" and ws.diff_stats or {}
   return ("\n\n### The change: branch %s, commit %s, %d file(s) +%d -%d\n```diff\n%s\n```"):format(
     tostring(ws.branch or "(deleted)"), ws.commit:sub(1, 10), ds.files or 0, ds.insertions or 0, ds.deletions or 0,
-    (type(ws.diff) == "string" and ws.diff or "(not recorded)"):gsub("\n$", ""))
+    ((type(ws.diff) == "string" and ws.diff or "(not recorded)"):gsub("\n$", "")))
 end
 
 local function inputs_of(run, st, pipe)

@@ -26,8 +26,8 @@
 --        run in the agent's environment)
 --   result: the agent's TaskResult with result.workspace = { branch, base, commit,
 --   diff_stats = { files, insertions, deletions, per_file }, diff = the patch (its first
---   32 KiB) }; the later stages of the run read the patch with the artifact; when the agent changed
---   nothing there is no commit, and no branch either (it is deleted); a git failure gives a
+--   32 KiB) }; the later stages of the run read the patch with the artifact; when the
+--   agent changed nothing there is no commit, and no branch either (it is deleted); a git failure gives a
 --   BLOCKED result that names it. Never raises for the repository's or the agent's
 --   trouble.
 --
@@ -127,8 +127,8 @@ end
 -- commit } while its branch still holds the commit, or the stage and why not.
 local function earlier_change(o, r)
   if not o.db then return nil end
-  local rows = o.db:query("SELECT stage, result FROM stage_results WHERE run_id = ? AND stage <> ? AND status = 'COMPLETE'"
-    .. " ORDER BY id DESC", { o.run_id, o.stage.name }) or {}
+  local rows = o.db:query("SELECT stage, result FROM stage_results WHERE run_id = ? AND stage <> ?"
+    .. " AND status = 'COMPLETE' ORDER BY id DESC", { o.run_id, o.stage.name }) or {}
   for _, row in ipairs(rows) do
     local ws = type(row.result) == "table" and row.result.workspace
     if type(ws) == "table" and type(ws.commit) == "string" then

@@ -298,12 +298,14 @@ end
 -- "{model}" is the operative's model and "{proxy}" the model proxy's root URL; an
 -- argument naming one that is not there is left out with the option before it
 -- ("--model", "-c"), and the agent keeps its own default.
+local PLACEHOLDERS = { model = true, proxy = true }
+
 local function argv_of(command, prompt, values)
   local argv, used = {}, false
   for _, a in ipairs(command) do
     local missing = false
     a = a:gsub("{(%a+)}", function(name)
-      if name == "prompt" then return nil end
+      if not PLACEHOLDERS[name] then return nil end
       if values[name] == nil then missing = true return nil end
       return values[name]
     end)

@@ -274,13 +274,14 @@ describe("cli agent", function()
       local result = cli.run{ root = dir, objective = "One thing", model = model, proxy_url = proxy,
                               command = { "sh", "-c", 'printf "%s|" "$@" > argv.txt; sed -i "s/- \\[ \\]/- [x]/" SPEC.md',
                                           "agent", "--model", "{model}", "--name={model}", "-c", "url={proxy}/v1",
-                                          "{prompt}" } }
+                                          "--keep", "{other}", "{prompt}" } }
       assert.equal("COMPLETE", result.status, result.reasoning)
       return (assert(fs.read(dir .. "/argv.txt")):gsub("You are one iteration.*", "PROMPT|"))
     end
-    assert.equal("--model|factory/coder|--name=factory/coder|-c|url=http://127.0.0.1:9/v1|PROMPT|",
+    assert.equal("--model|factory/coder|--name=factory/coder|-c|url=http://127.0.0.1:9/v1|--keep|{other}|PROMPT|",
       argv("factory/coder", "http://127.0.0.1:9/v1/"))
-    assert.equal("PROMPT|", argv(nil, nil))
+    -- Braces naming no placeholder are the command's own.
+    assert.equal("--keep|{other}|PROMPT|", argv(nil, nil))
     -- Claude Code refuses bypassPermissions to root (CI machines, containers).
     local claude = table.concat(cli.PRESETS.claude.command, " ")
     assert.contains("--permission-mode acceptEdits --allowedTools Bash Edit Write Read Glob Grep", claude)
