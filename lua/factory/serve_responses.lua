@@ -31,9 +31,14 @@ local time = require "factory.core.time"
 
 local M = {}
 
-local function send_error(res, status, message, param)
-  return res:json(status, { error = { message = message, type = status < 500 and "invalid_request_error"
-    or "server_error", param = param or json.null, code = json.null } })
+-- As the proxy's chat endpoint answers a router error: a spent budget is OpenAI's
+-- insufficient_quota, an unknown alias its model_not_found.
+local TYPES = { EBUDGET = "insufficient_quota" }
+local CODES = { EBUDGET = "budget_exhausted", EALIAS = "model_not_found", ETIMEDOUT = "timeout" }
+
+local function send_error(res, status, message, param, code)
+  return res:json(status, { error = { message = message, type = TYPES[code] or (status < 500 and "invalid_request_error"
+    or "server_error"), param = param or json.null, code = CODES[code] or (code and code:lower()) or json.null } })
 end
 
 local TEXT_PARTS = { input_text = true, output_text = true, text = true, refusal = true }
@@ -373,7 +378,7 @@ function M.handle(req, res, opts)
   local out, cerr, code = router.chat(request, { team = opts.team, run = opts.run })
   if not out then
     local upstream = code == "EUPSTREAM" and tonumber(tostring(cerr):match("HTTP (4%d%d):"))
-    return send_error(res, upstream or STATUS[code] or 502, (tostring(cerr):gsub("^E%u+: ", "")))
+    return send_error(res, upstream or STATUS[code] or 502, (tostring(cerr):gsub("^E%u+: ", "")), nil, code)
   end
   if request.stream then return stream_reply(res, out, request.model, custom) end
   return res:json(200, M.from_openai(out, request.model, custom))

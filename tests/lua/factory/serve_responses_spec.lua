@@ -111,6 +111,19 @@ describe("the Responses endpoint", function()
     assert.contains("the request body is not valid JSON", json.decode(res.body).error.message)
     res = post({ model = "no-such-alias", input = "hi" })
     assert.equal(404, res.status)
+    assert.equal("model_not_found", json.decode(res.body).error.code)
+    assert.equal(0, fake:count())
+  end)
+
+  it("answers a spent budget as OpenAI's insufficient_quota, as the chat endpoint does", function()
+    local cfg = fake:router_config{ ["factory/coder"] = "gpt-test" }
+    cfg.budgets = { teams = { backend_engineering = { tokens_per_day = 10 } } }
+    assert(router.configure(cfg))
+    local res = post({ model = "factory/coder", input = "a question longer than ten tokens, surely" })
+    assert.equal(402, res.status)
+    local err = json.decode(res.body).error
+    assert.same({ "insufficient_quota", "budget_exhausted" }, { err.type, err.code })
+    assert.contains("budget exhausted: team backend_engineering", err.message)
     assert.equal(0, fake:count())
   end)
 
