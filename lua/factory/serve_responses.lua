@@ -21,7 +21,9 @@
 -- (this proxy keeps no responses: send the conversation, as store = false clients
 -- do), an input item or content part it cannot pass on (a file).
 --
---   responses.handle(req, res, opts)   opts: { team =, run = } (the proxy's choice)
+--   responses.handle(req, res, opts)   opts: { team =, run = } (the proxy's choice),
+--       router_error = fn(res, err, code): the answer to a call the router refused (the
+--       proxy's, shared with its chat endpoint)
 --   responses.to_openai(request) -> chat request table, custom tool names | nil, message
 --   responses.from_openai(chat response, model, custom) -> Responses response table
 -- Errors have OpenAI's shape: {"error":{"message":...,"type":...,"param":...,"code":...}}.
@@ -31,14 +33,9 @@ local time = require "factory.core.time"
 
 local M = {}
 
--- As the proxy's chat endpoint answers a router error: a spent budget is OpenAI's
--- insufficient_quota, an unknown alias its model_not_found.
-local TYPES = { EBUDGET = "insufficient_quota" }
-local CODES = { EBUDGET = "budget_exhausted", EALIAS = "model_not_found", ETIMEDOUT = "timeout" }
-
-local function send_error(res, status, message, param, code)
-  return res:json(status, { error = { message = message, type = TYPES[code] or (status < 500 and "invalid_request_error"
-    or "server_error"), param = param or json.null, code = CODES[code] or (code and code:lower()) or json.null } })
+local function send_error(res, status, message, param)
+  return res:json(status, { error = { message = message, type = "invalid_request_error", param = param or json.null,
+                                      code = json.null } })
 end
 
 local TEXT_PARTS = { input_text = true, output_text = true, text = true, refusal = true }
@@ -368,18 +365,13 @@ local function stream_reply(res, s, model, custom)
   return res:finish()
 end
 
-local STATUS = { EINVAL = 400, EALIAS = 404, EBUDGET = 402, ENOCONFIG = 503, EUNAVAILABLE = 503, ETIMEDOUT = 504 }
-
 function M.handle(req, res, opts)
   local body, derr = json.decode(req.body)
   if not body then return send_error(res, 400, "the request body is not valid JSON: " .. tostring(derr)) end
   local request, custom, param = M.to_openai(body)
   if not request then return send_error(res, 400, custom, param) end
   local out, cerr, code = router.chat(request, { team = opts.team, run = opts.run })
-  if not out then
-    local upstream = code == "EUPSTREAM" and tonumber(tostring(cerr):match("HTTP (4%d%d):"))
-    return send_error(res, upstream or STATUS[code] or 502, (tostring(cerr):gsub("^E%u+: ", "")), nil, code)
-  end
+  if not out then return opts.router_error(res, cerr, code) end
   if request.stream then return stream_reply(res, out, request.model, custom) end
   return res:json(200, M.from_openai(out, request.model, custom))
 end
