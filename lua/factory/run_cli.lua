@@ -601,8 +601,9 @@ local DESCRIBE = {
     if d.iteration then return ("  agent iteration %d (attempt %d)"):format(d.iteration, d.attempt or 1) end
     return ("  agent started (attempt %d)"):format(d.attempt or 1)
   end,
-  agent_usage = function(d) return ("    agent usage: %d+%d tok, $%.4f"):format(d.input_tokens or 0,
-    d.output_tokens or 0, d.cost_usd or 0) end,
+  agent_usage = function(d) return ("    agent usage: %d+%d tok, $%.4f%s"):format(d.input_tokens or 0,
+    d.output_tokens or 0, d.cost_usd or 0, d.estimate and " by the agent's own estimate (the proxy's records above"
+      .. " are what was charged)" or "") end,
   agent_context_fitted = function(d) return ("    context fitted to the window: %d earlier tool message(s) left out,"
     .. " %d bytes sent"):format(d.messages or 0, d.bytes or 0) end,
   agent_killed = function(d) return ("  agent killed in iteration %d: %s"):format(d.iteration, d.reason) end,

@@ -403,8 +403,10 @@ local function iterate(ctx, n)
   end
   it.input_tokens, it.output_tokens = final_usage.input_tokens, final_usage.output_tokens
   if it.input_tokens + it.output_tokens > 0 or it.cost_usd > 0 then
+    -- Through the proxy the calls are charged and recorded there at the configured
+    -- prices; the agent's own figure is its estimate, and is said to be one.
     emit("agent_usage", { iteration = n, input_tokens = it.input_tokens, output_tokens = it.output_tokens,
-                          cost_usd = it.cost_usd })
+                          cost_usd = it.cost_usd, estimate = ctx.proxy ~= nil or nil })
   end
   if not it.error and not it.killed and it.code ~= 0 then
     it.error = it.signal and ("the agent died of signal " .. it.signal) or ("the agent exited with code " .. tostring(it.code))

@@ -50,6 +50,7 @@ describe("factory runs", function()
       { "workspace_started", { branch = "factory-run1-build-1", stage = "build" } },
       { "tool_call", { name = "edit_file", ok = true, stage = "build" } },
       { "agent_context_fitted", { messages = 3, bytes = 98000, iteration = 7 } },
+      { "agent_usage", { iteration = 1, input_tokens = 6588, output_tokens = 10, cost_usd = 0.0359, estimate = true } },
       { "workspace_started", { branch = "factory-run1-ui-1", stage = "ui",
                                from = { stage = "build", branch = "factory-run1-build-1", commit = "89ff632bec00aa" } } },
       { "workspace_started", { branch = "factory-run1-ui-2", stage = "ui",
@@ -73,6 +74,8 @@ describe("factory runs", function()
                             "objective: backend_engineering/implementer, attempt 1", "agent started (attempt 1)",
                             "worktree and branch factory-run1-build-1", "tool edit_file ok",
                             "context fitted to the window: 3 earlier tool message(s) left out, 98000 bytes sent",
+                            "agent usage: 6588+10 tok, $0.0359 by the agent's own estimate (the proxy's records above are"
+                              .. " what was charged)",
                             "worktree and branch factory-run1-ui-1 from stage build's commit 89ff632bec\n",
                             "worktree and branch factory-run1-ui-2 from the repository's HEAD: branch"
                               .. " factory-run1-build-1 of stage build no longer holds that stage's commit",

@@ -232,12 +232,14 @@ describe("cli agent", function()
   end)
 
   it("the agent gets the proxy and the team's virtual key, never the parent's keys", function()
+    local usage
     local saved_key, saved_other = env.get("OPENAI_API_KEY"), env.get("FACTORY_TEST_SECRET")
     env.set("OPENAI_API_KEY", "sk-parent-provider-key")
     env.set("FACTORY_TEST_SECRET", "hush")
     local result = cli.run{ root = dir, objective = "One thing", command = { "sh", FAKE, "work", state },
                             format = "claude", proxy_url = "http://127.0.0.1:8420/", virtual_key = "vk-backend-123",
-                            run = 42, model = "factory/coder", env = { EXTRA = "yes" } }
+                            run = 42, model = "factory/coder", env = { EXTRA = "yes" },
+                            emit = function(kind, data) if kind == "agent_usage" then usage = data end end }
     env.set("OPENAI_API_KEY", saved_key)
     env.set("FACTORY_TEST_SECRET", saved_other)
     assert.equal("COMPLETE", result.status, result.reasoning)
@@ -251,6 +253,8 @@ describe("cli agent", function()
     assert.equal("vk-backend-123", e.OPENAI_API_KEY)
     assert.equal("vk-backend-123", e.ANTHROPIC_API_KEY)
     assert.equal("X-Factory-Run: 42", e.ANTHROPIC_CUSTOM_HEADERS)
+    -- What it reports it spent is its own estimate: the proxy charges the calls.
+    assert.equal(true, usage.estimate)
     -- Whatever model the agent picks (its main one, a haiku for small tasks, a
     -- subagent's) is the operative's alias, which the proxy knows.
     for _, name in ipairs({ "ANTHROPIC_MODEL", "ANTHROPIC_DEFAULT_OPUS_MODEL", "ANTHROPIC_DEFAULT_SONNET_MODEL",
