@@ -16,7 +16,8 @@
 --        learnings = { text, ... }: earlier learnings, listed in SPEC.md,
 --        max_iterations = n (default 10; a killed iteration's retry is not one more),
 --        stuck_idle = n (default 3: iterations in a row that check no box -> BLOCKED),
---        heartbeat_timeout = SECONDS (default 300): any output line is a heartbeat;
+--        heartbeat_timeout = SECONDS (default 900: longer than the 10 minutes Claude
+--          Code lets one command run, printing nothing meanwhile): any output line is a heartbeat;
 --          none for that long and the process group is killed and the iteration retried,
 --        iteration_timeout = SECONDS (default 3600): the same for one iteration's age,
 --        kill_grace = SECONDS (default 5): SIGTERM, then SIGKILL that much later,
@@ -100,6 +101,9 @@ Append what is worth remembering for later work on this repository, one line eac
 and stop. Do not commit, and do not put SPEC.md or .ai/ in any commit.]]
 
 local SPEC, LEARNINGS, STUCK = "SPEC.md", ".ai/new-learnings.md", ".ai/stuck.md"
+-- An agent prints nothing while one of its commands runs (a test suite), and Claude
+-- Code lets a command run 10 minutes; a hung agent only costs this much wall time.
+local DEFAULT_HEARTBEAT_S = 900
 local DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 local function first_line(text)
@@ -460,7 +464,7 @@ function M.run(o)
     proxy = o.proxy_url and (o.proxy_url:gsub("/+$", ""):gsub("/v1$", "")),
     emit = user_emit,
     prompt = (o.prompt or M.PROMPT) .. "\n\nThe objective, in short: " .. first_line(o.objective),
-    heartbeat_timeout = o.heartbeat_timeout or 300, iteration_timeout = o.iteration_timeout or 3600,
+    heartbeat_timeout = o.heartbeat_timeout or DEFAULT_HEARTBEAT_S, iteration_timeout = o.iteration_timeout or 3600,
     kill_grace = o.kill_grace or 5,
   }
   local max_iter, max_retries, stuck_idle = o.max_iterations or 10, o.max_retries or 2, o.stuck_idle or 3
