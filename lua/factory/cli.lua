@@ -176,8 +176,9 @@ local function cmd_check(argv)
   local bad = no_extra("check", argv, 1)
   if bad then return bad end
   local defs = require "factory.defs"
-  local problems = defs.check(argv[2] or ".")
+  local problems, warnings = defs.check(argv[2] or ".")
   for _, p in ipairs(problems) do io.stderr:write(p, "\n") end
+  for _, w in ipairs(warnings or {}) do io.stderr:write("warning: ", w, "\n") end
   if #problems > 0 then return 1 end
   io.stdout:write("check: ok\n")
   return 0

@@ -11,7 +11,8 @@
 --                          name =, file =, version =, problem = }
 --     reg:watch([opts]) -> handle with :stop()  (opts go to fs.watch: debounce);
 --                          changes are logged: "reloaded" (info), rejections (warn)
---   defs.check(dir) -> problems of a project directory (teams, pipelines, factory.lua)
+--   defs.check(dir) -> problems of a project directory (teams, pipelines, factory.lua),
+--       warnings (valid, but failing on this machine: a CLI agent not installed)
 -- A problem is "file:line: message". The name of a definition is its file name
 -- without the extension (pipelines/feature.lua defines "feature").
 --
@@ -315,6 +316,25 @@ end
 -- factory check: every teams/*.lua and pipelines/*.lua must load and validate with
 -- the real DSL (factory.dsl), against the model aliases factory.lua configures (the
 -- canonical factory/* ones without a factory.lua); factory.lua must load.
+-- What is valid but would fail on this machine: a CLI agent whose program is not
+-- installed (where the agent would look for it), found before a batch is started.
+local function missing_agents(dir, project)
+  local cli, proc = require "factory.agents.cli", require "factory.proc"
+  local out = {}
+  for _, name in ipairs(project.teams:names()) do
+    for _, op in ipairs(project.teams:get(name).operatives) do
+      if type(op.agent) == "table" then
+        local program, path = cli.program(op.agent)
+        if program and not proc.which(program, path) then
+          out[#out + 1] = ("%s: operative %s's agent runs %s, which is not installed here (not found in PATH %s)")
+            :format(join(dir, "teams/" .. name .. ".lua"), op.name, program, path)
+        end
+      end
+    end
+  end
+  return out
+end
+
 function M.check(dir)
   dir = dir:gsub("(.)/+$", "%1")
   local st = fs.stat(dir, true)
@@ -337,7 +357,7 @@ function M.check(dir)
   local project = dsl.project(dir, { aliases = aliases })
   local found = project:load()
   for i, p in ipairs(found) do table.insert(problems, i, p) end
-  return problems
+  return problems, missing_agents(dir, project)
 end
 
 return M

@@ -311,6 +311,28 @@ describe("defs.check", function()
     }, defs.check(p))
   end)
 
+  it("warns of a CLI agent that is not installed here: valid, but a run of its stage would fail", function()
+    assert(fs.mkdir_p(dir .. "/teams"))
+    write("teams/backend_engineering.lua", [[
+return team "backend_engineering" {
+  description = "Builds the server side.",
+  model = "factory/coder",
+  operative "implementer" {
+    prompt = [=[Implement the change.]=],
+    agent = { cli = "custom", command = { "factory-test-no-such-agent", "{prompt}" }, env = { PATH = "/nowhere" } },
+  },
+}]])
+    local problems, warnings = defs.check(dir)
+    assert.same({}, problems)
+    assert.same({ dir .. "/teams/backend_engineering.lua: operative implementer's agent runs factory-test-no-such-agent,"
+      .. " which is not installed here (not found in PATH /nowhere)" }, warnings)
+    local p = io.popen(("%s check %s 2>&1; echo \"exit=$?\""):format(host.exe, dir))
+    local out = p:read("*a")
+    p:close()
+    assert.contains("warning: " .. warnings[1] .. "\n", out)
+    assert.contains("check: ok\nexit=0\n", out)
+  end)
+
   it("accepts a project without definition directories; a missing one is a problem", function()
     assert.same({}, defs.check(dir))
     assert.same({ dir .. "/nope: no such directory" }, defs.check(dir .. "/nope"))
