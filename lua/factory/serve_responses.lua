@@ -164,6 +164,9 @@ local function response_format(text)
   end
 end
 
+-- A number a client set; null (what some clients send for "unset") is left out.
+local function number(v) return type(v) == "number" and v or nil end
+
 function M.to_openai(r)
   if type(r) ~= "table" then return nil, "the request must be a JSON object" end
   if type(r.model) ~= "string" or r.model == "" then return nil, "model: a model name is required", "model" end
@@ -185,8 +188,8 @@ function M.to_openai(r)
   else
     return nil, "input: a string or a list of items is required", "input"
   end
-  local out = { model = r.model, messages = msgs, max_tokens = r.max_output_tokens, temperature = r.temperature,
-                top_p = r.top_p, response_format = response_format(r.text) }
+  local out = { model = r.model, messages = msgs, max_tokens = number(r.max_output_tokens),
+                temperature = number(r.temperature), top_p = number(r.top_p), response_format = response_format(r.text) }
   local tools, custom = tools_of(r.tools)
   if #tools > 0 then
     out.tools, out.tool_choice = tools, tool_choice(r.tool_choice)

@@ -48,6 +48,7 @@ describe("the Responses endpoint", function()
     local chat, custom = assert(responses.to_openai{
       model = "factory/coder", instructions = "You are Codex.", stream = true, store = false,
       reasoning = { summary = "auto" }, include = { "reasoning.encrypted_content" }, max_output_tokens = 900,
+      temperature = json.null,
       input = {
         { type = "message", role = "developer", content = { { type = "input_text", text = "Sandbox: workspace-write" } } },
         { type = "message", role = "user", content = { { type = "input_text", text = "Fix the bug" },
@@ -71,6 +72,7 @@ describe("the Responses endpoint", function()
     })
     assert.same({ apply_patch = true }, custom)
     assert.equal(900, chat.max_tokens)
+    assert.is_nil(chat.temperature, "a null is left out, not sent upstream")
     assert.same({ include_usage = true }, chat.stream_options)
     local roles = {}
     for i, m in ipairs(chat.messages) do roles[i] = m.role end
