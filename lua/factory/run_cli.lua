@@ -277,10 +277,17 @@ local function summary(d, run_id, started)
     wide_stage = math.max(wide_stage, #name)
     wide_who = math.max(wide_who, #last[name].team + 1 + #last[name].operative)
   end
+  local changed = {}
   for _, name in ipairs(order) do
     local s = last[name]
+    local change = change_of(s.result)
+    if change:find("^  branch") then changed[#changed + 1] = s.result.workspace.branch end
     print(("  %-" .. wide_stage .. "s %-" .. wide_who .. "s %-20s attempts %d%s"):format(name,
-      s.team .. "/" .. s.operative, s.status, s.attempt, change_of(s.result)))
+      s.team .. "/" .. s.operative, s.status, s.attempt, change))
+  end
+  -- Each build stage starts from the one before it: the last branch holds them all.
+  if #changed > 1 then
+    print(("the run's whole change (%d build stages) is on branch %s"):format(#changed, changed[#changed]))
   end
   if run.error then print("  error: " .. run.error) end
   if run.state == "stopped" then

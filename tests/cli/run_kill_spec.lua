@@ -306,6 +306,29 @@ describe("factory run with a build stage", function()
   end, { timeout = 30 })
 end)
 
+describe("factory run's summary of a run with several build stages", function()
+  it("names the branch that holds the whole change", function()
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert(store:migrate())
+    local item = assert(store:exec("INSERT INTO work_items (source, title, state, created_at, updated_at)"
+      .. " VALUES ('cli', 'Tags', 'accepted', 0, 0) RETURNING id")).last_id
+    local run = assert(store:exec("INSERT INTO runs (work_item_id, pipeline, state, stage_index, data, created_at,"
+      .. " updated_at) VALUES (?, 'feature', 'succeeded', 2, ?, 0, 0) RETURNING id",
+      { item, { anchor = "Tags", stages = { "backend", "frontend" } } })).last_id
+    for i, stage in ipairs({ "backend", "frontend" }) do
+      assert(store:exec("INSERT INTO stage_results (run_id, stage, attempt, team, operative, status, result, created_at)"
+        .. " VALUES (?, ?, 1, 'backend_engineering', 'implementer', 'COMPLETE', ?, 0)", { run, stage,
+        { status = "COMPLETE", artifact = "x", workspace = { branch = ("factory-run%d-%s-1"):format(run, stage),
+          commit = string.rep(tostring(i), 40),
+          diff_stats = { files = 1, insertions = 1, deletions = 0 } } } }))
+    end
+    store:close()
+    local status, out = finish(factory{ "resume", tostring(run) })
+    assert.equal(0, status.code, out)
+    assert.contains(("the run's whole change (2 build stages) is on branch factory-run%d-frontend-1\n"):format(run), out)
+  end, { timeout = 30 })
+end)
+
 describe("factory run while factory.lua changes", function()
   -- Lines of p's output until one matches pattern (nil after 10 s or at its end).
   local function read_until(p, pattern, seen)
