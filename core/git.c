@@ -376,6 +376,67 @@ static int wt_clean_quick(git_repository *wr) {
     return clean;
 }
 
+/* libgit2 1.5 says a branch is checked out when a worktree it has just listed is
+ * gone before it looks it up: its loop over the worktrees takes the failed lookup
+ * for the answer "yes" (`error = lookup(...) < 0`). Several `factory run`s on one
+ * repository add and remove worktrees all the time, so about one in six of their
+ * worktree_add and branch_delete calls failed so. Here a worktree that cannot be
+ * looked up, or whose HEAD cannot be read, is one going away or still being made:
+ * it holds no branch. */
+enum { CHECKOUT_RACE_TRIES = 20 };
+
+static int head_is(git_repository *r, const char *refname) {
+    git_reference *head = NULL;
+    int is = git_reference_lookup(&head, r, "HEAD") == 0 && git_reference_type(head) == GIT_REFERENCE_SYMBOLIC &&
+             strcmp(git_reference_symbolic_target(head), refname) == 0;
+    git_reference_free(head);
+    return is;
+}
+
+static int checked_out(git_repository *repo, const git_reference *ref) {
+    const char *refname = git_reference_name(ref);
+    git_repository *main = NULL;
+    int found = 0;
+    if (!git_repository_is_bare(repo) || git_repository_is_worktree(repo)) {
+        if (git_repository_open(&main, git_repository_commondir(repo)) == 0) {
+            found = !git_repository_is_bare(main) && head_is(main, refname);
+            git_repository_free(main);
+        }
+    }
+    git_strarray names = {0};
+    if (!found && git_worktree_list(&names, repo) == 0) {
+        for (size_t i = 0; i < names.count && !found; i++) {
+            git_worktree *wt = NULL;
+            git_repository *wr = NULL;
+            if (git_worktree_lookup(&wt, repo, names.strings[i]) == 0 &&
+                git_repository_open_from_worktree(&wr, wt) == 0)
+                found = head_is(wr, refname);
+            git_repository_free(wr);
+            git_worktree_free(wt);
+        }
+        git_strarray_dispose(&names);
+    }
+    git_error_clear();
+    return found;
+}
+
+/* Whether libgit2's last error is its claim that a branch is checked out. */
+static int said_checked_out(void) {
+    const git_error *e = git_error_last();
+    return e && e->message && (strstr(e->message, "checked out") || strstr(e->message, "HEAD of a linked repository"));
+}
+
+/* Whether libgit2's last error is a mkdir that found the directory made meanwhile. */
+static int said_dir_exists(void) {
+    const git_error *e = git_error_last();
+    return e && e->message && strstr(e->message, "failed to make directory") && strstr(e->message, "directory exists");
+}
+
+static void race_pause(void) {
+    struct timespec ts = {0, 2 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+}
+
 static int gj_wt_add(git_job *j, git_repository *repo) {
     const char *name = j->s1, *path = j->s2, *base = j->s3 ? j->s3 : "HEAD";
     git_worktree *wt = NULL;
@@ -397,6 +458,17 @@ static int gj_wt_add(git_job *j, git_repository *repo) {
     o.checkout_options.disable_filters = !filtered;
     mkdir_parents(path);
     rc = git_worktree_add(&wt, repo, name, path, &o);
+    /* The branch was made just now under a name no one else has: "already checked
+     * out" can only be libgit2 tripping over another process's worktree (see
+     * checked_out), and it refuses before it has made anything. Nor is a directory
+     * that exists where libgit2 was making it (.git/worktrees, made by another
+     * process at the same moment) a reason to give up. */
+    for (int tries = 0; rc < 0 && tries < CHECKOUT_RACE_TRIES &&
+                        ((said_checked_out() && !checked_out(repo, branch)) || said_dir_exists());
+         tries++) {
+        race_pause();
+        rc = git_worktree_add(&wt, repo, name, path, &o);
+    }
     if (rc < 0) {
         gj_fail(j, rc, name);
         git_branch_delete(branch); /* leave nothing behind */
@@ -414,11 +486,16 @@ static int gj_branch_delete(git_job *j, git_repository *repo) {
     int rc = git_branch_lookup(&ref, repo, j->s1, GIT_BRANCH_LOCAL);
     if (rc == GIT_ENOTFOUND) return gj_failf(j, "ENOTFOUND", "no branch named '%s'", j->s1);
     if (rc < 0) return gj_fail(j, rc, j->s1);
-    if (git_branch_is_checked_out(ref) > 0) {
+    if (checked_out(repo, ref)) {
         git_reference_free(ref);
         return gj_failf(j, "ELOCKED", "branch '%s' is checked out", j->s1);
     }
     rc = git_branch_delete(ref);
+    for (int tries = 0; rc < 0 && tries < CHECKOUT_RACE_TRIES && said_checked_out() && !checked_out(repo, ref);
+         tries++) {
+        race_pause();
+        rc = git_branch_delete(ref);
+    }
     git_reference_free(ref);
     return rc < 0 ? gj_fail(j, rc, j->s1) : 0;
 }

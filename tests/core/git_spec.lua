@@ -430,4 +430,29 @@ describe("git from many fibers", function()
     assert.equal("", cli(dir, "status", "--porcelain"))
     repo:close()
   end)
+
+  -- As several `factory run`s on one repository do: libgit2 itself took a worktree
+  -- that another removed meanwhile for one that has the branch checked out.
+  it("adds and removes worktrees and deletes their branches from many handles at once", function()
+    local repo, dir = new_repo()
+    local failures, fibers = {}, {}
+    for f = 1, 4 do
+      fibers[f] = fiber.spawn(function()
+        local own = assert(git.open(dir))
+        for i = 1, 25 do
+          local name = ("h%d-%d"):format(f, i)
+          local ok, err = own:worktree_add(name, root .. "/wt/" .. name)
+          if ok then ok, err = own:worktree_remove(name) end
+          if ok then ok, err = own:branch_delete(name) end
+          if not ok then failures[#failures + 1] = err end
+        end
+        own:close()
+      end)
+    end
+    for _, f in ipairs(fibers) do assert(fiber.join(f)) end
+    assert.same({}, failures)
+    assert.same({}, repo:worktrees())
+    assert.equal("main\n", cli(dir, "branch", "--format=%(refname:short)"))
+    repo:close()
+  end)
 end)
