@@ -3,7 +3,10 @@
  * know from `grep -E`, with no matcher written by hand.
  *
  *   compile(pattern) -> re | nil, message
- *   re:find(text)    -> true | false    (anywhere in text; text may hold any byte)
+ *   re:find(text)    -> true | false    (anywhere in text; text may hold any byte;
+ *                       ^ and $ match at each line's start and end, and . and [^...]
+ *                       never match a newline, so a text matches when one of its
+ *                       lines does, as grep reads it: a whole file is searched once)
  *   re:close()       idempotent; __gc closes too
  *
  * Back-references (\1 ... \9) are refused: the C library may take exponential time
@@ -49,7 +52,7 @@ static int regex_compile(lua_State *L) {
     u->live = 0;
     luaL_getmetatable(L, REGEX_MT);
     lua_setmetatable(L, -2);
-    int rc = regcomp(&u->re, pattern, REG_EXTENDED);
+    int rc = regcomp(&u->re, pattern, REG_EXTENDED | REG_NEWLINE);
     if (rc != 0) {
         char message[256];
         regerror(rc, &u->re, message, sizeof message);

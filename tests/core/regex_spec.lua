@@ -12,6 +12,13 @@ describe("regex", function()
     assert.equal(true, assert(regex.compile("a{2,3}")):find("baaad"))
   end)
 
+  it("reads a text as lines, as grep does: ^ and $ at each line's ends, no match across a newline", function()
+    assert.equal(true, assert(regex.compile("^second line$")):find("first line\nsecond line\nthird"))
+    assert.equal(false, assert(regex.compile("first.line")):find("first\nline"))
+    assert.equal(false, assert(regex.compile("first[^x]line")):find("first\nline"))
+    assert.equal(true, assert(regex.compile("first[^x]line")):find("first line"))
+  end)
+
   it("treats a NUL byte in the text as a byte", function()
     local re = assert(regex.compile("after"))
     assert.equal(true, re:find("before\0after"))

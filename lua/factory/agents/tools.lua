@@ -323,11 +323,18 @@ function Box:grep(pattern, path, fixed)
     if not re then return fail("EINVAL", "grep: bad regular expression '" .. pattern .. "': " .. rerr) end
   end
   local out, bytes, matches, cut = {}, 0, 0, false
-  local function scan(file, name)
-    local st = fs.stat(file)
+  local function scan(file, name, st)
+    st = st or fs.stat(file)
     if not st or st.type ~= "file" or st.size > MAX_GREP_FILE then return end
     local text = fs.read(file)
-    if not text or text:find("%z") then return end
+    if not text or text:find("\0", 1, true) then return end
+    -- Most files hold no match: one search of the whole text (where ^ and $ are a
+    -- line's ends) passes over them without splitting them into lines.
+    if re then
+      if not re:find(text) then return end
+    elseif not text:find(pattern, 1, true) then
+      return
+    end
     local n = 0
     for line in (text .. "\n"):gmatch("([^\n]*)\n") do
       n = n + 1
@@ -356,7 +363,7 @@ function Box:grep(pattern, path, fixed)
         local p, shown_name = dir .. "/" .. n, name == "." and n or name .. "/" .. n
         local est = fs.stat(p)
         if est and (est.type == "directory" or est.type == "file") then
-          entries[#entries + 1] = { p, shown_name, est.type }
+          entries[#entries + 1] = { p, shown_name, est }
           rels[#rels + 1] = shown_name .. (est.type == "directory" and "/" or "")
         end
       end
@@ -365,7 +372,7 @@ function Box:grep(pattern, path, fixed)
     for i, e in ipairs(entries) do
       if cut then return end
       if not ignored[i] then
-        if e[3] == "directory" then walk(e[1], e[2]) else scan(e[1], e[2]) end
+        if e[3].type == "directory" then walk(e[1], e[2]) else scan(e[1], e[2], e[3]) end
       end
     end
   end
