@@ -89,6 +89,10 @@ local function check_providers(t)
     if type(p.base_url) ~= "string" then
       fail(("providers.%s: base_url must be a string (a URL), got a %s"):format(name, type(p.base_url)))
     end
+    if not p.base_url:find("^[Hh][Tt][Tt][Pp][Ss]?://[^/%s]") then
+      fail(("providers.%s: base_url must be an http:// or https:// URL such as \"http://127.0.0.1:11434/v1\", got %q")
+        :format(name, p.base_url))
+    end
     if p.api_key ~= nil and type(p.api_key) ~= "string" then
       fail(("providers.%s: api_key must be a string (env \"VAR\")"):format(name))
     end

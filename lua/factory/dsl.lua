@@ -127,7 +127,9 @@ local function check_model(t, aliases, what)
       if not a:find("^provider:") then known[#known + 1] = a end
     end
     table.sort(known)
-    fail(t, "%s: unknown model alias %s (known: %s)", what, ("%q"):format(tostring(t.model)), table.concat(known, ", "))
+    fail(t, "%s: unknown model alias %s (%s)", what, ("%q"):format(tostring(t.model)), #known == 0
+      and "factory.lua declares no model aliases: add it to its models {}"
+      or "known: " .. table.concat(known, ", ") .. "; or add it to models {} in factory.lua")
   end
 end
 

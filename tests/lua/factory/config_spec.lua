@@ -37,6 +37,10 @@ describe("factory.lua", function()
     none, err = load('providers {\n  mine = { base_url = 8080 },\n}\n')
     assert.equal(nil, none)
     assert.contains("providers.mine: base_url must be a string (a URL), got a number", err)
+    none, err = load('providers {\n  mine = { base_url = "127.0.0.1:11434/v1" },\n}\n')
+    assert.is_nil(none)
+    assert.contains('factory.lua:1: providers.mine: base_url must be an http:// or https:// URL such as '
+      .. '"http://127.0.0.1:11434/v1", got "127.0.0.1:11434/v1"', err)
   end)
 
   it("reports a model chain naming an undeclared provider", function()

@@ -24,7 +24,7 @@ local EXPECTED = {
   { "teams/short_command_timeout.lua", 5, 'operative "worker": command_timeout must be a number 1 or more, got 0' },
   { "teams/syntax_error.lua", 4, "unexpected symbol near '='" },
   { "teams/unknown_alias.lua", 2, 'team "unknown_alias": unknown model alias "factory/genius" (known: '
-    .. "factory/architect, factory/cheap, factory/coder, factory/fast, local/embed)" },
+    .. "factory/architect, factory/cheap, factory/coder, factory/fast, local/embed; or add it to models {} in factory.lua)" },
   { "teams/unknown_tool.lua", 5, 'operative "worker": unknown tool "teleport"' },
   { "teams/wrong_dsl.lua", 2, "undefined global 'stage'" },
   { "pipelines/bad_limits.lua", 2, "pipeline \"bad_limits\": unknown limit 'max_retries'" },
@@ -55,8 +55,12 @@ describe("factory check", function()
   it("checks model aliases against factory.lua when there is one", function()
     local p = dsl.project(ROOT, { aliases = dsl.aliases_of{ providers = { ollama = {} }, models = { ["factory/fast"] = {} } } })
     local problems = p:load()
-    assert.matches('teams/api_design%.lua:1: team "api_design": unknown model alias "factory/architect" %(known: factory/fast%)$',
+    assert.matches('teams/api_design%.lua:1: team "api_design": unknown model alias "factory/architect" %(known: factory/fast; or add it to models {} in factory.lua%)$',
                    problems[1])
+    p = dsl.project(ROOT, { aliases = dsl.aliases_of{ providers = { ollama = {} }, models = {} } })
+    problems = p:load()
+    assert.matches('teams/api_design%.lua:1: team "api_design": unknown model alias "factory/architect" '
+      .. '%(factory%.lua declares no model aliases: add it to its models {}%)$', problems[1])
   end)
 
   it("runs as `factory check` and exits 1 on problems", function()
