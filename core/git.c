@@ -27,6 +27,7 @@
 #include <string.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -426,15 +427,48 @@ static int said_checked_out(void) {
     return e && e->message && (strstr(e->message, "checked out") || strstr(e->message, "HEAD of a linked repository"));
 }
 
-/* Whether libgit2's last error is a mkdir that found the directory made meanwhile. */
+/* Whether libgit2's last error is its mkdir of .git/worktrees finding it made meanwhile. */
 static int said_dir_exists(void) {
     const git_error *e = git_error_last();
-    return e && e->message && strstr(e->message, "failed to make directory") && strstr(e->message, "directory exists");
+    return e && e->message && strstr(e->message, "failed to make directory") &&
+           strstr(e->message, "/worktrees': directory exists");
 }
 
 static void race_pause(void) {
     struct timespec ts = {0, 2 * 1000 * 1000};
     nanosleep(&ts, NULL);
+}
+
+static int rm_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+    return type == FTW_DP ? rmdir(path) : unlink(path);
+}
+
+/* A worktree whose making was cut short (its process killed) can leave its
+ * administrative directory, .git/worktrees/NAME, without the files libgit2 needs to
+ * open it: libgit2 neither lists it nor removes it, and refuses to make NAME again.
+ * Called only once lookup has failed, so it holds no worktree anyone can use. */
+static void remove_unopenable_admin(git_repository *repo, const char *name) {
+    char admin[4096];
+    struct stat st;
+    if (snprintf(admin, sizeof admin, "%sworktrees/%s", git_repository_commondir(repo), name) >= (int)sizeof admin ||
+        strchr(name, '/') || lstat(admin, &st) != 0 || !S_ISDIR(st.st_mode))
+        return;
+    nftw(admin, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* The same for the lock a cut-short attempt held on the branch it was making: a
+ * branch that does not exist is locked only by someone making it, and worktree_add's
+ * caller owns the name. */
+static void remove_stale_branch_lock(git_repository *repo, const char *name) {
+    git_reference *ref = NULL;
+    if (git_branch_lookup(&ref, repo, name, GIT_BRANCH_LOCAL) == 0) {
+        git_reference_free(ref);
+        return;
+    }
+    git_error_clear();
+    char lock[4096];
+    if (snprintf(lock, sizeof lock, "%srefs/heads/%s.lock", git_repository_commondir(repo), name) < (int)sizeof lock)
+        unlink(lock);
 }
 
 static int gj_wt_add(git_job *j, git_repository *repo) {
@@ -444,6 +478,9 @@ static int gj_wt_add(git_job *j, git_repository *repo) {
         git_worktree_free(wt);
         return gj_failf(j, "EEXISTS", "worktree '%s' already exists", name);
     }
+    git_error_clear();
+    remove_unopenable_admin(repo, name);
+    remove_stale_branch_lock(repo, name);
     git_commit *c = NULL;
     if (gj_resolve_commit(j, repo, base, &c) < 0) return -1;
     git_reference *branch = NULL;
@@ -460,9 +497,8 @@ static int gj_wt_add(git_job *j, git_repository *repo) {
     rc = git_worktree_add(&wt, repo, name, path, &o);
     /* The branch was made just now under a name no one else has: "already checked
      * out" can only be libgit2 tripping over another process's worktree (see
-     * checked_out), and it refuses before it has made anything. Nor is a directory
-     * that exists where libgit2 was making it (.git/worktrees, made by another
-     * process at the same moment) a reason to give up. */
+     * checked_out), and it refuses before it has made anything. Nor is
+     * .git/worktrees, made by another process at the same moment, a reason to give up. */
     for (int tries = 0; rc < 0 && tries < CHECKOUT_RACE_TRIES &&
                         ((said_checked_out() && !checked_out(repo, branch)) || said_dir_exists());
          tries++) {

@@ -16,7 +16,9 @@
 --   repo:head() -> {branch = NAME|nil (detached), oid = HEX|nil (no commit yet)}
 --   repo:worktree_add(name, path, {base = "main"|oid|revspec}) -> true
 --       creates branch `name` at the base's latest commit (default HEAD) and checks
---       it out in a new worktree `name` at path (which must not exist)
+--       it out in a new worktree `name` at path (which must not exist). The name is
+--       the caller's: what an attempt at it that was cut short left behind (git's
+--       administrative directory for it, a lock on the branch) is cleared first.
 --   repo:worktrees() -> {{name, path, locked, prunable}, ...}
 --   repo:worktree_remove(name, {force = false}) -> true
 --       deletes the worktree's directory and its administrative files; the branch

@@ -54,6 +54,15 @@ local function dirname(p)
   return p:match("^(.*)/[^/]*$") or "."
 end
 
+-- Whether a worktree of r is registered at path.
+local function registered(r, path)
+  local real = fs.realpath(path) or path
+  for _, w in ipairs(r:worktrees() or {}) do
+    if (fs.realpath(w.path) or w.path:gsub("/+$", "")) == real then return true end
+  end
+  return false
+end
+
 function M.root(dir)
   local ok, err, code = fs.mkdir_p(dir)
   if not ok then return nil, err, code end
@@ -85,7 +94,14 @@ function M.run(o)
   -- The branch starts at the base's latest commit; its oid is kept for the diff stats.
   local default_path = dirname(r:path()) .. "/.factory-worktrees/" .. o.branch
   local ok, e, c = true, nil, nil
-  if not o.path then ok, e, c = M.root(dirname(default_path)) end
+  if not o.path then
+    ok, e, c = M.root(dirname(default_path))
+    -- An attempt killed while its worktree was being made can leave the directory
+    -- without a worktree registered there: it is Factory's own, and would stop this one.
+    if ok and fs.stat(default_path) and not registered(r, default_path) then
+      ok, e, c = fs.remove(default_path, { recursive = true })
+    end
+  end
   if not ok then return fail(e, c) end
   ok, e, c = r:worktree_add(o.branch, o.path or default_path, { base = o.base })
   if not ok then return fail(e, c) end

@@ -174,6 +174,22 @@ describe("workspace", function()
     assert.equal(true, fs.stat(root .. "/.factory-worktrees").type == "directory")
   end)
 
+  -- What `factory run` killed in the middle of making a worktree leaves behind: the
+  -- checkout's directory, no worktree registered there, and the start of git's own
+  -- administrative directory for it.
+  it("makes its worktree over what an attempt killed while making it left behind", function()
+    local left = root .. "/.factory-worktrees/again"
+    assert(fs.mkdir_p(left .. "/src"))
+    assert(fs.write(left .. "/src/calc.c", "half a checkout"))
+    assert(fs.mkdir_p(repo_dir .. "/.git/worktrees/again"))
+    fake:script{ call("finish", { status = "COMPLETE", reasoning = "nothing to do", artifact = "none" }) }
+    local ws, err = workspace.run{ repo = repo_dir, branch = "again", objective = "Look", model = "coder" }
+    assert(ws, err)
+    assert.equal("COMPLETE", ws.result.status)
+    assert.equal(left, ws.path)
+    assert.is_nil(fs.stat(left), "removed at the end, as any worktree")
+  end)
+
   it("refuses a branch name that is taken", function()
     local ws, err, code = workspace.run{ repo = repo_dir, branch = "main", path = root .. "/wt/m",
                                          objective = "x", model = "coder" }
