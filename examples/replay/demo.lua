@@ -1,7 +1,10 @@
 -- `make demo`: two pipelines end to end, offline. The model is the REPLAY provider
 -- (examples/replay/server.lua): recorded replies, no model runs.
---  1. `feature` over examples/sample-repo: five teams, a clarification between two
---     of them, the summary and the run's timeline.
+--  1. `feature` over a git copy of examples/sample-repo: five teams, a clarification
+--     between two of them, the summary and the run's timeline; the build stage's
+--     coding agent writes the feature and its tests in its own worktree and branch
+--     (its tool calls are replayed, the tools really run), and the repository's tests
+--     pass on that branch.
 --  2. `bugfix` over a git copy of examples/sample-c-repo, whose `make test` fails:
 --     the fix stage's coding agent works in its own worktree and branch (its tool
 --     calls are replayed, the tools really run), the branch holds its commit, and
@@ -11,6 +14,7 @@ local fs = require "factory.core.fs"
 local git = require "factory.git"
 local proc = require "factory.proc"
 local run_cli = require "factory.run_cli"
+local host = require "factory.core.host"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local ROOT = HERE .. "../../"
@@ -25,55 +29,73 @@ assert(fs.mkdir_p(tmp))
 local url = "sqlite:" .. tmp .. "/demo.db"
 local opts = { router = replay.router_config(srv:url()) }
 
-print("== 1. factory run feature --repo examples/sample-repo --file examples/work-items/due-dates.md\n")
-local code = run_cli.main("run", { "feature", "--repo", ROOT .. "examples/sample-repo",
-  "--file", ROOT .. "examples/work-items/due-dates.md", "--project", ROOT, "--db", url }, opts)
-print("\n== the run's timeline: factory runs show 1\n")
-run_cli.main("runs", { "show", "1", "--db", url })
+-- A git repository made from one of the examples: a build stage works in a worktree of it.
+local function git_copy(example, dir, message)
+  local cp = assert(proc.run{ argv = { "cp", "-R", ROOT .. "examples/" .. example, dir }, env = { PATH = PATH } })
+  assert(cp.code == 0, "cp failed")
+  fs.remove(dir .. "/build", { recursive = true })
+  local repo = assert(git.init(dir))
+  assert(repo:add_all())
+  assert(repo:commit(message, { author = { name = "Demo", email = "demo@factory.local" } }))
+  return repo
+end
 
-local function make_test(dir)
-  local res = assert(proc.run{ argv = { "make", "-s", "test" }, cwd = dir, env = { PATH = PATH }, stderr = "stdout",
-                               timeout = 120 })
+-- A repository's tests, run in dir: their exit code and output.
+local function run_tests(argv, dir)
+  local res = assert(proc.run{ argv = argv, cwd = dir, env = { PATH = PATH }, stderr = "stdout", timeout = 120 })
   return res.code, (res.stdout:gsub("%s+$", ""))
 end
 
+-- The branch a build stage left (the newest whose name matches pattern), checked out
+-- in a fresh worktree: its change, and the repository's tests run there and on main.
+-- Returns the exit code of the tests on the branch (1 when there is no branch).
+local function check_branch(repo, dir, pattern, test_argv)
+  local branch
+  for _, b in ipairs(repo:branches()) do
+    if b.name:match(pattern) then branch = b end
+  end
+  if not branch then
+    print("\nno branch was made by the build stage")
+    return 1
+  end
+  local shown = table.concat(test_argv, " "):gsub("^%S*/factory ", "factory ")
+  print(("\n== the agent's branch %s (commit %s), checked out in a fresh worktree"):format(branch.name,
+    branch.oid:sub(1, 10)))
+  local check = dir .. "-check"
+  assert(repo:worktree_add("demo-check", check, { base = branch.name }))
+  local wt = assert(git.open(check))
+  io.stdout:write(assert(wt:diff(repo:head().oid)))
+  wt:close()
+  local rc, out = run_tests(test_argv, check)
+  print(("%s on the branch: exit %d\n%s"):format(shown, rc, out))
+  assert(repo:worktree_remove("demo-check", { force = true }))
+  print(("%s on main (untouched): exit %d"):format(shown, (run_tests(test_argv, dir))))
+  return rc
+end
+
+print("== 1. factory run feature --repo (a git copy of examples/sample-repo) --file examples/work-items/due-dates.md\n")
+local tasks_dir = tmp .. "/tasks"
+local tasks_repo = git_copy("sample-repo", tasks_dir, "sample repository")
+local code = run_cli.main("run", { "feature", "--repo", tasks_dir,
+  "--file", ROOT .. "examples/work-items/due-dates.md", "--project", ROOT, "--db", url }, opts)
+print("\n== the run's timeline: factory runs show 1\n")
+run_cli.main("runs", { "show", "1", "--db", url })
+if code == 0 then
+  code = check_branch(tasks_repo, tasks_dir, "^factory%-run%d+%-build%-", { host.exe, "tests/tasks_test.lua" })
+end
+tasks_repo:close()
+
 print("\n== 2. a failing C repository: a git copy of examples/sample-c-repo")
 local repo_dir = tmp .. "/calc"
-local cp = assert(proc.run{ argv = { "cp", "-R", ROOT .. "examples/sample-c-repo", repo_dir }, env = { PATH = PATH } })
-assert(cp.code == 0, "cp failed")
-fs.remove(repo_dir .. "/build", { recursive = true })
-local repo = assert(git.init(repo_dir))
-assert(repo:add_all())
-assert(repo:commit("sample C repository", { author = { name = "Demo", email = "demo@factory.local" } }))
-local rc, out = make_test(repo_dir)
+local repo = git_copy("sample-c-repo", repo_dir, "sample C repository")
+local rc, out = run_tests({ "make", "-s", "test" }, repo_dir)
 print(("make test on main: exit %d\n%s\n"):format(rc, out))
 fs.remove(repo_dir .. "/build", { recursive = true })
 
 print("== factory run bugfix --repo " .. repo_dir .. " --issue 'calc_sub returns the wrong result'\n")
 local code2 = run_cli.main("run", { "bugfix", "--repo", repo_dir, "--issue",
   "calc_sub returns the wrong result: calc_sub(2, 3) gives 5", "--project", ROOT, "--db", url }, opts)
-
-local branch
-for _, b in ipairs(repo:branches()) do
-  if b.name:match("^factory%-run%d+%-fix%-") then branch = b end
-end
-if branch then
-  print(("\n== the agent's branch %s (commit %s), checked out in a fresh worktree"):format(branch.name,
-    branch.oid:sub(1, 10)))
-  local check = tmp .. "/check"
-  assert(repo:worktree_add("demo-check", check, { base = branch.name }))
-  local wt = assert(git.open(check))
-  io.stdout:write(assert(wt:diff(repo:head().oid)))
-  wt:close()
-  rc, out = make_test(check)
-  print(("make test on the branch: exit %d\n%s"):format(rc, out))
-  assert(repo:worktree_remove("demo-check", { force = true }))
-  rc = make_test(repo_dir)
-  print(("make test on main (untouched): exit %d"):format(rc))
-else
-  print("\nno branch was made by the fix stage")
-  code2 = 1
-end
+if code2 == 0 then code2 = check_branch(repo, repo_dir, "^factory%-run%d+%-fix%-", { "make", "-s", "test" }) end
 repo:close()
 srv:close()
 fs.remove(tmp, { recursive = true })

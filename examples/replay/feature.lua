@@ -1,12 +1,31 @@
 -- Recorded model replies for the `feature` pipeline over examples/work-items/due-dates.md,
 -- replayed by examples/replay/server.lua. Each request takes the first entry whose
 -- team and objective match its system prompt ("team: T; operative: O; objective: X")
--- and, if `when` is given, whose messages contain that text.
+-- and, if `when` is given, whose messages contain that text. The `build` stage runs the
+-- built-in coding agent in a worktree of (a git copy of) examples/sample-repo: once the
+-- architect has answered its question, its turns are chosen by `step` (assistant
+-- messages so far), and the files it writes are those under examples/replay/due-dates/.
+local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
+
 local function result(t)
   t.blockers = t.blockers or {}
   t.assumptions_made = t.assumptions_made or {}
   t.verified_facts = t.verified_facts or {}
   return t
+end
+
+local function written(path)
+  local f = assert(io.open(HERE .. "due-dates/" .. path, "rb"))
+  local text = f:read("*a")
+  f:close()
+  return text
+end
+
+local ANSWERED = "## Answer from solution_architecture"
+
+local function build_step(n, name, arguments)
+  return { team = "backend_engineering", objective = "stage build", when = ANSWERED, step = n,
+           tool_call = { name = name, arguments = arguments } }
 end
 
 return {
@@ -34,18 +53,20 @@ Out of scope: reminders, times of day, time zones.]],
 - `list(today)`: stable partition into overdue-open (sorted by due, then id) and the rest (id order).
 ADR-1: store dates as ISO strings, not os.time values: no time-zone ambiguity, trivially comparable.]],
   } },
-  { team = "backend_engineering", objective = "stage build", when = "## Answer from solution_architecture",
-    reply = result{
-      status = "COMPLETE",
-      reasoning = "Implemented as designed; list() without `today` keeps the old order, as the architect answered.",
-      verified_facts = { "tests/tasks_test.lua passes with the new due-date cases." },
-      learnings = { "In this repository, ISO date strings are compared directly; never convert to os.time." },
-      artifact = [[
+  build_step(0, "read_file", { path = "src/tasks.lua" }),
+  build_step(1, "write_file", { path = "src/tasks.lua", text = written("src/tasks.lua") }),
+  build_step(2, "write_file", { path = "tests/tasks_test.lua", text = written("tests/tasks_test.lua") }),
+  build_step(3, "finish", result{
+    status = "COMPLETE",
+    reasoning = "Implemented as designed; list() without `today` keeps the old order, as the architect answered.",
+    verified_facts = { "tests/tasks_test.lua has a case for each requirement (run it: factory tests/tasks_test.lua)." },
+    learnings = { "In this repository, ISO date strings are compared directly; never convert to os.time." },
+    artifact = [[
 # Change summary
 - src/tasks.lua: `add(title, due)`, `set_due(id, due)`, `validate_due`, `list(today)` ordering.
-- tests/tasks_test.lua: 6 new cases (invalid date, clear date, overdue first, unchanged order without dates).
+- tests/tasks_test.lua: new cases (invalid dates, set and clear a date, overdue first, unchanged order without today).
 Tests: `factory tests/tasks_test.lua` -> "tasks: ok".]],
-    } },
+  }),
   { team = "backend_engineering", objective = "stage build", reply = result{
     status = "NEEDS_CLARIFICATION",
     reasoning = "The design does not say what list() does when the caller gives no date.",

@@ -400,18 +400,30 @@ local function drive(e, run_id, flags, tty)
 end
 
 -- Why a pipeline with a build stage cannot work on repo, found before any stage is
--- paid for: its worktree branches from HEAD, which a repository without a commit lacks
--- (a directory that is no git repository runs the stage as a plain objective).
+-- paid for: the stage's agent changes the code in a worktree of a git repository,
+-- branched from HEAD, which a repository without a commit lacks. (Run anyway, the
+-- stage would be a plain model call that changes nothing: a night's batch paid for
+-- and no code written.)
 local function unready_repo(pipe, repo, given)
-  local builds = false
-  for _, st in ipairs(pipe and pipe.stages or {}) do builds = builds or st.workspace == "worktree" end
-  if not builds then return nil end
+  local build_stage
+  for _, st in ipairs(pipe and pipe.stages or {}) do
+    if st.workspace == "worktree" then build_stage = build_stage or st.name end
+  end
+  if not build_stage then return nil end
+  local usable, why, top = build.applies({ repo = repo })
+  if top then
+    return ("%s: %s is not a git repository but a directory inside %s, and stage %s changes the code in a"
+      .. " git worktree: give --repo %s"):format(given, repo, top, build_stage, top)
+  elseif not usable then
+    return ("%s: %s, and stage %s changes the code in a git worktree: give a git repository (git init,"
+      .. " then commit the code)"):format(given, why, build_stage)
+  end
   local r = git.open(repo)
   if not r then return nil end
   local head = r:head()
   r:close()
   if head and head.oid then return nil end
-  return ("--repo %s: the repository has no commit yet, and the pipeline's build stage branches from HEAD:"
+  return ("%s: the repository has no commit yet, and the pipeline's build stage branches from HEAD:"
     .. " commit something first"):format(given)
 end
 
@@ -496,7 +508,7 @@ local function cmd_run(flags, words, opts)
   local e, err = engine_for(flags, opts, on_event, redraw)
   if not e then return fail(err) end
   local pipe = e.engine.project.pipelines:get(words[1])
-  local unready = unloaded_team(pipe, e.engine.project) or unready_repo(pipe, repo, flags.repo)
+  local unready = unloaded_team(pipe, e.engine.project) or unready_repo(pipe, repo, "--repo " .. flags.repo)
     or missing_agent(pipe, e.engine.project, repo)
   if unready then
     e.close()
@@ -532,8 +544,10 @@ local function cmd_resume(flags, words, opts)
   if not run then
     code = fail(("no run %d"):format(run_id))
   else
-    local missing = missing_agent(stages_ahead(e.db, run_id, e.engine.project.pipelines:get(run.pipeline)),
-      e.engine.project, type(run.data) == "table" and run.data.repo)
+    local ahead = stages_ahead(e.db, run_id, e.engine.project.pipelines:get(run.pipeline))
+    local repo = type(run.data) == "table" and run.data.repo
+    local missing = (repo and unready_repo(ahead, repo, ("run %d's repository %s"):format(run_id, repo)))
+      or missing_agent(ahead, e.engine.project, repo)
     code = missing and fail(missing) or drive(e, run_id, flags, tty)
   end
   e.close()

@@ -16,12 +16,14 @@ local ROOT = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../"
 local sample_repo = dofile(ROOT .. "tests/tools/sample_repo.lua")
 local TRIALS = 20
 
-local dir, replay
+local dir, replay, tasks_repo
 
 before_each(function()
   dir = os.tmpname()
   os.remove(dir)
   assert(fs.mkdir_p(dir))
+  -- The repository the `feature` runs build in: the replayed agent writes its change there.
+  tasks_repo = sample_repo.make(dir .. "/tasks", "sample-repo")
   replay = assert(proc.spawn{ argv = { host.exe, ROOT .. "examples/replay/server.lua", "--delay", "0.02",
                                        "--log", dir .. "/replay.log" } })
   local url = assert(replay:read_line())
@@ -59,7 +61,7 @@ end
 local function title(n) return "Tasks can have a due date, trial " .. n end
 
 local function start(n)
-  return factory{ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--issue", title(n) }
+  return factory{ "run", "feature", "--repo", tasks_repo, "--issue", title(n) }
 end
 
 local function runs_of(store, n)
@@ -163,10 +165,10 @@ describe("factory run under kill -9", function()
     local body = "# Tasks can have a due date, from a file\n\nUsers want due dates.\n"
     assert(fs.write(dir .. "/unix.md", body))
     assert(fs.write(dir .. "/windows.md", "\239\187\191" .. body:gsub("\n", "\r\n")))
-    local status, out = finish(factory{ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--file",
+    local status, out = finish(factory{ "run", "feature", "--repo", tasks_repo, "--file",
                                         dir .. "/windows.md" })
     assert.equal(0, status.code, out)
-    status, out = finish(factory{ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--file", dir .. "/unix.md" })
+    status, out = finish(factory{ "run", "feature", "--repo", tasks_repo, "--file", dir .. "/unix.md" })
     assert.equal(0, status.code, out)
     assert.contains("has succeeded already", out)
     local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
@@ -212,11 +214,24 @@ describe("factory run that cannot get through its pipeline", function()
         .. " something first"):format(empty) })
   end, { timeout = 30 })
 
+  it("refuses a --repo that is no git repository, or a directory inside one, naming the one to give", function()
+    local plain = dir .. "/plain"
+    assert(fs.mkdir_p(plain))
+    refused_before_paying({ "run", "feature", "--repo", plain, "--issue", "Not a repository" },
+      { ("--repo %s: %s is not a git repository, and stage build changes the code in a git worktree: give a git"
+        .. " repository (git init, then commit the code)"):format(plain, plain) })
+    local inside = tasks_repo .. "/src"
+    refused_before_paying({ "run", "feature", "--repo", inside, "--issue", "Inside a repository" },
+      { ("--repo %s: %s is not a git repository but a directory inside %s, and stage build changes the code in"
+        .. " a git worktree: give --repo %s"):format(inside, fs.realpath(inside), fs.realpath(tasks_repo),
+        fs.realpath(tasks_repo)) })
+  end, { timeout = 30 })
+
   it("refuses a pipeline with a team that does not load, naming the stage and the team", function()
     -- factory.lua without factory/fast: the teams that use it do not load.
     local cfg = assert(fs.read(dir .. "/factory.lua")):gsub(',%s*%["factory/fast"%] = { "replay/r" }', "")
     assert(fs.write(dir .. "/factory.lua", cfg))
-    refused_before_paying({ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--issue", "A team is missing" },
+    refused_before_paying({ "run", "feature", "--repo", tasks_repo, "--issue", "A team is missing" },
       { 'unknown model alias "factory/fast"', "stage build needs team backend_engineering, which did not load" })
   end, { timeout = 30 })
 
@@ -224,7 +239,7 @@ describe("factory run that cannot get through its pipeline", function()
     local file = dir .. "/latin1.md"
     assert(fs.write(file, "# Prices\n\nThe caf\233 page shows \163 5.\n"))
     local t0 = time.now()
-    local status, out = finish(factory({ "run", "feature", "--repo", ROOT .. "examples/sample-repo", "--file", file }))
+    local status, out = finish(factory({ "run", "feature", "--repo", tasks_repo, "--file", file }))
     assert.equal(1, status.code, out)
     assert.contains(("--file %s is not UTF-8 text: byte 0xE9 at line 3, column 8 (Latin-1 or Windows-1252?): save it"
       .. " as UTF-8 and run again"):format(file), out)
@@ -278,6 +293,24 @@ describe("factory run that cannot get through its pipeline", function()
     store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
     assert.same({ { state = "pending", stage_index = 0 } }, store:query("SELECT state, stage_index FROM runs"))
     store:close()
+  end, { timeout = 30 })
+
+  it("factory resume refuses a run whose repository is no longer a git repository", function()
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert(store:migrate())
+    local defs = dsl.project(ROOT)
+    defs:load()
+    local engine = pipeline.engine{ db = store, project = defs }
+    local run = assert(engine:submit{ pipeline = "feature", title = "The repository went away", repo = tasks_repo })
+    engine:close()
+    store:close()
+    assert(fs.remove(tasks_repo .. "/.git", { recursive = true }))
+    local t0 = time.now()
+    local status, out = finish(factory{ "resume", tostring(run) })
+    assert.equal(1, status.code, out)
+    assert.contains(("run %d's repository %s: %s is not a git repository, and stage build changes the code in a git"
+      .. " worktree"):format(run, tasks_repo, tasks_repo), out)
+    assert.equal(0, #requests(t0), "no model call")
   end, { timeout = 30 })
 end)
 

@@ -31,9 +31,10 @@
 --   BLOCKED result that names it. Never raises for the repository's or the agent's
 --   trouble.
 --
---   build.applies(o) -> true | false, why
+--   build.applies(o) -> true | false, why [, top]
 --       whether a worktree can be made: the run names a repository that is a git
---       repository (opened as given: never a repository found further up).
+--       repository (opened as given: never a repository found further up; top is
+--       that repository when o.repo is a directory inside one).
 --
 -- The branch starts from the commit of the run's latest earlier build stage (so a
 -- run's build stages build on one another), else from the repository's HEAD; when
@@ -80,7 +81,7 @@ function M.applies(o)
       local top = enclosing_repo(o.repo)
       if top then
         return false, ("%s is not a git repository but a directory inside %s (give --repo %s for a worktree)")
-          :format(o.repo, top, top)
+          :format(o.repo, top, top), top
       end
       return false, ("%s is not a git repository"):format(o.repo)
     end

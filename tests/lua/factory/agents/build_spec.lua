@@ -345,7 +345,7 @@ describe("build stage", function()
     assert.equal(4, fake:count())
     -- A directory inside a repository (a monorepo's service): the message names the top.
     assert.same({ false, ("%s/src is not a git repository but a directory inside %s (give --repo %s for a worktree)")
-      :format(repo_dir, repo_dir, repo_dir) }, { build.applies({ repo = repo_dir .. "/src" }) })
+      :format(repo_dir, repo_dir, repo_dir), repo_dir }, { build.applies({ repo = repo_dir .. "/src" }) })
   end)
 
   it("a stage's workspace other than \"worktree\" is refused with file:line", function()
