@@ -14,7 +14,7 @@
 --   objective.pack(o) -> messages, { tokens =, window =, summarised = bool }
 --   objective.window(team, operative) -> the operative's context window in tokens
 --   objective.tokens(text) -> the estimate of text's tokens that packing uses
---   objective.outlast(o, call), objective.unreachable(err, code, waits): the outage
+--   objective.outlast(o, call), objective.unreachable(err, code, waits [, pipeline]): the outage
 --       wait and the BLOCKED result of a failed model call, for the built-in agent too
 -- A budget the router refuses (EBUDGET), a provider that cannot answer, and a reply
 -- that stays malformed all end as a BLOCKED result that says why.
@@ -230,12 +230,26 @@ function M.outlast(o, call)
   end
 end
 
+-- What the human asked about a spent budget must do: where that budget is set (a
+-- raised one applies when the run goes on), or how the run ends.
+local function budget_question(why, pipeline)
+  local kind, name = why:match("budget exhausted: (%a+) (%S+) has")
+  if kind == "team" then
+    return ("Team %s's budget for today is spent. Raise budget.usd_per_day (or tokens_per_day) in teams/%s.lua,"
+      .. " or budgets.teams.%s in factory.lua, or wait until its day starts again (budgets.utc_offset); then"
+      .. " answer this to go on."):format(name, name, name)
+  elseif kind == "run" then
+    return ("The run's budget is spent. Raise limits.budget_usd in pipelines/%s.lua, then answer this to go on;"
+      .. " or end the run: factory runs cancel %s."):format(pipeline or "<its pipeline>", name)
+  end
+  return "The model router refused the call because a budget is spent; a human must raise it or stop the run."
+end
+
 -- What a failed call comes to: BLOCKED, saying why (and how long it was waited for).
-function M.unreachable(err, code, waits)
+function M.unreachable(err, code, waits, pipeline)
   local why = tostring(err):gsub("^E%u+: ", "")
   if code == "EBUDGET" then
-    return confidence.blocked(why,
-      "The model router refused the call because a budget is spent; a human must raise it or stop the run.")
+    return confidence.blocked(why, budget_question(why, pipeline))
   end
   if outage(code, err) then
     local waited = (waits or 0) > 0 and (" (still, after %d wait(s) for it to come back)"):format(waits) or ""
@@ -260,7 +274,7 @@ local function ask(o, messages)
     return router.chat_parts(request_parts(o, messages), { team = o.team.name, run = o.run_id })
   end)
   if res then return res end
-  return nil, M.unreachable(err, code, waits)
+  return nil, M.unreachable(err, code, waits, o.pipeline)
 end
 
 function M.run(o)

@@ -466,7 +466,7 @@ function Engine:_objective(run, team, op, o)
   local key = run.id .. "\0" .. team.name
   local previous = self.active[key]
   self.active[key] = op.name
-  o.run_id, o.team, o.operative = run.id, team, op
+  o.run_id, o.team, o.operative, o.pipeline = run.id, team, op, run.pipeline
   o.anchor = run.data.anchor
   local topic = o.question and o.question.text or (o.stage.objective or o.stage.name)
   run.recall_subject = run.recall_subject or recall_subject(run)

@@ -202,7 +202,7 @@ function M.run(o)
   args.repo, args.branch, args.agent, args.base = r, name, agent, from and from.commit
   args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
   args.message = ("factory: %s (run %d, stage %s)"):format(o.anchor:match("^[^\n]*"), o.run_id, st.name)
-  args.model, args.team, args.run = op.model or team.model, team.name, o.run_id
+  args.model, args.team, args.run, args.pipeline = op.model or team.model, team.name, o.run_id, o.pipeline
   args.max_tokens, args.temperature, args.context_window = op.max_tokens, op.temperature, objective.window(team, op)
   args.outage_retries, args.outage_wait_s = o.outage_retries, o.outage_wait_s
   args.emit = function(kind, data)

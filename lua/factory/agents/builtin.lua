@@ -7,7 +7,8 @@
 --        context_window = tokens (default dsl.DEFAULT_WINDOW): past 80% of it the oldest
 --          tool results and tool-call arguments are left out, the last 6 messages kept
 --          (event "agent_context_fitted", { messages =, bytes =, iteration = }),
---        team =, run =, system = extra instructions | nil,
+--        team =, run =, pipeline = the run's (named when a spent budget stops the agent),
+--        system = extra instructions | nil,
 --        messages = the conversation to start from (e.g. factory.objective.pack's:
 --                   the operative's system prompt, the anchor, earlier stages' results)
 --                   instead of the objective alone; the agent's instructions are
@@ -194,7 +195,7 @@ function M.run(o)
       return router.chat({ model = o.model, messages = messages, tools = schemas, max_tokens = o.max_tokens,
                            temperature = o.temperature }, { team = o.team, run = o.run })
     end)
-    if not res then return done(objective.unreachable(err, code, waits)) end
+    if not res then return done(objective.unreachable(err, code, waits, o.pipeline)) end
     stats.tokens = stats.tokens + usage_tokens(res)
     local choice = type(res.choices) == "table" and res.choices[1]
     local msg = choice and choice.message

@@ -79,6 +79,9 @@ local function blocked_by_budget(reason, sent)
   assert.equal("waiting", state)
   assert.equal(sent, fake:count())
   assert.matches("^BLOCKED: budget exhausted: team budget_probe" .. (reason or ""), esc.reason)
+  assert.equal("Team budget_probe's budget for today is spent. Raise budget.usd_per_day (or tokens_per_day) in"
+    .. " teams/budget_probe.lua, or budgets.teams.budget_probe in factory.lua, or wait until its day starts again"
+    .. " (budgets.utc_offset); then answer this to go on.", esc.question)
 end
 
 local function limit()

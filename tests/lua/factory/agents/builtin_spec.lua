@@ -219,6 +219,17 @@ describe("builtin agent", function()
     assert.equal(6, fake:count())
   end)
 
+  it("stops at a spent run budget before calling, saying which pipeline file raises it", function()
+    router.set_budget("run", "77", { tokens = 1 })
+    local result = builtin.run{ root = dir, objective = "x", model = "coder", run = 77, pipeline = "bugfix" }
+    router.clear_budget("run", "77")
+    assert.equal("BLOCKED", result.status)
+    assert.matches("^budget exhausted: run 77 has 1 of 1 tokens left", result.blockers[1])
+    assert.equal("The run's budget is spent. Raise limits.budget_usd in pipelines/bugfix.lua, then answer this to go"
+      .. " on; or end the run: factory runs cancel 77.", result.reasoning)
+    assert.equal(0, fake:count())
+  end)
+
   it("stops when the token budget is spent", function()
     local script = {}
     for i = 1, 5 do
