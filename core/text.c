@@ -1,6 +1,6 @@
 /* core/text.c — factory.core.text: text that has to be UTF-8, checked and repaired
  * with the C library's iconv (UTF-8 to UTF-8 rejects malformed, overlong and
- * surrogate sequences).
+ * surrogate sequences), and code points past U+10FFFF, which glibc's lets through.
  *
  *   text.utf8_error(s) -> nil when s is UTF-8 | the 1-based offset of its first
  *       byte that is not
@@ -18,22 +18,6 @@
 
 static const char REPLACEMENT[] = "\xEF\xBF\xBD";
 
-/* Converts as much of *in as is valid into the buffer b; returns 0 at the end, else
- * leaves *in at the first malformed byte. */
-static int valid_prefix(iconv_t cd, const char **in, size_t *left, luaL_Buffer *b) {
-    while (*left > 0) {
-        char *out = luaL_prepbuffer(b);
-        size_t room = LUAL_BUFFERSIZE;
-        char *inp = (char *)*in;
-        size_t r = iconv(cd, &inp, left, &out, &room);
-        luaL_addsize(b, LUAL_BUFFERSIZE - room);
-        *in = inp;
-        if (r != (size_t)-1) return 0;
-        if (errno != E2BIG) return -1;
-    }
-    return 0;
-}
-
 /* One descriptor for the process, reset before each use: opening one costs as much
  * as checking a few kilobytes. Only the loop thread uses it. */
 static iconv_t utf8_cd = (iconv_t)-1;
@@ -45,6 +29,17 @@ static iconv_t open_utf8(lua_State *L) {
     }
     iconv(utf8_cd, NULL, NULL, NULL, NULL);
     return utf8_cd;
+}
+
+/* glibc's iconv takes the 4-byte forms of U+110000 and above (lead byte F4 with a
+ * second byte from 90, or F5 to F7), which UTF-8 has not had since RFC 3629 and
+ * which JSON parsers and PostgreSQL refuse. The offset of the first such sequence
+ * in s[0, len), text iconv has passed, or len. */
+static size_t beyond_unicode(const char *s, size_t len) {
+    const unsigned char *p = (const unsigned char *)s;
+    for (size_t i = 0; i < len; i++)
+        if (p[i] >= 0xF4 && (p[i] > 0xF4 || (i + 1 < len && p[i + 1] >= 0x90))) return i;
+    return len;
 }
 
 /* The offset of the first byte of s that is not UTF-8, or len when all are. The
@@ -59,7 +54,7 @@ static size_t valid_length(iconv_t cd, const char *s, size_t len) {
         size_t room = sizeof scratch;
         if (iconv(cd, &in, &left, &out, &room) != (size_t)-1 || errno != E2BIG) break;
     }
-    return len - left;
+    return beyond_unicode(s, len - left);
 }
 
 static int text_to_utf8(lua_State *L) {
@@ -72,18 +67,24 @@ static int text_to_utf8(lua_State *L) {
         lua_pushinteger(L, 0);
         return 2;
     }
+    /* Valid runs are copied as they are (UTF-8 to UTF-8 changes nothing); each byte
+     * that starts no valid sequence becomes U+FFFD. */
     luaL_Buffer b;
     luaL_buffinit(L, &b);
-    luaL_addlstring(&b, s, ok);
-    const char *in = s + ok;
-    size_t left = len - ok, replaced = 0;
-    do {
+    const char *in = s;
+    size_t left = len, replaced = 0;
+    for (;;) {
+        luaL_addlstring(&b, in, ok);
+        in += ok;
+        left -= ok;
+        if (left == 0) break;
         luaL_addlstring(&b, REPLACEMENT, sizeof REPLACEMENT - 1);
         in++;
         left--;
         replaced++;
         iconv(cd, NULL, NULL, NULL, NULL);
-    } while (valid_prefix(cd, &in, &left, &b) != 0);
+        ok = valid_length(cd, in, left);
+    }
     luaL_pushresult(&b);
     lua_pushinteger(L, (lua_Integer)replaced);
     return 2;

@@ -13,6 +13,9 @@ describe("factory.core.text", function()
     assert.equal(1, text.utf8_error("\192\175"))                 -- overlong "/"
     assert.equal(4, text.utf8_error("abc\226\130"))              -- cut in the middle of a character
     assert.equal(3, text.utf8_error("a\0\255"))                  -- NUL is UTF-8; 0xFF never is
+    assert.is_nil(text.utf8_error("\244\143\191\191"))         -- U+10FFFF, the last code point
+    assert.equal(2, text.utf8_error("a\244\144\128\128"))       -- U+110000: glibc's iconv takes it
+    assert.equal(1, text.utf8_error("\245\128\128\128"))
     local long = ("x"):rep(100000) .. "\255"
     assert.equal(100001, text.utf8_error(long))
   end)
@@ -25,6 +28,7 @@ describe("factory.core.text", function()
     assert.same({ "caf" .. FFFD .. " x", 1 }, { text.to_utf8("caf\233 x") })
     assert.same({ FFFD .. FFFD .. FFFD .. "s", 3 }, { text.to_utf8("\237\160\128s") })
     assert.same({ "abc" .. FFFD .. FFFD, 2 }, { text.to_utf8("abc\226\130") })
+    assert.same({ "a" .. FFFD:rep(4) .. "b\244\143\191\191", 4 }, { text.to_utf8("a\244\144\128\128b\244\143\191\191") })
     -- across the buffer's seams: long runs on both sides of each bad byte
     local parts, want = {}, {}
     for i = 1, 50 do
