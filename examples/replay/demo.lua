@@ -58,7 +58,7 @@ local function check_branch(repo, dir, pattern, test_argv)
     print("\nno branch was made by the build stage")
     return 1
   end
-  local shown = table.concat(test_argv, " "):gsub("^%S*/factory ", "factory ")
+  local shown = table.concat(test_argv, " "):gsub("^%S*/factory[%w-]* ", "factory ")
   print(("\n== the agent's branch %s (commit %s), checked out in a fresh worktree"):format(branch.name,
     branch.oid:sub(1, 10)))
   local check = dir .. "-check"
