@@ -439,8 +439,8 @@ local function unloaded_team(pipe, project)
 end
 
 -- A build stage whose CLI agent's program is not installed, found before the stages
--- ahead of it are paid for (in a directory that is no git repository the stage runs
--- as a plain objective, without its agent).
+-- ahead of it are paid for (only for a repository a worktree can be made of: the
+-- agent runs nowhere else).
 local function missing_agent(pipe, project, repo)
   if not build.applies({ repo = repo }) then return nil end
   for _, st in ipairs(pipe and pipe.stages or {}) do
