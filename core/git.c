@@ -396,13 +396,14 @@ static int head_is(git_repository *r, const char *refname) {
 
 static int checked_out(git_repository *repo, const git_reference *ref) {
     const char *refname = git_reference_name(ref);
-    git_repository *main = NULL;
     int found = 0;
-    if (!git_repository_is_bare(repo) || git_repository_is_worktree(repo)) {
-        if (git_repository_open(&main, git_repository_commondir(repo)) == 0) {
+    if (!git_repository_is_worktree(repo)) {
+        found = !git_repository_is_bare(repo) && head_is(repo, refname);
+    } else {
+        git_repository *main = NULL;
+        if (git_repository_open(&main, git_repository_commondir(repo)) == 0)
             found = !git_repository_is_bare(main) && head_is(main, refname);
-            git_repository_free(main);
-        }
+        git_repository_free(main);
     }
     git_strarray names = {0};
     if (!found && git_worktree_list(&names, repo) == 0) {
