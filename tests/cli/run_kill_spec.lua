@@ -273,37 +273,35 @@ describe("factory run that cannot get through its pipeline", function()
       { NOT_INSTALLED })
   end, { timeout = 30 })
 
-  it("factory resume refuses the same, for a build stage the run has still to do", function()
-    local project = agent_missing_project()
-    local repo = sample_repo.make(dir .. "/calc")
-    -- The run was submitted where the agent was installed (here: by the engine itself).
+  -- A run of `feature` submitted by the engine itself (where its repository and agent
+  -- were as they should be), not started yet.
+  local function submitted(project, title, repo)
     local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
     assert(store:migrate())
     local defs = dsl.project(project)
     defs:load()
     local engine = pipeline.engine{ db = store, project = defs }
-    local run = assert(engine:submit{ pipeline = "feature", title = "The agent went away", repo = repo })
+    local run = assert(engine:submit{ pipeline = "feature", title = title, repo = repo })
     engine:close()
     store:close()
+    return run
+  end
+
+  it("factory resume refuses the same, for a build stage the run has still to do", function()
+    local project = agent_missing_project()
+    local run = submitted(project, "The agent went away", sample_repo.make(dir .. "/calc"))
     local t0 = time.now()
     local status, out = finish(factory{ "resume", tostring(run), "--project", project })
     assert.equal(1, status.code, out)
     assert.contains(NOT_INSTALLED, out)
     assert.equal(0, #requests(t0), "no model call")
-    store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
     assert.same({ { state = "pending", stage_index = 0 } }, store:query("SELECT state, stage_index FROM runs"))
     store:close()
   end, { timeout = 30 })
 
   it("factory resume refuses a run whose repository is no longer a git repository", function()
-    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
-    assert(store:migrate())
-    local defs = dsl.project(ROOT)
-    defs:load()
-    local engine = pipeline.engine{ db = store, project = defs }
-    local run = assert(engine:submit{ pipeline = "feature", title = "The repository went away", repo = tasks_repo })
-    engine:close()
-    store:close()
+    local run = submitted(ROOT, "The repository went away", tasks_repo)
     assert(fs.remove(tasks_repo .. "/.git", { recursive = true }))
     local t0 = time.now()
     local status, out = finish(factory{ "resume", tostring(run) })
