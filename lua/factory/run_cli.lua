@@ -26,6 +26,7 @@ local proc = require "factory.proc"
 local json = require "factory.json"
 local build = require "factory.agents.build"
 local agent_cli = require "factory.agents.cli"
+local orchestrator = require "factory.agents.orchestrator"
 local utf8_error = require("factory.core.text").utf8_error
 
 ffi.cdef "int isatty(int fd);"
@@ -392,7 +393,19 @@ local function on_interrupt(run_id)
   end)
 end
 
+-- What a `factory run` killed on this host (kill -9, the OOM killer) left running:
+-- its CLI agents' process groups, recorded in the store, are killed before a run
+-- starts, so that none goes on working in a worktree the new attempt replaces.
+local function reap_agents(d)
+  local killed = orchestrator.reap_agents(d)
+  if killed and #killed > 0 then
+    print(("killed %d agent process(es) left running by a factory process that died: %s"):format(#killed,
+      table.concat(killed, ", ")))
+  end
+end
+
 local function drive(e, run_id, flags, tty)
+  reap_agents(e.db)
   local interrupt = on_interrupt(run_id)
   local code = drive_run(e, run_id, flags, tty)
   interrupt:cancel("the run's execution ended")

@@ -11,6 +11,7 @@ local audit = require "factory.audit"
 local dsl = require "factory.dsl"
 local pipeline = require "factory.pipeline"
 local locks = require "factory.agents.locks"
+local orchestrator = require "factory.agents.orchestrator"
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../"
 local sample_repo = dofile(ROOT .. "tests/tools/sample_repo.lua")
@@ -192,6 +193,53 @@ describe("factory run under kill -9", function()
   end, { timeout = 30 })
 end)
 
+-- A copy of the shipped teams and pipelines whose build stage's operative is a CLI
+-- agent running command (an argv template); writing it again changes the command.
+local function cli_agent_project(command)
+  local project = dir .. "/project"
+  for _, sub in ipairs({ "teams", "pipelines" }) do
+    assert(fs.mkdir_p(project .. "/" .. sub))
+    for _, f in ipairs(assert(fs.list(ROOT .. sub))) do
+      assert(fs.write(project .. "/" .. sub .. "/" .. f, assert(fs.read(ROOT .. sub .. "/" .. f))))
+    end
+  end
+  local quoted = {}
+  for i, a in ipairs(command) do quoted[i] = ("%q"):format(a) end
+  local team = project .. "/teams/backend_engineering.lua"
+  local text, n = assert(fs.read(ROOT .. "teams/backend_engineering.lua")):gsub("operative \"implementer\" {",
+    'operative "implementer" {\n    agent = { cli = "custom", command = { ' .. table.concat(quoted, ", ") .. " } },")
+  assert.equal(1, n)
+  assert(fs.write(team, text))
+  return project
+end
+
+describe("factory run killed while its CLI agent works", function()
+  it("kills, on the next start, the agent process the killed run left running", function()
+    local pid_file = dir .. "/agent.pid"
+    local project = cli_agent_project({ "sh", "-c", "echo $$ > " .. pid_file .. "; echo working; exec sleep 300" })
+    local p = factory{ "run", "feature", "--repo", tasks_repo, "--issue", "An agent that outlives us", "--project",
+                       project }
+    local deadline = time.monotonic() + 20
+    while not fs.exists(pid_file) and time.monotonic() < deadline do fiber.sleep(0.02) end
+    fiber.sleep(0.1)
+    p:kill("KILL")
+    finish(p)
+    local agent = assert(tonumber(assert(fs.read(pid_file)):match("%d+")), "the agent did not start")
+    -- Alive: not gone, nor a zombie waiting for whoever inherited it to reap it.
+    local function alive(pid)
+      local st = orchestrator.stat(pid)
+      return st ~= nil and st.state ~= "Z"
+    end
+    assert.truthy(alive(agent), "the agent outlives the killed run")
+    -- The next start, with an agent that does nothing, reaps the one left.
+    cli_agent_project({ "sh", "-c", "exit 0" })
+    local status, out = finish(factory{ "resume", "1", "--project", project, "--no-wait" })
+    assert.contains(("killed 1 agent process(es) left running by a factory process that died: %d"):format(agent), out)
+    assert.equal(3, status.code, out)
+    assert.falsy(alive(agent), "the agent is gone")
+  end, { timeout = 60 })
+end)
+
 describe("factory run that cannot get through its pipeline", function()
   -- The command fails at once, saying each of `says`: no model call, no work item.
   local function refused_before_paying(args, says)
@@ -249,19 +297,7 @@ describe("factory run that cannot get through its pipeline", function()
 
   -- A project whose build stage's agent runs a program that is not installed.
   local function agent_missing_project()
-    local project = dir .. "/project"
-    for _, sub in ipairs({ "teams", "pipelines" }) do
-      assert(fs.mkdir_p(project .. "/" .. sub))
-      for _, f in ipairs(assert(fs.list(ROOT .. sub))) do
-        assert(fs.write(project .. "/" .. sub .. "/" .. f, assert(fs.read(ROOT .. sub .. "/" .. f))))
-      end
-    end
-    local team = project .. "/teams/backend_engineering.lua"
-    local text, n = assert(fs.read(team)):gsub("operative \"implementer\" {",
-      'operative "implementer" {\n    agent = { cli = "custom", command = { "factory-test-no-such-agent", "{prompt}" } },')
-    assert.equal(1, n)
-    assert(fs.write(team, text))
-    return project
+    return cli_agent_project({ "factory-test-no-such-agent", "{prompt}" })
   end
   local NOT_INSTALLED = "stage build: the agent of backend_engineering/implementer runs factory-test-no-such-agent,"
     .. " which is not installed (not found in PATH "

@@ -52,6 +52,8 @@ local builtin = require "factory.agents.builtin"
 local cli = require "factory.agents.cli"
 local serve = require "factory.serve"
 local locks = require "factory.agents.locks"
+local orchestrator = require "factory.agents.orchestrator"
+local proc = require "factory.proc"
 local objective = require "factory.objective"
 local confidence = require "factory.confidence"
 
@@ -214,13 +216,25 @@ function M.run(o)
   end
   -- A CLI agent's model calls go through a proxy of this process with a key of its
   -- own: held to, and counted against, its team and run like the built-in agent's.
-  local proxy
+  local proxy, recorded = nil, {}
   if agent == cli.run then
     local key = random_key()
     local perr
     proxy, perr = serve.local_proxy{ [key] = { team = team.name, run = o.run_id } }
     if not proxy then return blocked("cannot start the model proxy for the CLI agent: " .. tostring(perr)) end
     args.proxy_url, args.virtual_key = proxy:url(), key
+    -- Each agent process is recorded while the stage runs: if this process is killed
+    -- (kill -9, the OOM killer), the next `factory run` or `resume` kills what it left
+    -- running, which would otherwise go on with its commands in a removed worktree.
+    if o.db and o.process then
+      args.spawn = function(opts)
+        local p, serr, scode = proc.spawn(opts)
+        if p then
+          recorded[#recorded + 1] = orchestrator.record_agent(o.db, o.process, p, { run = o.run_id, stage = st.name })
+        end
+        return p, serr, scode
+      end
+    end
   end
   -- The built-in agent locks each file before it changes it; a file another
   -- objective holds is a conflict its team is told of, never an overwrite.
@@ -245,6 +259,7 @@ function M.run(o)
   local ran, ws, werr = pcall(workspace.run, args)
   if leave then leave() end
   if proxy then proxy:close() end
+  for _, rec in ipairs(recorded) do orchestrator.forget_agent(o.db, o.process, rec) end
   if stop_keeping then
     stop_keeping()
     locks.release_all(o.db, owner)

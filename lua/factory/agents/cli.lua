@@ -36,6 +36,8 @@
 --        charge = fn(iteration, attempt) -> true | nil, err | nil: asked before each
 --          agent process starts (factory.agents.pool's daily budget); a refusal ends
 --          the loop BLOCKED with its reason,
+--        spawn = fn(opts) -> process | nil, err: starts each agent process (default
+--          factory.proc.spawn; factory.agents.build records them in the store),
 --        emit = fn(kind, data) | nil }
 --   The agent's environment is built, never inherited: PATH, HOME, LANG, TERM=dumb,
 --   OPENAI_BASE_URL = PROXY/v1 and ANTHROPIC_BASE_URL = PROXY (from proxy_url),
@@ -332,8 +334,9 @@ end
 local function iterate(ctx, n)
   local emit = ctx.emit
   local argv, stdin = argv_of(ctx.command, ctx.prompt, { model = ctx.model, proxy = ctx.proxy })
-  local p, err = proc.spawn{ argv = argv, cwd = ctx.root, env = ctx.env, stdin = stdin, stdout = "pipe",
-                             stderr = "stdout", timeout = ctx.iteration_timeout, kill_grace = ctx.kill_grace }
+  local p, err = (ctx.o.spawn or proc.spawn){ argv = argv, cwd = ctx.root, env = ctx.env, stdin = stdin,
+                                             stdout = "pipe", stderr = "stdout", timeout = ctx.iteration_timeout,
+                                             kill_grace = ctx.kill_grace }
   if not p then return nil, err end
   local it = { input_tokens = 0, output_tokens = 0, cost_usd = 0 }
   local msg_usage, turn_usage, final_usage = {}, { input_tokens = 0, output_tokens = 0 }, nil

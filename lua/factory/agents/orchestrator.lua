@@ -27,6 +27,11 @@
 --   orch:close()     cancels what runs: agent processes killed, locks released,
 --                    worktrees removed
 --   orchestrator.cleanup{ db =, repo = PATH, worktree_root = DIR } -> report
+--   orchestrator.record_agent(db, owner, process, data) -> record name | nil
+--   orchestrator.forget_agent(db, owner, name)
+--   orchestrator.reap_agents(db) -> { pid killed, ... }, records forgotten | nil, err, code
+--       the agent part of cleanup, for any engine that starts agent processes
+--       (factory run's CLI agents record theirs too)
 --   orchestrator.builtin(opts) -> agent fn running factory.agents.builtin in the
 --       attempt's worktree with the objective's file locks (opts: model, team, ...)
 --   orchestrator.processes() -> { { pid, ppid, pgrp, sid, state, start }, ... }  (/proc)
@@ -168,6 +173,47 @@ end
 
 local function strip(p) return (p:gsub("/+$", "")) end
 
+-- Records process p (which leads its own group) as an agent of engine process owner,
+-- so that a start-up after that engine died can kill its group. Returns the record's
+-- name, or nil when the store refused it (logged: the process runs all the same).
+function M.record_agent(db, owner, p, data)
+  local st = read_stat(p.pid)
+  local name = "agent:" .. HOST .. ":" .. p.pid
+  local d = { host = HOST, pid = p.pid, pgid = p.pid, start = st and st.start, boot = BOOT }
+  for k, v in pairs(data or {}) do d[k] = v end
+  db:exec("DELETE FROM locks WHERE name = ?", { name })
+  local ok, err = db:exec("INSERT INTO locks (name, owner, expires_at, acquired_at, data) VALUES (?, ?, ?, ?, ?)",
+    { name, owner, time.now() + FOREVER, time.now(), d })
+  if not ok then
+    log.warn("cannot record an agent process", { pid = p.pid, error = tostring(err) })
+    return nil
+  end
+  return name
+end
+
+function M.forget_agent(db, owner, name)
+  if name then db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { name, owner }) end
+end
+
+-- Kills the process groups of the agents that engine processes which died on this
+-- host left running (their records say which; a group is killed only while its
+-- leader is the process recorded), and forgets those records. Returns the pids
+-- killed and the number of records forgotten, or nil, err, code.
+function M.reap_agents(db)
+  local rows, err, code = db:query("SELECT name, owner, data FROM locks WHERE name LIKE 'agent:%' ORDER BY name")
+  if not rows then return nil, err, code end
+  local killed, forgotten = {}, 0
+  for _, row in ipairs(rows) do
+    local d = type(row.data) == "table" and row.data or {}
+    if d.host == HOST and engine_id.alive_here(row.owner) == false then
+      if kill_recorded_group(d) then killed[#killed + 1] = tonumber(d.pid) end
+      db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { row.name, row.owner })
+      forgotten = forgotten + 1
+    end
+  end
+  return killed, forgotten
+end
+
 local function dirname(p)
   p = strip(p)
   return p:match("^(.*)/[^/]*$") or "."
@@ -214,20 +260,13 @@ function M.cleanup(o)
   end
 
   -- Agent processes of engine processes that died on this host.
-  local rows, qerr, qcode = db:query("SELECT name, owner, data FROM locks WHERE name LIKE 'agent:%' ORDER BY name")
-  if not rows then return finish(qerr, qcode) end
-  for _, row in ipairs(rows) do
-    local d = type(row.data) == "table" and row.data or {}
-    if d.host == HOST and engine_id.alive_here(row.owner) == false then
-      if kill_recorded_group(d) then report.killed[#report.killed + 1] = tonumber(d.pid) end
-      db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { row.name, row.owner })
-      report.records = report.records + 1
-    end
-  end
+  local killed, forgotten, kcode = M.reap_agents(db)
+  if not killed then return finish(forgotten, kcode) end
+  report.killed, report.records = killed, forgotten
 
   -- Worktrees: those of dead engine processes go; those of live ones are kept.
   local protected = {}
-  rows, qerr, qcode = db:query("SELECT name, owner, data FROM locks WHERE name LIKE 'worktree:%' ORDER BY name")
+  local rows, qerr, qcode = db:query("SELECT name, owner, data FROM locks WHERE name LIKE 'worktree:%' ORDER BY name")
   if not rows then return finish(qerr, qcode) end
   local dead = {}
   for _, row in ipairs(rows) do
@@ -489,14 +528,7 @@ function Orch:_ctx(att)
     if not p then return nil, err, code end
     local w = setmetatable({ p = p, pid = p.pid, check = opts.check ~= false }, Agent)
     att.procs[#att.procs + 1] = w
-    local st = read_stat(p.pid)
-    w.record = "agent:" .. HOST .. ":" .. p.pid
-    orch.db:exec("DELETE FROM locks WHERE name = ?", { w.record })
-    local ok, rerr = orch.db:exec("INSERT INTO locks (name, owner, expires_at, acquired_at, data) VALUES (?, ?, ?, ?, ?)",
-      { w.record, orch.owner, time.now() + FOREVER, time.now(),
-        { host = HOST, pid = p.pid, pgid = p.pid, start = st and st.start, boot = BOOT, objective = job.id,
-          attempt = att.n, worktree = att.path } })
-    if not ok then log.warn("orchestrator: cannot record an agent process", { pid = p.pid, error = tostring(rerr) }) end
+    w.record = M.record_agent(orch.db, orch.owner, p, { objective = job.id, attempt = att.n, worktree = att.path })
     return w
   end
   function ctx.run(opts)
@@ -527,7 +559,7 @@ end
 function Orch:_forget(w)
   if w.forgotten then return end
   w.forgotten = true
-  self.db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { w.record, self.owner })
+  M.forget_agent(self.db, self.owner, w.record)
 end
 
 -- Ends what the agent left running and notes agent processes that died.
