@@ -14,9 +14,11 @@
 --     timed_out, truncated }, p:kill([signal]), p.pid, p:close().
 --     A fiber cancelled while waiting on a process kills its process group; a
 --     process still running when the engine exits is killed.
---   run{...same options...} -> { code, signal, timed_out, truncated,
---     stdout = STRING, stderr = STRING } | nil, err, code
---     stdout/stderr are nil for a stream that is not piped.
+--   run{...same options..., started = fn(process) -> fn() | nil} -> { code, signal,
+--     timed_out, truncated, stdout = STRING, stderr = STRING } | nil, err, code
+--     stdout/stderr are nil for a stream that is not piped. started is told of the
+--     process once it runs (to record it somewhere); what it returns is called when
+--     the process has ended.
 --   getpid() -> this process's pid
 --   which(name [, PATH]) -> the file spawn would run as argv[1] = name | nil
 local core = require "factory.core.proc"
@@ -43,7 +45,9 @@ function M.run(opts)
   if opts.stdin == "pipe" then error('proc.run: stdin = "pipe" needs proc.spawn (run writes nothing)', 2) end
   local p, err, code = core.spawn(opts)
   if not p then return nil, err, code end
+  local ended = opts.started and opts.started(p)
   local res = p:wait()
+  if ended then ended() end
   if (opts.stdout or "pipe") == "pipe" then res.stdout = collect(p, "stdout") end
   if (opts.stderr or "pipe") == "pipe" then res.stderr = collect(p, "stderr") end
   p:close()

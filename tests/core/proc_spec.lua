@@ -50,6 +50,15 @@ describe("proc.run", function()
     end
   end)
 
+  it("tells started of the process once it runs, and calls what it returns when it has ended", function()
+    local order = {}
+    local res = assert(proc.run{ argv = { "sh", "-c", "echo $$" }, started = function(p)
+      order[#order + 1] = p.pid
+      return function() order[#order + 1] = "ended" end
+    end })
+    assert.same({ tonumber(res.stdout), "ended" }, order)
+  end)
+
   it("reports the signal that ended the process", function()
     local r = sh("kill -KILL $$")
     assert.is_nil(r.code)

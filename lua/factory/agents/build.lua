@@ -235,6 +235,13 @@ function M.run(o)
         return p, serr, scode
       end
     end
+  elseif o.db and o.process then
+    -- The same for each command the built-in agent runs (a dev server it started would
+    -- otherwise outlive its timeout, which this process enforces), for as long as it runs.
+    args.on_command = function(p)
+      local rec = orchestrator.record_agent(o.db, o.process, p, { run = o.run_id, stage = st.name })
+      return function() orchestrator.forget_agent(o.db, o.process, rec) end
+    end
   end
   -- The built-in agent locks each file before it changes it; a file another
   -- objective holds is a conflict its team is told of, never an overwrite.

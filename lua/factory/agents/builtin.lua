@@ -15,7 +15,8 @@
 --                   appended to its system message,
 --        tools = { "read_file", ..., "finish" } the tools offered (default: all),
 --        secrets = { NAME }, timeout = SECONDS, max_output = BYTES,
---        lock = fn(relpath) -> true | nil, err, code   (the toolbox's: tools.new),
+--        lock = fn(relpath) -> true | nil, err, code, on_command = fn(process) -> fn()
+--          (the toolbox's: tools.new),
 --        max_iterations = n (default 30), token_budget = n | nil,
 --        stuck_repeats = n (default 3: the same call that many times in a row),
 --        stuck_idle = n (default 8: iterations that changed no file and made no call
@@ -168,7 +169,7 @@ function M.run(o)
   if not box then
     local err
     box, err = tools.new(o.root, { secrets = o.secrets, timeout = o.timeout, max_output = o.max_output,
-                                  lock = o.lock })
+                                  lock = o.lock, on_command = o.on_command })
     if not box then return confidence.blocked("cannot open the worktree: " .. tostring(err)), {} end
   end
   local max_iter, budget = o.max_iterations or 30, o.token_budget

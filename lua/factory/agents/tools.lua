@@ -3,6 +3,8 @@
 --   tools.new(root, { secrets = { "NAME", ... }, timeout = SECONDS (default 120),
 --                     max_output = BYTES (default 64 KiB), max_read = BYTES (default 256 KiB),
 --                     lock = fn(relpath) -> true | nil, err, code },
+--                     on_command = fn(process) -> fn() | nil (told of each command's
+--                       process once it runs; what it returns is called when it ends),
 --                     home = DIR (HOME of the commands; default: the agents' own home,
 --                       $XDG_CACHE_HOME/factory/agent-home or ~/.cache/factory/agent-home,
 --                       shared by them and outside every worktree) })
@@ -443,7 +445,8 @@ function Box:run_command(cmd)
     return fail("EINVAL", "run_command: expected an argv list or a shell command string")
   end
   local res, err, code = proc.run{ argv = argv, cwd = self.root, env = self:child_env(), timeout = self.timeout,
-                                   max_output = math.max(self.max_output, CAPTURE), stderr = "pipe" }
+                                   max_output = math.max(self.max_output, CAPTURE), stderr = "pipe",
+                                   started = self.on_command }
   if not res then return nil, err, code end
   if res.timed_out then res.timeout = self.timeout end
   for _, stream in ipairs({ "stdout", "stderr" }) do
@@ -495,7 +498,7 @@ function M.new(root, opts)
   return setmetatable({
     root = real, secrets = secrets, changes = 0,
     timeout = opts.timeout or 120, max_output = opts.max_output or 64 * 1024,
-    max_read = opts.max_read or 256 * 1024, lock = opts.lock, home = opts.home,
+    max_read = opts.max_read or 256 * 1024, lock = opts.lock, home = opts.home, on_command = opts.on_command,
   }, Box)
 end
 

@@ -330,6 +330,31 @@ describe("build stage", function()
     assert.equal(3000, json.decode(fake:requests()[1].body).max_tokens)
   end)
 
+  -- Recorded, a command outlives no killed engine: the next run or resume reaps it
+  -- (run_kill_spec shows the reaping with a CLI agent).
+  it("records each command the built-in agent runs while it runs, and forgets it after", function()
+    onefix_engine()
+    fake:script{ call("run_command", { command = "sleep 0.5" }),
+                 call("finish", { status = "COMPLETE", reasoning = "r", artifact = "nothing changed" }) }
+    local run_id = assert(engine:submit{ pipeline = "onefix", title = "a command", body = "x", repo = repo_dir,
+                                         external_id = "command-1" })
+    local seen
+    local watcher = fiber.spawn(function()
+      for _ = 1, 200 do
+        local rows = store:query("SELECT owner, data FROM locks WHERE name LIKE 'agent:%'")
+        if rows[1] then seen = rows[1] return end
+        fiber.sleep(0.01)
+      end
+    end)
+    assert.equal("succeeded", (engine:execute(run_id)))
+    fiber.join(watcher)
+    assert(seen, "no record while the command ran")
+    assert.equal(engine.owner, seen.owner)
+    assert.equal(run_id, seen.data.run)
+    assert.equal("fix", seen.data.stage)
+    assert.same({}, store:query("SELECT name FROM locks WHERE name LIKE 'agent:%'"))
+  end)
+
   it("a repository that is not a git repository: the stage runs without a worktree and says why", function()
     local plain = dir .. "/plain"
     assert(fs.mkdir_p(plain))
