@@ -23,6 +23,7 @@
  *   prompt_tokens(text) -> the prompt tokens a request's text is estimated at
  *   clear_budget("team"|"run", name)   forgets the account: its spending and override
  *   models(), stats() -> JSON text;  record(on);  records() -> { record, ... } | nil
+ *   stop(reason) -> number of calls stopped: the process is ending (see r_stop)
  *
  * A call reserves its estimated cost against every budget that applies (team per
  * day, run) before anything is sent and settles with the real usage when it ends:
@@ -240,6 +241,7 @@ static struct {
     call *live;
     record *rhead, *rtail;      /* finished calls, while recording is on */
     int recording, closed;
+    int stopping;               /* stop() was called: no fiber is woken any more */
 } R;
 
 /* ---- small helpers ----------------------------------------------------------------- */
@@ -985,8 +987,9 @@ static void finish(call *c) {
     if (c->tgt) c->tgt->p->trial = 0;
     settle(c);
     push_record(c, c->cancelled ? "cancelled" : c->err_code[0] ? "error" : "ok");
-    /* At lua_close the fiber is being collected: its abort will let go of c. */
-    fb_fiber *f = R.closed ? NULL : c->fiber;
+    /* At lua_close the fiber is being collected, and after stop() it is never to run
+     * again: either way its abort will let go of c. */
+    fb_fiber *f = R.closed || R.stopping ? NULL : c->fiber;
     if (f && c->committed) {
         stream_wake(c);
     } else if (f) {
@@ -2247,11 +2250,14 @@ static int not_ready(lua_State *L) {
     return 0;
 }
 
+static void never_woken(void *op) { (void)op; }
+
 static int start_call(lua_State *L, int op) {
     size_t len;
     const char *text = luaL_checklstring(L, 1, &len);
     const char *team = luaL_optstring(L, 2, NULL), *run = luaL_optstring(L, 3, NULL);
     fb_fiber *f = fb_check_current(L, op == OP_CHAT ? "router.chat" : "router.embeddings");
+    if (R.stopping) return fb_await(L, f, never_woken, NULL, 0);
     int unready = not_ready(L);
     if (unready) return unready;
     request_info ri;
@@ -2289,6 +2295,7 @@ static int r_chat_parts(lua_State *L) {
         lua_pop(L, 1);
     }
     fb_fiber *f = fb_check_current(L, "router.chat");
+    if (R.stopping) return fb_await(L, f, never_woken, NULL, 0);
     int unready = not_ready(L);
     if (unready) return unready;
     request_info ri;
@@ -2572,6 +2579,29 @@ static int r_records(lua_State *L) {
     return 1;
 }
 
+/* stop(reason) -> n: the process is about to end (factory run's Ctrl-C): each of the n
+ * calls in flight ends now, cancelled, and is recorded and charged as when its caller
+ * goes away (its prompt, if the provider had the request). The fibers waiting for
+ * them are not woken, nor are those that start a call afterwards: acting on an error
+ * they would write what the run did not do (an escalation, a failed stage) in the
+ * moment before the process ends. */
+static int r_stop(lua_State *L) {
+    const char *reason = luaL_checkstring(L, 1);
+    R.stopping = 1;
+    int n = 0;
+    call *next;
+    for (call *c = R.live; c; c = next) {
+        next = c->next;
+        if (c->done) continue;
+        c->cancelled = 1;
+        set_error(c, "ECANCELED", "%s", reason);
+        finish(c);
+        n++;
+    }
+    lua_pushinteger(L, n);
+    return 1;
+}
+
 /* lua_close: stop every transfer and timer; the calls go with their owners. */
 static int r_gc(lua_State *L) {
     R.closed = 1;
@@ -2617,6 +2647,7 @@ static const luaL_Reg router_functions[] = {
     {"prompt_tokens", r_prompt_tokens},
     {"record", r_record},
     {"records", r_records},
+    {"stop", r_stop},
     {NULL, NULL},
 };
 

@@ -47,6 +47,8 @@
 --       SQLite: within this process only (other processes must poll).
 --   db:migrate() -> { version =, applied = {...} }   db:schema_status() -> see db/migrations.lua
 --   db:tables() -> { name, ... }
+--   db:flush()   commits the posted writes (db:post) now: what a process about to end
+--       does; in a fiber it first waits for those being committed
 --   db:close()   in a fiber, first waits for posted writes being committed (db:post)
 --
 -- Statements use ? placeholders on both backends; values are only ever bound as
@@ -867,15 +869,14 @@ function DB:schema_status()
   return require("factory.db.migrations").status(self)
 end
 
-function DB:close()
-  if self.closed then return true end
-  -- Posted writes being committed by a fiber of their own are on disk before this
-  -- returns, as those not taken yet are.
+-- Posted writes being committed by a fiber of their own are on disk before this
+-- returns, as those not taken yet are; doing says what for, in the log.
+local function commit_posted(self, doing)
   local me = corefiber.current()
   if me then
     for f in pairs(self.flushing) do
       if f ~= me and fiber.join(f, CLOSE_WAIT) == nil then
-        log.error("db: closing while posted writes are still being committed", { waited_s = CLOSE_WAIT })
+        log.error("db: " .. doing .. " while posted writes are still being committed", { waited_s = CLOSE_WAIT })
       end
     end
   end
@@ -885,8 +886,18 @@ function DB:close()
     flush_posted(self)
   end
   if #self.posted > 0 then
-    log.error("db: closed with posted writes not committed", { writes = #self.posted })
+    log.error("db: " .. doing .. " with posted writes not committed", { writes = #self.posted })
   end
+end
+
+function DB:flush()
+  if not self.closed then commit_posted(self, "flushing") end
+  return true
+end
+
+function DB:close()
+  if self.closed then return true end
+  commit_posted(self, "closing")
   self.closed = true
   for i = #self.entries, 1, -1 do
     local e = self.entries[i]

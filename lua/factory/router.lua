@@ -46,6 +46,11 @@
 --       the error), latency_ms, retry_after_s } } } (first_token_ms: when the first
 --       chunk came, or the whole answer; none if neither did). The attempts are the
 --       chain in order, skipped providers included. Records never hold an API key.
+--   router.stop(reason) -> n: the process is about to end (an interrupted `factory
+--       run`): the n calls in flight end now, each cancelled, charged what it used (its
+--       prompt, if the provider had it) and handed to the on_call hooks before this
+--       returns. Their callers, and any that calls the router afterwards, wait for
+--       good: none acts on a call that did not finish.
 -- Error codes: EINVAL (bad request), EALIAS (unknown model), EBUDGET (a budget is
 -- exhausted: the pipeline turns it into BLOCKED), EUPSTREAM (the provider answered
 -- with an error or garbage), EUNAVAILABLE (no provider left to try), ETIMEDOUT,
@@ -75,6 +80,13 @@ end
 local function flushed(...)
   flush()
   return ...
+end
+
+function M.stop(reason)
+  if type(reason) ~= "string" then error("router.stop: expected a reason", 2) end
+  local n = core.stop(reason)
+  flush()
+  return n
 end
 
 function M.on_call(fn)

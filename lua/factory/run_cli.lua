@@ -381,12 +381,21 @@ local SIGNALS = { INT = 2, TERM = 15, HUP = 1 }
 
 -- Ctrl-C (or a kill) says what becomes of the run, then ends the process by the same
 -- signal: what a kill -9 would do, which a run is built to survive; the process
--- groups of its agents and gates go with it (factory.core.proc's guard).
-local function on_interrupt(run_id)
+-- groups of its agents and gates go with it (factory.core.proc's guard). First the
+-- model calls in flight end, and are recorded with the writes still waiting: the
+-- provider bills a call it had, so the run's and its team's spending (what a resumed
+-- run's budget starts from) must count it.
+local function on_interrupt(d, run_id)
   return fiber.spawn(function()
     local name = signal.wait("INT", "TERM", "HUP")
     io.stderr:write(("\nfactory: interrupted (SIG%s): run %d stops here; its finished stages are kept."
       .. " Continue it with: factory resume %d\n"):format(name, run_id, run_id))
+    local stopped = router.stop(("the run was interrupted (SIG%s)"):format(name))
+    d:flush()
+    if stopped > 0 then
+      io.stderr:write(("factory: %d model call(s) in flight stopped, recorded as cancelled with what they cost\n")
+        :format(stopped))
+    end
     -- The wait's handles close on the next turn of the loop; then the guard is back.
     fiber.sleep(0.01)
     ffi.C.kill(proc.getpid(), SIGNALS[name])
@@ -406,7 +415,7 @@ end
 
 local function drive(e, run_id, flags, tty)
   reap_agents(e.db)
-  local interrupt = on_interrupt(run_id)
+  local interrupt = on_interrupt(e.db, run_id)
   local code = drive_run(e, run_id, flags, tty)
   interrupt:cancel("the run's execution ended")
   return code

@@ -42,7 +42,7 @@ after_each(function()
   assert(fs.remove(dir, { recursive = true }))
 end)
 
--- args may give a --project of its own.
+-- args may give a --config or --project of their own.
 local function factory(args)
   local argv = { host.exe }
   local given = {}
@@ -50,11 +50,11 @@ local function factory(args)
     argv[#argv + 1] = a
     given[a] = true
   end
-  for _, a in ipairs({ "--config", dir .. "/factory.lua", "--db", "sqlite:" .. dir .. "/factory.db" }) do
-    argv[#argv + 1] = a
-  end
-  if not given["--project"] then
-    argv[#argv + 1], argv[#argv + 2] = "--project", ROOT
+  for _, option in ipairs({ { "--config", dir .. "/factory.lua" }, { "--db", "sqlite:" .. dir .. "/factory.db" },
+                            { "--project", ROOT } }) do
+    if not given[option[1]] then
+      argv[#argv + 1], argv[#argv + 2] = option[1], option[2]
+    end
   end
   return assert(proc.spawn{ argv = argv, stdout = "pipe", stderr = "stdout" })
 end
@@ -160,6 +160,49 @@ describe("factory run under kill -9", function()
     status, out = finish(factory{ "resume", tostring(id) })
     assert.equal(0, status.code, out)
     assert.contains(("run %d succeeded (feature)"):format(id), out)
+  end, { timeout = 30 })
+
+  it("Ctrl-C during a model call records the call as cancelled, with its cost, and leaves the run resumable",
+     function()
+    -- A provider that takes its time: the call is still with it when Ctrl-C comes.
+    local slow = assert(proc.spawn{ argv = { host.exe, ROOT .. "examples/replay/server.lua", "--delay", "30",
+                                             "--log", dir .. "/slow.log" } })
+    local url = assert(slow:read_line())
+    assert(fs.write(dir .. "/slow.lua", ([[
+providers { replay = { base_url = %q, api_key = "replay-no-key" } }
+models { ["factory/architect"] = { "replay/r" }, ["factory/coder"] = { "replay/r" },
+         ["factory/fast"] = { "replay/r" }, ["factory/cheap"] = { "replay/r" } }
+prices { ["replay/r"] = { input = 3, output = 15 } }
+]]):format(url .. "/v1")))
+    local p = factory{ "run", "feature", "--repo", tasks_repo, "--issue", title(2), "--config", dir .. "/slow.lua" }
+    local deadline = time.monotonic() + 10
+    while not (fs.read(dir .. "/slow.log") or ""):find("\n") and time.monotonic() < deadline do fiber.sleep(0.005) end
+    p:kill("INT")
+    local status, out = finish(p)
+    slow:kill("KILL")
+    slow:wait()
+    slow:close()
+    assert.equal(2, status.signal, out)
+    assert.contains("1 model call(s) in flight stopped, recorded as cancelled with what they cost", out)
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    local calls = assert(store:query("SELECT team, status, code, error, prompt_tokens, cost_usd FROM model_calls"))
+    local run = runs_of(store, 2)[1]
+    local results = assert(store:query("SELECT COUNT(*) AS n FROM stage_results"))[1].n
+    local asked = assert(store:query("SELECT COUNT(*) AS n FROM mail WHERE kind = 'escalation'"))[1].n
+    assert.truthy(audit.verify(store))
+    store:close()
+    assert.equal(1, #calls, out)
+    local c = calls[1]
+    assert.same({ "business_analysis", "cancelled", "ECANCELED", "the run was interrupted (SIGINT)" },
+                { c.team, c.status, c.code, c.error })
+    -- The provider had the request: its prompt is paid for.
+    assert.truthy(c.prompt_tokens > 0 and c.cost_usd > 0, out)
+    -- Nothing acted on the stopped call: no result, no question for a human, the run still running.
+    assert.equal(0, results)
+    assert.equal(0, asked)
+    assert.equal("running", run.state)
+    status, out = finish(factory{ "resume", tostring(run.id) })
+    assert.equal(0, status.code, out)
   end, { timeout = 30 })
 
   it("reads a work item file saved with CRLF line ends and a byte-order mark as the same item", function()

@@ -432,6 +432,24 @@ local function suite(backend, fresh)
       assert.truthy(text:find("ECONSTRAINT", 1, true), text)
     end },
 
+    { "flush: the posted writes are committed when it returns, and the store stays open", function(d)
+      assert(d:exec(T))
+      local function insert(tx, i) return tx:exec("INSERT INTO t (i, s) VALUES (?, ?)", { i, "posted" }) end
+      local ok, n = fiber.join(fiber.spawn(function()
+        d:post(insert, 1)
+        d:post(insert, 2)
+        assert.equal(true, d:flush())
+        assert.equal(2, count(d))
+        d:post(insert, 3)
+        d:flush()
+        return count(d)
+      end), 10)
+      assert.truthy(ok, tostring(n))
+      assert.equal(3, n)
+      assert(d:exec("INSERT INTO t (i) VALUES (?)", { 4 }))
+      assert.equal(4, count(d))
+    end },
+
     { "other fibers never see a transaction's rows before it commits", function(d)
       assert(d:exec(T))
       local writer = fiber.spawn(function()

@@ -4,6 +4,8 @@ local router = require "factory.router"
 local fiber = require "factory.fiber"
 local json = require "factory.json"
 local time = require "factory.core.time"
+local proc = require "factory.proc"
+local host = require "factory.core.host"
 
 local TOOLS = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../tools/"
 local fake_model = dofile(TOOLS .. "fake_model.lua")
@@ -827,5 +829,25 @@ describe("router", function()
     s:close()
     assert.equal(0, router.stats().calls)
     assert.equal("cancelled", records[#records].status)
+  end)
+end)
+
+-- router.stop stops the router for good, so it runs in a process of its own
+-- (tests/tools/router_stop.lua), as it does in a `factory run` about to end.
+describe("router.stop", function()
+  it("ends the call in flight as cancelled, recorded and charged its prompt, and wakes no caller", function()
+    local p = assert(proc.spawn{ argv = { host.exe, TOOLS .. "router_stop.lua" }, stderr = "stdout" })
+    local status = p:wait(20)
+    local seen, out = {}, {}
+    for line in function() return p:read_line() end do
+      out[#out + 1] = line
+      local name, value = line:match("^(%S+) (.*)$")
+      if name then seen[name] = value end
+    end
+    p:close()
+    assert.equal(0, status.code, table.concat(out, "\n"))
+    assert.same({ stopped = "1", records = "1", record = "cancelled|ECANCELED|the process is ending|qa|7",
+                  charged = "true", first_waits = "true", later_waits = "true", upstream_requests = "1",
+                  records_after = "1" }, seen)
   end)
 end)
