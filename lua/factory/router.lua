@@ -46,6 +46,9 @@
 --       the error), latency_ms, retry_after_s } } } (first_token_ms: when the first
 --       chunk came, or the whole answer; none if neither did). The attempts are the
 --       chain in order, skipped providers included. Records never hold an API key.
+--   router.flush()  hands the records of the calls that have ended to the on_call
+--       hooks now (otherwise the next fiber that passes through the router does):
+--       a process about to end calls it, after cancelling its callers
 --   router.stop(reason) -> n: the process is about to end (an interrupted `factory
 --       run`): the n calls in flight end now, each cancelled, charged what it used (its
 --       prompt, if the provider had it) and handed to the on_call hooks before this

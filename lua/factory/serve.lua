@@ -33,7 +33,7 @@
 -- other processes), and every call is written to the store (factory.records.model_call: the
 -- model_calls table and the audit log) as a posted write (db:post), so the response
 -- does not wait for it, and a burst of calls shares commits; stopping writes what is
--- still waiting.
+-- still waiting, with the calls it cut short (cancelled).
 local server = require "factory.http_server"
 local router = require "factory.router"
 local config = require "factory.config"
@@ -196,6 +196,9 @@ function M.start(opts)
   local close = srv.close
   function srv.close(self, grace)
     close(self, grace)
+    -- The calls of the requests that the grace did not see to the end were cancelled
+    -- with their handlers: their records go to the store before it closes.
+    router.flush()
     for i = #closers, 1, -1 do closers[i]() end
   end
   return srv

@@ -655,6 +655,32 @@ budgets { teams = { qa = { tokens_per_day = 100000 } } }
     assert.truthy(verified, why)
   end)
 
+  it("with --db, records a call that was still running when the server stopped, as cancelled", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(proc.run{ argv = { "mkdir", "-p", dir } })
+    start([[prices { ["up/gpt-test"] = { input = 3, output = 15 } }]], { db = "sqlite:" .. dir .. "/factory.db" })
+    fake:script{ { fault = "hang" } }
+    local caller = fiber.spawn(function()
+      return http.request{ method = "POST", url = base .. "/v1/chat/completions", body = chat_body("factory/coder"),
+                           headers = { ["Content-Type"] = "application/json" }, timeout = 10 }
+    end)
+    local deadline = time.monotonic() + 5
+    while fake:count() < 1 and time.monotonic() < deadline do fiber.sleep(0.01) end
+    srv:close(0.1)
+    srv = nil
+    local _, res, err = fiber.join(caller, 5)
+    assert.is_nil(res, "no answer after the grace")
+    assert.matches("^ECONNRESET", err)
+    local db = assert(require("factory.db").open("sqlite:" .. dir .. "/factory.db"))
+    local calls = assert(db:query("SELECT status, code, prompt_tokens, cost_usd FROM model_calls"))
+    db:close()
+    proc.run{ argv = { "rm", "-rf", dir } }
+    assert.equal(1, #calls)
+    assert.same({ "cancelled", "ECANCELED" }, { calls[1].status, calls[1].code })
+    assert.truthy(calls[1].prompt_tokens > 0 and calls[1].cost_usd > 0, "its prompt is charged")
+  end)
+
   -- tests/npm with the official SDKs installed (npm ci, once), and the environment
   -- node runs them in.
   local function sdks()
