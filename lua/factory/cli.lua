@@ -176,11 +176,24 @@ local function cmd_check(argv)
   local bad = no_extra("check", argv, 1)
   if bad then return bad end
   local defs = require "factory.defs"
-  local problems, warnings = defs.check(argv[2] or ".")
+  local dir = argv[2] or "."
+  local problems, warnings, checked = defs.check(dir)
   for _, p in ipairs(problems) do io.stderr:write(p, "\n") end
   for _, w in ipairs(warnings or {}) do io.stderr:write("warning: ", w, "\n") end
   if #problems > 0 then return 1 end
-  io.stdout:write("check: ok\n")
+  local what = {}
+  if checked.config then what[1] = "factory.lua" end
+  local function count(n, noun) if n > 0 then what[#what + 1] = ("%d %s%s"):format(n, noun, n == 1 and "" or "s") end end
+  count(checked.pipelines, "pipeline")
+  count(checked.teams, "team")
+  -- An "ok" for a directory that holds no project would pass a batch's check in the
+  -- wrong place.
+  if #what == 0 then
+    io.stderr:write(("check: nothing to check in %s: no factory.lua, teams/*.lua or pipelines/*.lua"
+      .. " (factory check DIR names the project's directory)\n"):format(dir))
+    return 1
+  end
+  io.stdout:write("check: ok: ", table.concat(what, ", "), "\n")
   return 0
 end
 

@@ -12,7 +12,9 @@
 --     reg:watch([opts]) -> handle with :stop()  (opts go to fs.watch: debounce);
 --                          changes are logged: "reloaded" (info), rejections (warn)
 --   defs.check(dir) -> problems of a project directory (teams, pipelines, factory.lua),
---       warnings (valid, but failing on this machine: a CLI agent not installed)
+--       warnings (valid, but failing on this machine: a CLI agent not installed),
+--       checked = { config = whether there is a factory.lua, teams =, pipelines = (how
+--       many loaded) }
 -- A problem is "file:line: message". The name of a definition is its file name
 -- without the extension (pipelines/feature.lua defines "feature").
 --
@@ -357,7 +359,8 @@ function M.check(dir)
   local project = dsl.project(dir, { aliases = aliases })
   local found = project:load()
   for i, p in ipairs(found) do table.insert(problems, i, p) end
-  return problems, missing_agents(dir, project)
+  return problems, missing_agents(dir, project), { config = fs.stat(config) ~= nil,
+    teams = #project.teams:names(), pipelines = #project.pipelines:names() }
 end
 
 return M

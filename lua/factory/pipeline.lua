@@ -20,6 +20,8 @@
 --       new run
 --   pipeline.operative_of(team, stage) -> the operative that works on the stage (its
 --       `operative`, else the team's first)
+--   pipeline.missing(project, name) -> nil when the project defines pipeline name, else
+--       "ENOENT: ..." saying which it has (or where none was found), "ENOENT"
 --   engine:close()
 --
 -- Team budgets: a team file's budget (usd_per_day, tokens_per_day) is given to the
@@ -188,16 +190,20 @@ local function oversized(project, pipe, anchor)
   end
 end
 
+function M.missing(project, name)
+  if project.pipelines:get(name) then return nil end
+  local names = project.pipelines:names()
+  if #names > 0 then
+    return ("ENOENT: no pipeline %q (pipelines: %s)"):format(name, table.concat(names, ", ")), "ENOENT"
+  end
+  return ("ENOENT: no pipeline %q: no pipelines/*.lua in %s; --project DIR names where teams/ and pipelines/"
+    .. " are"):format(name, project.dir == "." and "the current directory" or project.dir), "ENOENT"
+end
+
 function Engine:submit(w)
   assert(type(w.pipeline) == "string" and type(w.title) == "string", "engine:submit: pipeline and title are required")
-  if not self.project.pipelines:get(w.pipeline) then
-    local names = self.project.pipelines:names()
-    if #names > 0 then
-      return nil, ("ENOENT: no pipeline %q (pipelines: %s)"):format(w.pipeline, table.concat(names, ", ")), "ENOENT"
-    end
-    return nil, ("ENOENT: no pipeline %q: no pipelines/*.lua in %s; --project DIR names where teams/ and pipelines/"
-      .. " are"):format(w.pipeline, self.project.dir == "." and "the current directory" or self.project.dir), "ENOENT"
-  end
+  local missing, code = M.missing(self.project, w.pipeline)
+  if missing then return nil, missing, code end
   if not w.title:find("%S") then return nil, "EINVAL: the work item has no title: its text is empty", "EINVAL" end
   local anchor = w.title .. (w.body and w.body ~= "" and ("\n\n" .. w.body) or "")
   if w.repo then anchor = anchor .. REPOSITORY .. w.repo end

@@ -299,7 +299,9 @@ end
 
 -- ---- run / resume -----------------------------------------------------------------
 
-local function engine_for(flags, opts, on_event, redraw)
+-- pipeline_name (factory run's): a project without it is refused before the store is
+-- opened, which would make one (.factory/) in a directory that holds no project.
+local function engine_for(flags, opts, on_event, redraw, pipeline_name)
   local router_cfg, agents = opts.router, opts.agents
   local engine, config_watch
   if not router_cfg then
@@ -329,14 +331,19 @@ local function engine_for(flags, opts, on_event, redraw)
     unwatch()
     return nil, err
   end
+  local project = dsl.project(flags.project or ".", { aliases = dsl.aliases_of(router_cfg) })
+  for _, p in ipairs(project:load()) do io.stderr:write("factory: ", p, "\n") end
+  local missing = pipeline_name and pipeline.missing(project, pipeline_name)
+  if missing then
+    unwatch()
+    return nil, missing
+  end
   local d
   d, err = open_db(flags.db)
   if not d then
     unwatch()
     return nil, err
   end
-  local project = dsl.project(flags.project or ".", { aliases = dsl.aliases_of(router_cfg) })
-  for _, p in ipairs(project:load()) do io.stderr:write("factory: ", p, "\n") end
   local watch = project:watch()
   engine = pipeline.engine{ db = d, project = project, on_event = on_event, budgets = router_cfg.budgets,
                             agents = agents }
@@ -527,7 +534,7 @@ local function cmd_run(flags, words, opts)
   local repo = fs.realpath(flags.repo) or flags.repo
   local tty = ffi.C.isatty(1) == 1
   local on_event, redraw = progress(tty)
-  local e, err = engine_for(flags, opts, on_event, redraw)
+  local e, err = engine_for(flags, opts, on_event, redraw, words[1])
   if not e then return fail(err) end
   local pipe = e.engine.project.pipelines:get(words[1])
   local unready = unloaded_team(pipe, e.engine.project) or unready_repo(pipe, repo, "--repo " .. flags.repo)

@@ -205,6 +205,19 @@ prices { ["replay/r"] = { input = 3, output = 15 } }
     assert.equal(0, status.code, out)
   end, { timeout = 30 })
 
+  it("refuses a pipeline the project does not have, naming those it has, before making a store", function()
+    local status, out = finish(factory{ "run", "featrue", "--repo", tasks_repo, "--issue", title(3),
+                                        "--db", "sqlite:" .. dir .. "/fresh.db" })
+    assert.equal(1, status.code, out)
+    assert.equal('factory: ENOENT: no pipeline "featrue" (pipelines: bugfix, feature, full)\n', out)
+    assert.is_nil(fs.stat(dir .. "/fresh.db"), "no store was made")
+    status, out = finish(factory{ "run", "feature", "--repo", tasks_repo, "--issue", title(3),
+                                  "--project", tasks_repo, "--db", "sqlite:" .. dir .. "/fresh.db" })
+    assert.equal(1, status.code, out)
+    assert.contains('no pipeline "feature": no pipelines/*.lua in ' .. tasks_repo, out)
+    assert.is_nil(fs.stat(dir .. "/fresh.db"), "no store was made")
+  end, { timeout = 30 })
+
   it("reads a work item file saved with CRLF line ends and a byte-order mark as the same item", function()
     local body = "# Tasks can have a due date, from a file\n\nUsers want due dates.\n"
     assert(fs.write(dir .. "/unix.md", body))

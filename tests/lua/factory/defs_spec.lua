@@ -330,7 +330,7 @@ return team "backend_engineering" {
     local out = p:read("*a")
     p:close()
     assert.contains("warning: " .. warnings[1] .. "\n", out)
-    assert.contains("check: ok\nexit=0\n", out)
+    assert.contains("check: ok: 1 team\nexit=0\n", out)
   end)
 
   it("accepts a project without definition directories; a missing one is a problem", function()
@@ -347,7 +347,10 @@ return team "backend_engineering" {
       p:close()
       return out
     end
-    assert.equal("check: ok\nexit=0\n", run(FIXTURES .. "/good_project"))
+    assert.equal("check: ok: factory.lua, 1 pipeline, 1 team\nexit=0\n", run(FIXTURES .. "/good_project"))
+    -- A directory that holds no project is not "ok": the check ran in the wrong place.
+    assert.equal(("check: nothing to check in %s: no factory.lua, teams/*.lua or pipelines/*.lua"
+      .. " (factory check DIR names the project's directory)\nexit=1\n"):format(dir), run(dir))
     local out = run(FIXTURES .. "/bad_project")
     assert.contains("bad_project/teams/broken.lua:3: unexpected symbol near '='", out)
     assert.contains("bad_project/factory.lua:2: ", out)
