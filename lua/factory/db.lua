@@ -326,11 +326,12 @@ end
 -- dead fiber left running; SQLite's one connection is rolled back and reused. In a
 -- SQLite group only the dead member's savepoint is rolled back; a dead committer's
 -- COMMIT ran on regardless, and a ROLLBACK queued behind it fails exactly when that
--- COMMIT succeeded.
+-- COMMIT succeeded. An owner that died while connecting (cancelled during a
+-- reconnection's backoff) left an entry without a connection: it just goes.
 local function reclaim(self, e, me)
   e.owner = me
   if self.backend == "postgres" then
-    e.conn:close()
+    if e.conn then e.conn:close() end
   elseif e.group and e.group.committing then
     local g = e.group
     e.group = nil

@@ -179,6 +179,22 @@ describe("postgres backend", function()
     d:close()
   end)
 
+  it("a fiber cancelled while it reconnects leaves no broken connection behind", function()
+    local d = assert(db.open(fresh() .. "?pool=1&connect_timeout=0.2"))
+    assert(d:query("SELECT 1 AS one"))
+    terminate_sessions()
+    -- The server stops answering: the next query's reconnection waits, retrying,
+    -- until its fiber is cancelled (a stage's timeout, say).
+    local pid = server.postmaster_pid()
+    os.execute("kill -STOP " .. pid)
+    local ok = fiber.with_timeout(0.5, function() return d:query("SELECT 2 AS two") end)
+    os.execute("kill -CONT " .. pid)
+    assert.falsy(ok, "the reconnection was still retrying")
+    local rows = assert(d:query("SELECT 3 AS three"))
+    assert.equal(3, rows[1].three)
+    d:close()
+  end)
+
   it("LISTEN delivers notifications sent from another connection and survives a reconnect", function()
     local url = fresh()
     local a, b = assert(db.open(url)), assert(db.open(url))
