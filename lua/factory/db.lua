@@ -37,8 +37,12 @@
 --       fiber holds the writer next. fn failing, or its group's COMMIT, is logged as an
 --       error, and the next db:tx, db:exec or db:script of the fiber that posted it
 --       returns it, once, without running: nil, "EPOSTED: a write this fiber posted
---       was lost (...)", "EPOSTED". PostgreSQL, and callers outside any fiber: db:tx at
---       once, failures logged and returned alike.
+--       was lost (...)", "EPOSTED". On PostgreSQL fn waits in a queue too, committed
+--       in batches by a fiber of its own and before any later db:tx, db:exec or
+--       db:script of this db (which fails as they do when the server cannot be
+--       reached); while the server is away the queue (at most MAX_POSTED writes) waits
+--       for it, so an outage neither holds up the poster nor loses its writes.
+--       Callers outside any fiber: db:tx at once, failures logged and returned alike.
 --   db:notify(channel, payload)  db:listen(channel) -> listener
 --       listener:wait([timeout]) -> { channel =, payload = } | nil, err, code;  listener:close()
 --       PostgreSQL: LISTEN/NOTIFY on a dedicated connection (tx:notify is delivered at
@@ -588,6 +592,117 @@ local function pg_tx(self, fn, ...)
   return unpack(res, 2, res.n)
 end
 
+-- PostgreSQL's posted writes (db:post) wait in self.posted and are committed in
+-- batches: by a fiber of their own (pg_flusher), and before any db:tx, db:exec or
+-- db:script (pg_posted_first), so that none commits before a write posted ahead of
+-- it. A batch is one transaction, each write under a savepoint of its own: a write
+-- that fails is undone alone, logged and told to its poster (lose). When the
+-- database cannot be reached the batch goes back to the front of the queue, to be
+-- committed when it can: a caller never waits for a write it posted, and an outage
+-- shorter than the process's life loses none (at most MAX_POSTED are kept).
+local MAX_POSTED = 20000
+local FLUSH_RETRY_MAX = 30 -- seconds between two tries to commit while the database is away
+
+local function requeue(self, list)
+  for _, p in ipairs(self.posted) do list[#list + 1] = p end
+  self.posted = list
+end
+
+local function pg_batch(self, e, me, list)
+  local failures, memo = {}, {}
+  for _, p in ipairs(list) do
+    local ok, err, code = e.conn:script("SAVEPOINT posted")
+    if not ok then return nil, err, code end
+    local res, _, m = run_fn(self, me, e.conn, memo, p.fn, unpack(p.args, 1, p.args.n))
+    if tx_failed(res) then
+      if not usable(e) then return nil, "ECONNRESET: the connection was lost", "ECONNRESET" end
+      failures[#failures + 1] = { fiber = p.fiber, err = res[1] and res[3] or tx_error_text(res[2]) }
+      ok, err, code = e.conn:script("ROLLBACK TO SAVEPOINT posted")
+    else
+      for k, v in pairs(m) do memo[k] = v end
+      ok, err, code = e.conn:script("RELEASE SAVEPOINT posted")
+    end
+    if not ok then return nil, err, code end
+  end
+  return failures
+end
+
+-- Commits the queued posted writes (after a batch another fiber has in flight) ->
+-- true | nil, err, code (the database could not be reached: the writes are queued
+-- again).
+local function pg_commit_posted(self)
+  while self.in_flight do
+    local batch = self.in_flight
+    if alive(batch.owner) then
+      batch.done:wait(1)
+    else
+      -- Its fiber was cancelled mid-batch: the connection it held is rolled back
+      -- when reclaimed, so the batch is queued again.
+      self.in_flight = nil
+      requeue(self, batch.list)
+    end
+  end
+  local list = self.posted
+  if #list == 0 then return true end
+  self.posted = {}
+  local me = corefiber.current() or MAIN
+  local done = fiber.cond()
+  self.in_flight = { done = done, owner = me, list = list }
+  local e, err, code = acquire(self, 3)
+  local failures
+  if e then
+    local ok
+    ok, err, code = e.conn:script("BEGIN")
+    if ok then
+      e.in_tx = true
+      failures, err, code = pg_batch(self, e, me, list)
+      if failures then
+        ok, err, code = e.conn:script("COMMIT")
+        if not ok then failures = nil end
+      end
+      if not failures then e.conn:script("ROLLBACK") end
+      e.in_tx = false
+    end
+    release(self, e)
+  end
+  self.in_flight = nil
+  done:broadcast()
+  if not failures then
+    requeue(self, list)
+    return nil, err, code
+  end
+  for _, f in ipairs(failures) do
+    log.error("db: a posted write failed; its work was undone", { error = tostring(f.err) })
+    lose(self, f.fiber, f.err)
+  end
+  return true
+end
+
+-- Before a write: the writes posted ahead of it commit first, or it fails as they did.
+local function pg_posted_first(self)
+  if self.backend ~= "postgres" or (#self.posted == 0 and not self.in_flight) then return true end
+  if not corefiber.current() then return true end
+  return pg_commit_posted(self)
+end
+
+local function pg_flusher(self)
+  local delay = 0.5
+  while #self.posted > 0 and not self.closed do
+    local ok, err = pg_commit_posted(self)
+    if ok then
+      delay = 0.5
+    elseif not self.closed then
+      log.warn("db: posted writes wait for the database", { writes = #self.posted, error = tostring(err),
+                                                             retry_s = delay })
+      self.flusher_idle = true
+      corefiber.sleep(delay)
+      self.flusher_idle = false
+      delay = math.min(delay * 2, FLUSH_RETRY_MAX)
+    end
+  end
+  self.flusher = nil
+end
+
 -- SQLite group commit. A transaction that finds the connection idle opens a group
 -- (BEGIN IMMEDIATE); everyone queued for the connection meanwhile runs inside that
 -- same transaction when their turn comes, each db:tx under a SAVEPOINT of its own so
@@ -739,6 +854,8 @@ end
 
 function DB:tx(fn, ...)
   if type(fn) ~= "function" then error("db:tx: expected a function, got " .. type(fn), 2) end
+  local pok, perr, pcode = pg_posted_first(self)
+  if not pok then return nil, perr, pcode end
   local lost = lost_error(self, corefiber.current() or MAIN)
   if lost then return nil, lost, "EPOSTED" end
   if self.backend == "sqlite" then return sqlite_tx(self, true, fn, ...) end
@@ -759,14 +876,16 @@ local function flush_posted(self)
 end
 
 function spawn_flusher(self)
-  if not self.flusher and corefiber.current() then self.flusher = corefiber.spawn(flush_posted, self) end
+  if not self.flusher and corefiber.current() then
+    self.flusher = corefiber.spawn(self.backend == "postgres" and pg_flusher or flush_posted, self)
+  end
 end
 
 function DB:post(fn, ...)
   if type(fn) ~= "function" then error("db:post: expected a function, got " .. type(fn), 2) end
   local me = corefiber.current()
   if self.tx_owners[me or MAIN] then misuse(2) end
-  if self.backend ~= "sqlite" or not me or self.closed then
+  if not me or self.closed then
     local ok, err
     if self.backend == "sqlite" then ok, err = sqlite_tx(self, false, fn, ...) else ok, err = pg_tx(self, fn, ...) end
     if not ok then
@@ -776,6 +895,16 @@ function DB:post(fn, ...)
     return
   end
   self.posted[#self.posted + 1] = { fn = fn, args = pack(...), fiber = me }
+  if self.backend == "postgres" then
+    if #self.posted > MAX_POSTED then
+      local dropped = table.remove(self.posted, 1)
+      local err = ("EPOSTED: %d posted writes wait for the database already"):format(MAX_POSTED)
+      log.error("db: a posted write was dropped", { error = err })
+      lose(self, dropped.fiber, err)
+    end
+    spawn_flusher(self)
+    return
+  end
   -- A writer in use takes the write in before it is left idle (release).
   local e = self.entries[1]
   if not e or e.owner == nil then spawn_flusher(self) end
@@ -789,6 +918,8 @@ end
 -- one that finds the connection idle commits on its own.
 function DB:exec(sql, params)
   local args, n = prepare(sql, params)
+  local pok, perr, pcode = pg_posted_first(self)
+  if not pok then return nil, perr, pcode end
   local lost = lost_error(self, corefiber.current() or MAIN)
   if lost then return nil, lost, "EPOSTED" end
   if self.backend == "sqlite" then
@@ -814,11 +945,13 @@ end
 -- before writes posted earlier.
 function DB:script(sql)
   prepare(sql)
+  local pok, perr, pcode = pg_posted_first(self)
+  if not pok then return nil, perr, pcode end
   local lost = lost_error(self, corefiber.current() or MAIN)
   if lost then return nil, lost, "EPOSTED" end
   local e, err, code = acquire(self, 2)
   if not e then return nil, err, code end
-  if not e.group and #self.posted > 0 then
+  if self.backend == "sqlite" and not e.group and #self.posted > 0 then
     local ok, gerr, gcode = open_group(self, e)
     if not ok then return nil, gerr, gcode end
   end
@@ -874,6 +1007,20 @@ end
 -- returns, as those not taken yet are; doing says what for, in the log.
 local function commit_posted(self, doing)
   local me = corefiber.current()
+  if self.backend == "postgres" then
+    -- A flusher waiting out an outage would keep the process alive for its wait.
+    if self.flusher and self.flusher_idle then
+      self.flusher:cancel("the database is " .. doing)
+      self.flusher = nil
+    end
+    local ok, err = true, nil
+    if me and (#self.posted > 0 or self.in_flight) then ok, err = pg_commit_posted(self) end
+    if not ok or #self.posted > 0 then
+      log.error("db: " .. doing .. " with posted writes not committed", { writes = #self.posted,
+                                                                         error = err and tostring(err) })
+    end
+    return
+  end
   if me then
     for f in pairs(self.flushing) do
       if f ~= me and fiber.join(f, CLOSE_WAIT) == nil then

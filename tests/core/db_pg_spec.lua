@@ -4,6 +4,7 @@
 -- server cannot be started these specs fail; they never skip.
 local db = require "factory.db"
 local fiber = require "factory.fiber"
+local time = require "factory.core.time"
 local server = require "tests.tools.pg"
 
 local admin -- a superuser connection, for ending sessions
@@ -194,6 +195,37 @@ describe("postgres backend", function()
     assert.equal(3, rows[1].three)
     d:close()
   end)
+
+  it("posted writes wait out a server that is away: the poster does not wait, and none is lost", function()
+    local d = assert(db.open(fresh() .. "?pool=2&connect_timeout=0.2"))
+    assert(d:exec("CREATE TABLE t (i INTEGER PRIMARY KEY)"))
+    local function insert(tx, i) return tx:exec("INSERT INTO t (i) VALUES (?)", { i }) end
+    terminate_sessions()
+    local pid = server.postmaster_pid()
+    os.execute("kill -STOP " .. pid)
+    local ok, took = fiber.join(fiber.spawn(function()
+      local t0 = time.monotonic()
+      for i = 1, 3 do d:post(insert, i) end
+      return time.monotonic() - t0
+    end), 5)
+    fiber.sleep(0.5)
+    os.execute("kill -CONT " .. pid)
+    assert.truthy(ok, tostring(took))
+    assert.less(0.1, took, "seconds the poster waited")
+    local n = 0
+    local deadline = time.monotonic() + 20
+    while n < 3 and time.monotonic() < deadline do
+      fiber.sleep(0.1)
+      local rows = d:query("SELECT COUNT(*) AS n FROM t")
+      n = rows and rows[1].n or 0
+    end
+    assert.equal(3, n)
+    -- A write after them commits after them, and the store closes with none waiting.
+    d:post(insert, 4)
+    assert(d:exec("INSERT INTO t (i) VALUES (?)", { 5 }))
+    assert.equal(5, assert(d:query("SELECT COUNT(*) AS n FROM t"))[1].n)
+    d:close()
+  end, { timeout = 30 })
 
   it("LISTEN delivers notifications sent from another connection and survives a reconnect", function()
     local url = fresh()
