@@ -40,8 +40,9 @@
 --       was lost (...)", "EPOSTED". On PostgreSQL fn waits in a queue too, committed
 --       in batches by a fiber of its own and before any later db:tx, db:exec or
 --       db:script of this db (which fails as they do when the server cannot be
---       reached); while the server is away the queue (at most MAX_POSTED writes) waits
---       for it, so an outage neither holds up the poster nor loses its writes.
+--       reached); while the server is away the queue waits for it, so an outage
+--       neither holds up the poster nor loses its writes (past db.max_posted waiting
+--       writes, default 20,000, a poster waits for room).
 --       Callers outside any fiber: db:tx at once, failures logged and returned alike.
 --   db:notify(channel, payload)  db:listen(channel) -> listener
 --       listener:wait([timeout]) -> { channel =, payload = } | nil, err, code;  listener:close()
@@ -598,8 +599,9 @@ end
 -- it. A batch is one transaction, each write under a savepoint of its own: a write
 -- that fails is undone alone, logged and told to its poster (lose). When the
 -- database cannot be reached the batch goes back to the front of the queue, to be
--- committed when it can: a caller never waits for a write it posted, and an outage
--- shorter than the process's life loses none (at most MAX_POSTED are kept).
+-- committed when it can: a caller does not wait for a write it posted (unless
+-- MAX_POSTED are waiting already), and an outage shorter than the process's life
+-- loses none.
 local MAX_POSTED = 20000
 local FLUSH_RETRY_MAX = 30 -- seconds between two tries to commit while the database is away
 
@@ -608,7 +610,7 @@ local function requeue(self, list)
   self.posted = list
 end
 
-local function pg_batch(self, e, me, list)
+local function pg_each(self, e, me, list)
   local failures, memo = {}, {}
   for _, p in ipairs(list) do
     local ok, err, code = e.conn:script("SAVEPOINT posted")
@@ -625,6 +627,31 @@ local function pg_batch(self, e, me, list)
     if not ok then return nil, err, code end
   end
   return failures
+end
+
+-- The writes run together under one savepoint; only when one fails is that undone
+-- and each run again under a savepoint of its own (as run_posted does on SQLite).
+local function pg_batch(self, e, me, list)
+  local ok, err, code = e.conn:script("SAVEPOINT posted")
+  if not ok then return nil, err, code end
+  local memo, all_ok = {}, true
+  for _, p in ipairs(list) do
+    local res, _, m = run_fn(self, me, e.conn, memo, p.fn, unpack(p.args, 1, p.args.n))
+    if tx_failed(res) then
+      all_ok = false
+      break
+    end
+    for k, v in pairs(m) do memo[k] = v end
+  end
+  if all_ok then
+    ok, err, code = e.conn:script("RELEASE SAVEPOINT posted")
+    if not ok then return nil, err, code end
+    return {}
+  end
+  if not usable(e) then return nil, "ECONNRESET: the connection was lost", "ECONNRESET" end
+  ok, err, code = e.conn:script("ROLLBACK TO SAVEPOINT posted; RELEASE SAVEPOINT posted")
+  if not ok then return nil, err, code end
+  return pg_each(self, e, me, list)
 end
 
 -- Commits the queued posted writes (after a batch another fiber has in flight) ->
@@ -645,6 +672,7 @@ local function pg_commit_posted(self)
   local list = self.posted
   if #list == 0 then return true end
   self.posted = {}
+  if self.room then self.room:broadcast() end
   local me = corefiber.current() or MAIN
   local done = fiber.cond()
   self.in_flight = { done = done, owner = me, list = list }
@@ -896,13 +924,13 @@ function DB:post(fn, ...)
   end
   self.posted[#self.posted + 1] = { fn = fn, args = pack(...), fiber = me }
   if self.backend == "postgres" then
-    if #self.posted > MAX_POSTED then
-      local dropped = table.remove(self.posted, 1)
-      local err = ("EPOSTED: %d posted writes wait for the database already"):format(MAX_POSTED)
-      log.error("db: a posted write was dropped", { error = err })
-      lose(self, dropped.fiber, err)
-    end
     spawn_flusher(self)
+    -- Past MAX_POSTED waiting writes a poster waits for room: memory stays bounded
+    -- and no write is dropped, however long the server is away or slow.
+    while #self.posted >= (self.max_posted or MAX_POSTED) and not self.closed do
+      self.room = self.room or fiber.cond()
+      self.room:wait(1)
+    end
     return
   end
   -- A writer in use takes the write in before it is left idle (release).

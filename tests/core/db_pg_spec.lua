@@ -203,27 +203,33 @@ describe("postgres backend", function()
     terminate_sessions()
     local pid = server.postmaster_pid()
     os.execute("kill -STOP " .. pid)
+    -- Up to max_posted writes wait; past them the poster waits for room.
+    d.max_posted = 4
     local ok, took = fiber.join(fiber.spawn(function()
       local t0 = time.monotonic()
       for i = 1, 3 do d:post(insert, i) end
       return time.monotonic() - t0
     end), 5)
+    local fourth = fiber.spawn(function() d:post(insert, 4) end)
     fiber.sleep(0.5)
+    local waited = fourth:status() ~= "dead"
     os.execute("kill -CONT " .. pid)
     assert.truthy(ok, tostring(took))
     assert.less(0.1, took, "seconds the poster waited")
+    assert.truthy(waited, "the poster past max_posted waits")
+    assert.truthy(fiber.join(fourth, 20))
     local n = 0
     local deadline = time.monotonic() + 20
-    while n < 3 and time.monotonic() < deadline do
+    while n < 4 and time.monotonic() < deadline do
       fiber.sleep(0.1)
       local rows = d:query("SELECT COUNT(*) AS n FROM t")
       n = rows and rows[1].n or 0
     end
-    assert.equal(3, n)
+    assert.equal(4, n)
     -- A write after them commits after them, and the store closes with none waiting.
-    d:post(insert, 4)
-    assert(d:exec("INSERT INTO t (i) VALUES (?)", { 5 }))
-    assert.equal(5, assert(d:query("SELECT COUNT(*) AS n FROM t"))[1].n)
+    d:post(insert, 5)
+    assert(d:exec("INSERT INTO t (i) VALUES (?)", { 6 }))
+    assert.equal(6, assert(d:query("SELECT COUNT(*) AS n FROM t"))[1].n)
     d:close()
   end, { timeout = 30 })
 
