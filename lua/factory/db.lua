@@ -94,8 +94,11 @@ local DB, Tx, Listener = {}, {}, {}
 DB.__index, Tx.__index, Listener.__index = DB, Tx, Listener
 
 local MAIN = {} -- the owner of a connection taken outside any fiber
-local RECONNECT_FOR = 10
+-- Seconds a lost PostgreSQL connection is tried again before a statement fails: a
+-- server's restart or a failover, which an overnight run should outlive.
+local RECONNECT_FOR = 60
 local CLOSE_WAIT = 30 -- seconds db:close waits for the fibers committing posted writes
+local CLOSE_FLUSH_PG = 10 -- seconds db:close or db:flush tries to commit PostgreSQL's queue
 local CLOSE_FLUSHES = 10 -- and how many times it commits those posted meanwhile
 local TRANSIENT = { ECONNREFUSED = true, ECONNRESET = true, ECONNECT = true, ETIMEDOUT = true }
 
@@ -1042,9 +1045,18 @@ local function commit_posted(self, doing)
       self.flusher = nil
     end
     local ok, err = true, nil
-    if me and (#self.posted > 0 or self.in_flight) then ok, err = pg_commit_posted(self) end
-    if not ok or #self.posted > 0 then
-      log.error("db: " .. doing .. " with posted writes not committed", { writes = #self.posted,
+    if me and (#self.posted > 0 or self.in_flight) then
+      local done, r1, r2 = fiber.with_timeout(CLOSE_FLUSH_PG, pg_commit_posted, self)
+      if done then ok, err = r1, r2 else ok, err = false, r1 end
+    end
+    -- A flusher still reconnecting would keep a closing process alive for as long.
+    if self.flusher and (doing == "closing" or not ok) then
+      self.flusher:cancel("the database is " .. doing)
+      self.flusher = nil
+    end
+    local left = #self.posted + (self.in_flight and #self.in_flight.list or 0)
+    if not ok or left > 0 then
+      log.error("db: " .. doing .. " with posted writes not committed", { writes = left,
                                                                          error = err and tostring(err) })
     end
     return

@@ -5,6 +5,7 @@
 local db = require "factory.db"
 local fiber = require "factory.fiber"
 local time = require "factory.core.time"
+local log = require "factory.log"
 local server = require "tests.tools.pg"
 
 local admin -- a superuser connection, for ending sessions
@@ -231,6 +232,29 @@ describe("postgres backend", function()
     assert(d:exec("INSERT INTO t (i) VALUES (?)", { 6 }))
     assert.equal(6, assert(d:query("SELECT COUNT(*) AS n FROM t"))[1].n)
     d:close()
+  end, { timeout = 30 })
+
+  it("closing while the server is away gives up on the waiting writes after 10 s, saying how many", function()
+    local d = assert(db.open(fresh() .. "?pool=1&connect_timeout=0.2"))
+    assert(d:exec("CREATE TABLE t (i INTEGER PRIMARY KEY)"))
+    terminate_sessions()
+    local pid = server.postmaster_pid()
+    os.execute("kill -STOP " .. pid)
+    local logged = {}
+    log.set_console({ write = function(_, ...) logged[#logged + 1] = table.concat({ ... }) end })
+    local t0 = time.monotonic()
+    local ok, err = fiber.join(fiber.spawn(function()
+      for i = 1, 2 do d:post(function(tx) return tx:exec("INSERT INTO t (i) VALUES (?)", { i }) end) end
+      fiber.sleep(0.3)
+      return d:close()
+    end), 30)
+    local took = time.monotonic() - t0
+    log.set_console(nil)
+    os.execute("kill -CONT " .. pid)
+    assert.truthy(ok, tostring(err))
+    assert.less(12, took, "seconds close took")
+    assert.contains("db: closing with posted writes not committed", table.concat(logged))
+    assert.contains("writes=2", table.concat(logged))
   end, { timeout = 30 })
 
   it("LISTEN delivers notifications sent from another connection and survives a reconnect", function()
