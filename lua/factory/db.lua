@@ -613,6 +613,17 @@ local function requeue(self, list)
   self.posted = list
 end
 
+-- Runs list's posted writes in order on conn, what each keeps in its memo gathered
+-- in memo, until one fails -> whether every one ran.
+local function run_together(self, me, conn, memo, list)
+  for _, p in ipairs(list) do
+    local res, _, m = run_fn(self, me, conn, memo, p.fn, unpack(p.args, 1, p.args.n))
+    if tx_failed(res) then return false end
+    for k, v in pairs(m) do memo[k] = v end
+  end
+  return true
+end
+
 local function pg_each(self, e, me, list)
   local failures, memo = {}, {}
   for _, p in ipairs(list) do
@@ -637,16 +648,7 @@ end
 local function pg_batch(self, e, me, list)
   local ok, err, code = e.conn:script("SAVEPOINT posted")
   if not ok then return nil, err, code end
-  local memo, all_ok = {}, true
-  for _, p in ipairs(list) do
-    local res, _, m = run_fn(self, me, e.conn, memo, p.fn, unpack(p.args, 1, p.args.n))
-    if tx_failed(res) then
-      all_ok = false
-      break
-    end
-    for k, v in pairs(m) do memo[k] = v end
-  end
-  if all_ok then
+  if run_together(self, me, e.conn, {}, list) then
     ok, err, code = e.conn:script("RELEASE SAVEPOINT posted")
     if not ok then return nil, err, code end
     return {}
@@ -791,16 +793,7 @@ function run_posted(self, e, me)
     return run_each(self, e, me, list)
   end
   local memo = setmetatable({}, { __index = g.memo })
-  local ok = true
-  for _, p in ipairs(list) do
-    local res, _, m = run_fn(self, me, conn, memo, p.fn, unpack(p.args, 1, p.args.n))
-    if tx_failed(res) then
-      ok = false
-      break
-    end
-    for k, v in pairs(m) do memo[k] = v end
-  end
-  if ok then
+  if run_together(self, me, conn, memo, list) then
     for k, v in pairs(memo) do g.memo[k] = v end
     g.posted = g.posted + #list
     for _, p in ipairs(list) do g.posters[#g.posters + 1] = p.fiber end
