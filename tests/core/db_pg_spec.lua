@@ -44,6 +44,16 @@ local function one_line_error(code, pattern, d, err, got)
   assert.falsy(err:find("\n"), "one line: " .. err)
 end
 
+-- The server goes away for d: its sessions end and the server stops answering, so
+-- that reconnecting waits, retrying; the function returned brings it back.
+local function away(d, setup_sql)
+  assert(d:exec(setup_sql or "SELECT 1"))
+  terminate_sessions()
+  local pid = server.postmaster_pid()
+  os.execute("kill -STOP " .. pid)
+  return function() os.execute("kill -CONT " .. pid) end
+end
+
 describe("postgres backend", function()
   it("a malformed postgres:// URL is a one-line EURL naming what is wrong", function()
     local bad = {
@@ -183,14 +193,11 @@ describe("postgres backend", function()
 
   it("a fiber cancelled while it reconnects leaves no broken connection behind", function()
     local d = assert(db.open(fresh() .. "?pool=1&connect_timeout=0.2"))
-    assert(d:query("SELECT 1 AS one"))
-    terminate_sessions()
-    -- The server stops answering: the next query's reconnection waits, retrying,
-    -- until its fiber is cancelled (a stage's timeout, say).
-    local pid = server.postmaster_pid()
-    os.execute("kill -STOP " .. pid)
+    -- The next query's reconnection waits, retrying, until its fiber is cancelled
+    -- (a stage's timeout, say).
+    local back = away(d)
     local ok = fiber.with_timeout(0.5, function() return d:query("SELECT 2 AS two") end)
-    os.execute("kill -CONT " .. pid)
+    back()
     assert.falsy(ok, "the reconnection was still retrying")
     local rows = assert(d:query("SELECT 3 AS three"))
     assert.equal(3, rows[1].three)
@@ -199,11 +206,8 @@ describe("postgres backend", function()
 
   it("posted writes wait out a server that is away: the poster does not wait, and none is lost", function()
     local d = assert(db.open(fresh() .. "?pool=2&connect_timeout=0.2"))
-    assert(d:exec("CREATE TABLE t (i INTEGER PRIMARY KEY)"))
     local function insert(tx, i) return tx:exec("INSERT INTO t (i) VALUES (?)", { i }) end
-    terminate_sessions()
-    local pid = server.postmaster_pid()
-    os.execute("kill -STOP " .. pid)
+    local back = away(d, "CREATE TABLE t (i INTEGER PRIMARY KEY)")
     -- Up to max_posted writes wait; past them the poster waits for room.
     d.max_posted = 4
     local ok, took = fiber.join(fiber.spawn(function()
@@ -214,7 +218,7 @@ describe("postgres backend", function()
     local fourth = fiber.spawn(function() d:post(insert, 4) end)
     fiber.sleep(0.5)
     local waited = fourth:status() ~= "dead"
-    os.execute("kill -CONT " .. pid)
+    back()
     assert.truthy(ok, tostring(took))
     assert.less(0.1, took, "seconds the poster waited")
     assert.truthy(waited, "the poster past max_posted waits")
@@ -236,10 +240,7 @@ describe("postgres backend", function()
 
   it("closing while the server is away gives up on the waiting writes after 10 s, saying how many", function()
     local d = assert(db.open(fresh() .. "?pool=1&connect_timeout=0.2"))
-    assert(d:exec("CREATE TABLE t (i INTEGER PRIMARY KEY)"))
-    terminate_sessions()
-    local pid = server.postmaster_pid()
-    os.execute("kill -STOP " .. pid)
+    local back = away(d, "CREATE TABLE t (i INTEGER PRIMARY KEY)")
     local logged = {}
     log.set_console({ write = function(_, ...) logged[#logged + 1] = table.concat({ ... }) end })
     local t0 = time.monotonic()
@@ -250,7 +251,7 @@ describe("postgres backend", function()
     end), 30)
     local took = time.monotonic() - t0
     log.set_console(nil)
-    os.execute("kill -CONT " .. pid)
+    back()
     assert.truthy(ok, tostring(err))
     assert.less(12, took, "seconds close took")
     assert.contains("db: closing with posted writes not committed", table.concat(logged))
