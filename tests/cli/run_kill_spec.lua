@@ -19,20 +19,27 @@ local TRIALS = 20
 
 local dir, replay, tasks_repo
 
+-- A replay server answering after delay seconds, logging to dir/NAME.log, and the
+-- factory.lua that routes every alias to it (dir/CONFIG.lua); extra: more of it.
+local function replay_server(delay, name, config, extra)
+  local server = assert(proc.spawn{ argv = { host.exe, ROOT .. "examples/replay/server.lua", "--delay", delay,
+                                             "--log", dir .. "/" .. name .. ".log" } })
+  local url = assert(server:read_line())
+  assert(fs.write(dir .. "/" .. config .. ".lua", ([[
+providers { replay = { base_url = %q, api_key = "replay-no-key" } }
+models { ["factory/architect"] = { "replay/r" }, ["factory/coder"] = { "replay/r" },
+         ["factory/fast"] = { "replay/r" }, ["factory/cheap"] = { "replay/r" } }
+%s]]):format(url .. "/v1", extra or "")))
+  return server
+end
+
 before_each(function()
   dir = os.tmpname()
   os.remove(dir)
   assert(fs.mkdir_p(dir))
   -- The repository the `feature` runs build in: the replayed agent writes its change there.
   tasks_repo = sample_repo.make(dir .. "/tasks", "sample-repo")
-  replay = assert(proc.spawn{ argv = { host.exe, ROOT .. "examples/replay/server.lua", "--delay", "0.02",
-                                       "--log", dir .. "/replay.log" } })
-  local url = assert(replay:read_line())
-  assert(fs.write(dir .. "/factory.lua", ([[
-providers { replay = { base_url = %q, api_key = "replay-no-key" } }
-models { ["factory/architect"] = { "replay/r" }, ["factory/coder"] = { "replay/r" },
-         ["factory/fast"] = { "replay/r" }, ["factory/cheap"] = { "replay/r" } }
-]]):format(url .. "/v1")))
+  replay = replay_server("0.02", "replay", "factory")
 end)
 
 after_each(function()
@@ -165,15 +172,7 @@ describe("factory run under kill -9", function()
   it("Ctrl-C during a model call records the call as cancelled, with its cost, and leaves the run resumable",
      function()
     -- A provider that takes its time: the call is still with it when Ctrl-C comes.
-    local slow = assert(proc.spawn{ argv = { host.exe, ROOT .. "examples/replay/server.lua", "--delay", "30",
-                                             "--log", dir .. "/slow.log" } })
-    local url = assert(slow:read_line())
-    assert(fs.write(dir .. "/slow.lua", ([[
-providers { replay = { base_url = %q, api_key = "replay-no-key" } }
-models { ["factory/architect"] = { "replay/r" }, ["factory/coder"] = { "replay/r" },
-         ["factory/fast"] = { "replay/r" }, ["factory/cheap"] = { "replay/r" } }
-prices { ["replay/r"] = { input = 3, output = 15 } }
-]]):format(url .. "/v1")))
+    local slow = replay_server("30", "slow", "slow", [[prices { ["replay/r"] = { input = 3, output = 15 } }]])
     local p = factory{ "run", "feature", "--repo", tasks_repo, "--issue", title(2), "--config", dir .. "/slow.lua" }
     local deadline = time.monotonic() + 10
     while not (fs.read(dir .. "/slow.log") or ""):find("\n") and time.monotonic() < deadline do fiber.sleep(0.005) end
