@@ -263,6 +263,8 @@ local function lost_error(self, me)
 end
 
 local function settle(self, g, ok, err, code)
+  -- A failed COMMIT gives nil for ok; a member waits while its ok is nil.
+  ok = ok and true or false
   for _, m in ipairs(g.members) do
     m.ok, m.err, m.code = ok, err, code
     if m.fiber ~= MAIN then m.fiber:wake(true) end

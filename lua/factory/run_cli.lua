@@ -258,9 +258,14 @@ local function change_of(result)
     stats.files or 0, stats.insertions or 0, stats.deletions or 0)
 end
 
-local function summary(d, run_id, started)
+-- outcome, detail: what engine:execute returned. A run stopped by a store that took
+-- no more writes (a full disk) is still 'running' in it: the stop is told from here.
+local function summary(d, run_id, started, outcome, detail)
   local run = d:query("SELECT r.*, w.title FROM runs r JOIN work_items w ON w.id = r.work_item_id WHERE r.id = ?",
     { run_id })[1]
+  if outcome == "stopped" and run.state ~= "stopped" then
+    run.state, run.error = "stopped", tostring(detail) .. " (the store could not record the stop either)"
+  end
   local calls = d:query("SELECT COUNT(*) AS n, COALESCE(SUM(prompt_tokens + completion_tokens), 0) AS tokens,"
     .. " COALESCE(SUM(cost_usd), 0) AS usd FROM model_calls WHERE run_id = ?", { run_id })[1]
   local stages = d:query("SELECT stage, team, operative, status, attempt, result FROM stage_results WHERE run_id = ?"
@@ -372,7 +377,7 @@ local function drive_run(e, run_id, flags, tty)
     end
     if state == "busy" or state == "unloaded" then return fail(detail) end
     if state ~= "waiting" then
-      summary(e.db, run_id, started)
+      summary(e.db, run_id, started, state, detail)
       return state == "succeeded" and 0 or 1
     end
     print(("run %d waits for a human: escalation #%d from %s (%s)\n  question: %s\n  answer with: factory hitl answer"

@@ -204,6 +204,24 @@ describe("factory run under kill -9", function()
     assert.equal(0, status.code, out)
   end, { timeout = 30 })
 
+  it("a store that takes no more writes (a full disk) stops the run, and the summary says so and how to go on",
+     function()
+    local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert(store:migrate())
+    -- What a full disk does to every write, done to two: a stage's result and the stop.
+    assert(store:script([[
+CREATE TRIGGER full_results BEFORE INSERT ON stage_results BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END;
+CREATE TRIGGER full_runs BEFORE UPDATE OF state ON runs WHEN NEW.state = 'stopped'
+  BEGIN SELECT RAISE(ABORT, 'disk full (test)'); END;]]))
+    store:close()
+    local status, out = finish(start(4))
+    assert.equal(1, status.code, out)
+    local id = assert(tonumber(out:match("\nrun (%d+) stopped %(feature%)")), out)
+    assert.contains("disk full (test)", out)
+    assert.contains("(the store could not record the stop either)", out)
+    assert.contains(("continue it with: factory resume %d"):format(id), out)
+  end, { timeout = 30 })
+
   it("refuses a pipeline the project does not have, naming those it has, before making a store", function()
     local status, out = finish(factory{ "run", "featrue", "--repo", tasks_repo, "--issue", title(3),
                                         "--db", "sqlite:" .. dir .. "/fresh.db" })

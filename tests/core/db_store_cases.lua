@@ -432,6 +432,22 @@ local function suite(backend, fresh)
       assert.truthy(text:find("ECONSTRAINT", 1, true), text)
     end },
 
+    { "a transaction whose COMMIT fails returns the error, and the store goes on", function(d)
+      -- A deferred foreign key is checked at COMMIT: the way to make a COMMIT fail
+      -- that a full disk has too.
+      assert(d:exec("CREATE TABLE p (id INTEGER PRIMARY KEY)"))
+      assert(d:exec("CREATE TABLE c (pid INTEGER REFERENCES p (id) DEFERRABLE INITIALLY DEFERRED)"))
+      local ok, res, err = fiber.join(fiber.spawn(function()
+        return d:tx(function(tx) return tx:exec("INSERT INTO c (pid) VALUES (?)", { 42 }) end)
+      end), 5)
+      assert.truthy(ok, "the transaction returned")
+      assert.is_nil(res)
+      assert.contains("FOREIGN KEY", tostring(err):upper())
+      assert(d:exec("INSERT INTO p (id) VALUES (?)", { 42 }))
+      assert(d:exec("INSERT INTO c (pid) VALUES (?)", { 42 }))
+      assert.equal(1, assert(d:query("SELECT COUNT(*) AS n FROM c"))[1].n)
+    end },
+
     { "flush: the posted writes are committed when it returns, and the store stays open", function(d)
       assert(d:exec(T))
       local function insert(tx, i) return tx:exec("INSERT INTO t (i, s) VALUES (?, ?)", { i, "posted" }) end
