@@ -8,6 +8,9 @@
 -- Field values whose key looks secret (key, token, secret, password, authorization,
 -- cookie) are written as "[REDACTED]", in both forms, so a careless call cannot leak
 -- a credential.
+-- A message repeated more than BURST times within a second (a write failing for every
+-- request on a full disk) is left out for the rest of that second; the next one
+-- written after it says how many were (field left_out).
 local json = require "factory.json"
 local time = require "factory.core.time"
 
@@ -101,8 +104,43 @@ local function emit(level, message, fields)
   end
 end
 
+local BURST, WINDOW = 5, 1.0
+local seen = {} -- level .. message -> { since =, n =, left_out = }
+local nseen = 0
+
+-- Whether this record is written; fields gain left_out when some were not.
+local function admit(level, message, fields)
+  local key = level .. "\0" .. tostring(message)
+  local now = time.monotonic()
+  local s = seen[key]
+  if not s then
+    -- Messages carry no ids in their text (those go in fields), so the set stays
+    -- small; it is dropped whole if it grows anyway.
+    if nseen >= 1000 then seen, nseen = {}, 0 end
+    s = { since = now, n = 0, left_out = 0 }
+    seen[key], nseen = s, nseen + 1
+  end
+  if now - s.since >= WINDOW then s.since, s.n = now, 0 end
+  s.n = s.n + 1
+  if s.n > BURST then
+    s.left_out = s.left_out + 1
+    return false
+  end
+  if s.left_out > 0 then
+    local out = {}
+    for k, v in pairs(fields or {}) do out[k] = v end
+    out.left_out = s.left_out
+    s.left_out = 0
+    return true, out
+  end
+  return true, fields
+end
+
 for level in pairs(LEVELS) do
-  M[level] = function(message, fields) emit(level, message, fields) end
+  M[level] = function(message, fields)
+    local ok, f = admit(level, message, fields)
+    if ok then emit(level, message, f) end
+  end
 end
 
 return M

@@ -66,6 +66,19 @@ describe("log", function()
     assert.contains("model", both)
   end)
 
+  it("leaves out a message repeated past 5 a second, and says how many it left out", function()
+    for i = 1, 20 do log.error("db: a posted write failed (log spec)", { n = i }) end
+    log.error("another message (log spec)")
+    require("factory.fiber").sleep(1.05)
+    log.error("db: a posted write failed (log spec)", { n = 21 })
+    local lines = {}
+    for line in read_all(path):gmatch("[^\n]+") do lines[#lines + 1] = json.decode(line) end
+    assert.equal(7, #lines)
+    for i = 1, 5 do assert.equal(i, lines[i].n) end
+    assert.equal("another message (log spec)", lines[6].msg)
+    assert.same({ 21, 15 }, { lines[7].n, lines[7].left_out })
+  end)
+
   it("rejects an unknown level", function()
     assert.error_matches(function() log.set_level("loud") end, "unknown level")
   end)
