@@ -74,6 +74,36 @@ describe("fs file operations", function()
     assert.same({}, fs.list(root .. "/dir"))
   end)
 
+  it("list(path, true) also gives each entry's type, without following links", function()
+    assert(fs.write(root .. "/b", "b"))
+    assert(fs.mkdir_p(root .. "/a"))
+    assert(sh(("ln -s %s/a %s/c && mkfifo %s/d"):format(root, root, root)):find("exit=0"))
+    local function check()
+      local names, types = fs.list(root, true)
+      assert.same({ "a", "b", "c", "d" }, names)
+      assert.same({ "directory", "file", "link", "other" }, types)
+    end
+    check()
+    inline(check)
+  end)
+
+  it("read_many reads regular files up to a size, and false for anything else", function()
+    assert(fs.write(root .. "/small", "tiny"))
+    assert(fs.write(root .. "/big", ("x"):rep(100)))
+    assert(fs.write(root .. "/empty", ""))
+    assert(fs.mkdir_p(root .. "/dir"))
+    assert(sh(("ln -s %s/small %s/link && mkfifo %s/fifo"):format(root, root, root)):find("exit=0"))
+    local function check()
+      local paths = {}
+      for i, n in ipairs({ "small", "big", "empty", "dir", "link", "fifo", "missing" }) do paths[i] = root .. "/" .. n end
+      assert.same({ "tiny", false, "", false, false, false, false }, fs.read_many(paths, 50))
+      assert.same({}, fs.read_many({}, 50))
+    end
+    check()
+    inline(check)
+    assert.error_matches(function() fs.read_many({ root .. "/small", "" }, 10) end, "expected a list of paths")
+  end)
+
   it("stat reports type, size, mtime and mode; follows links only when asked", function()
     local f = root .. "/f"
     assert(fs.write(f, "12345"))

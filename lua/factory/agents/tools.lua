@@ -58,6 +58,8 @@ local M = {}
 
 local NAME_MAX, PATH_MAX = 255, 4096
 local MAX_GREP_MATCHES, MAX_GREP_BYTES, MAX_GREP_FILE = 200, 32 * 1024, 1024 * 1024
+-- Files read in one pool job by grep: at most 32 MiB held at once.
+local GREP_BATCH = 32
 local MAX_LINKS = 40
 local MAX_LIST = 1000
 -- What a command may print before the rest is discarded (max_output is what the
@@ -325,10 +327,7 @@ function Box:grep(pattern, path, fixed)
     if not re then return fail("EINVAL", "grep: bad regular expression '" .. pattern .. "': " .. rerr) end
   end
   local out, bytes, matches, cut = {}, 0, 0, false
-  local function scan(file, name, st)
-    st = st or fs.stat(file)
-    if not st or st.type ~= "file" or st.size > MAX_GREP_FILE then return end
-    local text = fs.read(file)
+  local function scan(text, name)
     if not text or text:find("\0", 1, true) then return end
     -- Most files hold no match: one search of the whole text (where ^ and $ are a
     -- line's ends) passes over them without splitting them into lines.
@@ -356,29 +355,48 @@ function Box:grep(pattern, path, fixed)
     repo:close()
     repo = nil
   end
-  -- Links are not followed: what they point to was either checked by resolve or is
-  -- reached through its real place in the tree.
+  -- The files to search, in the order their matches are listed. Links are not
+  -- followed: what they point to was either checked by resolve or is reached
+  -- through its real place in the tree. The directory says what each entry is.
+  local files, names = {}, {}
   local function walk(dir, name)
     local entries, rels = {}, {}
-    for _, n in ipairs(fs.list(dir) or {}) do
-      if n ~= ".git" then
-        local p, shown_name = dir .. "/" .. n, name == "." and n or name .. "/" .. n
-        local est = fs.stat(p)
-        if est and (est.type == "directory" or est.type == "file") then
-          entries[#entries + 1] = { p, shown_name, est }
-          rels[#rels + 1] = shown_name .. (est.type == "directory" and "/" or "")
-        end
+    local list, types = fs.list(dir, true)
+    for k, n in ipairs(list or {}) do
+      local kind = types[k]
+      if n ~= ".git" and (kind == "directory" or kind == "file") then
+        local shown_name = name == "." and n or name .. "/" .. n
+        entries[#entries + 1] = { dir .. "/" .. n, shown_name, kind }
+        rels[#rels + 1] = shown_name .. (kind == "directory" and "/" or "")
       end
     end
     local ignored = repo and #rels > 0 and repo:ignored(rels) or {}
     for i, e in ipairs(entries) do
-      if cut then return end
       if not ignored[i] then
-        if e[3].type == "directory" then walk(e[1], e[2]) else scan(e[1], e[2], e[3]) end
+        if e[3] == "directory" then
+          walk(e[1], e[2])
+        else
+          files[#files + 1], names[#names + 1] = e[1], e[2]
+        end
       end
     end
   end
-  if st and st.type == "directory" then walk(full, rel) else scan(full, rel) end
+  if st and st.type == "directory" then
+    walk(full, rel)
+  else
+    files[1], names[1] = full, rel
+  end
+  -- Read in batches (one pool round trip each), searched in order until the output
+  -- is full; a file larger than MAX_GREP_FILE, or no regular file, reads as false.
+  for first = 1, #files, GREP_BATCH do
+    local last = math.min(first + GREP_BATCH - 1, #files)
+    local texts = fs.read_many({ unpack(files, first, last) }, MAX_GREP_FILE) or {}
+    for k = first, last do
+      if cut then break end
+      scan(texts[k - first + 1] or nil, names[k])
+    end
+    if cut then break end
+  end
   if repo then repo:close() end
   if re then re:close() end
   if cut then out[#out + 1] = ("[output cut at %d matches / %d bytes]"):format(matches, bytes) end
