@@ -871,7 +871,7 @@ static void on_provider_timer(uv_timer_t *t) { pump((provider *)t->data); }
 
 /* Sends the queued calls of p that the limits allow now, in order. */
 static void pump(provider *p) {
-    while (p->qhead && !R.closed) {
+    while (p->qhead && !R.closed && !R.stopping) {
         call *c = p->qhead;
         double w = wait_for(p, c);
         if (w != 0) {
