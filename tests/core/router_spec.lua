@@ -835,7 +835,8 @@ end)
 -- router.stop stops the router for good, so it runs in a process of its own
 -- (tests/tools/router_stop.lua), as it does in a `factory run` about to end.
 describe("router.stop", function()
-  it("ends the call in flight as cancelled, recorded and charged its prompt, and wakes no caller", function()
+  it("ends the calls in flight as cancelled, recorded, the one the provider had charged its prompt; wakes no caller",
+     function()
     local p = assert(proc.spawn{ argv = { host.exe, TOOLS .. "router_stop.lua" }, stderr = "stdout" })
     local status = p:wait(20)
     local seen, out = {}, {}
@@ -846,8 +847,8 @@ describe("router.stop", function()
     end
     p:close()
     assert.equal(0, status.code, table.concat(out, "\n"))
-    assert.same({ stopped = "1", records = "1", record = "cancelled|ECANCELED|the process is ending|qa|7",
-                  charged = "true", first_waits = "true", later_waits = "true", upstream_requests = "1",
-                  records_after = "1" }, seen)
+    assert.same({ stopped = "2", records = "2", record = "cancelled|ECANCELED|the process is ending|qa|7",
+                  charged = "true", queued_charged = "false cancelled", first_waits = "true", later_waits = "true",
+                  upstream_requests = "1", records_after = "2" }, seen)
   end)
 end)

@@ -8,7 +8,7 @@ local fake_model = dofile(arg[0]:match("^(.-)[^/]*$") .. "fake_model.lua")
 io.stdout:setvbuf("line")
 local fake = fake_model.start{ port = 0 }
 assert(router.configure{
-  providers = { a = { base_url = fake:url() .. "/v1", api_key = fake_model.API_KEY } },
+  providers = { a = { base_url = fake:url() .. "/v1", api_key = fake_model.API_KEY, max_concurrency = 1 } },
   models = { solo = { "a/gpt-test" }, queued = { "a/gpt-test" } },
   prices = { ["a/gpt-test"] = { input = 3, output = 15 } },
 })
@@ -22,14 +22,19 @@ local function chat()
 end
 local first = fiber.spawn(chat)
 while fake:count() < 1 do fiber.sleep(0.005) end
+-- A second call waits for the provider's one place.
+local queued = fiber.spawn(chat)
+fiber.sleep(0.05)
 print("stopped " .. router.stop("the process is ending"))
 print("records " .. #seen)
+table.sort(seen, function(a, b) return a.prompt_tokens > b.prompt_tokens end)
 local r = seen[1]
 print("record " .. table.concat({ r.status, r.code, r.error, r.team, r.run }, "|"))
 print("charged " .. tostring(r.prompt_tokens > 0 and r.cost_usd > 0))
+print("queued_charged " .. tostring(seen[2].cost_usd > 0) .. " " .. seen[2].status)
 local later = fiber.spawn(chat)
 fiber.sleep(0.2)
-print("first_waits " .. tostring(first:status() ~= "dead"))
+print("first_waits " .. tostring(first:status() ~= "dead" and queued:status() ~= "dead"))
 print("later_waits " .. tostring(later:status() ~= "dead"))
 print("upstream_requests " .. fake:count())
 print("records_after " .. #seen)
