@@ -376,13 +376,15 @@ static char *fs_read_one(const char *path, size_t max, size_t *len) {
     if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (size_t)st.st_size <= max &&
         (buf = malloc((size_t)st.st_size + 1))) {
         size_t got = 0, want = (size_t)st.st_size + 1;  /* one more: a file that grew is left out */
+        int failed = 0;
         while (got < want) {
             ssize_t r = read(fd, buf + got, want - got);
             if (r < 0 && errno == EINTR) continue;
+            if (r < 0) failed = 1;
             if (r <= 0) break;
             got += (size_t)r;
         }
-        if (got > (size_t)st.st_size) {
+        if (failed || got > (size_t)st.st_size) {
             free(buf);
             buf = NULL;
         }
