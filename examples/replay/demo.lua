@@ -1,16 +1,20 @@
 -- `make demo`: two pipelines end to end, offline. The model is the REPLAY provider
 -- (examples/replay/server.lua): recorded replies, no model runs.
 --  1. `feature` over a git copy of examples/sample-repo: five teams, a clarification
---     between two of them, the summary and the run's timeline; the build stage's
---     coding agent writes the feature and its tests in its own worktree and branch
---     (its tool calls are replayed, the tools really run), and the repository's tests
---     pass on that branch.
+--     between two of them, the summary and the run's timeline. Every stage's agent
+--     works in a worktree (its tool calls are replayed, the tools really run):
+--     analysis and architecture read the code, the build stage's coding agent writes
+--     the feature and its tests on its own branch, verify runs the tests on that
+--     commit, docs adds the README section and changelog on top; the repository's
+--     tests pass on the run's last branch.
 --  2. `bugfix` over a git copy of examples/sample-c-repo, whose `make test` fails:
---     the fix stage's coding agent works in its own worktree and branch (its tool
---     calls are replayed, the tools really run), the branch holds its commit, and
---     the repository's own `make test` passes on that branch while main still fails.
+--     triage runs the failing tests, the fix stage's coding agent fixes the code on
+--     its own branch, verify runs the tests there, release_note adds the changelog;
+--     the repository's own `make test` passes on the run's last branch while main
+--     still fails.
 -- Everything lives in a fresh directory under /tmp, removed at the end.
 local fs = require "factory.core.fs"
+local env = require "factory.core.env"
 local git = require "factory.git"
 local proc = require "factory.proc"
 local run_cli = require "factory.run_cli"
@@ -27,6 +31,12 @@ local tmp = os.tmpname()
 os.remove(tmp)
 assert(fs.mkdir_p(tmp))
 local url = "sqlite:" .. tmp .. "/demo.db"
+-- The replayed agents run `factory tests/tasks_test.lua`: this binary, found on the
+-- PATH their commands get, as an installed factory would be.
+assert(fs.mkdir_p(tmp .. "/bin"))
+assert(assert(proc.run{ argv = { "ln", "-s", host.exe, tmp .. "/bin/factory" }, env = { PATH = PATH } }).code == 0,
+  "cannot link " .. host.exe)
+env.set("PATH", tmp .. "/bin:" .. PATH)
 local opts = { router = replay.router_config(srv:url()) }
 
 -- A git repository made from one of the examples: a build stage works in a worktree of it.
@@ -46,7 +56,7 @@ local function run_tests(argv, dir)
   return res.code, (res.stdout:gsub("%s+$", ""))
 end
 
--- The branch a build stage left (the newest whose name matches pattern), checked out
+-- The branch a run left (the last whose name matches pattern), checked out
 -- in a fresh worktree: its change, and the repository's tests run there and on main.
 -- Returns the exit code of the tests on the branch (1 when there is no branch).
 local function check_branch(repo, dir, pattern, test_argv)
@@ -55,11 +65,11 @@ local function check_branch(repo, dir, pattern, test_argv)
     if b.name:match(pattern) then branch = b end
   end
   if not branch then
-    print("\nno branch was made by the build stage")
+    print("\nno branch was made by the run")
     return 1
   end
   local shown = table.concat(test_argv, " "):gsub("^%S*/factory[%w-]* ", "factory ")
-  print(("\n== the agent's branch %s (commit %s), checked out in a fresh worktree"):format(branch.name,
+  print(("\n== the run's last branch %s (commit %s), checked out in a fresh worktree"):format(branch.name,
     branch.oid:sub(1, 10)))
   local check = dir .. "-check"
   assert(repo:worktree_add("demo-check", check, { base = branch.name }))
@@ -81,7 +91,7 @@ local code = run_cli.main("run", { "feature", "--repo", tasks_dir,
 print("\n== the run's timeline: factory runs show 1\n")
 run_cli.main("runs", { "show", "1", "--db", url })
 if code == 0 then
-  code = check_branch(tasks_repo, tasks_dir, "^factory%-run%d+%-build%-", { host.exe, "tests/tasks_test.lua" })
+  code = check_branch(tasks_repo, tasks_dir, "^factory%-run1%-docs%-", { host.exe, "tests/tasks_test.lua" })
 end
 tasks_repo:close()
 
@@ -95,7 +105,7 @@ fs.remove(repo_dir .. "/build", { recursive = true })
 print("== factory run bugfix --repo " .. repo_dir .. " --issue 'calc_sub returns the wrong result'\n")
 local code2 = run_cli.main("run", { "bugfix", "--repo", repo_dir, "--issue",
   "calc_sub returns the wrong result: calc_sub(2, 3) gives 5", "--project", ROOT, "--db", url }, opts)
-if code2 == 0 then code2 = check_branch(repo, repo_dir, "^factory%-run%d+%-fix%-", { "make", "-s", "test" }) end
+if code2 == 0 then code2 = check_branch(repo, repo_dir, "^factory%-run2%-release_note%-", { "make", "-s", "test" }) end
 repo:close()
 srv:close()
 fs.remove(tmp, { recursive = true })

@@ -1,10 +1,13 @@
 -- Recorded model replies for the `feature` pipeline over examples/work-items/due-dates.md,
 -- replayed by examples/replay/server.lua. Each request takes the first entry whose
 -- team and objective match its system prompt ("team: T; operative: O; objective: X")
--- and, if `when` is given, whose messages contain that text. The `build` stage runs the
--- built-in coding agent in a worktree of (a git copy of) examples/sample-repo: once the
--- architect has answered its question, its turns are chosen by `step` (assistant
--- messages so far), and the files it writes are those under examples/replay/due-dates/.
+-- and, if `when` is given, whose messages contain that text, and, if `step` is given,
+-- that many assistant messages so far. Every stage's agent works in a worktree of (a
+-- git copy of) examples/sample-repo and its tool calls really run there: analysis and
+-- architecture read the code, the build stage (once the architect has answered its
+-- question) writes the feature and its tests, verify runs the tests on the build's
+-- commit, and docs writes the README section and changelog entry on top of it. The
+-- files written are those under examples/replay/due-dates/.
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 
 local function result(t)
@@ -22,13 +25,27 @@ local function written(path)
 end
 
 local ANSWERED = "## Answer from solution_architecture"
+-- In the work item: the replies of examples/replay/bugfix.lua, served by the same
+-- replay server, are for other stages of the same teams (verify, for one).
+local FEATURE = "due date"
 
 local function build_step(n, name, arguments)
   return { team = "backend_engineering", objective = "stage build", when = ANSWERED, step = n,
            tool_call = { name = name, arguments = arguments } }
 end
 
+local function step(team, stage, n, name, arguments)
+  return { team = team, objective = "stage " .. stage, step = n, when = FEATURE,
+           tool_call = { name = name, arguments = arguments } }
+end
+
 return {
+  step("business_analysis", "analysis", 0, "read_file", { path = "src/tasks.lua" }),
+  step("solution_architecture", "architecture", 0, "grep", { pattern = "^function M%.", path = "src" }),
+  step("qa_engineering", "verify", 0, "run_command", { command = "factory tests/tasks_test.lua" }),
+  step("documentation", "docs", 0, "read_file", { path = "README.md" }),
+  step("documentation", "docs", 1, "write_file", { path = "README.md", text = written("README.md") }),
+  step("documentation", "docs", 2, "write_file", { path = "CHANGELOG.md", text = written("CHANGELOG.md") }),
   { team = "business_analysis", objective = "stage analysis", reply = result{
     status = "COMPLETE",
     reasoning = "The work item names the user need and the ordering rule; the date format is a safe default.",
@@ -78,10 +95,11 @@ Tests: `factory tests/tasks_test.lua` -> "tasks: ok".]],
     reasoning = "Reading the clock inside list() would make it untestable and change existing callers.",
     artifact = "Keep the old id order when `today` is nil; callers that want overdue-first pass the date.",
   } },
-  { team = "qa_engineering", objective = "stage verify", reply = result{
+  { team = "qa_engineering", objective = "stage verify", when = FEATURE, reply = result{
     status = "COMPLETE",
     reasoning = "Every acceptance criterion maps to a test that ran and passed.",
-    verified_facts = { "Criteria 1-4 each have at least one passing test in tests/tasks_test.lua." },
+    verified_facts = { "`factory tests/tasks_test.lua` on the build's commit: exit code 0, \"tasks: ok\".",
+                       "Criteria 1-4 each have at least one passing test in tests/tasks_test.lua." },
     artifact = [[
 # Test report
 | criterion | test | result |
@@ -91,11 +109,11 @@ Tests: `factory tests/tasks_test.lua` -> "tasks: ok".]],
 | 4 unchanged without dates | list_without_today | pass |
 No defects found.]],
   } },
-  { team = "documentation", objective = "stage docs", reply = result{
+  step("documentation", "docs", 3, "finish", result{
     status = "COMPLETE",
     reasoning = "README documents the API; the changelog records the feature.",
     artifact = [[
-README: "Due dates" section: `add(title, due)`, `set_due(id, due)`, `list(today)` with an example.
-CHANGELOG: Added optional due dates on tasks; `list(today)` shows overdue tasks first.]],
-  } },
+README.md: "Due dates" section: `add(title, due)`, `set_due(id, due)`, `list(today)` with an example.
+CHANGELOG.md (new): Added optional due dates on tasks; `list(today)` shows overdue tasks first.]],
+  }),
 }

@@ -18,7 +18,10 @@
 --     stage "analysis" { team = "business_analysis", objective = "...", artifact = "requirements",
 --                        acceptance = { "..." }, inputs = { "earlier stage", ... }, operative =,
 --                        workspace = "worktree" },   -- a coding agent changes the run's
---                                                    -- repository on its own branch
+--                                                    -- repository on its own branch;
+--                                                    -- "read": the operative reads and
+--                                                    -- runs the run's latest change with
+--                                                    -- its tools, in a worktree thrown away
 --   }
 -- Validation normalises a definition in place: team.operatives is the list,
 -- team.operative[name] the index; pipeline.stages the list with defaults filled in.
@@ -297,8 +300,9 @@ local function pipeline_validator(has_team)
         for _, k in ipairs({ "objective", "artifact", "operative" }) do
           if st[k] ~= nil and type(st[k]) ~= "string" then fail(st, "%s: %s must be a string", swhat, k) end
         end
-        if st.workspace ~= nil and st.workspace ~= "worktree" then
-          fail(st, "%s: workspace must be \"worktree\" (the agent changes the repository in its own worktree)", swhat)
+        if st.workspace ~= nil and st.workspace ~= "worktree" and st.workspace ~= "read" then
+          fail(st, "%s: workspace must be \"worktree\" (the agent changes the repository in its own worktree)"
+            .. " or \"read\" (the agent reads and runs the run's latest change; nothing it changes is kept)", swhat)
         end
         string_list(st, "acceptance", swhat)
         for _, input in ipairs(string_list(st, "inputs", swhat)) do

@@ -49,9 +49,10 @@
 -- stage_started, objective_started, model_call, task_result, task_result_invalid,
 -- context_packed, clarification, clarification_answered, escalated, stage_completed,
 -- run_finished; and for a stage with workspace = "worktree" (the agent changes the
--- run's git repository in a worktree and branch: factory.agents.build)
--- workspace_started, agent_done, workspace_done, or workspace_skipped when the run
--- has no git repository. Each also goes to the events table.
+-- run's git repository in a worktree and branch: factory.agents.build) or "read"
+-- (the agent reads and runs the run's latest change in a worktree that is thrown
+-- away) workspace_started, agent_done, workspace_done, or workspace_skipped when the
+-- run has no git repository. Each also goes to the events table.
 local fiber = require "factory.fiber"
 local engine_id = require "factory.engine_id"
 local router = require "factory.router"
@@ -483,13 +484,14 @@ function Engine:_objective(run, team, op, o)
   o.db, o.process, o.pool = self.db, self.owner, self.pool
   o.emit, o.notify = run.emit, run.notify
   local result
-  if o.stage and o.stage.workspace == "worktree" and not o.question then
+  if o.stage and o.stage.workspace and not o.question then
     o.repo = run.data.repo
     local ok, why = build.applies(o)
     if ok then
       result = build.run(o)
     else
-      self:_emit(run.id, "workspace_skipped", { stage = o.stage.name, reason = why })
+      self:_emit(run.id, "workspace_skipped", { stage = o.stage.name, reason = why,
+                                                read = o.stage.workspace == "read" or nil })
       result = objective.run(o)
     end
   else

@@ -165,8 +165,12 @@ local function from_note(d)
 end
 
 -- An agent that changed nothing leaves no branch (events recorded before that have
--- no `kept`).
+-- no `kept`); a stage that read the code keeps nothing.
 local function workspace_outcome(d)
+  if d.read then
+    return ("read commit %s, worktree removed%s"):format(tostring(d.base):sub(1, 10), (d.discarded or 0) > 0
+      and (", %d changed path(s) not kept"):format(d.discarded) or "")
+  end
   if not d.commit and d.kept == false then return ("no change: branch %s deleted"):format(d.branch) end
   return ("branch %s: %s, %d file(s) +%d -%d"):format(d.branch, d.commit and ("commit " .. d.commit:sub(1, 10))
     or "no change", d.files, d.insertions, d.deletions)
@@ -174,6 +178,25 @@ end
 
 -- Returns the run's event handler and, for a terminal, a redraw of the status line
 -- (called every second so the elapsed time moves during a long model call).
+-- A command shows what it was and how it ended.
+local function tool_text(d)
+  if not d.ok then return ("tool %s failed: %s"):format(d.name, tostring(d.error)) end
+  if d.command == nil then return ("tool %s ok"):format(d.name) end
+  local ended = d.timed_out and "timed out" or d.signal and ("killed by signal " .. tostring(d.signal))
+    or ("exit " .. tostring(d.exit))
+  return ("tool %s `%s`: %s"):format(d.name, d.command, ended)
+end
+
+local function worktree_text(d, lead)
+  return d.read and ("  worktree %s to read and run the code%s (nothing changed there is kept)"):format(d.branch, from_note(d))
+    or ("  %s %s%s%s"):format(lead or "worktree: branch", d.branch, from_note(d), uncommitted_note(d))
+end
+
+local function skipped_text(d)
+  return ("  no worktree for stage %s: %s; it runs %s"):format(d.stage, d.reason,
+    d.read and "without the repository's files" or "without changing code")
+end
+
 local function progress(tty)
   -- The run's own count of stages (run_started): a run keeps the stages it began with.
   local current = { stage = "-", index = 0, who = "-", stages = 0 }
@@ -223,11 +246,11 @@ local function progress(tty)
     elseif k == "escalated" then
       line(("  escalated to a human (#%d): %s"):format(d.id, d.reason))
     elseif k == "workspace_started" then
-      line(("  worktree: branch %s%s%s"):format(d.branch, from_note(d), uncommitted_note(d)))
+      line(worktree_text(d))
     elseif k == "model_unavailable" then
       line(unavailable_text(d))
     elseif k == "tool_call" then
-      line(("  tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))))
+      line("  " .. tool_text(d))
     elseif k == "agent_iteration" then
       line(("  agent iteration %d%s"):format(d.iteration, d.attempt > 1 and (" (retry " .. (d.attempt - 1) .. ")") or ""))
     elseif k == "agent_progress" then
@@ -241,7 +264,7 @@ local function progress(tty)
     elseif k == "workspace_done" then
       line("  " .. workspace_outcome(d))
     elseif k == "workspace_skipped" then
-      line(("  no worktree for stage %s: %s; it runs without changing code"):format(d.stage, d.reason))
+      line(skipped_text(d))
     end
     redraw()
   end, redraw
@@ -252,6 +275,7 @@ end
 local function change_of(result)
   local ws = type(result) == "table" and type(result.workspace) == "table" and result.workspace
   if not ws then return "" end
+  if ws.read then return ws.base and ("  read commit %s"):format(tostring(ws.base):sub(1, 10)) or "" end
   local stats = type(ws.diff_stats) == "table" and ws.diff_stats or {}
   if not ws.commit then return "  no change to the repository" end
   return ("  branch %s (commit %s, %d file(s) +%d -%d)"):format(tostring(ws.branch), tostring(ws.commit):sub(1, 10),
@@ -478,7 +502,7 @@ end
 local function missing_agent(pipe, project, repo)
   if not build.applies({ repo = repo }) then return nil end
   for _, st in ipairs(pipe and pipe.stages or {}) do
-    local team = st.workspace == "worktree" and project.teams:get(st.team)
+    local team = st.workspace and project.teams:get(st.team)
     local op = team and pipeline.operative_of(team, st)
     if op and type(op.agent) == "table" then
       local program, path = agent_cli.program(op.agent)
@@ -648,9 +672,8 @@ local DESCRIBE = {
   clarification_answered = function(d) return ("  answer %s -> %s"):format(d.from, d.to) end,
   escalated = function(d) return ("  ESCALATED #%d to a human: %s"):format(d.id, d.reason) end,
   model_unavailable = unavailable_text,
-  workspace_started = function(d) return ("  worktree and branch %s%s%s"):format(d.branch, from_note(d),
-    uncommitted_note(d)) end,
-  tool_call = function(d) return ("    tool %s %s"):format(d.name, d.ok and "ok" or ("failed: " .. tostring(d.error))) end,
+  workspace_started = function(d) return worktree_text(d, "worktree and branch") end,
+  tool_call = function(d) return "    " .. tool_text(d) end,
   -- The built-in agent is charged once per attempt, a CLI agent per iteration.
   agent_iteration = function(d)
     if d.iteration then return ("  agent iteration %d (attempt %d)"):format(d.iteration, d.attempt or 1) end
@@ -666,7 +689,7 @@ local DESCRIBE = {
   agent_done = function(d) return ("  agent %s after %d iteration(s), %d tokens"):format(d.status, d.iterations,
     d.tokens or 0) end,
   workspace_done = function(d) return "  " .. workspace_outcome(d) end,
-  workspace_skipped = function(d) return ("  no worktree for stage %s: %s"):format(d.stage, d.reason) end,
+  workspace_skipped = skipped_text,
   human_answered = function(d) return ("  human answered #%d: %s"):format(d.id, d.answer) end,
   stage_completed = function(d) return ("stage %s COMPLETE"):format(d.stage) end,
   run_finished = function(d) return ("run %s%s"):format(d.state, d.error and (": " .. d.error) or "") end,

@@ -1,6 +1,8 @@
 -- `make demo` (examples/replay/demo.lua) as a new user runs it: both pipelines end to
 -- end on the replayed model, each build stage's branch holds a change whose tests pass
--- there while main is untouched.
+-- there while main is untouched; the stages that read the code read it in a worktree
+-- of the run's latest change (verify runs the tests on the build's commit), and the
+-- stages that write documentation commit it on top.
 local proc = require "factory.proc"
 local host = require "factory.core.host"
 
@@ -17,9 +19,20 @@ describe("make demo", function()
     assert.matches("build +backend_engineering/implementer +COMPLETE +attempts 2 +branch factory%-run1%-build%-2 "
       .. "%(commit %x+, 2 file%(s%) %+%d+ %-%d+%)", out)
     assert.contains("+function M.set_due(id, due)", out)
+    assert.matches("\n%[4/5%] verify: qa_engineering/tester %(attempt 1%)\n  worktree factory%-run1%-verify%-1 to read"
+      .. " and run the code from stage build's commit %x+ %(nothing changed there is kept%)\n  model factory/fast ok: [%d,]+"
+      .. " tok, %$0%.0000\n  tool run_command `factory tests/tasks_test.lua`: exit 0\n", out)
+    assert.matches("\n  analysis +business_analysis/analyst +COMPLETE +attempts 1  read commit %x+\n", out)
+    assert.contains("the run's whole change (2 build stages) is on branch factory-run1-docs-1\n", out)
+    assert.contains("+## Due dates\n", out)
+    assert.contains("+- Added: optional due dates on tasks", out)
     assert.contains("factory tests/tasks_test.lua on the branch: exit 0\ntasks: ok", out)
     assert.contains("run 2 succeeded (bugfix)", out)
     assert.contains("-int calc_sub(int a, int b) { return a + b; }\n+int calc_sub(int a, int b) { return a - b; }", out)
+    assert.matches("\n%[3/4%] verify: qa_engineering/tester %(attempt 1%)\n  worktree factory%-run2%-verify%-1 to read"
+      .. " and run the code from stage fix's commit %x+ %(nothing changed there is kept%)\n  model factory/fast ok: [%d,]+"
+      .. " tok, %$0%.0000\n  tool run_command `make %-s test`: exit 0\n", out)
+    assert.contains("+- Fixed: `calc_sub` returned the sum of its arguments instead of their difference.", out)
     assert.contains("make -s test on the branch: exit 0\nall checks passed", out)
     assert.contains("make -s test on main (untouched): exit 2", out)
   end, { timeout = 150 })

@@ -11,6 +11,7 @@ local audit = require "factory.audit"
 local dsl = require "factory.dsl"
 local pipeline = require "factory.pipeline"
 local locks = require "factory.agents.locks"
+local git = require "factory.git"
 local orchestrator = require "factory.agents.orchestrator"
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../"
@@ -442,7 +443,14 @@ describe("factory run with a build stage", function()
     bugfix:close()
     assert.equal(0, status.code, out)
     assert.matches("\n  fix +backend_engineering/implementer +COMPLETE +attempts 1  no change to the repository\n", out)
-    assert.matches("\n  triage +qa_engineering/tester +COMPLETE +attempts 1\n", out)
+    assert.matches("\n  triage +qa_engineering/tester +COMPLETE +attempts 1  no change to the repository\n", out)
+    -- The verify stage read the repository as the fix left it (the fix changed nothing: HEAD).
+    local head = assert(git.open(repo))
+    local oid = head:head().oid
+    head:close()
+    assert.matches("\n  verify +qa_engineering/tester +COMPLETE +attempts 1  read commit " .. oid:sub(1, 10) .. "\n", out)
+    assert.matches("\n  worktree factory%-run2%-verify%-1 to read and run the code %(nothing changed there is kept%)\n",
+      out)
   end, { timeout = 30 })
 end)
 

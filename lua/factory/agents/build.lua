@@ -1,7 +1,12 @@
--- factory.agents.build: a pipeline stage that changes code. The stage's objective
--- is given to a coding agent in its own git worktree and branch of the run's
--- repository (factory.agents.workspace); the branch keeps the agent's commit and
--- the stage's TaskResult records where it is.
+-- factory.agents.build: a pipeline stage that works on the code. The stage's
+-- objective is given to an agent in its own git worktree and branch of the run's
+-- repository (factory.agents.workspace). For workspace = "worktree" the branch keeps
+-- the agent's commit and the stage's TaskResult records where it is; for
+-- workspace = "read" (a review, a test run, an analysis of the code) the worktree is
+-- a checkout of the run's latest change, the agent has its operative's tools there
+-- but no file locks, and nothing it changes is kept: worktree and branch are removed,
+-- and result.workspace = { base = the commit it read, read = true, discarded = the
+-- number of paths it changed }.
 --
 --   build.run(o) -> result
 --   o: the objective of factory.objective.run (run_id, team, operative, anchor, stage,
@@ -60,6 +65,11 @@ local confidence = require "factory.confidence"
 local M = {}
 
 local MAX_NAMES = 9
+
+-- What an agent of a workspace = "read" stage is told beside its objective (a CLI
+-- agent has no other way to learn it).
+local READ_NOTE = "\n\nYou work in a checkout of the run's latest change. Read, search and run what you need;"
+  .. " nothing you change in it is kept."
 
 -- The operative's tools as the built-in agent names them; `finish` always.
 local TOOL_NAMES = { read = "read_file", write = "write_file", edit = "edit_file", grep = "grep",
@@ -151,6 +161,7 @@ local function agent_of(o)
   if o.agent or type(spec) ~= "table" then
     return o.agent or builtin.run, { tools = tool_list(o.operative), max_iterations = o.operative.max_iterations,
                                      timeout = o.operative.command_timeout,
+                                     instructions = o.stage.workspace == "read" and builtin.READ_SYSTEM or nil,
                                      messages = objective.pack(o) }
   end
   local acceptance = o.stage.acceptance
@@ -202,7 +213,10 @@ function M.run(o)
     end
   end
   args.repo, args.branch, args.agent, args.base = r, name, agent, from and from.commit
+  local reading = st.workspace == "read"
+  args.commit = not reading
   args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
+    .. (reading and READ_NOTE or "")
   args.message = ("factory: %s (run %d, stage %s)"):format(o.anchor:match("^[^\n]*"), o.run_id, st.name)
   args.model, args.team, args.run, args.pipeline = op.model or team.model, team.name, o.run_id, o.pipeline
   args.max_tokens, args.temperature, args.context_window = op.max_tokens, op.temperature, objective.window(team, op)
@@ -246,7 +260,7 @@ function M.run(o)
   -- The built-in agent locks each file before it changes it; a file another
   -- objective holds is a conflict its team is told of, never an overwrite.
   local owner = ("run:%d/%s"):format(o.run_id, st.name)
-  if o.db and agent ~= cli.run then
+  if o.db and agent ~= cli.run and not reading then
     args.lock = function(rel)
       return locks.acquire(o.db, { repo = o.repo, path = rel, owner = owner, supervisor = team.name, run_id = o.run_id,
                                    process = o.process })
@@ -260,7 +274,7 @@ function M.run(o)
     if change.status ~= "??" then uncommitted = uncommitted + 1 end
   end
   emit("workspace_started", { stage = st.name, branch = name, uncommitted = uncommitted > 0 and uncommitted or nil,
-                               from = from or missing })
+                               from = from or missing, read = reading or nil })
   -- Whatever happens in there (a cancelled fiber raises), the place, the proxy, the
   -- locks and the repository are given back.
   local ran, ws, werr = pcall(workspace.run, args)
@@ -278,6 +292,12 @@ function M.run(o)
   if not ran then error(ws, 0) end
   if not ws then return confidence.blocked(("the worktree for stage %s failed: %s"):format(st.name, werr)) end
   local result = ws.result
+  if reading then
+    result.workspace = { base = ws.base, read = true, discarded = ws.discarded }
+    emit("workspace_done", { stage = st.name, branch = ws.branch, kept = false, read = true, base = ws.base,
+                             discarded = ws.discarded })
+    return result
+  end
   result.workspace = { branch = kept and ws.branch or nil, base = ws.base, commit = ws.commit,
                        diff_stats = ws.diff_stats, diff = ws.diff }
   local ds = ws.diff_stats or {}

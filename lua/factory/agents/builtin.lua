@@ -9,6 +9,8 @@
 --          (event "agent_context_fitted", { messages =, bytes =, iteration = }),
 --        team =, run =, pipeline = the run's (named when a spent budget stops the agent),
 --        system = extra instructions | nil,
+--        instructions = the agent's own instructions (default M.SYSTEM, a coding
+--          agent's; M.READ_SYSTEM for a stage whose worktree is thrown away),
 --        messages = the conversation to start from (e.g. factory.objective.pack's:
 --                   the operative's system prompt, the anchor, earlier stages' results)
 --                   instead of the objective alone; the agent's instructions are
@@ -45,6 +47,14 @@ Make the smallest change that meets the objective, check it by running the tests
 then call `finish` with your TaskResult: status COMPLETE (with the artifact: a short
 summary of the change), NEEDS_CLARIFICATION, or BLOCKED (with blockers).]]
 
+M.READ_SYSTEM = [[
+You are working in a git worktree: a checkout of the repository at the run's latest
+change. Use the tools to read and search its files and to run commands (paths are
+relative to the worktree; you cannot leave it), so that what you report rests on what
+you saw and ran. Nothing you change here is kept: the worktree is removed when you
+finish. Then call `finish` with your TaskResult: status COMPLETE (with your stage's
+artifact), NEEDS_CLARIFICATION, or BLOCKED (with blockers).]]
+
 -- A command's outcome as a terminal would show it, stderr first: a long result
 -- keeps its beginning (the first compiler errors) and its end (the test run's
 -- verdict, on stdout).
@@ -60,6 +70,18 @@ local function command_text(r)
   if r.stderr and r.stderr ~= "" then parts[#parts + 1] = "[stderr]\n" .. r.stderr end
   if r.stdout and r.stdout ~= "" then parts[#parts + 1] = "[stdout]\n" .. r.stdout end
   return table.concat(parts, "\n")
+end
+
+-- A tool call as its event records it; a command with what it was (its start) and
+-- how it ended, which is what a reader of the run wants to know of it.
+local function command_event(name, args, v, verr)
+  local ev = { name = name, ok = v ~= nil, error = verr }
+  if name == "run_command" and type(args) == "table" then
+    local cmd = type(args.command) == "table" and table.concat(args.command, " ") or tostring(args.command)
+    ev.command = #cmd > 120 and (cmd:sub(1, 117) .. "...") or cmd
+    if type(v) == "table" then ev.exit, ev.signal, ev.timed_out = v.code, v.signal, v.timed_out or nil end
+  end
+  return ev
 end
 
 -- A tool's result for the model, at most max bytes. A longer command outcome keeps
@@ -136,7 +158,7 @@ local function usage_tokens(res)
 end
 
 local function initial_messages(o)
-  local own = M.SYSTEM .. (o.system and ("\n\n" .. o.system) or "")
+  local own = (o.instructions or M.SYSTEM) .. (o.system and ("\n\n" .. o.system) or "")
   if not o.messages then
     return { { role = "system", content = own }, { role = "user", content = o.objective } }
   end
@@ -242,7 +264,7 @@ function M.run(o)
         else
           v, verr = box:call(name, args)
         end
-        emit("tool_call", { name = name, ok = v ~= nil, error = verr })
+        emit("tool_call", command_event(name, args, v, verr))
         if name == "finish" and box.result then
           local r, problem = confidence.parse(json.encode(box.result))
           if r then return done(r) end

@@ -8,6 +8,8 @@
 --        author = { name =, email = } (default { name = "Factory Agent", email = "agent@factory.local" }),
 --        message = commit message (default "factory: " .. first line of the objective),
 --        keep = true to leave the worktree in place (default: removed at the end),
+--        commit = false: nothing is committed (a stage that reads and runs, not
+--          changes: what the agent wrote is thrown away with the worktree),
 --        agent = fn(o2) -> result, stats (default factory.agents.builtin.run),
 --        ...every option of builtin.run (objective, model, team, run, max_iterations,
 --           token_budget, emit, ...) except root/box, which is the worktree }
@@ -20,7 +22,8 @@
 --         diff_stats = { files, insertions, deletions, per_file = {{path, ...}} },
 --         diff = the commit's patch against the base, its first max_diff bytes (default
 --           32 KiB) and a line saying how much was cut (nil without a commit),
---         removed = true | false }
+--         removed = true | false,
+--         discarded = n: paths the agent changed that were not kept (commit = false) }
 --   An error in the git steps returns nil, "CODE: message", CODE (the worktree is
 --   removed first unless keep); the agent's own outcome is in ws.result.
 --
@@ -127,8 +130,8 @@ function M.run(o)
   -- The agent, confined to the worktree.
   local args = {}
   for k, v in pairs(o) do args[k] = v end
-  args.repo, args.branch, args.path, args.base, args.author, args.message, args.keep, args.agent =
-    nil, nil, nil, nil, nil, nil, nil, nil
+  args.repo, args.branch, args.path, args.base, args.author, args.message, args.keep, args.agent, args.commit =
+    nil, nil, nil, nil, nil, nil, nil, nil, nil
   args.box, args.root = nil, path
   local result, stats = (o.agent or builtin.run)(args)
 
@@ -137,7 +140,9 @@ function M.run(o)
                removed = false }
   local st, serr, scode = wt:status()
   if not st then return cleanup_fail(serr, scode) end
-  if #st > 0 then
+  if o.commit == false then
+    ws.discarded = #st
+  elseif #st > 0 then
     local ok, aerr, acode = wt:add_all()
     if not ok then return cleanup_fail(aerr, acode) end
     local first = o.objective:match("^[^\n]*")
@@ -146,9 +151,11 @@ function M.run(o)
     if not oid then return cleanup_fail(cerr, ccode) end
     ws.commit = oid
   end
-  local ds, derr, dcode = wt:diff_stats(base_oid)
-  if not ds then return cleanup_fail(derr, dcode) end
-  ws.diff_stats = ds
+  if o.commit ~= false then
+    local ds, derr, dcode = wt:diff_stats(base_oid)
+    if not ds then return cleanup_fail(derr, dcode) end
+    ws.diff_stats = ds
+  end
   if ws.commit then
     local patch, perr, pcode = wt:diff(base_oid)
     if not patch then return cleanup_fail(perr, pcode) end

@@ -13,6 +13,8 @@ local proc = require "factory.proc"
 local fs = require "factory.core.fs"
 local fiber = require "factory.fiber"
 local build = require "factory.agents.build"
+local builtin = require "factory.agents.builtin"
+local locks = require "factory.agents.locks"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local ROOT = HERE .. "../../../../"
@@ -361,19 +363,114 @@ describe("build stage", function()
     fake:script{ complete("repro"), complete("changed nothing"), complete("report"), complete("note") }
     local run_id = submit(plain)
     assert.equal("succeeded", (engine:execute(run_id)))
-    local skipped
+    local skipped = {}
     for _, ev in ipairs(events) do
-      if ev.kind == "workspace_skipped" then skipped = ev.data end
+      if ev.kind == "workspace_skipped" then skipped[ev.data.stage] = ev.data end
     end
-    assert.equal("fix", skipped.stage)
-    assert.equal(plain .. " is not a git repository", skipped.reason)
+    assert.same({ stage = "fix", reason = plain .. " is not a git repository" }, skipped.fix)
+    assert.same({ stage = "verify", reason = plain .. " is not a git repository", read = true }, skipped.verify)
+    assert.same({ "fix", "release_note", "triage", "verify" }, (function()
+      local names = {}
+      for name in pairs(skipped) do names[#names + 1] = name end
+      table.sort(names)
+      return names
+    end)())
     assert.equal(4, fake:count())
     -- A directory inside a repository (a monorepo's service): the message names the top.
     assert.same({ false, ("%s/src is not a git repository but a directory inside %s (give --repo %s for a worktree)")
       :format(repo_dir, repo_dir, repo_dir), repo_dir }, { build.applies({ repo = repo_dir .. "/src" }) })
   end)
 
-  it("a stage's workspace other than \"worktree\" is refused with file:line", function()
+  it("a workspace = \"read\" stage runs its operative's tools on the latest change, and keeps nothing", function()
+    local replies = { complete("# Reproduction\nmake test fails on calc_sub") }
+    for _, r in ipairs(FIX) do replies[#replies + 1] = r end
+    for _, r in ipairs{
+      call("run_command", { command = "make -s test" }),
+      call("write_file", { path = "src/calc.c", text = "scratch\n" }),
+      call("write_file", { path = "notes.txt", text = "a scratch note\n" }),
+      call("finish", { status = "COMPLETE", reasoning = "ran it", artifact = "# Test report\nmake test passes",
+                       verified_facts = { "make -s test: all checks passed" } }),
+    } do replies[#replies + 1] = r end
+    replies[#replies + 1] = complete("CHANGELOG: fixed calc_sub")
+    fake:script(replies)
+    local main_before = branch_oid("main")
+    local run_id = submit()
+    -- Another run holds the file: a stage that keeps nothing takes no lock, so is not stopped by one.
+    assert(locks.acquire(store, { repo = repo_dir, path = "src/calc.c", owner = "run:99/fix" }))
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local ws = {}
+    for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
+      ws[row.stage] = row.result.workspace
+    end
+    -- The fix could not edit the locked file; the verify stage read the fix's starting point, HEAD.
+    assert.same({ base = main_before, read = true, discarded = 2 }, ws.verify)
+    local outcome = {}
+    for _, ev in ipairs(events) do
+      if ev.kind == "tool_call" and ev.data.stage == "verify" then
+        outcome[#outcome + 1] = ev.data.name .. (ev.data.ok and "" or "!")
+      elseif (ev.kind == "workspace_started" or ev.kind == "workspace_done") and ev.data.stage == "verify" then
+        outcome[#outcome + 1] = ev.kind .. (ev.data.read and ":read" or "")
+      end
+    end
+    assert.equal("workspace_started:read run_command write_file write_file finish workspace_done:read",
+      table.concat(outcome, " "))
+    -- A command's event says what it was and how it ended: HEAD's tests fail.
+    for _, ev in ipairs(events) do
+      if ev.kind == "tool_call" and ev.data.stage == "verify" and ev.data.name == "run_command" then
+        assert.same({ name = "run_command", ok = true, command = "make -s test", exit = 2, stage = "verify" }, ev.data)
+      end
+    end
+    -- The model was told that nothing is kept, and offered the operative's tools only.
+    local body
+    for _, r in ipairs(fake:requests()) do
+      local b = json.decode(r.body)
+      if b.messages[1].content:find("objective: stage verify", 1, true) and not body then body = b end
+    end
+    assert.contains(builtin.READ_SYSTEM, body.messages[1].content)
+    local offered = {}
+    for _, t in ipairs(body.tools) do offered[#offered + 1] = t["function"].name end
+    table.sort(offered)
+    assert.same({ "finish", "grep", "list_dir", "read_file", "run_command", "write_file" }, offered)
+    -- No branch or worktree of the stage is left; main is untouched and still fails.
+    local repo = assert(git.open(repo_dir))
+    assert.equal(0, #repo:worktrees())
+    for _, b in ipairs(repo:branches()) do assert.falsy(b.name:find("verify", 1, true), b.name) end
+    repo:close()
+    assert.equal(main_before, branch_oid("main"))
+    assert.equal(nil, fs.stat(repo_dir .. "/notes.txt"))
+    assert.truthy(make_test(repo_dir).code ~= 0)
+  end)
+
+  it("a read stage starts from the latest change, so it runs the code the build stage wrote", function()
+    local replies = { complete("# Reproduction\nmake test fails on calc_sub") }
+    for _, r in ipairs(FIX) do replies[#replies + 1] = r end
+    replies[#replies + 1] = call("run_command", { command = "make -s test" })
+    replies[#replies + 1] = complete("# Test report\nall checks passed")
+    replies[#replies + 1] = complete("CHANGELOG: fixed calc_sub")
+    fake:script(replies)
+    local run_id = submit()
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local ws = {}
+    for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
+      ws[row.stage] = row.result.workspace
+    end
+    assert.equal(ws.fix.commit, ws.verify.base)
+    -- The tool result the model saw: the repository's tests pass on the fix.
+    local seen
+    for _, r in ipairs(fake:requests()) do
+      local m = json.decode(r.body).messages
+      if m[1].content:find("objective: stage verify", 1, true) and m[#m].role == "tool" then seen = m[#m].content end
+    end
+    assert.contains("exit code 0", seen)
+    assert.contains("all checks passed", seen)
+    local from
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" and ev.data.stage == "verify" then from = ev.data.from end
+    end
+    assert.same({ stage = "fix", branch = ws.fix.branch, commit = ws.fix.commit }, from)
+  end)
+
+  it("a stage's workspace other than \"worktree\" or \"read\" is refused with file:line", function()
     local p = dsl.project(dir .. "/project")
     assert(fs.write(dir .. "/project/pipelines/odd.lua", 'return pipeline "odd" {\n  stage "x" {\n'
       .. '    team = "backend_engineering", workspace = "container" },\n}'))
