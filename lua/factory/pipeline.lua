@@ -486,12 +486,20 @@ function Engine:_objective(run, team, op, o)
   local result
   if o.stage and o.stage.workspace and not o.question then
     o.repo = run.data.repo
-    local ok, why = build.applies(o)
-    if ok then
+    -- Asked once a run: most of a pipeline's stages have a workspace.
+    if run.workspace_ok == nil then
+      local ok, why = build.applies(o)
+      run.workspace_ok, run.workspace_why = ok, why
+    end
+    if run.workspace_ok then
       result = build.run(o)
     else
-      self:_emit(run.id, "workspace_skipped", { stage = o.stage.name, reason = why,
-                                                read = o.stage.workspace == "read" or nil })
+      -- A run given no repository has nothing for a stage to read: said only where
+      -- code was to be changed, or where the repository given cannot be used.
+      if o.repo or o.stage.workspace == "worktree" then
+        self:_emit(run.id, "workspace_skipped", { stage = o.stage.name, reason = run.workspace_why,
+                                                  read = o.stage.workspace == "read" or nil })
+      end
       result = objective.run(o)
     end
   else

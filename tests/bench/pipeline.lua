@@ -6,7 +6,9 @@
 --    built) and five replies are written to SHARED_JSON for the LangGraph side;
 -- 2. RUNS runs of the shipped 5-stage `feature` pipeline, CONCURRENCY fibers each
 --    submitting and executing runs, every model call answered at once by the fake
---    with a valid COMPLETE TaskResult.
+--    with a valid COMPLETE TaskResult. The runs name no repository, so no stage makes a
+--    worktree (the engine's own work is measured: LangGraph's graph has none of that;
+--    tests/bench/bench_worktree.sh measures worktrees).
 -- Prints runs/s, per-stage wall time, model round-trip time and engine overhead
 -- (wall minus model), CPU per stage (and the fake's per call, given FAKE_PID), and
 -- this process's peak RSS (VmHWM); then machine-readable lines "runs/s N",
@@ -187,7 +189,7 @@ end)
 
 local function one(n)
   local run = assert(engine:submit{ pipeline = "feature", title = "Add due dates to tasks " .. n,
-                                    body = "Users want a due date on each task.", repo = dir,
+                                    body = "Users want a due date on each task.",
                                     external_id = "bench-" .. n })
   local state, detail = engine:execute(run)
   assert(state == "succeeded", ("run %d: %s %s"):format(run, tostring(state), tostring(detail)))

@@ -381,6 +381,20 @@ describe("build stage", function()
       :format(repo_dir, repo_dir, repo_dir), repo_dir }, { build.applies({ repo = repo_dir .. "/src" }) })
   end)
 
+  it("a run given no repository: only the stages that were to change code say they run without one", function()
+    fake:script{ complete("repro"), complete("changed nothing"), complete("report"), complete("note") }
+    local run_id = assert(engine:submit{ pipeline = "bugfix", title = "calc_sub", external_id = "calc-none" })
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local skipped = {}
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_skipped" then
+        skipped[#skipped + 1] = ev.data.stage .. ": " .. ev.data.reason
+      end
+    end
+    assert.same({ "triage: the run names no repository (--repo)", "fix: the run names no repository (--repo)",
+                  "release_note: the run names no repository (--repo)" }, skipped)
+  end)
+
   it("a workspace = \"read\" stage runs its operative's tools on the latest change, and keeps nothing", function()
     local replies = { complete("# Reproduction\nmake test fails on calc_sub") }
     for _, r in ipairs(FIX) do replies[#replies + 1] = r end
