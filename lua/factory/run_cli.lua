@@ -188,7 +188,8 @@ local function tool_text(d)
 end
 
 local function worktree_text(d, lead)
-  return d.read and ("  worktree %s to read and run the code%s (nothing changed there is kept)"):format(d.branch, from_note(d))
+  return d.read and ("  worktree %s to read and run the code%s (nothing changed there is kept)%s"):format(d.branch,
+      from_note(d), uncommitted_note(d))
     or ("  %s %s%s%s"):format(lead or "worktree: branch", d.branch, from_note(d), uncommitted_note(d))
 end
 
@@ -457,32 +458,35 @@ local function drive(e, run_id, flags, tty)
   return code
 end
 
--- Why a pipeline with a build stage cannot work on repo, found before any stage is
--- paid for: the stage's agent changes the code in a worktree of a git repository,
--- branched from HEAD, which a repository without a commit lacks. (Run anyway, the
--- stage would be a plain model call that changes nothing: a night's batch paid for
--- and no code written.)
+-- Why a pipeline with a build stage (or one that reads the code) cannot work on
+-- repo, found before any stage is paid for: the stage's agent works in a worktree of
+-- a git repository, branched from HEAD, which a repository without a commit lacks.
+-- (Run anyway, the stage would be a plain model call that neither sees nor changes
+-- the code: a night's batch paid for and no code written.)
 local function unready_repo(pipe, repo, given)
-  local build_stage
+  local build_stage, reading_stage
   for _, st in ipairs(pipe and pipe.stages or {}) do
     if st.workspace == "worktree" then build_stage = build_stage or st.name end
+    if st.workspace == "read" then reading_stage = reading_stage or st.name end
   end
+  local what = build_stage and "changes" or "reads"
+  build_stage = build_stage or reading_stage
   if not build_stage then return nil end
   local usable, why, top = build.applies({ repo = repo })
   if top then
-    return ("%s: %s is not a git repository but a directory inside %s, and stage %s changes the code in a"
-      .. " git worktree: give --repo %s"):format(given, repo, top, build_stage, top)
+    return ("%s: %s is not a git repository but a directory inside %s, and stage %s %s the code in a"
+      .. " git worktree: give --repo %s"):format(given, repo, top, build_stage, what, top)
   elseif not usable then
-    return ("%s: %s, and stage %s changes the code in a git worktree: give a git repository (git init,"
-      .. " then commit the code)"):format(given, why, build_stage)
+    return ("%s: %s, and stage %s %s the code in a git worktree: give a git repository (git init,"
+      .. " then commit the code)"):format(given, why, build_stage, what)
   end
   local r = git.open(repo)
   if not r then return nil end
   local head = r:head()
   r:close()
   if head and head.oid then return nil end
-  return ("%s: the repository has no commit yet, and the pipeline's build stage branches from HEAD:"
-    .. " commit something first"):format(given)
+  return ("%s: the repository has no commit yet, and the pipeline's stage %s works in a worktree branched from"
+    .. " HEAD: commit something first"):format(given, build_stage)
 end
 
 -- A stage whose team did not load (its problem was printed as the project loaded),

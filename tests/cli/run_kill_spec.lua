@@ -332,8 +332,20 @@ describe("factory run that cannot get through its pipeline", function()
     assert(fs.mkdir_p(empty))
     assert.equal(0, assert(proc.run{ argv = { "git", "init", "-q", empty } }).code)
     refused_before_paying({ "run", "feature", "--repo", empty, "--issue", "Nothing to branch from" },
-      { ("--repo %s: the repository has no commit yet, and the pipeline's build stage branches from HEAD: commit"
-        .. " something first"):format(empty) })
+      { ("--repo %s: the repository has no commit yet, and the pipeline's stage build works in a worktree branched"
+        .. " from HEAD: commit something first"):format(empty) })
+  end, { timeout = 30 })
+
+  it("refuses a --repo that is no git repository for a pipeline whose stages only read the code", function()
+    local project = cli_agent_project({ "true" })
+    assert(fs.write(project .. "/pipelines/review.lua", 'return pipeline "review" {\n'
+      .. '  stage "summary" { team = "business_analysis" },\n'
+      .. '  stage "review" { team = "security_engineering", workspace = "read" },\n}'))
+    local plain = dir .. "/plain"
+    assert(fs.mkdir_p(plain))
+    refused_before_paying({ "run", "review", "--repo", plain, "--issue", "Review it", "--project", project },
+      { ("--repo %s: %s is not a git repository, and stage review reads the code in a git worktree: give a git"
+        .. " repository (git init, then commit the code)"):format(plain, plain) })
   end, { timeout = 30 })
 
   it("refuses a --repo that is no git repository, or a directory inside one, naming the one to give", function()
