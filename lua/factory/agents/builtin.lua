@@ -231,11 +231,15 @@ function M.run(o)
     local changes_before = box.changes
     local fresh = false
     if not calls or #calls == 0 then
-      -- A TaskResult written as text is accepted like a finish call.
-      local r = type(msg.content) == "string" and confidence.parse(msg.content)
+      -- A TaskResult written as text is accepted like a finish call; one that tried
+      -- to be one (a JSON object) is told what is wrong with it.
+      local r, problem
+      if type(msg.content) == "string" then r, problem = confidence.parse(msg.content) end
       if r then return done(r) end
-      messages[#messages + 1] = { role = "user", content = "Use the tools to do the work; when it is done, "
-        .. "call `finish` with your TaskResult." }
+      local tried = problem and not problem:find("^the reply is not a JSON object") and problem ~= "the reply was empty"
+      messages[#messages + 1] = { role = "user", content = (tried and ("Your reply is not a valid TaskResult: "
+        .. problem .. ". ") or "") .. "Use the tools to do the work; when it is done, call `finish` with your"
+        .. " TaskResult." }
     else
       for _, call in ipairs(calls) do
         stats.tool_calls = stats.tool_calls + 1

@@ -270,6 +270,19 @@ describe("builtin agent", function()
     assert.equal("COMPLETE", result.status)
   end)
 
+  it("tells the model what is wrong with a TaskResult written as text; plain prose is asked to use the tools", function()
+    fake:script{ { content = '{"status": "DONE", "reasoning": "all good"}' }, { content = "I looked at the code." },
+                 { content = json.encode(FINISH) } }
+    local result = builtin.run{ root = dir, objective = "x", model = "coder" }
+    assert.equal("COMPLETE", result.status)
+    local told = json.decode(fake:requests()[2].body).messages
+    assert.equal('Your reply is not a valid TaskResult: status must be COMPLETE, NEEDS_CLARIFICATION or BLOCKED,'
+      .. ' got "DONE". Use the tools to do the work; when it is done, call `finish` with your TaskResult.',
+      told[#told].content)
+    told = json.decode(fake:requests()[3].body).messages
+    assert.equal("Use the tools to do the work; when it is done, call `finish` with your TaskResult.", told[#told].content)
+  end)
+
   it("offers only the operative's tools and refuses any other by name", function()
     fake:script{
       call("edit_file", { path = "src/add.c", old = "a - b", new = "a + b" }),
