@@ -318,7 +318,7 @@ local function summary(d, run_id, started, outcome, detail)
   end
   -- Each build stage starts from the one before it: the last branch holds them all.
   if #changed > 1 then
-    print(("the run's whole change (%d build stages) is on branch %s"):format(#changed, changed[#changed]))
+    print(("the run's whole change (%d stages changed the code) is on branch %s"):format(#changed, changed[#changed]))
   end
   if run.error then print("  error: " .. run.error) end
   if run.state == "stopped" then

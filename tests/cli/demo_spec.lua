@@ -23,7 +23,7 @@ describe("make demo", function()
       .. " and run the code from stage build's commit %x+ %(nothing changed there is kept%)\n  model factory/fast ok: [%d,]+"
       .. " tok, %$0%.0000\n  tool run_command `factory tests/tasks_test.lua`: exit 0\n", out)
     assert.matches("\n  analysis +business_analysis/analyst +COMPLETE +attempts 1  read commit %x+\n", out)
-    assert.contains("the run's whole change (2 build stages) is on branch factory-run1-docs-1\n", out)
+    assert.contains("the run's whole change (2 stages changed the code) is on branch factory-run1-docs-1\n", out)
     assert.contains("+## Due dates\n", out)
     assert.contains("+- Added: optional due dates on tasks", out)
     assert.contains("factory tests/tasks_test.lua on the branch: exit 0\ntasks: ok", out)

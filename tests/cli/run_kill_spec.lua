@@ -485,7 +485,7 @@ describe("factory run's summary of a run with several build stages", function()
     store:close()
     local status, out = finish(factory{ "resume", tostring(run) })
     assert.equal(0, status.code, out)
-    assert.contains(("the run's whole change (2 build stages) is on branch factory-run%d-frontend-1\n"):format(run), out)
+    assert.contains(("the run's whole change (2 stages changed the code) is on branch factory-run%d-frontend-1\n"):format(run), out)
   end, { timeout = 30 })
 end)
 
