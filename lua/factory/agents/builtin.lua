@@ -172,6 +172,19 @@ local function initial_messages(o)
   return out
 end
 
+-- Told before the last model call of the loop, so that the work done so far ends
+-- in a TaskResult (COMPLETE, or BLOCKED saying what is left) rather than in the cap.
+local function last_call_notice(messages, max_iter)
+  local text = ("[Iteration %d of %d, the last: call `finish` now with your TaskResult. If the work is not"
+    .. " done, say what is done and what is left.]"):format(max_iter, max_iter)
+  local last = messages[#messages]
+  if last.role == "tool" or (last.role == "user" and type(last.content) == "string") then
+    last.content = (last.content or "") .. "\n\n" .. text
+  else
+    messages[#messages + 1] = { role = "user", content = text }
+  end
+end
+
 local function offered_tools(names)
   local offered, schemas = {}, {}
   if not names then
@@ -212,6 +225,7 @@ function M.run(o)
 
   for iter = 1, max_iter do
     stats.iterations = iter
+    if iter == max_iter and iter > 1 then last_call_notice(messages, max_iter) end
     local elided, size = fit(messages, o.context_window or dsl.DEFAULT_WINDOW)
     if elided > 0 then emit("agent_context_fitted", { messages = elided, bytes = size, iteration = iter }) end
     local res, err, code, waits = objective.outlast(o, function()

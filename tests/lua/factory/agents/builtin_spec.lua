@@ -187,6 +187,24 @@ describe("builtin agent", function()
     assert.equal("BLOCKED", result.status)
     assert.equal("iteration cap reached: 3 iterations without finish", result.blockers[1])
     assert.equal(3, fake:count())
+    -- The last call was told it was the last; the ones before were not.
+    local notice = "[Iteration 3 of 3, the last: call `finish` now with your TaskResult. If the work is not done,"
+      .. " say what is done and what is left.]"
+    local sent = json.decode(fake:requests()[3].body).messages
+    assert.equal("tool", sent[#sent].role)
+    assert.equal("wrote 1 bytes to f2\n\n" .. notice, sent[#sent].content)
+    for i = 1, 2 do assert.falsy(fake:requests()[i].body:find("the last: call", 1, true)) end
+  end)
+
+  it("told at its last iteration, the model finishes with what it has", function()
+    fake:script{ call("read_file", { path = "src/add.c" }),
+                 call("finish", { status = "BLOCKED", reasoning = "out of iterations",
+                                  blockers = { "read src/add.c; the fix is left" } }) }
+    local result = builtin.run{ root = dir, objective = "fix it", model = "coder", max_iterations = 2 }
+    assert.equal("BLOCKED", result.status)
+    assert.same({ "read src/add.c; the fix is left" }, result.blockers)
+    local sent = json.decode(fake:requests()[2].body).messages
+    assert.matches("%[Iteration 2 of 2, the last: call `finish` now", sent[#sent].content)
   end)
 
   it("detects the same call repeated", function()
