@@ -520,6 +520,30 @@ describe("build stage", function()
     assert.equal("The calc tests run with `make -s test` from the repository root", learned[1].text)
   end)
 
+  it("a CLI agent in a read stage works in a checkout of the latest change, and nothing it writes is kept", function()
+    local state = fake_cli_agent()
+    assert(fs.write(dir .. "/project/pipelines/onereview.lua", 'return pipeline "onereview" {\n'
+      .. '  stage "review" { team = "backend_engineering", workspace = "read",\n'
+      .. '    acceptance = { "calc_sub reviewed", "make test run" } },\n}'))
+    onefix_engine()
+    local main_before = branch_oid("main")
+    local run_id = assert(engine:submit{ pipeline = "onereview", title = "review calc_sub", repo = repo_dir,
+                                         external_id = "cli-review" })
+    local st, detail = engine:execute(run_id)
+    assert.equal("succeeded", st, detail and detail.reason)
+    assert.equal("2", (assert(fs.read(state .. "/calls")):gsub("%s+$", "")))
+    local review = assert(store:query("SELECT result FROM stage_results WHERE run_id = ?", { run_id }))[1].result
+    assert.equal("COMPLETE", review.status)
+    assert.equal(main_before, review.workspace.base)
+    assert.truthy(review.workspace.read)
+    assert.truthy(review.workspace.discarded >= 1, review.workspace.discarded) -- its progress.txt
+    local repo = assert(git.open(repo_dir))
+    assert.equal(0, #repo:worktrees())
+    for _, b in ipairs(repo:branches()) do assert.falsy(b.name:find("review", 1, true), b.name) end
+    repo:close()
+    assert.equal(main_before, branch_oid("main"))
+  end)
+
   it("a CLI agent's model calls go through a proxy of the engine, counted for its team and run", function()
     -- The agent: one chat call through the proxy in its environment, with the model its
     -- environment names (the operative's), then the box checked.
