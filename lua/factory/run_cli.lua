@@ -176,8 +176,6 @@ local function workspace_outcome(d)
     or "no change", d.files, d.insertions, d.deletions)
 end
 
--- Returns the run's event handler and, for a terminal, a redraw of the status line
--- (called every second so the elapsed time moves during a long model call).
 -- A command shows what it was and how it ended.
 local function tool_text(d)
   if not d.ok then return ("tool %s failed: %s"):format(d.name, tostring(d.error)) end
@@ -198,6 +196,8 @@ local function skipped_text(d)
     d.read and "without the repository's files" or "without changing code")
 end
 
+-- Returns the run's event handler and, for a terminal, a redraw of the status line
+-- (called every second so the elapsed time moves during a long model call).
 local function progress(tty)
   -- The run's own count of stages (run_started): a run keeps the stages it began with.
   local current = { stage = "-", index = 0, who = "-", stages = 0 }
