@@ -160,7 +160,7 @@ local function agent_of(o)
   local spec = o.operative.agent
   if o.agent or type(spec) ~= "table" then
     return o.agent or builtin.run, { tools = tool_list(o.operative), max_iterations = o.operative.max_iterations,
-                                     timeout = o.operative.command_timeout,
+                                     timeout = o.operative.command_timeout, retries = o.retries,
                                      instructions = o.stage.workspace == "read" and builtin.READ_SYSTEM or nil,
                                      messages = objective.pack(o) }
   end

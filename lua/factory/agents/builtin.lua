@@ -20,6 +20,9 @@
 --        lock = fn(relpath) -> true | nil, err, code, on_command = fn(process) -> fn()
 --          (the toolbox's: tools.new),
 --        max_iterations = n (default 30), token_budget = n | nil,
+--        retries = n (default 2): a TaskResult that is not valid (in `finish`, or
+--          written as a JSON object) is sent back with what is wrong that many times,
+--          then the result is BLOCKED (event "task_result_invalid", { attempt, error }),
 --        stuck_repeats = n (default 3: the same call that many times in a row),
 --        stuck_idle = n (default 8: iterations that changed no file and made no call
 --          not made before in the session: reading new files is exploring, not stuck),
@@ -217,6 +220,17 @@ function M.run(o)
   local last_call, repeats, idle = nil, 0, 0
   local seen = {}
 
+  -- A TaskResult that is not valid is sent back with what is wrong, `retries` times
+  -- (the pipeline's limit, as for an objective), then the stage is BLOCKED.
+  local invalid, retries = 0, o.retries or 2
+  local function malformed(problem)
+    invalid = invalid + 1
+    emit("task_result_invalid", { attempt = invalid, error = problem })
+    if invalid > retries then
+      return confidence.blocked(("no valid TaskResult after %d attempts: %s"):format(invalid, problem))
+    end
+  end
+
   local function done(result)
     stats.changes = box.changes
     emit("agent_done", { status = result.status, iterations = stats.iterations, tokens = stats.tokens })
@@ -251,6 +265,8 @@ function M.run(o)
       if type(msg.content) == "string" then r, problem = confidence.parse(msg.content) end
       if r then return done(r) end
       local tried = problem and not problem:find("^the reply is not a JSON object") and problem ~= "the reply was empty"
+      local given_up = tried and malformed(problem)
+      if given_up then return done(given_up) end
       messages[#messages + 1] = { role = "user", content = (tried and ("Your reply is not a valid TaskResult: "
         .. problem .. ". ") or "") .. "Use the tools to do the work; when it is done, call `finish` with your"
         .. " TaskResult." }
@@ -286,6 +302,8 @@ function M.run(o)
         if name == "finish" and box.result then
           local r, problem = confidence.parse(json.encode(box.result))
           if r then return done(r) end
+          local given_up = malformed(problem)
+          if given_up then return done(given_up) end
           box.result = nil
           v, verr = nil, "EINVAL: not a valid TaskResult: " .. problem
         end

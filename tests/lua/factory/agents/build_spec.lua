@@ -455,6 +455,30 @@ describe("build stage", function()
     assert.truthy(make_test(repo_dir).code ~= 0)
   end)
 
+  it("a stage agent's TaskResult that stays invalid is sent back the pipeline's `retries` times, then escalated",
+    function()
+    local replies = { complete("# Reproduction\nmake test fails on calc_sub") }
+    for _, r in ipairs(FIX) do replies[#replies + 1] = r end
+    for _ = 1, 3 do replies[#replies + 1] = { content = '{"status": "PASSED", "reasoning": "tests pass"}' } end
+    fake:script(replies)
+    local run_id = submit()
+    local state = engine:execute(run_id)
+    assert.equal("waiting", state)
+    local escalated
+    for _, ev in ipairs(events) do
+      if ev.kind == "escalated" then escalated = ev.data.reason end
+    end
+    assert.contains('no valid TaskResult after 3 attempts: status must be COMPLETE, NEEDS_CLARIFICATION or BLOCKED,'
+      .. ' got "PASSED"', escalated)
+    assert.equal(3, #(function()
+      local out = {}
+      for _, ev in ipairs(events) do
+        if ev.kind == "task_result_invalid" then out[#out + 1] = ev end
+      end
+      return out
+    end)())
+  end)
+
   it("a read stage starts from the latest change, so it runs the code the build stage wrote", function()
     local replies = { complete("# Reproduction\nmake test fails on calc_sub") }
     for _, r in ipairs(FIX) do replies[#replies + 1] = r end

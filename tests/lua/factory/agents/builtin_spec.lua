@@ -179,6 +179,23 @@ describe("builtin agent", function()
     assert.equal(2, stats.iterations)
   end)
 
+  it("a TaskResult that stays invalid is sent back `retries` times, then BLOCKED with what is wrong", function()
+    fake:script{ call("finish", { status = "DONE", reasoning = "x" }), { content = '{"status": "COMPLETE"}' },
+                 call("finish", { status = "COMPLETE", reasoning = "" }), call("finish", FINISH) }
+    local events = {}
+    local result, stats = builtin.run{ root = dir, objective = "Fix add()", model = "coder", retries = 2,
+                                       emit = function(kind, data) events[#events + 1] = { kind, data } end }
+    assert.equal("BLOCKED", result.status)
+    assert.equal("no valid TaskResult after 3 attempts: reasoning must be a non-empty string", result.blockers[1])
+    assert.equal(3, stats.iterations)
+    local invalid = {}
+    for _, e in ipairs(events) do
+      if e[1] == "task_result_invalid" then invalid[#invalid + 1] = e[2].attempt .. ": " .. e[2].error end
+    end
+    assert.same({ '1: status must be COMPLETE, NEEDS_CLARIFICATION or BLOCKED, got "DONE"',
+                  "2: reasoning must be a non-empty string", "3: reasoning must be a non-empty string" }, invalid)
+  end)
+
   it("stops at the iteration cap with BLOCKED", function()
     local script = {}
     for i = 1, 5 do script[i] = call("write_file", { path = "f" .. i, text = tostring(i) }) end
