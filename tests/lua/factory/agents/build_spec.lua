@@ -479,6 +479,65 @@ describe("build stage", function()
     end)())
   end)
 
+  it("the shipped full pipeline: 17 stages, reviews read the latest change, the changing stages build on it",
+    function()
+    copy(ROOT .. "pipelines/full.lua", dir .. "/project/pipelines/full.lua")
+    onefix_engine()
+    local replies = {}
+    for _, st in ipairs({ "product", "analysis", "compliance", "ux", "architecture", "api", "database" }) do
+      replies[#replies + 1] = complete("# " .. st)
+    end
+    replies[#replies + 1] = call("edit_file", { path = "src/calc.c", old = "int calc_sub(int a, int b) { return a + b; }",
+                                                new = "int calc_sub(int a, int b) { return a - b; }" })
+    replies[#replies + 1] = complete("# backend: calc_sub fixed")
+    for _, st in ipairs({ "frontend", "integration", "data", "ml" }) do replies[#replies + 1] = complete("# " .. st) end
+    replies[#replies + 1] = call("run_command", { command = "make -s test" })
+    replies[#replies + 1] = complete("# qa: make test passes")
+    for _, st in ipairs({ "security_review", "devops", "operations" }) do replies[#replies + 1] = complete("# " .. st) end
+    replies[#replies + 1] = call("write_file", { path = "CHANGELOG.md", text = "- Fixed calc_sub\n" })
+    replies[#replies + 1] = complete("# docs")
+    fake:script(replies)
+    local main_before = branch_oid("main")
+    local run_id = assert(engine:submit{ pipeline = "full", title = "calc_sub", repo = repo_dir, external_id = "full-1" })
+    local state, detail = engine:execute(run_id)
+    assert.equal("succeeded", state, detail and detail.reason)
+    assert.equal(#replies, fake:count())
+    local ws = {}
+    for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
+      ws[row.stage] = row.result.workspace
+    end
+    for _, st in ipairs({ "product", "analysis", "compliance", "ux", "architecture", "api" }) do
+      assert.same({ base = main_before, read = true, discarded = 0 }, ws[st], st)
+    end
+    assert.equal(main_before, ws.backend.base)
+    for _, st in ipairs({ "qa", "security_review", "operations" }) do
+      assert.same({ base = ws.backend.commit, read = true, discarded = 0 }, ws[st], st)
+    end
+    for _, st in ipairs({ "database", "frontend", "integration", "data", "ml", "devops" }) do
+      assert.equal(nil, ws[st].commit, st) -- changed nothing: no commit, no branch
+      assert.equal(nil, ws[st].branch, st)
+    end
+    assert.equal(ws.backend.commit, ws.docs.base)
+    local qa_ran
+    for _, ev in ipairs(events) do
+      if ev.kind == "tool_call" and ev.data.stage == "qa" then qa_ran = ev.data end
+    end
+    assert.equal(0, qa_ran.exit)
+    -- Two branches: the fix, and the docs on top of it, which pass the tests.
+    local repo = assert(git.open(repo_dir))
+    assert.equal(0, #repo:worktrees())
+    local names = {}
+    for _, b in ipairs(repo:branches()) do names[#names + 1] = b.name end
+    table.sort(names)
+    assert.same({ "factory-run" .. run_id .. "-backend-1", "factory-run" .. run_id .. "-docs-1", "main" }, names)
+    repo:close()
+    local fresh = dir .. "/fresh"
+    assert.equal(0, assert(proc.run{ argv = { "git", "clone", "-q", "-b", ws.docs.branch, repo_dir, fresh },
+                                     env = GIT_ENV }).code)
+    assert.equal("- Fixed calc_sub\n", fs.read(fresh .. "/CHANGELOG.md"))
+    assert.equal(0, make_test(fresh).code)
+  end)
+
   it("a read stage starts from the latest change, so it runs the code the build stage wrote", function()
     local replies = { complete("# Reproduction\nmake test fails on calc_sub") }
     for _, r in ipairs(FIX) do replies[#replies + 1] = r end
