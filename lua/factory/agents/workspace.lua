@@ -15,7 +15,9 @@
 --           token_budget, emit, ...) except root/box, which is the worktree }
 --   Steps: worktree_add(branch, path, {base}) -> run the agent in the worktree ->
 --   add_all + commit on the branch (only when the agent changed tracked or new,
---   non-ignored files) -> diff stats of the commit against the base -> remove the
+--   non-ignored files; commits the agent made on the branch itself are kept as part
+--   of its change, and one that left the worktree on another branch or a detached
+--   HEAD is an EBRANCH error) -> diff stats of the commit against the base -> remove the
 --   worktree (forced: build output left by the agent goes with it) unless keep.
 --   ws: { result = TaskResult, stats = the agent's stats, branch = NAME, path = DIR,
 --         base = OID the branch started from, commit = OID | nil (no change),
@@ -135,9 +137,18 @@ function M.run(o)
   args.box, args.root = nil, path
   local result, stats = (o.agent or builtin.run)(args)
 
-  -- Stage and commit whatever the agent changed.
+  -- Stage and commit whatever the agent changed. An agent may have committed on its
+  -- own (a `git commit` among its commands, a CLI agent's habit): those commits are
+  -- its change too, and the branch keeps them.
   local ws = { result = result, stats = stats or {}, branch = o.branch, path = path, base = base_oid,
                removed = false }
+  local head = wt:head() or {}
+  if head.branch ~= o.branch then
+    return cleanup_fail(("EBRANCH: the agent left its worktree on %s, not on its branch %s: what it committed"
+      .. " there stays there, what it did not commit is lost"):format(head.branch and ("branch " .. head.branch)
+      or "a detached HEAD", o.branch), "EBRANCH")
+  end
+  if head.oid ~= base_oid and o.commit ~= false then ws.commit = head.oid end
   local st, serr, scode = wt:status()
   if not st then return cleanup_fail(serr, scode) end
   if o.commit == false then

@@ -151,6 +151,52 @@ describe("workspace", function()
     repo:close()
   end)
 
+  it("keeps what the agent committed itself, with what it left uncommitted on top", function()
+    local GIT = "git -c user.name=Agent -c user.email=agent@x.test commit -q -a -m 'fix calc_sub'"
+    fake:script{ call("edit_file", { path = "src/calc.c", old = "int calc_sub(int a, int b) { return a + b; }",
+                                     new = "int calc_sub(int a, int b) { return a - b; }" }),
+                 call("run_command", { command = GIT }),
+                 call("write_file", { path = "NOTES.md", text = "calc_sub fixed\n" }),
+                 call("finish", { status = "COMPLETE", reasoning = "r", artifact = "fixed" }) }
+    local ws = assert(workspace.run{ repo = repo_dir, branch = "selfcommit", path = root .. "/wt/self",
+                                     objective = "Fix calc_sub", model = "coder", author = AUTHOR })
+    assert.truthy(ws.commit)
+    assert.equal(2, ws.diff_stats.files)
+    assert.contains("+int calc_sub(int a, int b) { return a - b; }", ws.diff)
+    assert.contains("+calc_sub fixed", ws.diff)
+    local repo = assert(git.open(repo_dir))
+    local oid
+    for _, b in ipairs(repo:branches()) do
+      if b.name == "selfcommit" then oid = b.oid end
+    end
+    repo:close()
+    assert.equal(ws.commit, oid)
+    -- Only its own commit, nothing left: that commit is the change.
+    fake:script{ call("write_file", { path = "ONLY.md", text = "one\n" }),
+                 call("run_command", { command = "git add ONLY.md && " .. GIT }),
+                 call("finish", { status = "COMPLETE", reasoning = "r", artifact = "one" }) }
+    ws = assert(workspace.run{ repo = repo_dir, branch = "selfonly", path = root .. "/wt/only",
+                               objective = "Add ONLY.md", model = "coder", author = AUTHOR })
+    assert.truthy(ws.commit)
+    assert.equal(1, ws.diff_stats.files)
+    assert.contains("+one", ws.diff)
+  end)
+
+  it("an agent that leaves its worktree on another branch is an error that says where its commits are", function()
+    fake:script{ call("run_command", { command = "git checkout -q -b elsewhere" }),
+                 call("write_file", { path = "lost.txt", text = "x\n" }),
+                 call("finish", { status = "COMPLETE", reasoning = "r", artifact = "x" }) }
+    local ws, err, code = workspace.run{ repo = repo_dir, branch = "wander", path = root .. "/wt/wander",
+                                         objective = "Wander", model = "coder", author = AUTHOR }
+    assert.equal(nil, ws)
+    assert.equal("EBRANCH", code)
+    assert.equal("EBRANCH: the agent left its worktree on branch elsewhere, not on its branch wander: what it"
+      .. " committed there stays there, what it did not commit is lost", err)
+    local repo = assert(git.open(repo_dir))
+    assert.same({}, repo:worktrees())
+    repo:close()
+  end)
+
   it("keeps the first max_diff bytes of a long patch, saying how long it was", function()
     fake:script{ call("write_file", { path = "big.txt", text = string.rep("a line of generated text\n", 400) }),
                  call("finish", { status = "COMPLETE", reasoning = "r", artifact = "big.txt" }) }
