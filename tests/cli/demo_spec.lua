@@ -8,6 +8,15 @@ local host = require "factory.core.host"
 
 local ROOT = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") .. "../../"
 
+-- The verify stage (its progress line `place`) of run `run` read the commit stage
+-- `from` left and ran `command` there, which passed.
+local function verified(out, place, run, from, command)
+  local lit = function(s) return (s:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0")) end
+  assert.matches(("\n%s verify: qa_engineering/tester %%(attempt 1%%)\n  worktree factory%%-run%d%%-verify%%-1 to read"
+    .. " and run the code from stage %s's commit %%x+ %%(nothing changed there is kept%%)\n  model factory/fast ok:"
+    .. " [%%d,]+ tok, %%$0%%.0000\n  tool run_command `%s`: exit 0\n"):format(lit(place), run, from, lit(command)), out)
+end
+
 describe("make demo", function()
   it("runs feature and bugfix to the end, and each agent's branch passes the repository's tests", function()
     local res = assert(proc.run{ argv = { host.exe, ROOT .. "examples/replay/demo.lua" }, cwd = ROOT,
@@ -19,9 +28,7 @@ describe("make demo", function()
     assert.matches("build +backend_engineering/implementer +COMPLETE +attempts 2 +branch factory%-run1%-build%-2 "
       .. "%(commit %x+, 2 file%(s%) %+%d+ %-%d+%)", out)
     assert.contains("+function M.set_due(id, due)", out)
-    assert.matches("\n%[4/5%] verify: qa_engineering/tester %(attempt 1%)\n  worktree factory%-run1%-verify%-1 to read"
-      .. " and run the code from stage build's commit %x+ %(nothing changed there is kept%)\n  model factory/fast ok: [%d,]+"
-      .. " tok, %$0%.0000\n  tool run_command `factory tests/tasks_test.lua`: exit 0\n", out)
+    verified(out, "[4/5]", 1, "build", "factory tests/tasks_test.lua")
     assert.matches("\n  analysis +business_analysis/analyst +COMPLETE +attempts 1  read commit %x+\n", out)
     assert.contains("the run's whole change (2 stages changed the code) is on branch factory-run1-docs-1\n", out)
     assert.contains("+## Due dates\n", out)
@@ -29,9 +36,7 @@ describe("make demo", function()
     assert.contains("factory tests/tasks_test.lua on the branch: exit 0\ntasks: ok", out)
     assert.contains("run 2 succeeded (bugfix)", out)
     assert.contains("-int calc_sub(int a, int b) { return a + b; }\n+int calc_sub(int a, int b) { return a - b; }", out)
-    assert.matches("\n%[3/4%] verify: qa_engineering/tester %(attempt 1%)\n  worktree factory%-run2%-verify%-1 to read"
-      .. " and run the code from stage fix's commit %x+ %(nothing changed there is kept%)\n  model factory/fast ok: [%d,]+"
-      .. " tok, %$0%.0000\n  tool run_command `make %-s test`: exit 0\n", out)
+    verified(out, "[3/4]", 2, "fix", "make -s test")
     assert.contains("+- Fixed: `calc_sub` returned the sum of its arguments instead of their difference.", out)
     assert.contains("make -s test on the branch: exit 0\nall checks passed", out)
     assert.contains("make -s test on main (untouched): exit 2", out)

@@ -113,6 +113,15 @@ local function branch_oid(name)
   return oid
 end
 
+-- Each stage's result.workspace in run run_id, by stage.
+local function workspaces(run_id)
+  local ws = {}
+  for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
+    ws[row.stage] = row.result.workspace
+  end
+  return ws
+end
+
 -- A one-stage pipeline "onefix" (the fix stage, two acceptance items), and the engine
 -- restarted to load it, with factory.lua's agents section.
 local function onefix_engine(agents)
@@ -272,10 +281,7 @@ describe("build stage", function()
     local run_id = assert(engine:submit{ pipeline = "twofix", title = "tasks page", repo = repo_dir,
                                          external_id = "two-1" })
     assert.equal("succeeded", (engine:execute(run_id)))
-    local ws = {}
-    for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
-      ws[row.stage] = row.result.workspace
-    end
+    local ws = workspaces(run_id)
     assert.equal(ws.backend.commit, ws.frontend.base)
     -- The frontend's agent read what the backend's wrote, and its branch holds both.
     local read = json.decode(fake:requests()[4].body).messages
@@ -412,10 +418,7 @@ describe("build stage", function()
     -- Another run holds the file: a stage that keeps nothing takes no lock, so is not stopped by one.
     assert(locks.acquire(store, { repo = repo_dir, path = "src/calc.c", owner = "run:99/fix" }))
     assert.equal("succeeded", (engine:execute(run_id)))
-    local ws = {}
-    for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
-      ws[row.stage] = row.result.workspace
-    end
+    local ws = workspaces(run_id)
     -- The fix could not edit the locked file; the verify stage read the fix's starting point, HEAD.
     assert.same({ base = main_before, read = true, discarded = 2 }, ws.verify)
     local outcome = {}
@@ -502,10 +505,7 @@ describe("build stage", function()
     local state, detail = engine:execute(run_id)
     assert.equal("succeeded", state, detail and detail.reason)
     assert.equal(#replies, fake:count())
-    local ws = {}
-    for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
-      ws[row.stage] = row.result.workspace
-    end
+    local ws = workspaces(run_id)
     for _, st in ipairs({ "product", "analysis", "compliance", "ux", "architecture", "api" }) do
       assert.same({ base = main_before, read = true, discarded = 0 }, ws[st], st)
     end
@@ -547,10 +547,7 @@ describe("build stage", function()
     fake:script(replies)
     local run_id = submit()
     assert.equal("succeeded", (engine:execute(run_id)))
-    local ws = {}
-    for _, row in ipairs(assert(store:query("SELECT stage, result FROM stage_results WHERE run_id = ?", { run_id }))) do
-      ws[row.stage] = row.result.workspace
-    end
+    local ws = workspaces(run_id)
     assert.equal(ws.fix.commit, ws.verify.base)
     -- The tool result the model saw: the repository's tests pass on the fix.
     local seen
