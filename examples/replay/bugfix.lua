@@ -11,8 +11,8 @@ local function result(t)
   return t
 end
 
--- In the work item: the replies of examples/replay/feature.lua, served by the same
--- replay server, are for other stages of the same teams (verify, for one).
+-- Words of this work item: examples/replay/feature.lua, served by the same replay
+-- server, has a verify stage of the same team, and each reply is chosen by its run's.
 local BUGFIX = "calc_sub"
 
 local function step(n, name, arguments, team, stage)

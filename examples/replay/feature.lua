@@ -25,8 +25,8 @@ local function written(path)
 end
 
 local ANSWERED = "## Answer from solution_architecture"
--- In the work item: the replies of examples/replay/bugfix.lua, served by the same
--- replay server, are for other stages of the same teams (verify, for one).
+-- Words of this work item: examples/replay/bugfix.lua, served by the same replay
+-- server, has a verify stage of the same team, and each reply is chosen by its run's.
 local FEATURE = "due date"
 
 local function build_step(n, name, arguments)
