@@ -143,7 +143,7 @@ function M.run(o)
   local ws = { result = result, stats = stats or {}, branch = o.branch, path = path, base = base_oid,
                removed = false }
   local head = wt:head() or {}
-  if head.branch ~= o.branch then
+  if head.branch ~= o.branch and o.commit ~= false then
     return cleanup_fail(("EBRANCH: the agent left its worktree on %s, not on its branch %s: what it committed"
       .. " there stays there, what it did not commit is lost"):format(head.branch and ("branch " .. head.branch)
       or "a detached HEAD", o.branch), "EBRANCH")

@@ -195,6 +195,13 @@ describe("workspace", function()
     local repo = assert(git.open(repo_dir))
     assert.same({}, repo:worktrees())
     repo:close()
+    -- Where nothing is kept (commit = false), where it left the worktree does not matter.
+    fake:script{ call("run_command", { command = "git checkout -q -b elsewhere2" }),
+                 call("finish", { status = "COMPLETE", reasoning = "r", artifact = "read" }) }
+    ws = assert(workspace.run{ repo = repo_dir, branch = "reader", path = root .. "/wt/reader", commit = false,
+                               objective = "Read", model = "coder" })
+    assert.equal("COMPLETE", ws.result.status)
+    assert.equal(nil, ws.commit)
   end)
 
   it("keeps the first max_diff bytes of a long patch, saying how long it was", function()
