@@ -161,6 +161,10 @@ local function from_note(d)
     return (" from the repository's HEAD: branch %s of stage %s no longer holds that stage's commit"):format(
       tostring(from.branch), tostring(from.stage))
   end
+  if from.continued then
+    return (" going on from commit %s, which a stopped attempt of this stage left on branch %s"):format(
+      tostring(from.commit):sub(1, 10), tostring(from.branch))
+  end
   return (" from stage %s's commit %s"):format(tostring(from.stage), tostring(from.commit):sub(1, 10))
 end
 

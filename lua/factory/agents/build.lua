@@ -42,7 +42,10 @@
 --       that repository when o.repo is a directory inside one).
 --
 -- The branch starts from the commit of the run's latest earlier build stage (so a
--- run's build stages build on one another), else from the repository's HEAD; when
+-- run's build stages build on one another), else from the repository's HEAD (an
+-- attempt killed after its agent committed left a branch: the same attempt, run
+-- again, goes on from that branch's commit, told so, and its change is still counted
+-- from the stage's start: from = { stage, branch, commit, continued = true }); when
 -- that stage's branch no longer holds its commit (deleted, moved), from HEAD, and the
 -- workspace_started event says so (from = { stage, branch, commit } | { stage, branch,
 -- gone = true }).
@@ -70,6 +73,10 @@ local MAX_NAMES = 9
 -- agent has no other way to learn it).
 local READ_NOTE = "\n\nYou work in a checkout of the run's latest change. Read, search and run what you need;"
   .. " nothing you change in it is kept."
+
+-- What the agent of an attempt that goes on from a killed one's commit is told.
+local CONTINUED_NOTE = "This stage was stopped before it finished, after its agent had committed work: this"
+  .. " worktree starts from that commit (%s). Check what is there, complete the objective, and finish."
 
 -- The operative's tools as the built-in agent names them; `finish` always.
 local TOOL_NAMES = { read = "read_file", write = "write_file", edit = "edit_file", grep = "grep",
@@ -117,6 +124,8 @@ end
 -- A free branch name: a leftover worktree of a killed attempt is removed first, and
 -- a leftover branch with nothing on it beyond the commit the new one starts from is
 -- deleted (else every resumed run would leave an empty branch beside its real one).
+-- Returns the name and, when the same attempt was killed after its agent committed,
+-- the last branch it left ({ branch =, commit = }): its work, to go on from.
 local function free_name(r, base_name, start)
   for _, w in ipairs(r:worktrees()) do
     if of_family(w.name, base_name) then r:worktree_remove(w.name, { force = true }) end
@@ -124,12 +133,14 @@ local function free_name(r, base_name, start)
   local taken = {}
   for _, b in ipairs(r:branches()) do
     if not (of_family(b.name, base_name) and b.oid == start and not b.head and r:branch_delete(b.name)) then
-      taken[b.name] = true
+      taken[b.name] = b.oid
     end
   end
+  local left
   for i = 1, MAX_NAMES do
     local name = i == 1 and base_name or (base_name .. "-" .. i)
-    if not taken[name] then return name end
+    if not taken[name] then return name, nil, left end
+    left = { branch = name, commit = taken[name] }
   end
   return nil, ("EEXISTS: branches %s to %s-%d exist already"):format(base_name, base_name, MAX_NAMES)
 end
@@ -186,7 +197,11 @@ function M.run(o)
   if not r then return confidence.blocked(("cannot open the repository %s: %s"):format(o.repo, err)) end
   local from, missing = earlier_change(o, r)
   local start = from and from.commit or (r:head() or {}).oid
-  local name, nerr = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1), start)
+  local reading = st.workspace == "read"
+  local name, nerr, left = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1), start)
+  -- A killed attempt's committed work is gone on from, not done and paid for again.
+  local continued = not reading and left and { stage = st.name, branch = left.branch, commit = left.commit,
+                                               continued = true } or nil
   if not name then
     r:close()
     return confidence.blocked(nerr)
@@ -213,10 +228,15 @@ function M.run(o)
     end
   end
   args.repo, args.branch, args.agent, args.base = r, name, agent, from and from.commit
-  local reading = st.workspace == "read"
   args.commit = not reading
   args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
     .. (reading and READ_NOTE or "")
+  if continued then
+    local note = CONTINUED_NOTE:format(continued.commit:sub(1, 10))
+    args.base, args.diff_base = continued.commit, start
+    args.objective = args.objective .. "\n\n" .. note
+    args.system = args.system and (args.system .. "\n\n" .. note) or note
+  end
   args.message = ("factory: %s (run %d, stage %s)"):format(o.anchor:match("^[^\n]*"), o.run_id, st.name)
   args.model, args.team, args.run, args.pipeline = op.model or team.model, team.name, o.run_id, o.pipeline
   args.max_tokens, args.temperature, args.context_window = op.max_tokens, op.temperature, objective.window(team, op)
@@ -274,7 +294,7 @@ function M.run(o)
     if change.status ~= "??" then uncommitted = uncommitted + 1 end
   end
   emit("workspace_started", { stage = st.name, branch = name, uncommitted = uncommitted > 0 and uncommitted or nil,
-                               from = from or missing, read = reading or nil })
+                               from = continued or from or missing, read = reading or nil })
   -- Whatever happens in there (a cancelled fiber raises), the place, the proxy, the
   -- locks and the repository are given back.
   local ran, ws, werr = pcall(workspace.run, args)

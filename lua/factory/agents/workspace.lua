@@ -8,6 +8,8 @@
 --        author = { name =, email = } (default { name = "Factory Agent", email = "agent@factory.local" }),
 --        message = commit message (default "factory: " .. first line of the objective),
 --        keep = true to leave the worktree in place (default: removed at the end),
+--        diff_base = OID the change is counted from, when the branch starts further on
+--          (a killed attempt's commit: its work is part of the change; default base),
 --        commit = false: nothing is committed (a stage that reads and runs, not
 --          changes: what the agent wrote is thrown away with the worktree),
 --        agent = fn(o2) -> result, stats (default factory.agents.builtin.run),
@@ -20,7 +22,8 @@
 --   HEAD is an EBRANCH error) -> diff stats of the commit against the base -> remove the
 --   worktree (forced: build output left by the agent goes with it) unless keep.
 --   ws: { result = TaskResult, stats = the agent's stats, branch = NAME, path = DIR,
---         base = OID the branch started from, commit = OID | nil (no change),
+--         base = OID the branch started from (diff_base when given), commit = OID | nil
+--           (no change),
 --         diff_stats = { files, insertions, deletions, per_file = {{path, ...}} },
 --         diff = the commit's patch against the base, its first max_diff bytes (default
 --           32 KiB) and a line saying how much was cut (nil without a commit),
@@ -132,14 +135,15 @@ function M.run(o)
   -- The agent, confined to the worktree.
   local args = {}
   for k, v in pairs(o) do args[k] = v end
-  args.repo, args.branch, args.path, args.base, args.author, args.message, args.keep, args.agent, args.commit =
-    nil, nil, nil, nil, nil, nil, nil, nil, nil
+  args.repo, args.branch, args.path, args.base, args.author, args.message, args.keep, args.agent, args.commit,
+    args.diff_base = nil, nil, nil, nil, nil, nil, nil, nil, nil, nil
   args.box, args.root = nil, path
   local result, stats = (o.agent or builtin.run)(args)
 
   -- Stage and commit whatever the agent changed. An agent may have committed on its
   -- own (a `git commit` among its commands, a CLI agent's habit): those commits are
   -- its change too, and the branch keeps them.
+  base_oid = o.diff_base or base_oid
   local ws = { result = result, stats = stats or {}, branch = o.branch, path = path, base = base_oid,
                removed = false }
   local head = wt:head() or {}

@@ -55,6 +55,15 @@ describe("factory runs", function()
                                from = { stage = "build", branch = "factory-run1-build-1", commit = "89ff632bec00aa" } } },
       { "workspace_started", { branch = "factory-run1-ui-2", stage = "ui",
                                from = { stage = "build", branch = "factory-run1-build-1", gone = true } } },
+      { "workspace_started", { branch = "factory-run1-ui-2-2", stage = "ui",
+                               from = { stage = "ui", branch = "factory-run1-ui-2", commit = "77aa11bb22cc33",
+                                        continued = true } } },
+      { "workspace_started", { branch = "factory-run1-qa-1", stage = "qa", read = true,
+                               from = { stage = "ui", branch = "factory-run1-ui-2-2", commit = "5566778899aa" } } },
+      { "tool_call", { name = "run_command", ok = true, command = "make -s test", exit = 2, stage = "qa" } },
+      { "tool_call", { name = "run_command", ok = true, command = "sleep 900", timed_out = true, stage = "qa" } },
+      { "workspace_done", { branch = "factory-run1-qa-1", stage = "qa", kept = false, read = true,
+                            base = "5566778899aabb", discarded = 3 } },
       { "agent_done", { iterations = 2, status = "COMPLETE", tokens = 1561 } },
       { "workspace_done", { branch = "factory-run1-build-1", stage = "build", commit = "89ff632bec00",
                             files = 1, insertions = 1, deletions = 1 } },
@@ -79,6 +88,12 @@ describe("factory runs", function()
                             "worktree and branch factory-run1-ui-1 from stage build's commit 89ff632bec\n",
                             "worktree and branch factory-run1-ui-2 from the repository's HEAD: branch"
                               .. " factory-run1-build-1 of stage build no longer holds that stage's commit",
+                            "worktree and branch factory-run1-ui-2-2 going on from commit 77aa11bb22, which a stopped"
+                              .. " attempt of this stage left on branch factory-run1-ui-2\n",
+                            "worktree factory-run1-qa-1 to read and run the code from stage ui's commit 5566778899"
+                              .. " (nothing changed there is kept)\n",
+                            "tool run_command `make -s test`: exit 2\n", "tool run_command `sleep 900`: timed out\n",
+                            "read commit 5566778899, worktree removed, 3 changed path(s) not kept\n",
                             "agent COMPLETE after 2 iteration(s), 1561 tokens",
                             "branch factory-run1-build-1: commit 89ff632bec, 1 file(s) +1 -1",
                             "TaskResult COMPLETE", "stage build COMPLETE", "run succeeded",

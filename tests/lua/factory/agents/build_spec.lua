@@ -244,8 +244,9 @@ describe("build stage", function()
     repo:close()
   end)
 
-  it("a branch left by a killed attempt with a commit of its own is kept, and the next free name taken", function()
+  it("a branch left by a killed attempt with a commit of its own is kept, and the attempt goes on from it", function()
     script_run()
+    local main_before = branch_oid("main")
     local repo = assert(git.open(repo_dir))
     assert(repo:worktree_add("factory-run1-fix-1", dir .. "/stale", {}))
     local stale = assert(git.open(dir .. "/stale"))
@@ -257,13 +258,37 @@ describe("build stage", function()
     local run_id = submit()
     assert.equal("succeeded", (engine:execute(run_id)))
     local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
-    assert.equal("factory-run1-fix-1-2", fix.result.workspace.branch)
+    local ws = fix.result.workspace
+    assert.equal("factory-run1-fix-1-2", ws.branch)
     repo = assert(git.open(repo_dir))
     assert.same({ "factory-run1-fix-1", "factory-run1-fix-1-2", "main" }, branch_names(repo))
     for _, b in ipairs(repo:branches()) do
       if b.name == "factory-run1-fix-1" then assert.equal(kept, b.oid) end
     end
     repo:close()
+    -- The new attempt started from the killed one's commit, and was told so; the
+    -- stage's change is counted from where the stage starts, so it holds both.
+    local from
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
+    end
+    assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = kept, continued = true }, from)
+    assert.equal(main_before, ws.base)
+    local paths = {}
+    for _, f in ipairs(ws.diff_stats.per_file) do paths[#paths + 1] = f.path end
+    table.sort(paths)
+    assert.same({ "half-done.txt", "src/calc.c" }, paths)
+    local told
+    for _, r in ipairs(fake:requests()) do
+      local m = json.decode(r.body).messages
+      if m[1].content:find("objective: stage fix", 1, true) then told = m[1].content end
+    end
+    assert.contains("This stage was stopped before it finished, after its agent had committed work: this worktree"
+      .. " starts from that commit (" .. kept:sub(1, 10) .. ")", told)
+    local fresh = dir .. "/fresh"
+    assert.equal(0, assert(proc.run{ argv = { "git", "clone", "-q", "-b", ws.branch, repo_dir, fresh },
+                                     env = GIT_ENV }).code)
+    assert.equal("committed by the killed attempt", fs.read(fresh .. "/half-done.txt"))
   end)
 
   it("a run's second build stage starts from the commit the first left, and says so", function()
