@@ -43,9 +43,10 @@
 --
 -- The branch starts from the commit of the run's latest earlier build stage (so a
 -- run's build stages build on one another), else from the repository's HEAD (an
--- attempt killed after its agent committed left a branch: the same attempt, run
--- again, goes on from that branch's commit, told so, and its change is still counted
--- from the stage's start: from = { stage, branch, commit, continued = true }); when
+-- attempt killed while its agent worked leaves a worktree, whose changes are then
+-- committed on its branch: the same attempt, run again, goes on from that branch's
+-- commit, told so, and its change is still counted from the stage's start: from =
+-- { stage, branch, commit, continued = true }); when
 -- that stage's branch no longer holds its commit (deleted, moved), from HEAD, and the
 -- workspace_started event says so (from = { stage, branch, commit } | { stage, branch,
 -- gone = true }).
@@ -75,8 +76,9 @@ local READ_NOTE = "\n\nYou work in a checkout of the run's latest change. Read, 
   .. " nothing you change in it is kept."
 
 -- What the agent of an attempt that goes on from a killed one's commit is told.
-local CONTINUED_NOTE = "This stage was stopped before it finished, after its agent had committed work: this"
-  .. " worktree starts from that commit (%s). Check what is there, complete the objective, and finish."
+local CONTINUED_NOTE = "This stage was stopped before it finished, after its agent had changed files: this"
+  .. " worktree starts from the commit that holds that work (%s). Check what is there, complete the objective,"
+  .. " and finish."
 
 -- The operative's tools as the built-in agent names them; `finish` always.
 local TOOL_NAMES = { read = "read_file", write = "write_file", edit = "edit_file", grep = "grep",
@@ -121,14 +123,36 @@ local function of_family(name, base_name)
   return name == base_name or name:sub(1, #base_name + 1) == base_name .. "-"
 end
 
--- A free branch name: a leftover worktree of a killed attempt is removed first, and
--- a leftover branch with nothing on it beyond the commit the new one starts from is
+-- What a killed attempt's agent left in its worktree, committed on its branch before
+-- the worktree goes: the work of hours of an agent is not thrown away with it. The
+-- CLI loop's own files (SPEC.md, .ai/) are left out.
+local function salvage(w, stage)
+  local wt = git.open(w.path)
+  if not wt then return end
+  local head = wt:head() or {}
+  local paths = {}
+  for _, change in ipairs(head.branch == w.name and wt:status() or {}) do
+    if change.path ~= "SPEC.md" and not change.path:find("^%.ai/") then paths[#paths + 1] = change.path end
+  end
+  if #paths > 0 and wt:add(paths) then
+    wt:commit(("factory: the work a stopped attempt of stage %s left uncommitted"):format(stage),
+              { author = workspace.DEFAULT_AUTHOR })
+  end
+  wt:close()
+end
+
+-- A free branch name: a leftover worktree of a killed attempt is removed first (what
+-- its agent changed committed on its branch, unless the stage only reads), and a
+-- leftover branch with nothing on it beyond the commit the new one starts from is
 -- deleted (else every resumed run would leave an empty branch beside its real one).
--- Returns the name and, when the same attempt was killed after its agent committed,
--- the last branch it left ({ branch =, commit = }): its work, to go on from.
-local function free_name(r, base_name, start)
+-- Returns the name and, when the same attempt was killed after its agent changed
+-- something, the last branch it left ({ branch =, commit = }): its work, to go on from.
+local function free_name(r, base_name, start, stage, reading)
   for _, w in ipairs(r:worktrees()) do
-    if of_family(w.name, base_name) then r:worktree_remove(w.name, { force = true }) end
+    if of_family(w.name, base_name) then
+      if not reading then salvage(w, stage) end
+      r:worktree_remove(w.name, { force = true })
+    end
   end
   local taken = {}
   for _, b in ipairs(r:branches()) do
@@ -198,7 +222,8 @@ function M.run(o)
   local from, missing = earlier_change(o, r)
   local start = from and from.commit or (r:head() or {}).oid
   local reading = st.workspace == "read"
-  local name, nerr, left = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1), start)
+  local name, nerr, left = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1), start,
+                                     st.name, reading)
   -- A killed attempt's committed work is gone on from, not done and paid for again.
   local continued = not reading and left and { stage = st.name, branch = left.branch, commit = left.commit,
                                                continued = true } or nil

@@ -229,7 +229,10 @@ describe("build stage", function()
     script_run()
     local repo = assert(git.open(repo_dir))
     assert(repo:worktree_add("factory-run1-fix-1", dir .. "/stale", {}))
-    assert(fs.write(dir .. "/stale/half-done.txt", "from the killed attempt"))
+    -- The CLI loop's own files are not work to keep.
+    assert(fs.write(dir .. "/stale/SPEC.md", "- [ ] fix calc_sub\n"))
+    assert(fs.mkdir_p(dir .. "/stale/.ai"))
+    assert(fs.write(dir .. "/stale/.ai/new-learnings.md", "x\n"))
     repo:close()
     local run_id = submit()
     assert.equal(1, run_id)
@@ -242,6 +245,40 @@ describe("build stage", function()
     assert.equal(0, #repo:worktrees())
     assert.same({ "factory-run1-fix-1", "main" }, branch_names(repo))
     repo:close()
+  end)
+
+  it("what a killed attempt's agent left uncommitted is committed on its branch, and the attempt goes on from it",
+    function()
+    script_run()
+    local main_before = branch_oid("main")
+    local repo = assert(git.open(repo_dir))
+    assert(repo:worktree_add("factory-run1-fix-1", dir .. "/stale", {}))
+    repo:close()
+    assert(fs.mkdir_p(dir .. "/stale/notes"))
+    assert(fs.write(dir .. "/stale/notes/half-done.txt", "from the killed attempt\n"))
+    assert(fs.write(dir .. "/stale/README.md", assert(fs.read(dir .. "/stale/README.md")) .. "Edited by the agent.\n"))
+    assert(fs.write(dir .. "/stale/SPEC.md", "- [ ] fix calc_sub\n"))
+    local run_id = submit()
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local ws = workspaces(run_id).fix
+    assert.equal("factory-run1-fix-1-2", ws.branch)
+    assert.equal(main_before, ws.base)
+    local paths = {}
+    for _, f in ipairs(ws.diff_stats.per_file) do paths[#paths + 1] = f.path end
+    table.sort(paths)
+    assert.same({ "README.md", "notes/half-done.txt", "src/calc.c" }, paths)
+    local salvaged = branch_oid("factory-run1-fix-1")
+    local from
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
+    end
+    assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = salvaged, continued = true }, from)
+    local fresh = dir .. "/fresh"
+    assert.equal(0, assert(proc.run{ argv = { "git", "clone", "-q", "-b", ws.branch, repo_dir, fresh },
+                                     env = GIT_ENV }).code)
+    assert.equal("from the killed attempt\n", fs.read(fresh .. "/notes/half-done.txt"))
+    assert.equal(nil, fs.exists(fresh .. "/SPEC.md") or nil)
+    assert.equal(0, make_test(fresh).code)
   end)
 
   it("a branch left by a killed attempt with a commit of its own is kept, and the attempt goes on from it", function()
@@ -283,8 +320,8 @@ describe("build stage", function()
       local m = json.decode(r.body).messages
       if m[1].content:find("objective: stage fix", 1, true) then told = m[1].content end
     end
-    assert.contains("This stage was stopped before it finished, after its agent had committed work: this worktree"
-      .. " starts from that commit (" .. kept:sub(1, 10) .. ")", told)
+    assert.contains("This stage was stopped before it finished, after its agent had changed files: this worktree"
+      .. " starts from the commit that holds that work (" .. kept:sub(1, 10) .. ")", told)
     local fresh = dir .. "/fresh"
     assert.equal(0, assert(proc.run{ argv = { "git", "clone", "-q", "-b", ws.branch, repo_dir, fresh },
                                      env = GIT_ENV }).code)
