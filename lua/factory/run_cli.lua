@@ -162,8 +162,9 @@ local function from_note(d)
       tostring(from.branch), tostring(from.stage))
   end
   if from.continued then
-    return (" going on from commit %s, which a stopped attempt of this stage left on branch %s"):format(
-      tostring(from.commit):sub(1, 10), tostring(from.branch))
+    return (" going on from commit %s, which %s of this stage left on branch %s"):format(
+      tostring(from.commit):sub(1, 10), from.asked and "the attempt that asked a question" or "a stopped attempt",
+      tostring(from.branch))
   end
   return (" from stage %s's commit %s"):format(tostring(from.stage), tostring(from.commit):sub(1, 10))
 end

@@ -46,7 +46,8 @@
 -- attempt killed while its agent worked leaves a worktree, whose changes are then
 -- committed on its branch: the same attempt, run again, goes on from that branch's
 -- commit, told so, and its change is still counted from the stage's start: from =
--- { stage, branch, commit, continued = true }); when
+-- { stage, branch, commit, continued = true }; the same for the attempt after one that
+-- changed files and then asked a question, with asked = true); when
 -- that stage's branch no longer holds its commit (deleted, moved), from HEAD, and the
 -- workspace_started event says so (from = { stage, branch, commit } | { stage, branch,
 -- gone = true }).
@@ -79,6 +80,10 @@ local READ_NOTE = "\n\nYou work in a checkout of the run's latest change. Read, 
 local CONTINUED_NOTE = "This stage was stopped before it finished, after its agent had changed files: this"
   .. " worktree starts from the commit that holds that work (%s). Check what is there, complete the objective,"
   .. " and finish."
+
+local ASKED_NOTE = "The previous attempt of this stage changed files, then asked a question: this worktree starts"
+  .. " from the commit that holds its work (%s). With the answer, check what is there, complete the objective, and"
+  .. " finish."
 
 -- The operative's tools as the built-in agent names them; `finish` always.
 local TOOL_NAMES = { read = "read_file", write = "write_file", edit = "edit_file", grep = "grep",
@@ -190,6 +195,22 @@ local function earlier_change(o, r)
   end
 end
 
+-- The work this stage's previous attempt left when it ended asking a question
+-- (NEEDS_CLARIFICATION) after changing files: with the answer, the next attempt goes
+-- on from it. { stage, branch, commit, continued = true, asked = true } | nil.
+local function asked_with_work(o, r)
+  if not o.db then return nil end
+  local last = (o.db:query("SELECT status, result FROM stage_results WHERE run_id = ? AND stage = ? ORDER BY id DESC"
+    .. " LIMIT 1", { o.run_id, o.stage.name }) or {})[1]
+  local ws = last and last.status == "NEEDS_CLARIFICATION" and type(last.result) == "table" and last.result.workspace
+  if type(ws) ~= "table" or type(ws.commit) ~= "string" then return nil end
+  for _, b in ipairs(r:branches()) do
+    if b.name == ws.branch and b.oid == ws.commit then
+      return { stage = o.stage.name, branch = ws.branch, commit = ws.commit, continued = true, asked = true }
+    end
+  end
+end
+
 -- The agent function and the options it takes beyond workspace.run's own.
 local function agent_of(o)
   local spec = o.operative.agent
@@ -224,9 +245,10 @@ function M.run(o)
   local reading = st.workspace == "read"
   local name, nerr, left = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1), start,
                                      st.name, reading)
-  -- A killed attempt's committed work is gone on from, not done and paid for again.
-  local continued = not reading and left and { stage = st.name, branch = left.branch, commit = left.commit,
-                                               continued = true } or nil
+  -- A killed attempt's work (committed, or saved by free_name) is gone on from, not
+  -- done and paid for again; so is the work of an attempt that stopped to ask.
+  local continued = not reading and (left and { stage = st.name, branch = left.branch, commit = left.commit,
+                                                continued = true } or asked_with_work(o, r)) or nil
   if not name then
     r:close()
     return confidence.blocked(nerr)
@@ -257,7 +279,7 @@ function M.run(o)
   args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
     .. (reading and READ_NOTE or "")
   if continued then
-    local note = CONTINUED_NOTE:format(continued.commit:sub(1, 10))
+    local note = (continued.asked and ASKED_NOTE or CONTINUED_NOTE):format(continued.commit:sub(1, 10))
     args.base, args.diff_base = continued.commit, start
     args.objective = args.objective .. "\n\n" .. note
     args.system = args.system and (args.system .. "\n\n" .. note) or note

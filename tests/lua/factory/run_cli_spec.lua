@@ -58,6 +58,9 @@ describe("factory runs", function()
       { "workspace_started", { branch = "factory-run1-ui-2-2", stage = "ui",
                                from = { stage = "ui", branch = "factory-run1-ui-2", commit = "77aa11bb22cc33",
                                         continued = true } } },
+      { "workspace_started", { branch = "factory-run1-ui-3", stage = "ui",
+                               from = { stage = "ui", branch = "factory-run1-ui-2-2", commit = "99aa11bb22cc33",
+                                        continued = true, asked = true } } },
       { "workspace_started", { branch = "factory-run1-qa-1", stage = "qa", read = true,
                                from = { stage = "ui", branch = "factory-run1-ui-2-2", commit = "5566778899aa" } } },
       { "tool_call", { name = "run_command", ok = true, command = "make -s test", exit = 2, stage = "qa" } },
@@ -90,6 +93,8 @@ describe("factory runs", function()
                               .. " factory-run1-build-1 of stage build no longer holds that stage's commit",
                             "worktree and branch factory-run1-ui-2-2 going on from commit 77aa11bb22, which a stopped"
                               .. " attempt of this stage left on branch factory-run1-ui-2\n",
+                            "worktree and branch factory-run1-ui-3 going on from commit 99aa11bb22, which the attempt"
+                              .. " that asked a question of this stage left on branch factory-run1-ui-2-2\n",
                             "worktree factory-run1-qa-1 to read and run the code from stage ui's commit 5566778899"
                               .. " (nothing changed there is kept)\n",
                             "tool run_command `make -s test`: exit 2\n", "tool run_command `sleep 900`: timed out\n",

@@ -281,6 +281,39 @@ describe("build stage", function()
     assert.equal(0, make_test(fresh).code)
   end)
 
+  it("the attempt after one that changed files and then asked a question goes on from that work", function()
+    fake:script{
+      complete("# Reproduction\nmake test fails on calc_sub"),
+      call("edit_file", { path = "src/calc.c", old = "int calc_sub(int a, int b) { return a + b; }",
+                          new = "int calc_sub(int a, int b) { return a - b; }" }),
+      call("finish", { status = "NEEDS_CLARIFICATION", reasoning = "fixed; is overflow in scope?",
+                       clarification_needed = { team = "solution_architecture", question = "Is overflow in scope?" } }),
+      complete("No: overflow is out of scope."),
+      call("run_command", { command = "make -s test" }),
+      call("finish", { status = "COMPLETE", reasoning = "r", artifact = "calc_sub returns a - b" }),
+      complete("# Test report\nno regressions"),
+      complete("CHANGELOG: fixed calc_sub"),
+    }
+    local main_before = branch_oid("main")
+    local run_id = submit()
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local asked = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'"
+      .. " AND status = 'NEEDS_CLARIFICATION'", { run_id }))[1].result.workspace
+    assert.equal("factory-run1-fix-1", asked.branch)
+    local ws = workspaces(run_id).fix
+    assert.equal("factory-run1-fix-2", ws.branch)
+    assert.equal(main_before, ws.base)
+    assert.equal("src/calc.c", ws.diff_stats.per_file[1].path)
+    local from, ran
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
+      if ev.kind == "tool_call" and ev.data.name == "run_command" and ev.data.stage == "fix" then ran = ev.data end
+    end
+    assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = asked.commit, continued = true, asked = true },
+      from)
+    assert.equal(0, ran.exit) -- the second attempt ran the tests on the first one's fix
+  end)
+
   it("a branch left by a killed attempt with a commit of its own is kept, and the attempt goes on from it", function()
     script_run()
     local main_before = branch_oid("main")
