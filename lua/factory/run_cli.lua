@@ -163,7 +163,8 @@ local function from_note(d)
   end
   if from.continued then
     return (" going on from commit %s, which %s of this stage left on branch %s"):format(
-      tostring(from.commit):sub(1, 10), from.asked and "the attempt that asked a question" or "a stopped attempt",
+      tostring(from.commit):sub(1, 10), from.after == "NEEDS_CLARIFICATION" and "the attempt that asked a question"
+        or from.after == "BLOCKED" and "the attempt that was BLOCKED" or "a stopped attempt",
       tostring(from.branch))
   end
   return (" from stage %s's commit %s"):format(tostring(from.stage), tostring(from.commit):sub(1, 10))

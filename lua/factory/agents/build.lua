@@ -47,7 +47,8 @@
 -- committed on its branch: the same attempt, run again, goes on from that branch's
 -- commit, told so, and its change is still counted from the stage's start: from =
 -- { stage, branch, commit, continued = true }; the same for the attempt after one that
--- changed files and then asked a question, with asked = true); when
+-- changed files and then asked a question or ended BLOCKED, with after = its status;
+-- the agent is told the stage's own start too, to start over from); when
 -- that stage's branch no longer holds its commit (deleted, moved), from HEAD, and the
 -- workspace_started event says so (from = { stage, branch, commit } | { stage, branch,
 -- gone = true }).
@@ -84,6 +85,11 @@ local CONTINUED_NOTE = "This stage was stopped before it finished, after its age
 local ASKED_NOTE = "The previous attempt of this stage changed files, then asked a question: this worktree starts"
   .. " from the commit that holds its work (%s). With the answer, check what is there, complete the objective, and"
   .. " finish."
+local BLOCKED_NOTE = "The previous attempt of this stage changed files, then ended BLOCKED: this worktree starts from"
+  .. " the commit that holds its work (%s). With the human's answer, check what is there, complete the objective,"
+  .. " and finish."
+local START_NOTE = " The stage itself started from commit %s: to start over, restore the files from it"
+  .. " (git checkout <that commit> -- .)."
 
 -- The operative's tools as the built-in agent names them; `finish` always.
 local TOOL_NAMES = { read = "read_file", write = "write_file", edit = "edit_file", grep = "grep",
@@ -195,18 +201,20 @@ local function earlier_change(o, r)
   end
 end
 
--- The work this stage's previous attempt left when it ended asking a question
--- (NEEDS_CLARIFICATION) after changing files: with the answer, the next attempt goes
--- on from it. { stage, branch, commit, continued = true, asked = true } | nil.
-local function asked_with_work(o, r)
+-- The work this stage's previous attempt left when it changed files and then asked
+-- a question (NEEDS_CLARIFICATION) or ended BLOCKED (a human has answered since):
+-- the next attempt goes on from it rather than doing it again.
+-- { stage, branch, commit, continued = true, after = "NEEDS_CLARIFICATION"|"BLOCKED" } | nil.
+local function earlier_work(o, r)
   if not o.db then return nil end
   local last = (o.db:query("SELECT status, result FROM stage_results WHERE run_id = ? AND stage = ? ORDER BY id DESC"
     .. " LIMIT 1", { o.run_id, o.stage.name }) or {})[1]
-  local ws = last and last.status == "NEEDS_CLARIFICATION" and type(last.result) == "table" and last.result.workspace
+  if not last or (last.status ~= "NEEDS_CLARIFICATION" and last.status ~= "BLOCKED") then return nil end
+  local ws = type(last.result) == "table" and last.result.workspace
   if type(ws) ~= "table" or type(ws.commit) ~= "string" then return nil end
   for _, b in ipairs(r:branches()) do
     if b.name == ws.branch and b.oid == ws.commit then
-      return { stage = o.stage.name, branch = ws.branch, commit = ws.commit, continued = true, asked = true }
+      return { stage = o.stage.name, branch = ws.branch, commit = ws.commit, continued = true, after = last.status }
     end
   end
 end
@@ -248,7 +256,7 @@ function M.run(o)
   -- A killed attempt's work (committed, or saved by free_name) is gone on from, not
   -- done and paid for again; so is the work of an attempt that stopped to ask.
   local continued = not reading and (left and { stage = st.name, branch = left.branch, commit = left.commit,
-                                                continued = true } or asked_with_work(o, r)) or nil
+                                                continued = true } or earlier_work(o, r)) or nil
   if not name then
     r:close()
     return confidence.blocked(nerr)
@@ -279,7 +287,8 @@ function M.run(o)
   args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
     .. (reading and READ_NOTE or "")
   if continued then
-    local note = (continued.asked and ASKED_NOTE or CONTINUED_NOTE):format(continued.commit:sub(1, 10))
+    local note = (continued.after == "NEEDS_CLARIFICATION" and ASKED_NOTE or continued.after == "BLOCKED"
+      and BLOCKED_NOTE or CONTINUED_NOTE):format(continued.commit:sub(1, 10)) .. START_NOTE:format(start or "HEAD")
     args.base, args.diff_base = continued.commit, start
     args.objective = args.objective .. "\n\n" .. note
     args.system = args.system and (args.system .. "\n\n" .. note) or note

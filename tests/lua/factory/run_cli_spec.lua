@@ -60,7 +60,7 @@ describe("factory runs", function()
                                         continued = true } } },
       { "workspace_started", { branch = "factory-run1-ui-3", stage = "ui",
                                from = { stage = "ui", branch = "factory-run1-ui-2-2", commit = "99aa11bb22cc33",
-                                        continued = true, asked = true } } },
+                                        continued = true, after = "NEEDS_CLARIFICATION" } } },
       { "workspace_started", { branch = "factory-run1-qa-1", stage = "qa", read = true,
                                from = { stage = "ui", branch = "factory-run1-ui-2-2", commit = "5566778899aa" } } },
       { "tool_call", { name = "run_command", ok = true, command = "make -s test", exit = 2, stage = "qa" } },

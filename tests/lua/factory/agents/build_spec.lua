@@ -15,6 +15,7 @@ local fiber = require "factory.fiber"
 local build = require "factory.agents.build"
 local builtin = require "factory.agents.builtin"
 local locks = require "factory.agents.locks"
+local hitl = require "factory.hitl"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local ROOT = HERE .. "../../../../"
@@ -309,9 +310,52 @@ describe("build stage", function()
       if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
       if ev.kind == "tool_call" and ev.data.name == "run_command" and ev.data.stage == "fix" then ran = ev.data end
     end
-    assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = asked.commit, continued = true, asked = true },
-      from)
+    assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = asked.commit, continued = true,
+                  after = "NEEDS_CLARIFICATION" }, from)
     assert.equal(0, ran.exit) -- the second attempt ran the tests on the first one's fix
+  end)
+
+  it("the attempt after a BLOCKED one that changed files, answered by a human, goes on from that work", function()
+    fake:script{
+      complete("# Reproduction\nmake test fails on calc_sub"),
+      call("edit_file", { path = "src/calc.c", old = "int calc_sub(int a, int b) { return a + b; }",
+                          new = "int calc_sub(int a, int b) { return a - b; }" }),
+      call("finish", { status = "BLOCKED", reasoning = "cannot run make here", blockers = { "make is missing?" } }),
+    }
+    local main_before = branch_oid("main")
+    local run_id = submit()
+    local state, esc = engine:execute(run_id)
+    assert.equal("waiting", state)
+    assert(hitl.answer(store, esc.id, "make is installed: run it."))
+    fake:script{
+      call("run_command", { command = "make -s test" }),
+      call("finish", { status = "COMPLETE", reasoning = "r", artifact = "calc_sub returns a - b" }),
+      complete("# Test report\nno regressions"),
+      complete("CHANGELOG: fixed calc_sub"),
+    }
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local blocked = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'"
+      .. " AND status = 'BLOCKED'", { run_id }))[1].result.workspace
+    local ws = workspaces(run_id).fix
+    assert.equal("factory-run1-fix-2", ws.branch)
+    assert.equal(main_before, ws.base)
+    local from, ran
+    for _, ev in ipairs(events) do
+      if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
+      if ev.kind == "tool_call" and ev.data.name == "run_command" and ev.data.stage == "fix" then ran = ev.data end
+    end
+    assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = blocked.commit, continued = true,
+                  after = "BLOCKED" }, from)
+    assert.equal(0, ran.exit)
+    -- The agent was told where its work came from, and where the stage started.
+    local told
+    for _, r in ipairs(fake:requests()) do
+      local m = json.decode(r.body).messages
+      if m[1].content:find("objective: stage fix", 1, true) then told = m[1].content end
+    end
+    assert.contains("changed files, then ended BLOCKED: this worktree starts from the commit that holds its work ("
+      .. blocked.commit:sub(1, 10) .. ")", told)
+    assert.contains("The stage itself started from commit " .. main_before .. ": to start over", told)
   end)
 
   it("a branch left by a killed attempt with a commit of its own is kept, and the attempt goes on from it", function()
@@ -756,7 +800,6 @@ echo done
   end)
 
   it("a file another objective holds is a recorded conflict, not an overwrite", function()
-    local locks = require "factory.agents.locks"
     assert(locks.acquire(store, { repo = repo_dir, path = "src/calc.c", owner = "run:99/fix" }))
     script_run()
     local run_id = submit()
