@@ -254,7 +254,7 @@ function M.run(o)
   local name, nerr, left = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1), start,
                                      st.name, reading)
   -- A killed attempt's work (committed, or saved by free_name) is gone on from, not
-  -- done and paid for again; so is the work of an attempt that stopped to ask.
+  -- done and paid for again; so is the work of an attempt that stopped to ask or was BLOCKED.
   local continued = not reading and (left and { stage = st.name, branch = left.branch, commit = left.commit,
                                                 continued = true } or earlier_work(o, r)) or nil
   if not name then

@@ -123,6 +123,24 @@ local function workspaces(run_id)
   return ws
 end
 
+-- Where stage's worktree started (its workspace_started event's `from`).
+local function started_from(stage)
+  local from
+  for _, ev in ipairs(events) do
+    if ev.kind == "workspace_started" and ev.data.stage == stage then from = ev.data.from end
+  end
+  return from
+end
+
+-- The last command stage's agent ran (its tool_call event).
+local function command_of(stage)
+  local ran
+  for _, ev in ipairs(events) do
+    if ev.kind == "tool_call" and ev.data.name == "run_command" and ev.data.stage == stage then ran = ev.data end
+  end
+  return ran
+end
+
 -- A one-stage pipeline "onefix" (the fix stage, two acceptance items), and the engine
 -- restarted to load it, with factory.lua's agents section.
 local function onefix_engine(agents)
@@ -269,10 +287,7 @@ describe("build stage", function()
     table.sort(paths)
     assert.same({ "README.md", "notes/half-done.txt", "src/calc.c" }, paths)
     local salvaged = branch_oid("factory-run1-fix-1")
-    local from
-    for _, ev in ipairs(events) do
-      if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
-    end
+    local from = started_from("fix")
     assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = salvaged, continued = true }, from)
     local fresh = dir .. "/fresh"
     assert.equal(0, assert(proc.run{ argv = { "git", "clone", "-q", "-b", ws.branch, repo_dir, fresh },
@@ -305,11 +320,7 @@ describe("build stage", function()
     assert.equal("factory-run1-fix-2", ws.branch)
     assert.equal(main_before, ws.base)
     assert.equal("src/calc.c", ws.diff_stats.per_file[1].path)
-    local from, ran
-    for _, ev in ipairs(events) do
-      if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
-      if ev.kind == "tool_call" and ev.data.name == "run_command" and ev.data.stage == "fix" then ran = ev.data end
-    end
+    local from, ran = started_from("fix"), command_of("fix")
     assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = asked.commit, continued = true,
                   after = "NEEDS_CLARIFICATION" }, from)
     assert.equal(0, ran.exit) -- the second attempt ran the tests on the first one's fix
@@ -339,11 +350,7 @@ describe("build stage", function()
     local ws = workspaces(run_id).fix
     assert.equal("factory-run1-fix-2", ws.branch)
     assert.equal(main_before, ws.base)
-    local from, ran
-    for _, ev in ipairs(events) do
-      if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
-      if ev.kind == "tool_call" and ev.data.name == "run_command" and ev.data.stage == "fix" then ran = ev.data end
-    end
+    local from, ran = started_from("fix"), command_of("fix")
     assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = blocked.commit, continued = true,
                   after = "BLOCKED" }, from)
     assert.equal(0, ran.exit)
@@ -382,10 +389,7 @@ describe("build stage", function()
     repo:close()
     -- The new attempt started from the killed one's commit, and was told so; the
     -- stage's change is counted from where the stage starts, so it holds both.
-    local from
-    for _, ev in ipairs(events) do
-      if ev.kind == "workspace_started" and ev.data.stage == "fix" then from = ev.data.from end
-    end
+    local from = started_from("fix")
     assert.same({ stage = "fix", branch = "factory-run1-fix-1", commit = kept, continued = true }, from)
     assert.equal(main_before, ws.base)
     local paths = {}
@@ -432,10 +436,7 @@ describe("build stage", function()
     assert.equal("GET /tasks\n", fs.read(check .. "/api.txt"))
     assert.equal("a list of tasks\n", fs.read(check .. "/ui.txt"))
     assert(repo:worktree_remove("check", { force = true }))
-    local from
-    for _, ev in ipairs(events) do
-      if ev.kind == "workspace_started" and ev.data.stage == "frontend" then from = ev.data.from end
-    end
+    local from = started_from("frontend")
     assert.same({ stage = "backend", branch = ws.backend.branch, commit = ws.backend.commit }, from)
     -- A resumed run whose earlier branch was deleted meanwhile starts from HEAD and says so.
     assert(repo:branch_delete(ws.frontend.branch))
@@ -657,11 +658,7 @@ describe("build stage", function()
       assert.equal(nil, ws[st].branch, st)
     end
     assert.equal(ws.backend.commit, ws.docs.base)
-    local qa_ran
-    for _, ev in ipairs(events) do
-      if ev.kind == "tool_call" and ev.data.stage == "qa" then qa_ran = ev.data end
-    end
-    assert.equal(0, qa_ran.exit)
+    assert.equal(0, command_of("qa").exit)
     -- Two branches: the fix, and the docs on top of it, which pass the tests.
     local repo = assert(git.open(repo_dir))
     assert.equal(0, #repo:worktrees())
@@ -696,10 +693,7 @@ describe("build stage", function()
     end
     assert.contains("exit code 0", seen)
     assert.contains("all checks passed", seen)
-    local from
-    for _, ev in ipairs(events) do
-      if ev.kind == "workspace_started" and ev.data.stage == "verify" then from = ev.data.from end
-    end
+    local from = started_from("verify")
     assert.same({ stage = "fix", branch = ws.fix.branch, commit = ws.fix.commit }, from)
   end)
 
