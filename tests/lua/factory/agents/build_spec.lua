@@ -141,6 +141,16 @@ local function command_of(stage)
   return ran
 end
 
+-- The system message of the last model request of stage's objective.
+local function system_of(stage)
+  local told
+  for _, r in ipairs(fake:requests()) do
+    local m = json.decode(r.body).messages
+    if m[1].content:find("objective: stage " .. stage, 1, true) then told = m[1].content end
+  end
+  return told
+end
+
 -- A one-stage pipeline "onefix" (the fix stage, two acceptance items), and the engine
 -- restarted to load it, with factory.lua's agents section.
 local function onefix_engine(agents)
@@ -300,8 +310,7 @@ describe("build stage", function()
   it("the attempt after one that changed files and then asked a question goes on from that work", function()
     fake:script{
       complete("# Reproduction\nmake test fails on calc_sub"),
-      call("edit_file", { path = "src/calc.c", old = "int calc_sub(int a, int b) { return a + b; }",
-                          new = "int calc_sub(int a, int b) { return a - b; }" }),
+      FIX[3], -- the edit that fixes calc_sub
       call("finish", { status = "NEEDS_CLARIFICATION", reasoning = "fixed; is overflow in scope?",
                        clarification_needed = { team = "solution_architecture", question = "Is overflow in scope?" } }),
       complete("No: overflow is out of scope."),
@@ -329,8 +338,7 @@ describe("build stage", function()
   it("the attempt after a BLOCKED one that changed files, answered by a human, goes on from that work", function()
     fake:script{
       complete("# Reproduction\nmake test fails on calc_sub"),
-      call("edit_file", { path = "src/calc.c", old = "int calc_sub(int a, int b) { return a + b; }",
-                          new = "int calc_sub(int a, int b) { return a - b; }" }),
+      FIX[3], -- the edit that fixes calc_sub
       call("finish", { status = "BLOCKED", reasoning = "cannot run make here", blockers = { "make is missing?" } }),
     }
     local main_before = branch_oid("main")
@@ -355,11 +363,7 @@ describe("build stage", function()
                   after = "BLOCKED" }, from)
     assert.equal(0, ran.exit)
     -- The agent was told where its work came from, and where the stage started.
-    local told
-    for _, r in ipairs(fake:requests()) do
-      local m = json.decode(r.body).messages
-      if m[1].content:find("objective: stage fix", 1, true) then told = m[1].content end
-    end
+    local told = system_of("fix")
     assert.contains("changed files, then ended BLOCKED: this worktree starts from the commit that holds its work ("
       .. blocked.commit:sub(1, 10) .. ")", told)
     assert.contains("The stage itself started from commit " .. main_before .. ": to start over", told)
@@ -396,11 +400,7 @@ describe("build stage", function()
     for _, f in ipairs(ws.diff_stats.per_file) do paths[#paths + 1] = f.path end
     table.sort(paths)
     assert.same({ "half-done.txt", "src/calc.c" }, paths)
-    local told
-    for _, r in ipairs(fake:requests()) do
-      local m = json.decode(r.body).messages
-      if m[1].content:find("objective: stage fix", 1, true) then told = m[1].content end
-    end
+    local told = system_of("fix")
     assert.contains("This stage was stopped before it finished, after its agent had changed files: this worktree"
       .. " starts from the commit that holds that work (" .. kept:sub(1, 10) .. ")", told)
     local fresh = dir .. "/fresh"
