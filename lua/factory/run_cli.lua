@@ -153,6 +153,9 @@ local function uncommitted_note(d)
   return (" from the last commit: the repository's %d uncommitted change(s) are not in it"):format(d.uncommitted)
 end
 
+-- Which earlier attempt left the work an attempt goes on from, by how it ended.
+local LEFT_BY = { NEEDS_CLARIFICATION = "the attempt that asked a question", BLOCKED = "the attempt that was BLOCKED" }
+
 -- Where a build stage's branch starts when an earlier build stage of the run left a change.
 local function from_note(d)
   local from = type(d.from) == "table" and d.from
@@ -163,9 +166,7 @@ local function from_note(d)
   end
   if from.continued then
     return (" going on from commit %s, which %s of this stage left on branch %s"):format(
-      tostring(from.commit):sub(1, 10), from.after == "NEEDS_CLARIFICATION" and "the attempt that asked a question"
-        or from.after == "BLOCKED" and "the attempt that was BLOCKED" or "a stopped attempt",
-      tostring(from.branch))
+      tostring(from.commit):sub(1, 10), LEFT_BY[from.after] or "a stopped attempt", tostring(from.branch))
   end
   return (" from stage %s's commit %s"):format(tostring(from.stage), tostring(from.commit):sub(1, 10))
 end

@@ -82,10 +82,12 @@ local CONTINUED_NOTE = "This stage was stopped before it finished, after its age
   .. " worktree starts from the commit that holds that work (%s). Check what is there, complete the objective,"
   .. " and finish."
 
-local ASKED_NOTE = "The previous attempt of this stage changed files, then asked a question: this worktree starts"
-  .. " from the commit that holds its work (%s). With the answer, check what is there, complete the objective, and"
-  .. " finish."
-local BLOCKED_NOTE = "The previous attempt of this stage changed files, then ended BLOCKED: this worktree starts from"
+-- ... and, by the status the previous attempt ended with, when it goes on from that one.
+local AFTER_NOTE = {}
+AFTER_NOTE.NEEDS_CLARIFICATION = "The previous attempt of this stage changed files, then asked a question: this"
+  .. " worktree starts from the commit that holds its work (%s). With the answer, check what is there, complete the"
+  .. " objective, and finish."
+AFTER_NOTE.BLOCKED = "The previous attempt of this stage changed files, then ended BLOCKED: this worktree starts from"
   .. " the commit that holds its work (%s). With the human's answer, check what is there, complete the objective,"
   .. " and finish."
 local START_NOTE = " The stage itself started from commit %s: to start over, restore the files from it"
@@ -287,8 +289,8 @@ function M.run(o)
   args.objective = o.anchor .. "\n\n# Your stage: " .. st.name .. "\n" .. (st.objective or "")
     .. (reading and READ_NOTE or "")
   if continued then
-    local note = (continued.after == "NEEDS_CLARIFICATION" and ASKED_NOTE or continued.after == "BLOCKED"
-      and BLOCKED_NOTE or CONTINUED_NOTE):format(continued.commit:sub(1, 10)) .. START_NOTE:format(start or "HEAD")
+    local note = (AFTER_NOTE[continued.after] or CONTINUED_NOTE):format(continued.commit:sub(1, 10))
+      .. START_NOTE:format(start or "HEAD")
     args.base, args.diff_base = continued.commit, start
     args.objective = args.objective .. "\n\n" .. note
     args.system = args.system and (args.system .. "\n\n" .. note) or note
