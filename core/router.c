@@ -24,6 +24,11 @@
  *   clear_budget("team"|"run", name)   forgets the account: its spending and override
  *   models(), stats() -> JSON text;  record(on);  records() -> { record, ... } | nil
  *   stop(reason) -> number of calls stopped: the process is ending (see r_stop)
+ *   ledger(on): with it on, a chat or embeddings call whose team has a budget,
+ *       once reserved here, returns pending, est_usd, est_tokens, limit_usd,
+ *       limit_tokens instead of starting: pending:send(hold) starts it (as chat()
+ *       would, hold going into its record), pending:refuse(code, message) ends it
+ *       unsent. factory.budgets confirms the budget across processes in between.
  *
  * A call reserves its estimated cost against every budget that applies (team per
  * day, run) before anything is sent and settles with the real usage when it ends:
@@ -74,6 +79,7 @@
 #include <yajl/yajl_parse.h>
 
 #define STREAM_MT "factory.router_stream"
+#define PENDING_MT "factory.router_pending"
 #define STATE_MT "factory.router"
 #define MAX_ERR 480
 
@@ -182,6 +188,7 @@ typedef struct record {
     double first_token_ms;      /* < 0: none */
     attempt_rec *attempts;
     int nattempts;
+    double hold;                /* the store's budget hold, 0: none */
 } record;
 
 struct call {
@@ -200,6 +207,9 @@ struct call {
     account *acc[2];
     int nacc;
     double est_tokens, est_usd, est_prompt;
+    int gated;                  /* its team has a limit that a ledger confirms across processes */
+    double gate_usd, gate_tokens; /* that limit (< 0: none) */
+    double hold;                /* the ledger's hold for it, 0: none */
     double started, attempt_started, first_at;
     /* the attempt in flight */
     target *tgt;
@@ -234,6 +244,11 @@ typedef struct {
     call *c;
 } stream_ud;
 
+/* A call reserved in this process, waiting for the ledger's word before it is sent. */
+typedef struct {
+    call *c;
+} pending_ud;
+
 static struct {
     config *cfg;
     account *accounts;
@@ -242,6 +257,7 @@ static struct {
     record *rhead, *rtail;      /* finished calls, while recording is on */
     int recording, closed;
     int stopping;               /* stop() was called: no fiber is woken any more */
+    int ledger;                 /* team budgets are also confirmed by the store's ledger */
 } R;
 
 /* ---- small helpers ----------------------------------------------------------------- */
@@ -710,6 +726,12 @@ static int reserve(call *c) {
         if (lt >= 0 && a->tokens + a->r_tokens + c->est_tokens > lt)
             return cfg_error(c->err, "budget exhausted: %s %s has %.0f of %.0f tokens left, this call may use %.0f",
                              kinds[i], names[i], fmax(0, lt - a->tokens - a->r_tokens), lt, c->est_tokens);
+        /* A call that costs nothing has nothing to hold against a USD limit. */
+        if (i == 0 && ((lu >= 0 && c->est_usd > 0) || lt >= 0)) {
+            c->gated = 1;
+            c->gate_usd = lu;
+            c->gate_tokens = lt;
+        }
         c->acc[c->nacc++] = a;
     }
     for (int i = 0; i < c->nacc; i++) {
@@ -938,6 +960,7 @@ static void push_record(call *c, const char *status) {
     /* The chain goes to the record: the call is over. */
     r->attempts = c->attempts;
     r->nattempts = c->nattempts;
+    r->hold = c->hold;
     c->attempts = NULL;
     c->nattempts = c->cattempts = 0;
     if (!r->alias || !r->provider || !r->model || (c->team && !r->team) || (c->run && !r->run) ||
@@ -2150,6 +2173,22 @@ static double prompt_estimate(const char *text, size_t len) {
     return tokens;
 }
 
+/* The call, reserved here, goes back to Lua for the ledger to confirm its team's
+ * budget across processes: pending, est_usd, est_tokens, limit_usd, limit_tokens
+ * (< 0: none). The pending handle keeps it until it is sent, refused or collected. */
+static int push_pending(lua_State *L, call *c) {
+    pending_ud *p = (pending_ud *)lua_newuserdata(L, sizeof *p);
+    p->c = c;
+    c->has_handle = 1;
+    luaL_getmetatable(L, PENDING_MT);
+    lua_setmetatable(L, -2);
+    lua_pushnumber(L, c->est_usd);
+    lua_pushnumber(L, c->est_tokens);
+    lua_pushnumber(L, c->gate_usd);
+    lua_pushnumber(L, c->gate_tokens);
+    return 5;
+}
+
 /* A call of a request read into ri (text: len bytes, NUL-terminated, copied here). */
 static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_t len, const request_info *ri,
                       int stream, const char *team, const char *run) {
@@ -2236,6 +2275,7 @@ static int begin_call(lua_State *L, fb_fiber *f, int op, const char *text, size_
         finish(c);
         return push_err(L, c);
     }
+    if (R.ledger && c->gated) return push_pending(L, c);
     next_target(c);
     if (c->done) return push_err(L, c);     /* every provider's circuit is open */
     c->fiber = f;
@@ -2548,6 +2588,7 @@ static void push_record_table(lua_State *L, const record *r) {
     set_number(L, "cost_usd", r->cost_usd);
     set_number(L, "latency_ms", r->latency_ms);
     if (r->first_token_ms >= 0) set_number(L, "first_token_ms", r->first_token_ms);
+    if (r->hold > 0) set_number(L, "hold", r->hold);
     set_string(L, "status", r->status);
     if (r->error) {
         set_string(L, "code", r->code);
@@ -2626,6 +2667,78 @@ static int r_gc(lua_State *L) {
     return 0;
 }
 
+/* Takes the call from its pending handle: it belongs to whoever acts on it now. */
+static call *take_pending(lua_State *L) {
+    pending_ud *p = (pending_ud *)luaL_checkudata(L, 1, PENDING_MT);
+    call *c = p->c;
+    if (!c) luaL_argerror(L, 1, "the call was sent or refused already");
+    p->c = NULL;
+    c->has_handle = 0;
+    return c;
+}
+
+/* pending:send([hold]) -> as chat(): the ledger confirmed the call; hold (its id in the
+ * store) goes into the call's record, whose writing lets the hold go. */
+static int pending_send(lua_State *L) {
+    fb_fiber *f = fb_check_current(L, "router: a held call");
+    call *c = take_pending(L);
+    c->hold = luaL_optnumber(L, 2, 0);
+    if (c->done) {  /* stopped while the ledger was asked */
+        int n = R.stopping ? fb_await(L, f, never_woken, NULL, 0) : push_err(L, c);
+        release(c);
+        return n;
+    }
+    next_target(c);
+    if (c->done) return push_err(L, c);     /* every provider's circuit is open */
+    c->fiber = f;
+    return fb_await(L, f, call_abort, c, 0);
+}
+
+/* pending:refuse(code, message) -> nil, message, code: the ledger said no (or could
+ * not be asked); the call ends unsent, recorded with that error. */
+static int pending_refuse(lua_State *L) {
+    const char *code = luaL_checkstring(L, 2), *msg = luaL_checkstring(L, 3);
+    fb_fiber *f = fb_check_current(L, "router: a held call");
+    call *c = take_pending(L);
+    if (c->done) {  /* stopped while the ledger was asked */
+        int n = R.stopping ? fb_await(L, f, never_woken, NULL, 0) : push_err(L, c);
+        release(c);
+        return n;
+    }
+    set_error(c, code, "%s", msg);
+    finish(c);
+    return push_err(L, c);
+}
+
+/* A pending call nobody sent or refused (its fiber was cancelled while the ledger
+ * was asked) ends unsent. */
+static int pending_gc(lua_State *L) {
+    pending_ud *p = (pending_ud *)luaL_checkudata(L, 1, PENDING_MT);
+    call *c = p->c;
+    if (!c) return 0;
+    p->c = NULL;
+    c->has_handle = 0;
+    if (!c->done) {
+        c->cancelled = 1;
+        set_error(c, "ECANCELED", "the call was never sent: its caller went away");
+        finish(c);
+    }
+    release(c);
+    return 0;
+}
+
+static const luaL_Reg pending_methods[] = {
+    {"send", pending_send},
+    {"refuse", pending_refuse},
+    {NULL, NULL},
+};
+
+/* ledger(on): whether calls of a team with a budget wait for the ledger (factory.budgets). */
+static int r_ledger(lua_State *L) {
+    R.ledger = lua_toboolean(L, 1);
+    return 0;
+}
+
 static const luaL_Reg stream_methods[] = {
     {"read", stream_read},
     {"close", stream_close},
@@ -2648,6 +2761,7 @@ static const luaL_Reg router_functions[] = {
     {"record", r_record},
     {"records", r_records},
     {"stop", r_stop},
+    {"ledger", r_ledger},
     {NULL, NULL},
 };
 
@@ -2671,6 +2785,14 @@ int luaopen_factory_core_router(lua_State *L) {
         luaL_register(L, NULL, stream_methods);
         lua_setfield(L, -2, "__index");
         lua_pushcfunction(L, stream_close);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
+    if (luaL_newmetatable(L, PENDING_MT)) {
+        lua_newtable(L);
+        luaL_register(L, NULL, pending_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, pending_gc);
         lua_setfield(L, -2, "__gc");
     }
     lua_pop(L, 1);

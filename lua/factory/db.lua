@@ -27,6 +27,9 @@
 --       (core/db_sqlite.c, conn:sync) runs meanwhile, one for every commit made
 --       before it started; each member, and a db:exec or db:script that committed on
 --       its own, waits for it before returning.
+--   db:tx_aside(fn, ...)      -> as db:tx, for work a fiber does on another's behalf
+--       (the router's budget ledger, factory.budgets): a write the fiber posted and
+--       lost is not reported here but to its own next db:tx, db:exec or db:script
 --   db:post(fn, ...)          -> nothing; fn(tx, ...) runs in a transaction soon
 --       A write nobody waits for. On SQLite fn runs in the writer's next group, before
 --       any db:tx, db:exec or db:script that starts after this call (one writer, in
@@ -885,6 +888,14 @@ function DB:tx(fn, ...)
   local lost = lost_error(self, corefiber.current() or MAIN)
   if lost then return nil, lost, "EPOSTED" end
   if self.backend == "sqlite" then return sqlite_tx(self, true, fn, ...) end
+  return pg_tx(self, fn, ...)
+end
+
+function DB:tx_aside(fn, ...)
+  if type(fn) ~= "function" then error("db:tx_aside: expected a function, got " .. type(fn), 2) end
+  local pok, perr, pcode = pg_posted_first(self)
+  if not pok then return nil, perr, pcode end
+  if self.backend == "sqlite" then return sqlite_tx(self, false, fn, ...) end
   return pg_tx(self, fn, ...)
 end
 

@@ -56,6 +56,7 @@
 local fiber = require "factory.fiber"
 local engine_id = require "factory.engine_id"
 local router = require "factory.router"
+local budgets = require "factory.budgets"
 local time = require "factory.core.time"
 local log = require "factory.log"
 local records = require "factory.records"
@@ -85,6 +86,7 @@ function M.engine(opts)
   self.pool = agent_pool.new{ db = self.db, max_concurrent = agents.max_concurrent, cooldown = agents.cooldown,
                               daily_iterations = agents.daily_iterations }
   self.unhook = router.on_call(function(r) self:_model_call(r) end)
+  self.detach_ledger = budgets.attach(self.db, self.owner)
   self:set_budgets(opts.budgets)
   self.unwatch_teams = self.project.teams:on_change(function(ev)
     if ev.action == "swapped" then self:_team_budget(ev.name) end
@@ -98,6 +100,7 @@ function Engine:set_budgets(budgets)
 end
 
 function Engine:close()
+  self.detach_ledger()
   self.unhook()
   self.unwatch_teams()
 end

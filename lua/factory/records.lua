@@ -6,7 +6,9 @@
 --       -> id    every agent<->agent and agent<->human message
 --   records.decision(q, { run_id, stage, team, operative, decision, reasoning, data })
 --   records.model_call(q, record [, operative])  one router call (router.on_call record),
---       its first-token latency, error code and attempt chain included
+--       its first-token latency, error code and attempt chain included; the call's
+--       budget hold (record.hold, factory.budgets) goes in the same statement group. A
+--       run id the store does not know is recorded as no run: the call was paid for.
 --   records.team_spending(q, since [, team]) -> { { team =, usd =, tokens = }, ... }
 --       what the model calls recorded since that time (Unix seconds) cost, per team
 -- q is a db or a transaction: written inside a transaction, a record commits or
@@ -88,13 +90,15 @@ function M.model_call(q, r, operative)
   local run_id = tonumber(r.run)
   local id = must("model call", q:exec("INSERT INTO model_calls (run_id, team, operative, alias, provider, model,"
     .. " prompt_tokens, completion_tokens, cost_usd, latency_ms, first_token_ms, status, code, error, attempts,"
-    .. " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" .. returning(q),
+    .. " created_at) VALUES ((SELECT id FROM runs WHERE id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    .. returning(q),
     { run_id, r.team, operative, r.alias, nonempty(r.provider), nonempty(r.model), r.prompt_tokens or 0,
       r.completion_tokens or 0, r.cost_usd or 0, r.latency_ms, r.first_token_ms, r.status, r.code, r.error,
       attempts_of(r), time.now(), n = 16 })).last_id
   audited(q, "model_call", r.team, run_id,
           { id = id, alias = r.alias, provider = r.provider, model = r.model, status = r.status, code = r.code,
             prompt_tokens = r.prompt_tokens, completion_tokens = r.completion_tokens, cost_usd = r.cost_usd })
+  if r.hold then must("budget hold", q:exec("DELETE FROM budget_holds WHERE id = ?", { r.hold })) end
   return id
 end
 

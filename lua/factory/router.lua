@@ -46,6 +46,11 @@
 --       the error), latency_ms, retry_after_s } } } (first_token_ms: when the first
 --       chunk came, or the whole answer; none if neither did). The attempts are the
 --       chain in order, skipped providers included. Records never hold an API key.
+--   router.use_ledger(fn) -> detach: calls of a team with a budget are confirmed by
+--       fn{ team =, usd =, tokens =, limit_usd =, limit_tokens = } (the call's estimate
+--       and the team's limits) before they are sent: fn returns a hold id (it goes into
+--       the call's record) or nil, err, code (the call fails with it, unsent). The
+--       last attached fn is asked (factory.budgets: the store's ledger across processes).
 --   router.flush()  hands the records of the calls that have ended to the on_call
 --       hooks now (otherwise the next fiber that passes through the router does):
 --       a process about to end calls it, after cancelling its callers
@@ -151,10 +156,41 @@ function Stream:close()
   flush()
 end
 
+local ledgers = {}
+
+function M.use_ledger(fn)
+  if type(fn) ~= "function" then error("router.use_ledger: expected a function", 2) end
+  ledgers[#ledgers + 1] = fn
+  core.ledger(true)
+  return function()
+    for i = #ledgers, 1, -1 do
+      if ledgers[i] == fn then table.remove(ledgers, i) end
+    end
+    core.ledger(#ledgers > 0)
+  end
+end
+
+-- What core's call gave: a pending call (its estimate, then the team's limits; < 0:
+-- none) goes to the ledger and is sent or refused as it says.
+local function confirmed(team, res, usd, tokens, limit_usd, limit_tokens)
+  if type(usd) ~= "number" then return res, usd, tokens end
+  local ledger = ledgers[#ledgers]
+  if not ledger then return res:send() end
+  local ok, hold, err, code = pcall(ledger, { team = team, usd = usd, tokens = tokens,
+                                              limit_usd = limit_usd >= 0 and limit_usd or nil,
+                                              limit_tokens = limit_tokens >= 0 and limit_tokens or nil })
+  if ok and hold then return res:send(hold) end
+  if not ok then err, code = hold, "EIO" end
+  code = code or tostring(err):match("^(E%u+):") or "EIO"
+  local msg = tostring(err):gsub("^E%u+: ", "")
+  if code ~= "EBUDGET" then msg = ("budget: team %s's budget could not be checked in the store: %s"):format(team, msg) end
+  return res:refuse(code, msg)
+end
+
 function M.chat(request, opts)
   opts = opts or {}
-  local res, err, code = core.chat(encode_request(request, "router.chat"), opts.team, opts.run and tostring(opts.run),
-                                   opts.stream)
+  local res, err, code = confirmed(opts.team, core.chat(encode_request(request, "router.chat"), opts.team,
+                                                        opts.run and tostring(opts.run), opts.stream))
   if not res then return flushed(nil, err, code) end
   if type(res) ~= "string" then return setmetatable({ core = res, raw = opts.raw }, Stream) end
   return flushed(decoded(res, opts.raw))
@@ -168,8 +204,8 @@ function M.chat_parts(parts, opts)
   if type(parts.model) ~= "string" then return flushed(nil, "EINVAL: 'model' is required", "EINVAL") end
   local messages = parts.messages
   for i = 1, #messages do messages[i] = to_utf8(messages[i]) end
-  local res, err, code = core.chat_parts(parts.model, parts.members or "", parts.messages, opts.team,
-                                         opts.run and tostring(opts.run), opts.stream)
+  local res, err, code = confirmed(opts.team, core.chat_parts(parts.model, parts.members or "", parts.messages,
+                                                              opts.team, opts.run and tostring(opts.run), opts.stream))
   if not res then return flushed(nil, err, code) end
   if type(res) ~= "string" then return setmetatable({ core = res, raw = opts.raw }, Stream) end
   return flushed(decoded(res, opts.raw))
@@ -177,8 +213,8 @@ end
 
 function M.embeddings(request, opts)
   opts = opts or {}
-  local res, err, code = core.embeddings(encode_request(request, "router.embeddings"), opts.team,
-                                         opts.run and tostring(opts.run))
+  local res, err, code = confirmed(opts.team, core.embeddings(encode_request(request, "router.embeddings"), opts.team,
+                                                              opts.run and tostring(opts.run)))
   if not res then return flushed(nil, err, code) end
   return flushed(decoded(res, opts.raw))
 end

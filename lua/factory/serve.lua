@@ -30,12 +30,15 @@
 -- does not load or validate is logged with its file:line and changes nothing.
 -- With db, what each team spent today as the store records it counts against its
 -- budget from the start (and again every RECOUNT_S seconds, for the spending of
--- other processes), and every call is written to the store (factory.records.model_call: the
+-- other processes); each call of a team with a budget is held in the store's ledger
+-- before it is sent (factory.budgets: exact across processes), and every call is written to the store (factory.records.model_call: the
 -- model_calls table and the audit log) as a posted write (db:post), so the response
 -- does not wait for it, and a burst of calls shares commits; stopping writes what is
 -- still waiting, with the calls it cut short (cancelled).
 local server = require "factory.http_server"
 local router = require "factory.router"
+local budgets = require "factory.budgets"
+local engine_id = require "factory.engine_id"
 local config = require "factory.config"
 local signal = require "factory.core.signal"
 local log = require "factory.log"
@@ -162,6 +165,7 @@ function M.start(opts)
     ok, err, code = db:migrate()
     if not ok then return fail(err, code) end
     closers[#closers + 1] = record_calls(db)
+    closers[#closers + 1] = budgets.attach(db, engine_id.new())
     -- What the teams spent today before this process started counts against their
     -- budgets (a restarted serve must not grant a fresh day), and what other
     -- processes spend meanwhile, within RECOUNT_S.

@@ -724,6 +724,73 @@ describe("router", function()
     assert.truthy(more > 0 and acc.spent_usd <= 100 and acc.spent_usd + 10 > 100, acc.spent_usd)
   end)
 
+  it("asks a ledger before it sends a call of a team with a budget, and records its hold", function()
+    configure{ prices = { ["a/gpt-test"] = { input = 0, output = 1e6 } },
+               budgets = { teams = { led = { usd_per_day = 100 }, free = { tokens_per_day = 1e6 } } } }
+    local asked = {}
+    local answer = { 41 }
+    local detach = router.use_ledger(function(ask)
+      asked[#asked + 1] = ask
+      return unpack(answer, 1, 3)
+    end)
+    fake:script{ { content = "ok", usage = { completion = 2 } }, { content = "ok" }, { content = "ok" } }
+    assert(router.chat(hello("solo", { max_tokens = 10 }), { team = "led" }))
+    assert.same({ team = "led", usd = 10, tokens = asked[1].tokens, limit_usd = 100 }, asked[1])
+    router.flush()
+    assert.equal(41, records[#records].hold)
+    -- Refused: nothing is sent, the error is the ledger's, the reservation comes back.
+    answer = { nil, "EBUDGET: budget exhausted: team led has nothing left across processes", "EBUDGET" }
+    local res, err, code = router.chat(hello("solo", { max_tokens = 10 }), { team = "led" })
+    assert.is_nil(res)
+    assert.same({ "EBUDGET", "EBUDGET: budget exhausted: team led has nothing left across processes" }, { code, err })
+    assert.equal(1, fake:count())
+    -- A ledger that fails is named, and the call is not sent either.
+    answer = { nil, "ECLOSED: the database is closed", "ECLOSED" }
+    res, err, code = router.chat(hello("solo", { max_tokens = 10 }), { team = "led" })
+    assert.same({ "ECLOSED", "ECLOSED: budget: team led's budget could not be checked in the store: the database is"
+      .. " closed" }, { code, err })
+    assert.equal(1, fake:count())
+    -- A team without a budget, and an unpriced call against a USD budget, are not asked about;
+    -- a token budget always is.
+    local n = #asked
+    assert(router.chat(hello("solo"), { team = "nobody" }))
+    configure{ budgets = { teams = { led = { usd_per_day = 100 }, free = { tokens_per_day = 1e6 } } } }
+    assert(router.chat(hello("solo"), { team = "led" }))
+    assert.equal(n, #asked)
+    answer = { 42 }
+    assert(router.chat(hello("solo"), { team = "free" }))
+    assert.equal(n + 1, #asked)
+    detach()
+    router.flush()
+    local acc = router.stats().budgets["team:led"]
+    assert.same({ 2, 0 }, { acc.spent_usd, acc.reserved_usd })
+    router.clear_budget("team", "led")
+    router.clear_budget("team", "free")
+  end)
+
+  it("ends a call unsent, its reservation returned, when its caller goes away while the ledger is asked", function()
+    configure{ prices = { ["a/gpt-test"] = { input = 0, output = 1e6 } },
+               budgets = { teams = { gone = { usd_per_day = 100 } } } }
+    local detach = router.use_ledger(function()
+      fiber.sleep(10)
+      return 1
+    end)
+    local f = fiber.spawn(function() return router.chat(hello("solo", { max_tokens = 10 }), { team = "gone" }) end)
+    fiber.sleep(0.05)
+    assert.equal(10, router.stats().budgets["team:gone"].reserved_usd)
+    f:cancel("gone")
+    f = nil
+    collectgarbage()
+    collectgarbage()
+    router.flush()
+    detach()
+    assert.equal(0, router.stats().budgets["team:gone"].reserved_usd)
+    local r = records[#records]
+    assert.same({ "cancelled", "ECANCELED", "the call was never sent: its caller went away" }, { r.status, r.code, r.error })
+    assert.equal(0, fake:count())
+    router.clear_budget("team", "gone")
+  end)
+
   it("applies run budgets in tokens and set_budget overrides", function()
     configure{ budgets = { run = { tokens = 100 } } }
     local _, err, code = router.chat(hello("solo", { max_tokens = 200 }), { run = "r1" })

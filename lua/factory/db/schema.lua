@@ -355,6 +355,23 @@ local AUDIT_UNIQUE_POSTGRES = [[
 ALTER TABLE audit DROP CONSTRAINT audit_hash_key;
 ]]
 
+-- Team budgets across processes (factory.budgets): each call in flight of a team
+-- with a budget holds its estimate here until its record is written; on PostgreSQL
+-- reservations for one team take turns on its budget_teams row.
+local BUDGET_HOLDS = [[
+CREATE TABLE budget_holds (
+  id ${ID},
+  team TEXT NOT NULL,
+  process TEXT NOT NULL,
+  usd ${REAL} NOT NULL,
+  tokens ${REAL} NOT NULL,
+  expires_at ${TIME} NOT NULL,
+  created_at ${TIME} NOT NULL DEFAULT ${NOW}
+);
+CREATE INDEX budget_holds_team ON budget_holds (team);
+CREATE TABLE budget_teams (team TEXT PRIMARY KEY);
+]]
+
 return {
   {
     version = 1,
@@ -391,5 +408,11 @@ return {
     name = "indexes for the hot paths",
     sqlite = HOT_PATH_INDEXES .. expand(AUDIT_UNIQUE_SQLITE, "sqlite"),
     postgres = HOT_PATH_INDEXES .. AUDIT_UNIQUE_POSTGRES,
+  },
+  {
+    version = 7,
+    name = "budget holds",
+    sqlite = expand(BUDGET_HOLDS, "sqlite"),
+    postgres = expand(BUDGET_HOLDS, "postgres"),
   },
 }

@@ -371,6 +371,20 @@ describe("pipeline engine", function()
     assert.equal("BLOCKED", r.status)
   end)
 
+  it("blocks a stage whose team's budget another process holds for its calls in flight", function()
+    start()
+    -- Another engine on this host (a second `factory run`) has all of the team's 10 USD out.
+    assert(store:exec("INSERT INTO budget_holds (team, process, usd, tokens, expires_at) VALUES (?, ?, 10, 0, ?)",
+                      { "business_analysis", require("factory.engine_id").new(), os.time() + 60 }))
+    local run = submit("feature")
+    local state, esc = engine:execute(run)
+    assert.equal("waiting", state)
+    assert.equal(0, fake:count())
+    assert.matches("^BLOCKED: budget exhausted: team business_analysis has 0%.0000 of 10%.0000 USD left today %(0%.0000"
+      .. " spent, 10%.0000 held by calls in flight in any process%)", esc.reason)
+    assert.contains("Team business_analysis's budget for today is spent.", esc.question)
+  end)
+
   it("stops a run whose records could not be written, saying which stage and why, and resumes it", function()
     start()
     -- A timeline write of this run's fiber that the store refuses (an unknown table).
