@@ -154,22 +154,40 @@ local function salvage(w, stage)
   wt:close()
 end
 
+-- The branches this run's workspaces were given, as its workspace_started events
+-- say (nil without a store: all of a name's family count). Only those are its own: a
+-- branch of the same name made by another store's run of the same number (an earlier
+-- .factory, or a `factory run` from another directory, maybe working there now) is
+-- neither gone on from, nor salvaged, nor removed.
+local function own_branches(o)
+  if not o.db then return nil end
+  local own = {}
+  local rows = o.db:query("SELECT data FROM events WHERE run_id = ? AND kind = 'workspace_started'", { o.run_id })
+  for _, row in ipairs(rows or {}) do
+    if type(row.data) == "table" and type(row.data.branch) == "string" then own[row.data.branch] = true end
+  end
+  return own
+end
+
 -- A free branch name: a leftover worktree of a killed attempt is removed first (what
 -- its agent changed committed on its branch, unless the stage only reads), and a
 -- leftover branch with nothing on it beyond the commit the new one starts from is
 -- deleted (else every resumed run would leave an empty branch beside its real one).
 -- Returns the name and, when the same attempt was killed after its agent changed
 -- something, the last branch it left ({ branch =, commit = }): its work, to go on from.
-local function free_name(r, base_name, start, stage, reading)
+-- own: the run's own branches (own_branches); names that are not are only skipped.
+local function free_name(r, base_name, start, stage, reading, own)
+  local function mine(name) return own == nil or own[name] == true end
   for _, w in ipairs(r:worktrees()) do
-    if of_family(w.name, base_name) then
+    if of_family(w.name, base_name) and mine(w.name) then
       if not reading then salvage(w, stage) end
       r:worktree_remove(w.name, { force = true })
     end
   end
   local taken = {}
   for _, b in ipairs(r:branches()) do
-    if not (of_family(b.name, base_name) and b.oid == start and not b.head and r:branch_delete(b.name)) then
+    if not (of_family(b.name, base_name) and mine(b.name) and b.oid == start and not b.head
+            and r:branch_delete(b.name)) then
       taken[b.name] = b.oid
     end
   end
@@ -177,7 +195,7 @@ local function free_name(r, base_name, start, stage, reading)
   for i = 1, MAX_NAMES do
     local name = i == 1 and base_name or (base_name .. "-" .. i)
     if not taken[name] then return name, nil, left end
-    left = { branch = name, commit = taken[name] }
+    if mine(name) then left = { branch = name, commit = taken[name] } end
   end
   return nil, ("EEXISTS: branches %s to %s-%d exist already"):format(base_name, base_name, MAX_NAMES)
 end
@@ -254,7 +272,7 @@ function M.run(o)
   local start = from and from.commit or (r:head() or {}).oid
   local reading = st.workspace == "read"
   local name, nerr, left = free_name(r, ("factory-run%d-%s-%d"):format(o.run_id, st.name, o.attempt or 1), start,
-                                     st.name, reading)
+                                     st.name, reading, own_branches(o))
   -- A killed attempt's work (committed, or saved by free_name) is gone on from, not
   -- done and paid for again; so is the work of an attempt that stopped to ask or was BLOCKED.
   local continued = not reading and (left and { stage = st.name, branch = left.branch, commit = left.commit,

@@ -16,6 +16,7 @@ local build = require "factory.agents.build"
 local builtin = require "factory.agents.builtin"
 local locks = require "factory.agents.locks"
 local hitl = require "factory.hitl"
+local records = require "factory.records"
 
 local HERE = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$")
 local ROOT = HERE .. "../../../../"
@@ -96,6 +97,12 @@ end
 local function submit(repo)
   return assert(engine:submit{ pipeline = "bugfix", title = "calc_sub returns the wrong result",
                                body = "calc_sub(2, 3) gives 5", repo = repo or repo_dir, external_id = "calc-1" })
+end
+
+-- What a killed attempt of the fix stage recorded before its process died: the
+-- branch its workspace was given (it is the run's own, to go on from).
+local function killed_attempt(run_id)
+  records.event(store, run_id, "workspace_started", { stage = "fix", branch = "factory-run1-fix-1" })
 end
 
 local function kinds()
@@ -265,6 +272,7 @@ describe("build stage", function()
     repo:close()
     local run_id = submit()
     assert.equal(1, run_id)
+    killed_attempt(run_id)
     assert.equal("succeeded", (engine:execute(run_id)))
     local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
     assert.equal("factory-run1-fix-1", fix.result.workspace.branch)
@@ -288,6 +296,7 @@ describe("build stage", function()
     assert(fs.write(dir .. "/stale/README.md", assert(fs.read(dir .. "/stale/README.md")) .. "Edited by the agent.\n"))
     assert(fs.write(dir .. "/stale/SPEC.md", "- [ ] fix calc_sub\n"))
     local run_id = submit()
+    killed_attempt(run_id)
     assert.equal("succeeded", (engine:execute(run_id)))
     local ws = workspaces(run_id).fix
     assert.equal("factory-run1-fix-1-2", ws.branch)
@@ -369,6 +378,40 @@ describe("build stage", function()
     assert.contains("The stage itself started from commit " .. main_before .. ": to start over", told)
   end)
 
+  it("a branch and worktree of the same name that another store's run 1 has are left alone, not gone on from",
+    function()
+    script_run()
+    local main_before = branch_oid("main")
+    -- Another store's run 1 (an earlier .factory, or a `factory run` from another
+    -- directory, working now): its agent's worktree, with work committed and not.
+    local repo = assert(git.open(repo_dir))
+    assert(repo:worktree_add("factory-run1-fix-1", dir .. "/theirs", {}))
+    repo:close()
+    local theirs = assert(git.open(dir .. "/theirs"))
+    assert(fs.write(dir .. "/theirs/their-work.txt", "another run's change\n"))
+    assert(theirs:add_all())
+    local their_commit = assert(theirs:commit("their work", { author = { name = "a", email = "a@b" } }))
+    theirs:close()
+    assert(fs.write(dir .. "/theirs/in-progress.txt", "their agent is writing this\n"))
+    local run_id = submit()
+    assert.equal(1, run_id)
+    assert.equal("succeeded", (engine:execute(run_id)))
+    local ws = workspaces(run_id).fix
+    assert.equal("factory-run1-fix-1-2", ws.branch)
+    assert.is_nil(started_from("fix"))
+    assert.equal(main_before, ws.base)
+    local paths = {}
+    for _, f in ipairs(ws.diff_stats.per_file) do paths[#paths + 1] = f.path end
+    assert.same({ "src/calc.c" }, paths)
+    assert.equal(their_commit, branch_oid("factory-run1-fix-1"))
+    assert.equal("their agent is writing this\n", fs.read(dir .. "/theirs/in-progress.txt"))
+    repo = assert(git.open(repo_dir))
+    local worktrees = {}
+    for _, w in ipairs(repo:worktrees()) do worktrees[#worktrees + 1] = w.name end
+    repo:close()
+    assert.same({ "factory-run1-fix-1" }, worktrees)
+  end)
+
   it("a branch left by a killed attempt with a commit of its own is kept, and the attempt goes on from it", function()
     script_run()
     local main_before = branch_oid("main")
@@ -381,6 +424,7 @@ describe("build stage", function()
     stale:close()
     repo:close()
     local run_id = submit()
+    killed_attempt(run_id)
     assert.equal("succeeded", (engine:execute(run_id)))
     local fix = assert(store:query("SELECT result FROM stage_results WHERE run_id = ? AND stage = 'fix'", { run_id }))[1]
     local ws = fix.result.workspace
