@@ -4,10 +4,12 @@
 --                    budgets = the router configuration's budgets | nil,
 --                    agents = factory.lua's agents section | nil (factory.agents.pool:
 --                      the build stages' coding agents) } -> engine
---   engine:submit{ pipeline =, title =, body =, repo =, source = "cli", external_id = }
+--   engine:submit{ pipeline =, title =, body =, repo =, source = "cli", external_id =,
+--                  again = bool }
 --     -> run_id, earlier   (earlier: the state of the run of the same work item and
 --        pipeline that is continued rather than started twice (it has not failed or
---        been cancelled), or false for a new run)
+--        been cancelled), or false for a new run; with again, a run that succeeded
+--        is not returned but followed by a new one)
 --   engine:execute(run_id) -> state, detail
 --       state: "succeeded" | "waiting" (detail: the escalation) | "stopped" (detail:
 --              the error that stopped it; the run is kept, to resume) | "busy"
@@ -221,9 +223,10 @@ function Engine:submit(w)
     if item then
       -- The same work item again continues its run, and a run that already succeeded
       -- (e.g. killed between its last commit and its exit) is not paid for twice.
+      -- Again: anew after a success, but an unfinished run is still continued, never doubled.
       rows = assert(tx:query("SELECT id, state FROM runs WHERE work_item_id = ? AND pipeline = ? AND state NOT IN"
         .. " ('failed', 'cancelled') ORDER BY id DESC LIMIT 1", { item, w.pipeline }))
-      if rows[1] then return rows[1].id, rows[1].state end
+      if rows[1] and not (w.again and rows[1].state == "succeeded") then return rows[1].id, rows[1].state end
     else
       item = assert(tx:exec("INSERT INTO work_items (source, external_id, title, body, state, data, created_at,"
         .. " updated_at) VALUES (?, ?, ?, ?, 'accepted', ?, ?, ?) RETURNING id",

@@ -53,6 +53,8 @@ continues from the first unfinished stage. When an objective is BLOCKED or a
 clarification cannot be answered, the question goes to a human and the run waits
 for `factory hitl answer ID TEXT` (from any terminal).
 
+--again        run the work item anew even though a run of it has succeeded (one
+               that has not finished is continued, never run twice at once)
 ]] .. ENGINE_HELP .. "\n",
   resume = "usage: factory resume RUN [OPTIONS]\n\nContinues run RUN from its first unfinished stage.\n\n"
     .. ENGINE_HELP .. "\n",
@@ -81,7 +83,7 @@ usage: factory runs [--limit N] [--db URL]
 
 local FLAGS = {
   run = { ["--repo"] = 1, ["--issue"] = 1, ["--file"] = 1, ["--db"] = 1, ["--config"] = 1, ["--project"] = 1,
-          ["--no-wait"] = 0 },
+          ["--no-wait"] = 0, ["--again"] = 0 },
   resume = { ["--db"] = 1, ["--config"] = 1, ["--project"] = 1, ["--no-wait"] = 0 },
   hitl = { ["--db"] = 1, ["--all"] = 0 },
   runs = { ["--db"] = 1, ["--limit"] = 1 },
@@ -584,16 +586,17 @@ local function cmd_run(flags, words, opts)
     return fail(unready)
   end
   local run_id, earlier = e.engine:submit{ pipeline = words[1], title = title, body = body, repo = repo,
-    source = "cli", external_id = table.concat({ words[1], repo, text }, "\n") }
+    source = "cli", external_id = table.concat({ words[1], repo, text }, "\n"), again = flags.again }
   local code
   if not run_id then
     code = fail(earlier)
   else
     if earlier == "succeeded" then
-      print(("run %d of this work item has succeeded already: it is not run or paid for again (to run the"
-        .. " work item anew, change its text)"):format(run_id))
+      print(("run %d of this work item has succeeded already: it is not run or paid for again (--again runs"
+        .. " it anew)"):format(run_id))
     elseif earlier then
-      print(("continuing run %d of this work item"):format(run_id))
+      print(("continuing run %d of this work item%s"):format(run_id, flags.again
+        and " (it has not finished: --again runs a work item anew only after its run has succeeded)" or ""))
     end
     code = drive(e, run_id, flags, tty)
   end

@@ -260,10 +260,21 @@ CREATE TRIGGER full_runs BEFORE UPDATE OF state ON runs WHEN NEW.state = 'stoppe
     assert.equal(0, status.code, out)
     assert.contains("succeeded (feature)", out)
     assert.contains("of this work item has succeeded already: it is not run or paid for again", out)
+    assert.contains("(--again runs it anew)", out)
     local store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
     assert.equal(1, #runs_of(store, 0), "one run per work item")
     store:close()
     assert.equal(0, #requests(t0), "no model call the second time")
+    -- --again: a new run of the same work item, paid for again.
+    local p = factory{ "run", "feature", "--repo", tasks_repo, "--issue", title(0), "--again" }
+    status, out = finish(p)
+    assert.equal(0, status.code, out)
+    assert.contains("run 2 succeeded (feature)", out)
+    store = assert(db.open("sqlite:" .. dir .. "/factory.db"))
+    assert.same({ { id = 1, state = "succeeded" }, { id = 2, state = "succeeded" } }, runs_of(store, 0))
+    assert.equal(1, #assert(store:query("SELECT id FROM work_items")), "the same work item")
+    store:close()
+    assert.truthy(#requests(t0) >= 5, "the new run called the model")
   end, { timeout = 30 })
 end)
 

@@ -371,6 +371,20 @@ describe("pipeline engine", function()
     assert.equal("BLOCKED", r.status)
   end)
 
+  it("submits a work item anew with again only once its run has succeeded, never beside an unfinished one", function()
+    start()
+    local item = { pipeline = "twice", title = "Again", body = "b", repo = dir, external_id = "again", again = true }
+    local first = assert(engine:submit(item))
+    local same, earlier = engine:submit(item)
+    assert.same({ first, "pending" }, { same, earlier })
+    fake:script{ complete("one"), complete("two") }
+    assert.equal("succeeded", (engine:execute(first)))
+    local plain = { pipeline = "twice", title = "Again", body = "b", repo = dir, external_id = "again" }
+    assert.same({ first, "succeeded" }, { engine:submit(plain) })
+    local second, fresh = engine:submit(item)
+    assert.same({ first + 1, false }, { second, fresh })
+  end)
+
   it("blocks a stage whose team's budget another process holds for its calls in flight", function()
     start()
     -- Another engine on this host (a second `factory run`) has all of the team's 10 USD out.
