@@ -90,6 +90,18 @@ for _, b in ipairs(backends.LIST) do
       assert.equal(2, count(store, "SELECT COUNT(*) AS n FROM model_calls WHERE team = 'poor' AND status = 'ok'"))
     end)
 
+    it("holds a streamed call until its record is written at the stream's end", function()
+      fake:script{ { content = "one two three", chunk_delay = 0.05, usage = { prompt = 1, completion = 1 } } }
+      local s = assert(router.chat({ model = "factory/coder", max_tokens = 1, stream = true,
+                                     messages = { { role = "user", content = "hi" } } }, { team = "poor" }))
+      assert.equal(1, #budgets.holds(store, "poor"))
+      while s:read() do end
+      s:close()
+      router.flush()
+      assert.equal(0, #budgets.holds(store, "poor"))
+      assert.equal(1, count(store, "SELECT COUNT(*) AS n FROM model_calls WHERE team = 'poor' AND status = 'ok'"))
+    end)
+
     it("drops the holds of a process that died on this host, and expired ones", function()
       local dead = assert(proc.spawn{ argv = { "true" } })
       local pid = dead.pid
