@@ -29,6 +29,7 @@
  *       limit_tokens instead of starting: pending:send(hold) starts it (as chat()
  *       would, hold going into its record), pending:refuse(code, message) ends it
  *       unsent. factory.budgets confirms the budget across processes in between.
+ *       live_holds() -> { hold, ... } of the calls in flight.
  *
  * A call reserves its estimated cost against every budget that applies (team per
  * day, run) before anything is sent and settles with the real usage when it ends:
@@ -2733,6 +2734,19 @@ static const luaL_Reg pending_methods[] = {
     {NULL, NULL},
 };
 
+/* live_holds() -> { hold, ... }: the ledger's holds of the calls still in flight, which
+ * their process keeps from expiring. */
+static int r_live_holds(lua_State *L) {
+    lua_newtable(L);
+    int n = 0;
+    for (call *c = R.live; c; c = c->next) {
+        if (c->done || c->hold <= 0) continue;
+        lua_pushnumber(L, c->hold);
+        lua_rawseti(L, -2, ++n);
+    }
+    return 1;
+}
+
 /* ledger(on): whether calls of a team with a budget wait for the ledger (factory.budgets). */
 static int r_ledger(lua_State *L) {
     R.ledger = lua_toboolean(L, 1);
@@ -2762,6 +2776,7 @@ static const luaL_Reg router_functions[] = {
     {"records", r_records},
     {"stop", r_stop},
     {"ledger", r_ledger},
+    {"live_holds", r_live_holds},
     {NULL, NULL},
 };
 

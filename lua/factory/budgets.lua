@@ -9,30 +9,38 @@
 -- estimate must fit the limit, or the call is refused (EBUDGET). The hold goes in the
 -- transaction that writes the call's record (records.model_call), so between them
 -- the call is always counted, and together the processes can never overspend.
--- A hold whose process has died on this host goes at the next reservation for its
--- team; one of a process on another host, HOLD_TTL seconds after it was taken.
+-- A hold lasts HOLD_TTL seconds; its process renews the holds of its calls in flight
+-- every RENEW_S seconds. So a hold whose call ended without a record, or whose caller
+-- went away while the hold was being taken, or whose process died (on any host), stops
+-- counting within HOLD_TTL; one of a process that died on this host goes at the next
+-- reservation for its team.
 --
 --   budgets.attach(db, process) -> detach()
 --       process: the "host:pid:n" id the holds are taken under (factory.engine_id).
---       The router asks this ledger until detach(); the last attached is asked.
+--       The router asks this ledger until detach(); the last attached is asked. In a
+--       fiber, a fiber of its own renews the holds until detach().
 --   budgets.reserve(db, { team =, usd =, tokens =, limit_usd =, limit_tokens =,
 --                         since =, process = })
 --       -> hold id | nil, "EBUDGET: budget exhausted: ...", "EBUDGET" | nil, err, code
 --       since: when the team's budget day began (router.day_start()).
 --   budgets.holds(db [, team]) -> { { id, team, process, usd, tokens, expires_at }, ... }
+--   budgets.renew(db, process)   what the keeper fiber does every RENEW_S seconds
 --
 -- Failures are values, as the store gives them; misuse raises.
 local router = require "factory.router"
 local records = require "factory.records"
 local engine_id = require "factory.engine_id"
 local time = require "factory.core.time"
+local fiber = require "factory.fiber"
+local log = require "factory.log"
 
 local M = {}
 
--- Longer than any call the router lets run (its attempts, backoffs and fallbacks):
--- a live call never loses its hold, and a dead process's holds on another host
--- stop counting within the hour.
-M.HOLD_TTL = 3600
+-- A live call's hold is renewed well before it expires; a dead one's lingers at most this.
+M.HOLD_TTL = 120
+M.RENEW_S = 40
+-- Holds renewed by one statement, at most.
+local RENEW_BATCH = 500
 
 -- The team's row that PostgreSQL transactions lock to take turns (SQLite's BEGIN
 -- IMMEDIATE already lets one writer in at a time).
@@ -97,12 +105,37 @@ function M.holds(db, team)
     .. (team and " WHERE team = ?" or "") .. " ORDER BY id", { team, n = team and 1 or 0 }))
 end
 
+-- The holds of this process's calls in flight get another HOLD_TTL.
+function M.renew(db, process)
+  local ids = router.live_holds()
+  for first = 1, #ids, RENEW_BATCH do
+    local params, marks = { time.now() + M.HOLD_TTL, process }, {}
+    for i = first, math.min(#ids, first + RENEW_BATCH - 1) do
+      params[#params + 1] = ids[i]
+      marks[#marks + 1] = "?"
+    end
+    local ok, err = db:exec("UPDATE budget_holds SET expires_at = ? WHERE process = ? AND id IN ("
+      .. table.concat(marks, ", ") .. ")", params)
+    if not ok then log.warn("budgets: the holds of the calls in flight could not be renewed", { error = tostring(err) }) end
+  end
+end
+
 function M.attach(db, process)
   if type(process) ~= "string" then error("budgets.attach: expected a process id", 2) end
-  return router.use_ledger(function(ask)
+  local detach = router.use_ledger(function(ask)
     ask.process, ask.since = process, router.day_start()
     return M.reserve(db, ask)
   end)
+  local keeper = fiber.current() and fiber.spawn(function()
+    while true do
+      fiber.sleep(M.RENEW_S)
+      M.renew(db, process)
+    end
+  end)
+  return function()
+    if keeper then keeper:cancel("detached") end
+    detach()
+  end
 end
 
 return M

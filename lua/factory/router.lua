@@ -51,6 +51,7 @@
 --       and the team's limits) before they are sent: fn returns a hold id (it goes into
 --       the call's record) or nil, err, code (the call fails with it, unsent). The
 --       last attached fn is asked (factory.budgets: the store's ledger across processes).
+--   router.live_holds() -> { hold, ... }: the holds of the calls in flight (sent, not ended)
 --   router.flush()  hands the records of the calls that have ended to the on_call
 --       hooks now (otherwise the next fiber that passes through the router does):
 --       a process about to end calls it, after cancelling its callers
@@ -251,6 +252,7 @@ function M.count_spent(kind, name, spent)
 end
 
 M.day_start = core.day_start
+M.live_holds = core.live_holds
 M.prompt_tokens = core.prompt_tokens
 
 function M.clear_budget(kind, name)

@@ -40,7 +40,7 @@ for _, b in ipairs(backends.LIST) do
   local backend, fresh = b[1], b[2]
 
   describe("team budgets across processes on " .. backend, function()
-    local fake, store, url, detach, unhook
+    local fake, store, url, detach, unhook, process
 
     before_each(function()
       fake = assert(fake_model.start())
@@ -52,7 +52,8 @@ for _, b in ipairs(backends.LIST) do
       cfg.budgets = { teams = { poor = { usd_per_day = 5 } } }
       assert(router.configure(cfg))
       unhook = router.on_call(function(r) records.model_call(store, r) end)
-      detach = budgets.attach(store, engine_id.new())
+      process = engine_id.new()
+      detach = budgets.attach(store, process)
     end)
 
     after_each(function()
@@ -100,6 +101,33 @@ for _, b in ipairs(backends.LIST) do
       router.flush()
       assert.equal(0, #budgets.holds(store, "poor"))
       assert.equal(1, count(store, "SELECT COUNT(*) AS n FROM model_calls WHERE team = 'poor' AND status = 'ok'"))
+    end)
+
+    it("renews the holds of its calls in flight, and lets one whose call is gone expire", function()
+      local ttl, renew = budgets.HOLD_TTL, budgets.RENEW_S
+      budgets.HOLD_TTL, budgets.RENEW_S = 0.4, 0.1
+      detach()
+      detach = budgets.attach(store, process)
+      -- A hold of this process whose caller went away before its call was sent.
+      hold(process, 1, time.now() + budgets.HOLD_TTL)
+      fake:script{ { content = "a b c d e f g h", chunk_delay = 0.12, usage = { prompt = 1, completion = 1 } } }
+      local s = assert(router.chat({ model = "factory/coder", max_tokens = 1, stream = true,
+                                     messages = { { role = "user", content = "hi" } } }, { team = "poor" }))
+      fiber.sleep(0.7)
+      local now = time.now()
+      local live, stale = 0, 0
+      for _, h in ipairs(budgets.holds(store, "poor")) do
+        if h.expires_at > now then live = live + 1 else stale = stale + 1 end
+      end
+      assert.same({ 1, 1 }, { live, stale }, "the call's hold was renewed past its first expiry; the other was not")
+      while s:read() do end
+      s:close()
+      budgets.HOLD_TTL, budgets.RENEW_S = ttl, renew
+      -- The next reservation drops the expired hold; the finished call's went with its record.
+      fake:script{ { content = "a", usage = { prompt = 1, completion = 1 } } }
+      assert(chat("poor"))
+      router.flush()
+      assert.equal(0, #budgets.holds(store, "poor"))
     end)
 
     it("drops the holds of a process that died on this host, and expired ones", function()
