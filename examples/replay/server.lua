@@ -93,7 +93,9 @@ function M.router_config(url)
   for _, alias in ipairs({ "factory/architect", "factory/coder", "factory/fast", "factory/cheap" }) do
     models[alias] = { "replay/recorded" }
   end
-  return { providers = { replay = { base_url = url .. "/v1", api_key = "replay-no-key" } }, models = models }
+  -- Replayed replies cost nothing, and are priced so: the teams' USD budgets hold.
+  return { providers = { replay = { base_url = url .. "/v1", api_key = "replay-no-key" } }, models = models,
+           prices = { ["replay/recorded"] = { input = 0, output = 0 } } }
 end
 
 if arg and arg[0] and arg[0]:match("replay/server%.lua$") then

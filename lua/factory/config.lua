@@ -197,7 +197,15 @@ local function dsl(cfg)
   return env
 end
 
-local function usd_limited(budgets)
+-- Whether prices {} gives spec ("provider/model") a price (a bare "model" entry
+-- prices that model at every provider).
+function M.priced(prices, spec)
+  return prices ~= nil and (prices[spec] ~= nil or prices[spec:match("^[^/]+/(.+)$") or ""] ~= nil)
+end
+
+-- Whether factory.lua itself sets a USD budget (then result() warns of every
+-- unpriced model of every alias).
+function M.usd_limited(budgets)
   if not budgets then return false end
   if budgets.run and budgets.run.usd then return true end
   for _, b in pairs(budgets.teams or {}) do
@@ -220,10 +228,10 @@ local function result(cfg)
     -- with the first 401.
     warnings[#warnings + 1] = ("environment variable %s is not set (env %q gives nil)"):format(name, name)
   end
-  if usd_limited(cfg.budgets) then
+  if M.usd_limited(cfg.budgets) then
     for _, alias in ipairs(sorted_keys(cfg.models or {})) do
       for _, spec in ipairs(cfg.models[alias]) do
-        if not (cfg.prices and (cfg.prices[spec] or cfg.prices[spec:match("^[^/]+/(.+)$")])) then
+        if not M.priced(cfg.prices, spec) then
           warnings[#warnings + 1] = ("models[%q]: %s has no price in prices {}: its calls count as $0 against the"
             .. " USD budgets"):format(alias, spec)
         end

@@ -12,7 +12,9 @@
 --     reg:watch([opts]) -> handle with :stop()  (opts go to fs.watch: debounce);
 --                          changes are logged: "reloaded" (info), rejections (warn)
 --   defs.check(dir) -> problems of a project directory (teams, pipelines, factory.lua),
---       warnings (valid, but failing on this machine: a CLI agent not installed),
+--       warnings (valid, but failing on this machine: a CLI agent not installed; or
+--       not doing what it seems to: factory.lua's warnings, a USD budget its teams'
+--       unpriced models would spend nothing of (dsl.unpriced_budgets)),
 --       checked = { config = whether there is a factory.lua, teams =, pipelines = (how
 --       many loaded) }
 -- A problem is "file:line: message". The name of a definition is its file name
@@ -337,6 +339,26 @@ local function missing_agents(dir, project)
   return out
 end
 
+-- factory.lua's team budgets that name neither a team of the project nor a virtual
+-- key's team (factory serve's external agents): a misspelt name limits nothing.
+local function unknown_budget_teams(project, cfg)
+  local out, keyed = {}, {}
+  for _, entry in pairs(cfg.keys or {}) do
+    if type(entry) == "table" and entry.team then keyed[entry.team] = true end
+  end
+  local teams = (cfg.router.budgets or {}).teams or {}
+  local names = {}
+  for name in pairs(teams) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    if not project.teams:get(name) and not keyed[name] then
+      out[#out + 1] = ("budgets.teams[%q] names no team of teams/*.lua and no key's team: it limits nothing (teams: %s)")
+        :format(name, table.concat(project.teams:names(), ", "))
+    end
+  end
+  return out
+end
+
 function M.check(dir)
   dir = dir:gsub("(.)/+$", "%1")
   local st = fs.stat(dir, true)
@@ -344,10 +366,11 @@ function M.check(dir)
     return { dir .. (st and ": not a directory" or ": no such directory") }
   end
   local dsl = require "factory.dsl"
-  local problems, aliases = {}, nil
+  local problems, aliases, cfg = {}, nil, nil
   local config = join(dir, "factory.lua")
   if fs.stat(config) then
-    local cfg, err = require("factory.config").load(config)
+    local err
+    cfg, err = require("factory.config").load(config)
     if cfg then
       aliases = dsl.aliases_of(cfg.router)
     else
@@ -359,7 +382,13 @@ function M.check(dir)
   local project = dsl.project(dir, { aliases = aliases })
   local found = project:load()
   for i, p in ipairs(found) do table.insert(problems, i, p) end
-  return problems, missing_agents(dir, project), { config = fs.stat(config) ~= nil,
+  local warnings = missing_agents(dir, project)
+  if cfg then
+    for _, w in ipairs(cfg.warnings) do warnings[#warnings + 1] = config .. ": " .. w end
+    warnings[#warnings + 1] = dsl.unpriced_budgets(project, cfg.router)
+    for _, w in ipairs(unknown_budget_teams(project, cfg)) do warnings[#warnings + 1] = config .. ": " .. w end
+  end
+  return problems, warnings, { config = fs.stat(config) ~= nil,
     teams = #project.teams:names(), pipelines = #project.pipelines:names() }
 end
 

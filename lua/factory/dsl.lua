@@ -360,6 +360,59 @@ function Project:watch()
   return { stop = function() for _, h in ipairs(handles) do h:stop() end end }
 end
 
+-- What would count as $0 against a USD budget: the models without a price in prices
+-- {} of the teams that have a USD budget (their own, or factory.lua's), or that work
+-- in a pipeline with limits.budget_usd (pipeline_name: only that one's teams).
+-- -> one warning line, or nil (also when factory.lua sets a USD budget: its loader
+-- warns of each unpriced model then).
+function M.unpriced_budgets(project, router_cfg, pipeline_name)
+  local config = require "factory.config"
+  -- factory.lua's own warnings name every unpriced model then.
+  if config.usd_limited(router_cfg.budgets) then return nil end
+  local priced = config.priced
+  local configured = type(router_cfg.budgets) == "table" and type(router_cfg.budgets.teams) == "table"
+    and router_cfg.budgets.teams or {}
+  local limited, order = {}, {}
+  local function add(name)
+    if not limited[name] then limited[name], order[#order + 1] = true, name end
+  end
+  local names = pipeline_name and {} or project.teams:names()
+  for _, pname in ipairs(pipeline_name and { pipeline_name } or project.pipelines:names()) do
+    local pipe = project.pipelines:get(pname)
+    for _, st in ipairs(pipe and pipe.stages or {}) do
+      if pipeline_name then names[#names + 1] = st.team end
+      if pipe.limits and pipe.limits.budget_usd then add(st.team) end
+    end
+  end
+  for _, name in ipairs(names) do
+    local team = project.teams:get(name)
+    if team and ((team.budget or {}).usd_per_day or (configured[name] or {}).usd_per_day) then add(name) end
+  end
+  local teams, specs, seen = {}, {}, {}
+  for _, name in ipairs(order) do
+    local team = project.teams:get(name)
+    local free = false
+    local models = { team and team.model }
+    for _, op in ipairs(team and team.operatives or {}) do models[#models + 1] = op.model end
+    for _, alias in pairs(models) do
+      for _, spec in ipairs((router_cfg.models or {})[alias] or { alias }) do
+        if type(spec) == "string" and spec:find("/", 1, true) and not priced(router_cfg.prices, spec) then
+          free = true
+          if not seen[spec] then seen[spec], specs[#specs + 1] = true, spec end
+        end
+      end
+    end
+    if free then teams[#teams + 1] = name end
+  end
+  if #teams == 0 then return nil end
+  table.sort(teams)
+  table.sort(specs)
+  return ("%s ha%s a USD budget, but %s ha%s no price in factory.lua's prices {}: %s calls count as $0 against it,"
+    .. " so it limits nothing (give each a price; 0 for a free local model)"):format(table.concat(teams, ", "),
+    #teams == 1 and "s" or "ve", table.concat(specs, ", "), #specs == 1 and "s" or "ve",
+    #specs == 1 and "its" or "their")
+end
+
 -- The aliases a router configuration offers: its models, and provider/model for
 -- each of its providers.
 function M.aliases_of(router_cfg)

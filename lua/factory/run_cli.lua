@@ -377,6 +377,9 @@ local function engine_for(flags, opts, on_event, redraw, pipeline_name)
     unwatch()
     return nil, missing
   end
+  -- A budget that limits nothing is said before the run spends.
+  local free = dsl.unpriced_budgets(project, router_cfg, pipeline_name)
+  if free then io.stderr:write("factory: warning: ", free, "\n") end
   local d
   d, err = open_db(flags.db)
   if not d then

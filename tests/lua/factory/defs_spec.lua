@@ -311,6 +311,67 @@ describe("defs.check", function()
     }, defs.check(p))
   end)
 
+  it("warns of a USD budget that limits nothing: a team's unpriced models, a budget naming no team", function()
+    assert(fs.mkdir_p(dir .. "/teams"))
+    assert(fs.mkdir_p(dir .. "/pipelines"))
+    local function team(name, extra)
+      write("teams/" .. name .. ".lua", ([[
+return team %q {
+  description = "A team.",
+  model = "factory/coder",
+  %s
+  operative "worker" { prompt = [=[Work.]=] %s },
+}]]):format(name, extra.team or "", extra.operative or ""))
+    end
+    team("backend_engineering", { team = "budget = { usd_per_day = 20 },", operative = ', model = "factory/fast"' })
+    team("qa_engineering", {})
+    team("docs", {})
+    write("pipelines/ship.lua", [[
+return pipeline "ship" {
+  limits = { budget_usd = 5 },
+  stage "test" { team = "qa_engineering" },
+}]])
+    write("factory.lua", [[
+providers { cloud = { base_url = "http://127.0.0.1:9/v1" }, local_ = { base_url = "http://127.0.0.1:9/v1" } }
+models { ["factory/coder"] = { "cloud/big", "local_/small" }, ["factory/fast"] = { "cloud/quick" } }
+prices { ["cloud/big"] = { input = 3, output = 15 } }
+budgets { teams = { docs = { tokens_per_day = 1000 }, backend_engineerin = { tokens_per_day = 5 } } }
+keys { ["sk-team-agents"] = { team = "agents" } }
+]])
+    local problems, warnings = defs.check(dir)
+    assert.same({}, problems)
+    assert.same({
+      "backend_engineering, qa_engineering have a USD budget, but cloud/quick, local_/small have no price in"
+        .. " factory.lua's prices {}: their calls count as $0 against it, so it limits nothing (give each a price; 0"
+        .. " for a free local model)",
+      dir .. "/factory.lua: budgets.teams[\"backend_engineerin\"] names no team of teams/*.lua and no key's team: it"
+        .. " limits nothing (teams: backend_engineering, docs, qa_engineering)",
+    }, warnings)
+    -- With a USD budget in factory.lua, its loader names each unpriced model instead.
+    write("factory.lua", assert(fs.read(dir .. "/factory.lua")):gsub("tokens_per_day = 1000", "usd_per_day = 1"))
+    problems, warnings = defs.check(dir)
+    assert.same({
+      dir .. "/factory.lua: models[\"factory/coder\"]: local_/small has no price in prices {}: its calls count as $0"
+        .. " against the USD budgets",
+      dir .. "/factory.lua: models[\"factory/fast\"]: cloud/quick has no price in prices {}: its calls count as $0"
+        .. " against the USD budgets",
+      dir .. "/factory.lua: budgets.teams[\"backend_engineerin\"] names no team of teams/*.lua and no key's team: it"
+        .. " limits nothing (teams: backend_engineering, docs, qa_engineering)",
+    }, warnings)
+    -- Priced (a free local model at 0), and the budget naming the key's team: nothing to say.
+    write("factory.lua", [[
+providers { cloud = { base_url = "http://127.0.0.1:9/v1" }, local_ = { base_url = "http://127.0.0.1:9/v1" } }
+models { ["factory/coder"] = { "cloud/big", "local_/small" }, ["factory/fast"] = { "cloud/quick" } }
+prices { ["cloud/big"] = { input = 3, output = 15 }, quick = { input = 1, output = 2 },
+         ["local_/small"] = { input = 0, output = 0 } }
+budgets { teams = { agents = { usd_per_day = 5 } } }
+keys { ["sk-team-agents"] = { team = "agents" } }
+]])
+    problems, warnings = defs.check(dir)
+    assert.same({}, problems)
+    assert.same({}, warnings)
+  end)
+
   it("warns of a CLI agent that is not installed here: valid, but a run of its stage would fail", function()
     assert(fs.mkdir_p(dir .. "/teams"))
     write("teams/backend_engineering.lua", [[
