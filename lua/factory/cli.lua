@@ -11,6 +11,7 @@
 --   factory run PIPELINE --repo DIR (--issue TEXT | --file F)   run a work item (resumable)
 --   factory resume RUN | hitl list|answer | runs [show RUN]      see factory.run_cli
 --   factory learnings [search TEXT] [--team T] [--repo R] [--db URL]   see factory.learnings_cli
+--   factory status [--db URL] [--config FILE] [--project DIR]   see factory.status_cli
 --   factory version                print the version
 --   factory help | --help | -h     usage; `factory COMMAND --help` for each command
 -- Exit codes: 0 success, 1 the script or check failed, 2 usage error (unknown command
@@ -35,6 +36,7 @@ commands:
   resume RUN        continue a run from its first unfinished stage
   hitl list|answer  the questions waiting for a human, and answering them
   runs [show RUN]   the latest runs, or one run's timeline
+  status            the unfinished runs and what moves each on; each team's spending today
   learnings [search TEXT]  what agents learned (team, repo, objective), or a search
   version           print the version
   help              this text; `factory COMMAND --help` describes a command
@@ -266,8 +268,14 @@ local function cmd_learnings(argv)
   return run_main(function() return learningscli.run({ unpack(argv, 2) }) end, { n = 0 })
 end
 
+local function cmd_status(argv)
+  local statuscli = require "factory.status_cli"
+  return run_main(function() return statuscli.run({ unpack(argv, 2) }) end, { n = 0 })
+end
+
 local COMMANDS = {
   learnings = cmd_learnings,
+  status = cmd_status,
   run = cmd_pipeline,
   resume = cmd_pipeline,
   hitl = cmd_pipeline,
@@ -300,6 +308,7 @@ function M.main(argv)
     if cmd == cmd_pipeline then HELP[first] = require("factory.run_cli").HELP[first] end
     if first == "audit" then HELP.audit = require("factory.audit_cli").USAGE end
     if first == "learnings" then HELP.learnings = require("factory.learnings_cli").USAGE end
+    if first == "status" then HELP.status = require("factory.status_cli").USAGE end
     for i = 2, #argv do
       if argv[i] == "--help" or argv[i] == "-h" then
         io.stdout:write(HELP[first] or USAGE)
