@@ -33,84 +33,86 @@ local function call(team, usd, tokens, at)
     .. " created_at) VALUES (?, 'cloud', 'big', ?, 0, ?, 'ok', ?)", { team, tokens, usd, at or time.now() }))
 end
 
-describe("factory status", function()
-  before_each(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(fs.mkdir_p(dir .. "/teams"))
-    url = backends.sqlite_url()
-    store = assert(db.open(url))
-    assert(store:migrate())
-  end)
+for _, b in ipairs(backends.LIST) do
+  describe("factory status on " .. b[1], function()
+    before_each(function()
+      dir = os.tmpname()
+      os.remove(dir)
+      assert(fs.mkdir_p(dir .. "/teams"))
+      url = b[2]()
+      store = assert(db.open(url))
+      assert(store:migrate())
+    end)
 
-  after_each(function()
-    store:close()
-    backends.cleanup()
-    assert(fs.remove(dir, { recursive = true }))
-  end)
+    after_each(function()
+      store:close()
+      backends.cleanup()
+      assert(fs.remove(dir, { recursive = true }))
+    end)
 
-  it("lists what moves each unfinished run on, and each team's day against its budget", function()
-    new_run("succeeded", 5)
-    local waiting = new_run("running", 2)
-    assert(store:tx(function(tx)
-      return hitl.escalate(tx, { run_id = waiting, stage = "build", team = "backend_engineering", operative = "impl",
-                                 question = "Which currency?", reason = "BLOCKED: unclear" })
-    end))
-    local stopped = new_run("stopped", 1, "stage analysis: EPOSTED: a write was lost\nmore detail")
-    local live, orphan = new_run("running", 3), new_run("running", 0)
-    local me = engine_id.new()
-    for run, owner in pairs({ [live] = me, [orphan] = engine_id.HOST .. ":999999999:1" }) do
-      assert(store:exec("INSERT INTO locks (name, owner, expires_at, acquired_at) VALUES (?, ?, ?, ?)",
-                        { "run:" .. run, owner, time.now() + 30, time.now() }))
-    end
-    call("backend_engineering", 4, 1000)
-    call("backend_engineering", 1.5, 2000)
-    call("backend_engineering", 100, 9000, time.now() - 3 * 86400)
-    call("qa_engineering", 0.25, 500)
-    assert(store:exec("INSERT INTO budget_holds (team, process, usd, tokens, expires_at) VALUES (?, ?, 2, 10, ?)",
-                      { "backend_engineering", me, time.now() + 60 }))
-    assert(fs.write(dir .. "/teams/backend_engineering.lua", [[
-return team "backend_engineering" {
-  description = "Builds.",
-  model = "factory/coder",
-  budget = { usd_per_day = 20 },
-  operative "impl" { prompt = "Build." },
-}]]))
-    assert(fs.write(dir .. "/factory.lua", [[
-providers { cloud = { base_url = "http://127.0.0.1:9/v1" } }
-models { ["factory/coder"] = { "cloud/big" } }
-prices { big = { input = 1, output = 1 } }
-budgets { teams = { backend_engineering = { usd_per_day = 10 }, qa_engineering = { tokens_per_day = 2000 },
-                    docs = { usd_per_day = 3 } } }
-]]))
-    local out = factory()
-    local want = {
-      "runs: 2 running, 1 stopped, 1 succeeded, 1 waiting",
-      ("  run %d (feature) waiting: 1 question(s) for a human (factory hitl list, then factory hitl answer ID TEXT)")
-        :format(waiting),
-      ("  run %d (feature) stopped: stage analysis: EPOSTED: a write was lost (factory resume %d once that is fixed)")
-        :format(stopped, stopped),
-      ("  run %d (feature) running, stage 3 done, by process %s"):format(live, me),
-      ("  run %d (feature) running, stage 0 done: no process executes it (factory resume %d)"):format(orphan, orphan),
-      "  TEAM                       CALLS       TOKENS       SPENT   IN FLIGHT     BUDGET/DAY          LEFT",
-      "  backend_engineering            2        3,000     $5.5000     $2.0000       $10.0000       $2.5000",
-      "  qa_engineering                 1          500     $0.2500           -      2,000 tok     1,500 tok",
-      "  (1 more team(s) with a budget made no call today)",
-      "exit=0",
-    }
-    for _, line in ipairs(want) do assert.contains(line .. "\n", out) end
-    assert.matches("\nmodel calls today %(since %d%d%d%d%-%d%d%-%d%dT00:00:00%.000Z%): 3 calls, 3,500 tokens, %$5%.7500\n",
-                   out)
-  end)
+    it("lists what moves each unfinished run on, and each team's day against its budget", function()
+      new_run("succeeded", 5)
+      local waiting = new_run("running", 2)
+      assert(store:tx(function(tx)
+        return hitl.escalate(tx, { run_id = waiting, stage = "build", team = "backend_engineering", operative = "impl",
+                                   question = "Which currency?", reason = "BLOCKED: unclear" })
+      end))
+      local stopped = new_run("stopped", 1, "stage analysis: EPOSTED: a write was lost\nmore detail")
+      local live, orphan = new_run("running", 3), new_run("running", 0)
+      local me = engine_id.new()
+      for run, owner in pairs({ [live] = me, [orphan] = engine_id.HOST .. ":999999999:1" }) do
+        assert(store:exec("INSERT INTO locks (name, owner, expires_at, acquired_at) VALUES (?, ?, ?, ?)",
+                          { "run:" .. run, owner, time.now() + 30, time.now() }))
+      end
+      call("backend_engineering", 4, 1000)
+      call("backend_engineering", 1.5, 2000)
+      call("backend_engineering", 100, 9000, time.now() - 3 * 86400)
+      call("qa_engineering", 0.25, 500)
+      assert(store:exec("INSERT INTO budget_holds (team, process, usd, tokens, expires_at) VALUES (?, ?, 2, 10, ?)",
+                        { "backend_engineering", me, time.now() + 60 }))
+      assert(fs.write(dir .. "/teams/backend_engineering.lua", [[
+  return team "backend_engineering" {
+    description = "Builds.",
+    model = "factory/coder",
+    budget = { usd_per_day = 20 },
+    operative "impl" { prompt = "Build." },
+  }]]))
+      assert(fs.write(dir .. "/factory.lua", [[
+  providers { cloud = { base_url = "http://127.0.0.1:9/v1" } }
+  models { ["factory/coder"] = { "cloud/big" } }
+  prices { big = { input = 1, output = 1 } }
+  budgets { teams = { backend_engineering = { usd_per_day = 10 }, qa_engineering = { tokens_per_day = 2000 },
+                      docs = { usd_per_day = 3 } } }
+  ]]))
+      local out = factory()
+      local want = {
+        "runs: 2 running, 1 stopped, 1 succeeded, 1 waiting",
+        ("  run %d (feature) waiting: 1 question(s) for a human (factory hitl list, then factory hitl answer ID TEXT)")
+          :format(waiting),
+        ("  run %d (feature) stopped: stage analysis: EPOSTED: a write was lost (factory resume %d once that is fixed)")
+          :format(stopped, stopped),
+        ("  run %d (feature) running, stage 3 done, by process %s"):format(live, me),
+        ("  run %d (feature) running, stage 0 done: no process executes it (factory resume %d)"):format(orphan, orphan),
+        "  TEAM                       CALLS       TOKENS       SPENT   IN FLIGHT     BUDGET/DAY          LEFT",
+        "  backend_engineering            2        3,000     $5.5000     $2.0000       $10.0000       $2.5000",
+        "  qa_engineering                 1          500     $0.2500           -      2,000 tok     1,500 tok",
+        "  (1 more team(s) with a budget made no call today)",
+        "exit=0",
+      }
+      for _, line in ipairs(want) do assert.contains(line .. "\n", out) end
+      assert.matches("\nmodel calls today %(since %d%d%d%d%-%d%d%-%d%dT00:00:00%.000Z%): 3 calls, 3,500 tokens, %$5%.7500\n",
+                     out)
+    end)
 
-  it("says when there is nothing, and refuses what it does not take", function()
-    assert.equal("runs: none\nmodel calls today (since " .. time.iso8601(require("factory.router").day_start())
-      .. "): 0 calls, 0 tokens, $0.0000\nexit=0\n", factory())
-    assert.equal("factory status: unknown flag '--bogus' (see 'factory status --help')\nexit=2\n", factory("--bogus"))
-    assert.equal("factory status: " .. dir .. "/nope.lua:1: cannot read the file\nexit=1\n",
-                 factory("--config " .. dir .. "/nope.lua"))
-    -- ./factory.lua that does not load is said, and the rest shown without its budgets.
-    assert(fs.write(dir .. "/factory.lua", "budgets { teams = 3 }\n"))
-    assert.matches("^factory status: [^\n]*factory.lua:1: [^\n]*%(budgets from it are not shown%)\nruns: none\n", factory())
+    it("says when there is nothing, and refuses what it does not take", function()
+      assert.equal("runs: none\nmodel calls today (since " .. time.iso8601(require("factory.router").day_start())
+        .. "): 0 calls, 0 tokens, $0.0000\nexit=0\n", factory())
+      assert.equal("factory status: unknown flag '--bogus' (see 'factory status --help')\nexit=2\n", factory("--bogus"))
+      assert.equal("factory status: " .. dir .. "/nope.lua:1: cannot read the file\nexit=1\n",
+                   factory("--config " .. dir .. "/nope.lua"))
+      -- ./factory.lua that does not load is said, and the rest shown without its budgets.
+      assert(fs.write(dir .. "/factory.lua", "budgets { teams = 3 }\n"))
+      assert.matches("^factory status: [^\n]*factory.lua:1: [^\n]*%(budgets from it are not shown%)\nruns: none\n", factory())
+    end)
   end)
-end)
+end
