@@ -36,26 +36,8 @@ local FLAGS = { ["--team"] = "team", ["--repo"] = "repo", ["--limit"] = "limit",
 local fail, usage_error = cli_args.reporters("learnings")
 
 local function parse(args)
-  local opts, words = {}, {}
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    local name, value = a:match("^(%-%-%a+)=(.*)$")
-    name = name or a
-    if FLAGS[name] then
-      if not value then
-        value = args[i + 1]
-        if value == nil then return nil, name .. " needs a value" end
-        i = i + 1
-      end
-      opts[FLAGS[name]] = value
-    elseif a:sub(1, 1) == "-" then
-      return nil, ("unknown flag '%s'"):format(a)
-    else
-      words[#words + 1] = a
-    end
-    i = i + 1
-  end
+  local opts, words = cli_args.flags(args, FLAGS)
+  if not opts then return nil, words end
   if opts.limit then
     local n = tonumber(opts.limit)
     if not n or n < 1 or n ~= math.floor(n) then return nil, "--limit needs a positive whole number" end

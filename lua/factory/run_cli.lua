@@ -135,14 +135,7 @@ end
 
 -- ---- progress ---------------------------------------------------------------------
 
-local function commas(n)
-  local s = tostring(math.floor(n or 0))
-  repeat
-    local k
-    s, k = s:gsub("^(%d+)(%d%d%d)", "%1,%2")
-  until k == 0
-  return s
-end
+local commas = require("factory.cli_args").commas
 
 local function unavailable_text(d)
   return ("  model unreachable (%s): waiting %gs before asking again (%d of %d)"):format(d.code, d.wait_s, d.wait,

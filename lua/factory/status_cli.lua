@@ -45,34 +45,12 @@ local MAX_LISTED = 20
 local fail, usage_error = cli_args.reporters("status")
 
 local function parse(args)
-  local opts = {}
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    local name, value = a:match("^(%-%-%a+)=(.*)$")
-    name = name or a
-    if not FLAGS[name] then
-      return nil, a:sub(1, 1) == "-" and ("unknown flag '%s'"):format(a) or ("unexpected argument '%s'"):format(a)
-    end
-    if not value then
-      value = args[i + 1]
-      if value == nil then return nil, name .. " needs a value" end
-      i = i + 1
-    end
-    opts[FLAGS[name]] = value
-    i = i + 1
-  end
-  return opts
+  local opts, words = cli_args.flags(args, FLAGS)
+  if opts and words[1] then return nil, ("unexpected argument '%s'"):format(words[1]) end
+  return opts, words
 end
 
-local function commas(n)
-  local s = ("%d"):format(math.floor(n or 0))
-  repeat
-    local k
-    s, k = s:gsub("^(-?%d+)(%d%d%d)", "%1,%2")
-  until k == 0
-  return s
-end
+local commas = cli_args.commas
 
 -- factory.lua's router configuration (budgets, utc_offset), if there is one: the
 -- default file that does not load is said, and the rest is shown without it; one

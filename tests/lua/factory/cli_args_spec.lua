@@ -26,3 +26,26 @@ describe("cli_args.db_and_words", function()
     end
   end)
 end)
+
+describe("cli_args.flags", function()
+  local NAMES = { ["--team"] = "team", ["--db"] = "db" }
+
+  it("takes each named flag's value, in either form, and keeps the words in order", function()
+    assert.same({ { team = "qa", db = "sqlite:x.db" }, { "search", "a b" } },
+                { cli_args.flags({ "search", "--team", "qa", "a b", "--db=sqlite:x.db" }, NAMES) })
+    assert.same({ {}, {} }, { cli_args.flags({}, NAMES) })
+  end)
+
+  it("refuses other flags and a flag without its value", function()
+    assert.same({ nil, "unknown flag '--verbose'" }, { cli_args.flags({ "--verbose" }, NAMES) })
+    assert.same({ nil, "--team needs a value" }, { cli_args.flags({ "x", "--team" }, NAMES) })
+  end)
+end)
+
+describe("cli_args.commas", function()
+  it("groups the thousands", function()
+    assert.same({ "0", "999", "1,000", "1,234,567", "-12,345" },
+                { cli_args.commas(0), cli_args.commas(999), cli_args.commas(1000), cli_args.commas(1234567.9),
+                  cli_args.commas(-12345) })
+  end)
+end)
