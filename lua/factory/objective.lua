@@ -230,11 +230,33 @@ function M.outlast(o, call)
   end
 end
 
+-- A call whose estimate is more than its budget's whole limit: no wait, and no
+-- answer, would let it through. -> the estimate and the limit with their unit, or nil.
+local function beyond_limit(why)
+  local limit, cost = why:match(" of ([%d.]+) USD left.-this call may cost ([%d.]+)")
+  local unit = "USD"
+  if not limit then
+    limit, cost = why:match(" of ([%d.]+) tokens left.-this call may use ([%d.]+)")
+    unit = "tokens"
+  end
+  if limit and tonumber(cost) > tonumber(limit) then return ("%s %s"):format(cost, unit), ("%s %s"):format(limit, unit) end
+end
+
 -- What the human asked about a spent budget must do: where that budget is set (a
 -- raised one applies when the run goes on), or how the run ends.
 local function budget_question(why, pipeline)
   local kind, name = why:match("budget exhausted: (%a+) (%S+) has")
-  if kind == "team" then
+  local cost, limit = beyond_limit(why)
+  if kind == "team" and cost then
+    return ("One call of team %s may cost %s (its prompt, and max_tokens at the dearest price of its model's chain),"
+      .. " more than the team's whole daily budget of %s: raise budget.usd_per_day (or tokens_per_day) in teams/%s.lua,"
+      .. " or budgets.teams.%s in factory.lua, above it, or lower the operative's max_tokens; then answer this to go"
+      .. " on."):format(name, cost, limit, name, name)
+  elseif kind == "run" and cost then
+    return ("One call may cost %s (its prompt, and max_tokens at the dearest price of its model's chain), more than"
+      .. " all the run's budget had left (%s): raise limits.budget_usd in pipelines/%s.lua, or lower the operative's"
+      .. " max_tokens; then answer this to go on."):format(cost, limit, pipeline or "<its pipeline>")
+  elseif kind == "team" then
     return ("Team %s's budget for today is spent. Raise budget.usd_per_day (or tokens_per_day) in teams/%s.lua,"
       .. " or budgets.teams.%s in factory.lua, or wait until its day starts again (budgets.utc_offset); then"
       .. " answer this to go on."):format(name, name, name)

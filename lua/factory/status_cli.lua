@@ -122,9 +122,16 @@ local function show_spending(d, router_cfg, budgets)
   local since = router.day_start()
   local spent = {}
   for _, t in ipairs(records.team_spending(d, since)) do spent[t.team] = t end
-  local calls = d:query("SELECT team, COUNT(*) AS n FROM model_calls WHERE created_at >= ? AND team IS NOT NULL"
-    .. " GROUP BY team", { since })
-  for _, c in ipairs(calls) do if spent[c.team] then spent[c.team].calls = c.n end end
+  -- A call a budget refused was never sent: counted apart.
+  local calls = d:query("SELECT team, SUM(CASE WHEN code = 'EBUDGET' THEN 0 ELSE 1 END) AS n,"
+    .. " SUM(CASE WHEN code = 'EBUDGET' THEN 1 ELSE 0 END) AS refused FROM model_calls WHERE created_at >= ?"
+    .. " AND team IS NOT NULL GROUP BY team", { since })
+  local refused = {}
+  for _, c in ipairs(calls) do
+    if spent[c.team] then spent[c.team].calls = tonumber(c.n) end
+    if tonumber(c.refused) > 0 then refused[#refused + 1] = ("%s %d"):format(c.team, tonumber(c.refused)) end
+  end
+  table.sort(refused)
   local held = {}
   for _, h in ipairs(d:query("SELECT team, COUNT(*) AS n, COALESCE(SUM(usd), 0) AS usd, COALESCE(SUM(tokens), 0)"
       .. " AS tokens FROM budget_holds WHERE expires_at > ? GROUP BY team", { time.now() })) do
@@ -162,6 +169,9 @@ local function show_spending(d, router_cfg, budgets)
       h and money(h.usd) or "-", budget, left))
   end
   if idle > 0 then print(("  (%d more team(s) with a budget made no call today)"):format(idle)) end
+  if #refused > 0 then
+    print(("  calls a budget refused today (not sent): %s"):format(table.concat(refused, ", ")))
+  end
 end
 
 function M.run(args)

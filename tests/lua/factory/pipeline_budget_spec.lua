@@ -74,11 +74,19 @@ end)
 
 -- A run that the team's budget stops before its first call is sent: the escalation
 -- says so (its reason starts with `reason`), and the fake has had `sent` requests.
-local function blocked_by_budget(reason, sent)
+-- beyond: one call would cost more than the whole budget, which waiting does not cure.
+local function blocked_by_budget(reason, sent, beyond)
   local _, state, esc = run_once()
   assert.equal("waiting", state)
   assert.equal(sent, fake:count())
   assert.matches("^BLOCKED: budget exhausted: team budget_probe" .. (reason or ""), esc.reason)
+  if beyond then
+    assert.matches("^One call of team budget_probe may cost [%d.]+ USD %(its prompt, and max_tokens at the dearest price"
+      .. " of its model's chain%), more than the team's whole daily budget of 0%.0000 USD: raise budget%.usd_per_day %(or"
+      .. " tokens_per_day%) in teams/budget_probe%.lua, or budgets%.teams%.budget_probe in factory%.lua, above it, or lower"
+      .. " the operative's max_tokens; then answer this to go on%.$", esc.question)
+    return
+  end
   assert.equal("Team budget_probe's budget for today is spent. Raise budget.usd_per_day (or tokens_per_day) in"
     .. " teams/budget_probe.lua, or budgets.teams.budget_probe in factory.lua, or wait until its day starts again"
     .. " (budgets.utc_offset); then answer this to go on.", esc.question)
@@ -96,7 +104,7 @@ describe("team budgets", function()
 
   it("a spent team budget blocks the objective before anything is sent", function()
     start("0.000001")
-    blocked_by_budget(" has 0.0000 of 0.0000 USD left", 0)
+    blocked_by_budget(" has 0.0000 of 0.0000 USD left", 0, true)
   end)
 
   it("factory.lua's smaller budget for the team wins", function()
@@ -163,7 +171,7 @@ describe("team budgets", function()
     engine:set_budgets({ teams = { budget_probe = { usd_per_day = 2 } } })
     assert.equal(2, limit())
     engine:set_budgets({ teams = { budget_probe = { usd_per_day = 0.000001 } } })
-    blocked_by_budget(nil, 0)
+    blocked_by_budget(nil, 0, true)
     engine:set_budgets(nil)
     assert.equal(10, limit())
   end)

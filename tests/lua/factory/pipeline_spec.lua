@@ -364,8 +364,9 @@ describe("pipeline engine", function()
     assert.equal("waiting", state)
     assert.equal(0, fake:count())
     assert.matches("^BLOCKED: budget exhausted: run " .. run .. " has 0.0010 of [%d.]+ USD left", esc.reason)
-    assert.equal(("The run's budget is spent. Raise limits.budget_usd in pipelines/broke.lua, then answer this to go"
-      .. " on; or end the run: factory runs cancel %d."):format(run), esc.question)
+    assert.matches("^One call may cost [%d.]+ USD %(its prompt, and max_tokens at the dearest price of its model's chain%),"
+      .. " more than all the run's budget had left %(0%.0010 USD%): raise limits%.budget_usd in pipelines/broke%.lua, or"
+      .. " lower the operative's max_tokens; then answer this to go on%.$", esc.question)
     assert.is_nil(router.stats().budgets["run:" .. run])
     local r = rows("SELECT result FROM stage_results WHERE run_id = ?", { run })[1].result
     assert.equal("BLOCKED", r.status)

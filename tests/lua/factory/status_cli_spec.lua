@@ -68,6 +68,8 @@ for _, b in ipairs(backends.LIST) do
       call("backend_engineering", 1.5, 2000)
       call("backend_engineering", 100, 9000, time.now() - 3 * 86400)
       call("qa_engineering", 0.25, 500)
+    assert(store:exec("INSERT INTO model_calls (team, provider, model, cost_usd, status, code, created_at)"
+      .. " VALUES ('qa_engineering', '', '', 0, 'error', 'EBUDGET', ?)", { time.now() }))
       assert(store:exec("INSERT INTO budget_holds (team, process, usd, tokens, expires_at) VALUES (?, ?, 2, 10, ?)",
                         { "backend_engineering", me, time.now() + 60 }))
       assert(fs.write(dir .. "/teams/backend_engineering.lua", [[
@@ -97,6 +99,7 @@ for _, b in ipairs(backends.LIST) do
         "  backend_engineering            2        3,000     $5.5000     $2.0000       $10.0000       $2.5000",
         "  qa_engineering                 1          500     $0.2500           -      2,000 tok     1,500 tok",
         "  (1 more team(s) with a budget made no call today)",
+      "  calls a budget refused today (not sent): qa_engineering 1",
         "exit=0",
       }
       for _, line in ipairs(want) do assert.contains(line .. "\n", out) end
