@@ -12,6 +12,7 @@
 --     its own branch, verify runs the tests there, release_note adds the changelog;
 --     the repository's own `make test` passes on the run's last branch while main
 --     still fails.
+--  3. `factory status`: no run left to do, and each team's calls today against its budget.
 -- Everything lives in a fresh directory under /tmp, removed at the end.
 local fs = require "factory.core.fs"
 local env = require "factory.core.env"
@@ -107,6 +108,8 @@ local code2 = run_cli.main("run", { "bugfix", "--repo", repo_dir, "--issue",
   "calc_sub returns the wrong result: calc_sub(2, 3) gives 5", "--project", ROOT, "--db", url }, opts)
 if code2 == 0 then code2 = check_branch(repo, repo_dir, "^factory%-run2%-release_note%-", { "make", "-s", "test" }) end
 repo:close()
+print("\n== factory status: what is left to do, and what each team's calls came to today\n")
+require("factory.status_cli").run({ "--db", url, "--project", ROOT })
 srv:close()
 fs.remove(tmp, { recursive = true })
 return code ~= 0 and code or code2

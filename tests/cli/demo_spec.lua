@@ -2,7 +2,7 @@
 -- end on the replayed model, each build stage's branch holds a change whose tests pass
 -- there while main is untouched; the stages that read the code read it in a worktree
 -- of the run's latest change (verify runs the tests on the build's commit), and the
--- stages that write documentation commit it on top.
+-- stages that write documentation commit it on top; `factory status` ends it.
 local proc = require "factory.proc"
 local host = require "factory.core.host"
 
@@ -40,5 +40,8 @@ describe("make demo", function()
     assert.contains("+- Fixed: `calc_sub` returned the sum of its arguments instead of their difference.", out)
     assert.contains("make -s test on the branch: exit 0\nall checks passed", out)
     assert.contains("make -s test on main (untouched): exit 2", out)
+    -- The morning view: nothing left to do, and each team's calls against its budget.
+    assert.contains("\nruns: 2 succeeded\nmodel calls today (since ", out)
+    assert.matches("\n  backend_engineering +%d+ +[%d,]+ +%$0%.0000 +%- +%$25%.0000 +%$25%.0000\n", out)
   end, { timeout = 150 })
 end)
