@@ -31,10 +31,11 @@
 -- With db, what each team spent today as the store records it counts against its
 -- budget from the start (and again every RECOUNT_S seconds, for the spending of
 -- other processes); each call of a team with a budget is held in the store's ledger
--- before it is sent (factory.budgets: exact across processes), and every call is written to the store (factory.records.model_call: the
--- model_calls table and the audit log) as a posted write (db:post), so the response
--- does not wait for it, and a burst of calls shares commits; stopping writes what is
--- still waiting, with the calls it cut short (cancelled).
+-- before it is sent (factory.budgets: exact across processes); and every call is
+-- written to the store (factory.records.model_call: the model_calls table and the
+-- audit log) as a posted write (db:post), so the response does not wait for it, and
+-- a burst of calls shares commits; stopping writes what is still waiting, with the
+-- calls it cut short (cancelled).
 local server = require "factory.http_server"
 local router = require "factory.router"
 local budgets = require "factory.budgets"
