@@ -49,8 +49,9 @@
 --   router.use_ledger(fn) -> detach: calls of a team with a budget are confirmed by
 --       fn{ team =, usd =, tokens =, limit_usd =, limit_tokens = } (the call's estimate
 --       and the team's limits) before they are sent: fn returns a hold id (it goes into
---       the call's record) or nil, err, code (the call fails with it, unsent). The
---       last attached fn is asked (factory.budgets: the store's ledger across processes).
+--       the call's record) or nil, err, code: the call fails unsent, with EBUDGET, or
+--       with EUNAVAILABLE for any other failure (fn raising too). The last attached fn
+--       is asked (factory.budgets: the store's ledger across processes).
 --   router.live_holds() -> { hold, ... }: the holds of the calls in flight (sent, not ended)
 --   router.flush()  hands the records of the calls that have ended to the on_call
 --       hooks now (otherwise the next fiber that passes through the router does):
@@ -172,7 +173,9 @@ function M.use_ledger(fn)
 end
 
 -- What core's call gave: a pending call (its estimate, then the team's limits; < 0:
--- none) goes to the ledger and is sent or refused as it says.
+-- none) goes to the ledger and is sent or refused as it says. A ledger that cannot
+-- say (its store is busy, or away) makes the call EUNAVAILABLE: waited out and tried
+-- again like a provider that is down, never sent unchecked.
 local function confirmed(team, res, usd, tokens, limit_usd, limit_tokens)
   if type(usd) ~= "number" then return res, usd, tokens end
   local ledger = ledgers[#ledgers]
@@ -183,9 +186,9 @@ local function confirmed(team, res, usd, tokens, limit_usd, limit_tokens)
   if ok and hold then return res:send(hold) end
   if not ok then err, code = hold, "EIO" end
   code = code or tostring(err):match("^(E%u+):") or "EIO"
-  local msg = tostring(err):gsub("^E%u+: ", "")
-  if code ~= "EBUDGET" then msg = ("budget: team %s's budget could not be checked in the store: %s"):format(team, msg) end
-  return res:refuse(code, msg)
+  if code == "EBUDGET" then return res:refuse(code, (tostring(err):gsub("^E%u+: ", ""))) end
+  return res:refuse("EUNAVAILABLE", ("budget: team %s's budget could not be checked in the store (%s)"):format(team,
+    tostring(err):match("^E%u+: ") and tostring(err) or code .. ": " .. tostring(err)))
 end
 
 function M.chat(request, opts)

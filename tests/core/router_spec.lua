@@ -747,8 +747,8 @@ describe("router", function()
     -- A ledger that fails is named, and the call is not sent either.
     answer = { nil, "ECLOSED: the database is closed", "ECLOSED" }
     res, err, code = router.chat(hello("solo", { max_tokens = 10 }), { team = "led" })
-    assert.same({ "ECLOSED", "ECLOSED: budget: team led's budget could not be checked in the store: the database is"
-      .. " closed" }, { code, err })
+    assert.same({ "EUNAVAILABLE", "EUNAVAILABLE: budget: team led's budget could not be checked in the store (ECLOSED:"
+      .. " the database is closed)" }, { code, err })
     assert.equal(1, fake:count())
     -- A team without a budget, and an unpriced call against a USD budget, are not asked about;
     -- a token budget always is.

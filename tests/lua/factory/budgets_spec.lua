@@ -167,8 +167,8 @@ for _, b in ipairs(backends.LIST) do
       local res, err, code = chat("poor")
       detach_closed()
       assert.is_nil(res)
-      assert.equal("ECLOSED", code)
-      assert.contains("budget: team poor's budget could not be checked in the store", err)
+      assert.equal("EUNAVAILABLE", code)
+      assert.contains("budget: team poor's budget could not be checked in the store (ECLOSED: ", err)
       assert.equal(0, fake:count())
       -- A team without a budget is not asked about.
       fake:script{ { content = "a" } }
