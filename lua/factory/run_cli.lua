@@ -348,7 +348,11 @@ local function engine_for(flags, opts, on_event, redraw, pipeline_name)
         return
       end
       for _, w in ipairs(new.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
-      if engine then engine:set_budgets(new.router.budgets) end
+      if engine then
+        engine:set_budgets(new.router.budgets)
+        local free = dsl.unpriced_budgets(engine.project, new.router, pipeline_name)
+        if free then io.stderr:write("factory: warning: ", free, "\n") end
+      end
     end)
     if not cfg then return nil, watcher end
     config_watch = watcher

@@ -513,6 +513,25 @@ describe("factory run while factory.lua changes", function()
     end
   end
 
+  it("warns when an edit takes the prices away: the teams' USD budgets would limit nothing", function()
+    local slow = replay_server("0.2", "slow", "slow", 'prices { r = { input = 0, output = 0 } }\n')
+    local cfg = assert(fs.read(dir .. "/slow.lua"))
+    local p = factory{ "run", "feature", "--repo", tasks_repo, "--issue", title(0), "--config", dir .. "/slow.lua" }
+    local seen = {}
+    assert.truthy(read_until(p, "^(%[1/5%]) analysis", seen), table.concat(seen, "\n"))
+    assert.falsy(table.concat(seen, "\n"):find("warning", 1, true), "priced at 0: nothing to warn of")
+    assert(fs.write(dir .. "/slow.lua", (cfg:gsub("prices {[^\n]*\n", ""))))
+    assert.truthy(read_until(p, "(reloaded) file=", seen), table.concat(seen, "\n"))
+    assert.truthy(read_until(p, "^factory: warning: (backend_engineering, business_analysis, documentation,"
+      .. " qa_engineering, solution_architecture) have a USD budget, but replay/r has no price in factory%.lua's"
+      .. " prices {}: its calls count as %$0 against it", seen), table.concat(seen, "\n"))
+    local status, rest = finish(p)
+    slow:kill("KILL")
+    slow:wait()
+    slow:close()
+    assert.equal(0, status.code, rest)
+  end, { timeout = 30 })
+
   it("takes a raised budget for the objectives that start after the edit", function()
     local cfg = assert(fs.read(dir .. "/factory.lua"))
     assert(fs.write(dir .. "/factory.lua", cfg .. [[
