@@ -360,6 +360,20 @@ function Project:watch()
   return { stop = function() for _, h in ipairs(handles) do h:stop() end end }
 end
 
+-- A team's daily limits as the engine applies them: the smaller of its file's own
+-- budget and factory.lua's budgets.teams[name] (configured), each where given.
+-- team: its definition or nil. -> usd_per_day | nil, tokens_per_day | nil
+function M.team_limits(team, configured)
+  local own = team and team.budget or {}
+  configured = configured or {}
+  local function smaller(a, b)
+    if a == nil then return b end
+    if b == nil then return a end
+    return math.min(a, b)
+  end
+  return smaller(own.usd_per_day, configured.usd_per_day), smaller(own.tokens_per_day, configured.tokens_per_day)
+end
+
 -- What would count as $0 against a USD budget: the models without a price in prices
 -- {} of the teams that have a USD budget (their own, or factory.lua's), or that work
 -- in a pipeline with limits.budget_usd (pipeline_name: only that one's teams).
@@ -386,7 +400,7 @@ function M.unpriced_budgets(project, router_cfg, pipeline_name)
   end
   for _, name in ipairs(names) do
     local team = project.teams:get(name)
-    if team and ((team.budget or {}).usd_per_day or (configured[name] or {}).usd_per_day) then add(name) end
+    if team and M.team_limits(team, configured[name]) then add(name) end
   end
   local teams, specs, seen = {}, {}, {}
   for _, name in ipairs(order) do

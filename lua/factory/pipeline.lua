@@ -59,6 +59,7 @@ local fiber = require "factory.fiber"
 local engine_id = require "factory.engine_id"
 local router = require "factory.router"
 local budgets = require "factory.budgets"
+local dsl = require "factory.dsl"
 local time = require "factory.core.time"
 local log = require "factory.log"
 local records = require "factory.records"
@@ -107,17 +108,8 @@ function Engine:close()
   self.unwatch_teams()
 end
 
-local function smaller(a, b)
-  if a == nil then return b end
-  if b == nil then return a end
-  return math.min(a, b)
-end
-
 function Engine:_team_budget(name)
-  local team = self.project.teams:get(name)
-  local own, configured = team and team.budget or {}, self.config_budgets[name] or {}
-  local usd = smaller(own.usd_per_day, configured.usd_per_day)
-  local tokens = smaller(own.tokens_per_day, configured.tokens_per_day)
+  local usd, tokens = dsl.team_limits(self.project.teams:get(name), self.config_budgets[name])
   -- No budget (any more): the limit an earlier version of the file set goes too.
   if usd == nil and tokens == nil then
     self.counted[name] = nil

@@ -75,12 +75,10 @@ local function budgets_of(opts, router_cfg)
   if not fs.stat(dir .. "/teams") then return out end
   local project = dsl.project(dir, { aliases = router_cfg.models and dsl.aliases_of(router_cfg) or nil })
   project:load()
+  local configured = (router_cfg.budgets or {}).teams or {}
   for _, name in ipairs(project.teams:names()) do
-    local own = project.teams:get(name).budget or {}
-    local b = out[name] or {}
-    local function smaller(x, y) return x and y and math.min(x, y) or x or y end
-    out[name] = { usd = smaller(own.usd_per_day, b.usd), tokens = smaller(own.tokens_per_day, b.tokens) }
-    if not out[name].usd and not out[name].tokens then out[name] = nil end
+    local usd, tokens = dsl.team_limits(project.teams:get(name), configured[name])
+    out[name] = (usd or tokens) and { usd = usd, tokens = tokens } or nil
   end
   return out
 end
