@@ -255,13 +255,21 @@ describe("builtin agent", function()
   end)
 
   it("stops at a spent run budget before calling, saying which pipeline file raises it", function()
-    router.set_budget("run", "77", { tokens = 1 })
+    router.set_budget("run", "77", { tokens = 100000 })
+    router.count_spent("run", "77", { tokens = 99999 })
     local result = builtin.run{ root = dir, objective = "x", model = "coder", run = 77, pipeline = "bugfix" }
     router.clear_budget("run", "77")
     assert.equal("BLOCKED", result.status)
-    assert.matches("^budget exhausted: run 77 has 1 of 1 tokens left", result.blockers[1])
+    assert.matches("^budget exhausted: run 77 has 1 of 100000 tokens left", result.blockers[1])
     assert.equal("The run's budget is spent. Raise limits.budget_usd in pipelines/bugfix.lua, then answer this to go"
       .. " on; or end the run: factory runs cancel 77.", result.reasoning)
+    -- A budget that one call would overrun by itself: waiting for it is no use.
+    router.set_budget("run", "77", { tokens = 1 })
+    result = builtin.run{ root = dir, objective = "x", model = "coder", run = 77, pipeline = "bugfix" }
+    router.clear_budget("run", "77")
+    assert.matches("^One call may cost %d+ tokens %(its prompt, and max_tokens at the dearest price of its model's"
+      .. " chain%), more than all the run's budget had left %(1 tokens%): raise limits%.budget_usd in"
+      .. " pipelines/bugfix%.lua, or lower the operative's max_tokens; then answer this to go on%.$", result.reasoning)
     assert.equal(0, fake:count())
   end)
 
