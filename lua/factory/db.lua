@@ -102,6 +102,7 @@ local MAIN = {} -- the owner of a connection taken outside any fiber
 local RECONNECT_FOR = 60
 local CLOSE_WAIT = 30 -- seconds db:close waits for the fibers committing posted writes
 local CLOSE_FLUSH_PG = 10 -- seconds db:close or db:flush tries to commit PostgreSQL's queue
+local CLOSE_WARN_PG = 1 -- seconds of that before it says it is waiting
 local CLOSE_FLUSHES = 10 -- and how many times it commits those posted meanwhile
 local TRANSIENT = { ECONNREFUSED = true, ECONNRESET = true, ECONNECT = true, ETIMEDOUT = true }
 
@@ -1052,7 +1053,16 @@ local function commit_posted(self, doing)
     end
     local ok, err = true, nil
     if me and (#self.posted > 0 or self.in_flight) then
+      -- A wait that drags (the server is away) is said while it lasts, not only when
+      -- it has given up: whoever waits for the process to end knows why.
+      local warner = fiber.spawn(function()
+        fiber.sleep(CLOSE_WARN_PG)
+        log.warn(("db: %s: the server has not taken the writes posted last; waiting up to %g s more for it, then"
+          .. " they are lost"):format(doing, CLOSE_FLUSH_PG - CLOSE_WARN_PG),
+          { writes = #self.posted + (self.in_flight and #self.in_flight.list or 0) })
+      end)
       local done, r1, r2 = fiber.with_timeout(CLOSE_FLUSH_PG, pg_commit_posted, self)
+      warner:cancel("done")
       if done then ok, err = r1, r2 else ok, err = false, r1 end
     end
     -- A flusher still reconnecting would keep a closing process alive for as long.

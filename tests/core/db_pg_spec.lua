@@ -254,6 +254,8 @@ describe("postgres backend", function()
     back()
     assert.truthy(ok, tostring(err))
     assert.less(12, took, "seconds close took")
+    assert.contains("db: closing: the server has not taken the writes posted last; waiting up to 9 s more for it,"
+      .. " then they are lost writes=2", table.concat(logged))
     assert.contains("db: closing with posted writes not committed", table.concat(logged))
     assert.contains("writes=2", table.concat(logged))
   end, { timeout = 30 })
