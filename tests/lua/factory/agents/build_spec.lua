@@ -817,6 +817,11 @@ echo done
     team = team:gsub('operative "implementer" {', ('operative "implementer" {\n    agent = { cli = "script", '
       .. 'command = { "sh", "-c", %q }, format = "plain", heartbeat_timeout = 5 },'):format(script), 1)
     assert(fs.write(dir .. "/project/teams/backend_engineering.lua", team))
+    -- Priced, so that the team's budget (25 USD a day) holds the proxied call in the store's ledger.
+    local cfg = fake:router_config{ ["factory/architect"] = "architect", ["factory/coder"] = "coder",
+                                    ["factory/fast"] = "fast", ["factory/cheap"] = "cheap" }
+    cfg.prices = { ["fake/coder"] = { input = 1, output = 1 } }
+    assert(router.configure(cfg))
     onefix_engine()
     fake:script{ { content = "the fix is a - b" } }
     local run_id = assert(engine:submit{ pipeline = "onefix", title = "calc_sub is wrong", repo = repo_dir,
@@ -826,8 +831,10 @@ echo done
     assert.equal(1, fake:count())
     -- The upstream saw the provider's key; the agent only ever had its virtual key.
     assert.equal("Bearer " .. fake_model.API_KEY, fake:requests()[1].headers["authorization"])
-    local calls = assert(store:query("SELECT team, run_id, alias, status FROM model_calls"))
+    local calls = assert(store:query("SELECT team, run_id, alias, status, cost_usd FROM model_calls"))
     assert.equal(1, #calls)
+    assert.truthy(calls[1].cost_usd > 0, "priced")
+    assert.equal(0, #assert(store:query("SELECT id FROM budget_holds")), "its hold went with its record")
     assert.equal("backend_engineering", calls[1].team)
     assert.equal(run_id, calls[1].run_id)
     assert.equal("factory/coder", calls[1].alias)
