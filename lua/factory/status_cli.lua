@@ -1,6 +1,7 @@
 -- factory.status_cli: `factory status [--db URL] [--config FILE] [--project DIR]`,
 -- the morning look at an overnight batch: the runs that have not finished, each with
--- the command that moves it on, and what each team spent today against its budget.
+-- the command that moves it on, agents a dead `factory run` left running on this host,
+-- and what each team spent today against its budget.
 --
 --   run(args) -> exit code: 0 shown, 1 failure (one line on stderr), 2 usage error.
 --   args: what follows `status`. Runs in a fiber.
@@ -18,6 +19,7 @@ local hitl = require "factory.hitl"
 local router = require "factory.router"
 local records = require "factory.records"
 local engine_id = require "factory.engine_id"
+local orchestrator = require "factory.agents.orchestrator"
 local time = require "factory.core.time"
 local fs = require "factory.core.fs"
 local cli_args = require "factory.cli_args"
@@ -98,6 +100,19 @@ local function run_line(d, r, asked)
     return ("%s, stage %d done, by process %s"):format(head, r.stage_index, lock.owner)
   end
   return ("%s, stage %d done: no process executes it (factory resume %d)"):format(head, r.stage_index, r.id)
+end
+
+-- Agents whose `factory run` died on this host (kill -9, the OOM killer) and that
+-- still run: the next run or resume on this host stops them.
+local function show_orphans(d)
+  local agents = assert(orchestrator.orphaned_agents(d))
+  if #agents == 0 then return end
+  local list = {}
+  for _, a in ipairs(agents) do
+    list[#list + 1] = ("pid %d (run %s, stage %s)"):format(a.pid, tostring(a.run or "?"), tostring(a.stage or "?"))
+  end
+  print(("agents still running whose factory process died: %s; the next factory run or resume here stops them")
+    :format(table.concat(list, ", ")))
 end
 
 local function show_runs(d)
@@ -189,6 +204,7 @@ function M.run(args)
   if ok then
     ok, err = pcall(function()
       show_runs(conn)
+      show_orphans(conn)
       show_spending(conn, router_cfg, budgets_of(opts, router_cfg))
     end)
   end

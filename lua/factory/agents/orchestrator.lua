@@ -32,6 +32,8 @@
 --   orchestrator.reap_agents(db) -> { pid killed, ... }, records forgotten | nil, err, code
 --       the agent part of cleanup, for any engine that starts agent processes
 --       (factory run's CLI agents record theirs too)
+--   orchestrator.orphaned_agents(db) -> { { pid, run, stage }, ... } | nil, err, code
+--       the agents reap_agents would kill now, left alone (what `factory status` shows)
 --   orchestrator.builtin(opts) -> agent fn running factory.agents.builtin in the
 --       attempt's worktree with the objective's file locks (opts: model, team, ...)
 --   orchestrator.processes() -> { { pid, ppid, pgrp, sid, state, start }, ... }  (/proc)
@@ -147,10 +149,12 @@ end
 
 -- Kills the process group of an agent record when it is still the one recorded.
 -- Returns true when a signal was sent.
-local function kill_recorded_group(d)
+-- The recorded agent's process group, while it still runs (and is the one recorded):
+-- its id, else nil.
+local function recorded_group(d)
   local pid, pgid = tonumber(d.pid), tonumber(d.pgid or d.pid)
-  if not pid or not pgid or pgid <= 1 then return false end
-  if d.boot and d.boot ~= "" and BOOT ~= "" and d.boot ~= BOOT then return false end
+  if not pid or not pgid or pgid <= 1 then return nil end
+  if d.boot and d.boot ~= "" and BOOT ~= "" and d.boot ~= BOOT then return nil end
   local leader = read_stat(pid)
   local ours
   if leader then
@@ -159,7 +163,12 @@ local function kill_recorded_group(d)
     -- The leader is gone; while members of its group live, the id cannot have been reused.
     ours = group_members(pgid) > 0
   end
-  if not ours then return false end
+  return ours and pgid or nil
+end
+
+local function kill_recorded_group(d)
+  local pgid = recorded_group(d)
+  if not pgid then return false end
   ffi.C.kill(-pgid, SIGKILL)
   -- Bounded: SIGKILL takes effect at once; this only waits for the kernel to show it.
   for _ = 1, 40 do
@@ -193,6 +202,19 @@ end
 
 function M.forget_agent(db, owner, name)
   if name then db:exec("DELETE FROM locks WHERE name = ? AND owner = ?", { name, owner }) end
+end
+
+function M.orphaned_agents(db)
+  local rows, err, code = db:query("SELECT name, owner, data FROM locks WHERE name LIKE 'agent:%' ORDER BY name")
+  if not rows then return nil, err, code end
+  local out = {}
+  for _, row in ipairs(rows) do
+    local d = type(row.data) == "table" and row.data or {}
+    if d.host == HOST and engine_id.alive_here(row.owner) == false and recorded_group(d) then
+      out[#out + 1] = { pid = tonumber(d.pid), run = d.run, stage = d.stage }
+    end
+  end
+  return out
 end
 
 -- Kills the process groups of the agents that engine processes which died on this

@@ -9,6 +9,8 @@ local host = require "factory.core.host"
 local time = require "factory.core.time"
 local fs = require "factory.core.fs"
 local backends = require "tests.tools.backends"
+local proc = require "factory.proc"
+local orchestrator = require "factory.agents.orchestrator"
 
 local store, url, dir
 
@@ -105,6 +107,24 @@ for _, b in ipairs(backends.LIST) do
       for _, line in ipairs(want) do assert.contains(line .. "\n", out) end
       assert.matches("\nmodel calls today %(since %d%d%d%d%-%d%d%-%d%dT00:00:00%.000Z%): 3 calls, 3,500 tokens, %$5%.7500\n",
                      out)
+    end)
+
+    it("names the agents a dead factory run left running on this host", function()
+      local agent = assert(proc.spawn{ argv = { "sleep", "30" } })
+      local dead = engine_id.HOST .. ":999999999:1"
+      assert(orchestrator.record_agent(store, dead, agent, { run = 7, stage = "build" }))
+      -- One recorded by a live process is its own business.
+      local other = assert(proc.spawn{ argv = { "sleep", "30" } })
+      assert(orchestrator.record_agent(store, engine_id.new(), other, { run = 8, stage = "fix" }))
+      local out = factory()
+      for _, p in ipairs({ agent, other }) do
+        p:kill()
+        p:wait()
+        p:close()
+      end
+      assert.contains(("\nagents still running whose factory process died: pid %d (run 7, stage build); the next"
+        .. " factory run or resume here stops them\n"):format(agent.pid), out)
+      assert.falsy(out:find("pid " .. other.pid, 1, true))
     end)
 
     it("says when there is nothing, and refuses what it does not take", function()
