@@ -335,7 +335,15 @@ end
 -- opened, which would make one (.factory/) in a directory that holds no project.
 local function engine_for(flags, opts, on_event, redraw, pipeline_name)
   local router_cfg, agents = opts.router, opts.agents
-  local engine, config_watch
+  local engine, config_watch, project
+  -- A budget that limits nothing (its teams' models unpriced) is said before the run
+  -- spends, and again after an edit of factory.lua; for the pipeline run (resume
+  -- knows it once it has read the run: e.pipeline(name)).
+  local function warn_unpriced()
+    if not (project and pipeline_name) then return end
+    local free = dsl.unpriced_budgets(project, router_cfg, pipeline_name)
+    if free then io.stderr:write("factory: warning: ", free, "\n") end
+  end
   if not router_cfg then
     local path = config.find(flags.config)
     if not path then return nil, "no factory.lua here: give --config FILE (providers and models for the router)" end
@@ -348,10 +356,10 @@ local function engine_for(flags, opts, on_event, redraw, pipeline_name)
         return
       end
       for _, w in ipairs(new.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
+      router_cfg = new.router
       if engine then
         engine:set_budgets(new.router.budgets)
-        local free = dsl.unpriced_budgets(engine.project, new.router, pipeline_name)
-        if free then io.stderr:write("factory: warning: ", free, "\n") end
+        warn_unpriced()
       end
     end)
     if not cfg then return nil, watcher end
@@ -367,16 +375,14 @@ local function engine_for(flags, opts, on_event, redraw, pipeline_name)
     unwatch()
     return nil, err
   end
-  local project = dsl.project(flags.project or ".", { aliases = dsl.aliases_of(router_cfg) })
+  project = dsl.project(flags.project or ".", { aliases = dsl.aliases_of(router_cfg) })
   for _, p in ipairs(project:load()) do io.stderr:write("factory: ", p, "\n") end
   local missing = pipeline_name and pipeline.missing(project, pipeline_name)
   if missing then
     unwatch()
     return nil, missing
   end
-  -- A budget that limits nothing is said before the run spends.
-  local free = dsl.unpriced_budgets(project, router_cfg, pipeline_name)
-  if free then io.stderr:write("factory: warning: ", free, "\n") end
+  warn_unpriced()
   local d
   d, err = open_db(flags.db)
   if not d then
@@ -386,7 +392,10 @@ local function engine_for(flags, opts, on_event, redraw, pipeline_name)
   local watch = project:watch()
   engine = pipeline.engine{ db = d, project = project, on_event = on_event, budgets = router_cfg.budgets,
                             agents = agents }
-  return { db = d, engine = engine, redraw = redraw, close = function()
+  return { db = d, engine = engine, redraw = redraw, pipeline = function(name)
+    pipeline_name = name
+    warn_unpriced()
+  end, close = function()
     engine:close()
     watch:stop()
     unwatch()
@@ -611,11 +620,12 @@ local function cmd_resume(flags, words, opts)
   local on_event, redraw = progress(tty)
   local e, err = engine_for(flags, opts, on_event, redraw)
   if not e then return fail(err) end
-  local run = e.db:query("SELECT pipeline, data FROM runs WHERE id = ?", { run_id })[1]
+  local run = e.db:query("SELECT pipeline, state, data FROM runs WHERE id = ?", { run_id })[1]
   local code
   if not run then
     code = fail(("no run %d"):format(run_id))
   else
+    if run.state ~= "succeeded" then e.pipeline(run.pipeline) end
     local ahead = stages_ahead(e.db, run_id, e.engine.project.pipelines:get(run.pipeline))
     local repo = type(run.data) == "table" and run.data.repo
     local missing = (repo and unready_repo(ahead, repo, ("run %d's repository %s"):format(run_id, repo)))

@@ -433,6 +433,19 @@ describe("factory run that cannot get through its pipeline", function()
     store:close()
   end, { timeout = 30 })
 
+  it("factory resume warns of the unpriced budgets of its run's pipeline's teams only, and not for a finished run",
+    function()
+    local run = submitted(ROOT, "Resumed with unpriced models", tasks_repo)
+    local status, out = finish(factory{ "resume", tostring(run) })
+    assert.equal(0, status.code, out)
+    assert.contains("factory: warning: backend_engineering, business_analysis, documentation, qa_engineering,"
+      .. " solution_architecture have a USD budget, but replay/r has no price", out)
+    assert.falsy(out:find("api_design", 1, true), out)
+    status, out = finish(factory{ "resume", tostring(run) })
+    assert.equal(0, status.code, out)
+    assert.falsy(out:find("warning", 1, true), out)
+  end, { timeout = 30 })
+
   it("factory resume refuses a run whose repository is no longer a git repository", function()
     local run = submitted(ROOT, "The repository went away", tasks_repo)
     assert(fs.remove(tasks_repo .. "/.git", { recursive = true }))
