@@ -31,6 +31,7 @@
 --     project:load() -> problems         project:watch() -> handle with :stop()
 -- aliases: the model names a team may use (nil: the canonical factory/* aliases).
 local defs = require "factory.defs"
+local config = require "factory.config"
 local fs = require "factory.core.fs"
 
 local M = {}
@@ -374,18 +375,9 @@ function M.team_limits(team, configured)
   return smaller(own.usd_per_day, configured.usd_per_day), smaller(own.tokens_per_day, configured.tokens_per_day)
 end
 
--- What would count as $0 against a USD budget: the models without a price in prices
--- {} of the teams that have a USD budget (their own, or factory.lua's), or that work
--- in a pipeline with limits.budget_usd (pipeline_name: only that one's teams).
--- -> one warning line, or nil (also when factory.lua sets a USD budget: its loader
--- warns of each unpriced model then).
-function M.unpriced_budgets(project, router_cfg, pipeline_name)
-  local config = require "factory.config"
-  -- factory.lua's own warnings name every unpriced model then.
-  if config.usd_limited(router_cfg.budgets) then return nil end
-  local priced = config.priced
-  local configured = type(router_cfg.budgets) == "table" and type(router_cfg.budgets.teams) == "table"
-    and router_cfg.budgets.teams or {}
+-- The teams held to a USD budget: their own or factory.lua's (configured), or their
+-- pipeline's limits.budget_usd; of pipeline_name's stages only, when it is given.
+local function usd_limited_teams(project, configured, pipeline_name)
   local limited, order = {}, {}
   local function add(name)
     if not limited[name] then limited[name], order[#order + 1] = true, name end
@@ -402,21 +394,40 @@ function M.unpriced_budgets(project, router_cfg, pipeline_name)
     local team = project.teams:get(name)
     if team and M.team_limits(team, configured[name]) then add(name) end
   end
-  local teams, specs, seen = {}, {}, {}
-  for _, name in ipairs(order) do
-    local team = project.teams:get(name)
-    local free = false
-    local models = { team and team.model }
-    for _, op in ipairs(team and team.operatives or {}) do models[#models + 1] = op.model end
-    for _, alias in pairs(models) do
-      for _, spec in ipairs((router_cfg.models or {})[alias] or { alias }) do
-        if type(spec) == "string" and spec:find("/", 1, true) and not priced(router_cfg.prices, spec) then
-          free = true
-          if not seen[spec] then seen[spec], specs[#specs + 1] = true, spec end
-        end
+  return order
+end
+
+-- The provider/model entries without a price that team's calls may go to (its
+-- aliases' chains, its operatives' too).
+local function unpriced_models(team, router_cfg)
+  local out = {}
+  local aliases = { team.model }
+  for _, op in ipairs(team.operatives or {}) do aliases[#aliases + 1] = op.model end
+  for _, alias in pairs(aliases) do
+    for _, spec in ipairs((router_cfg.models or {})[alias] or { alias }) do
+      if type(spec) == "string" and spec:find("/", 1, true) and not config.priced(router_cfg.prices, spec) then
+        out[#out + 1] = spec
       end
     end
-    if free then teams[#teams + 1] = name end
+  end
+  return out
+end
+
+-- What would count as $0 against a USD budget: the models without a price in prices
+-- {} of the teams held to one (usd_limited_teams). -> one warning line, or nil (also
+-- when factory.lua sets a USD budget: its loader warns of each unpriced model then).
+function M.unpriced_budgets(project, router_cfg, pipeline_name)
+  if config.usd_limited(router_cfg.budgets) then return nil end
+  local configured = type(router_cfg.budgets) == "table" and type(router_cfg.budgets.teams) == "table"
+    and router_cfg.budgets.teams or {}
+  local teams, specs, seen = {}, {}, {}
+  for _, name in ipairs(usd_limited_teams(project, configured, pipeline_name)) do
+    local team = project.teams:get(name)
+    local free = team and unpriced_models(team, router_cfg) or {}
+    if #free > 0 then teams[#teams + 1] = name end
+    for _, spec in ipairs(free) do
+      if not seen[spec] then seen[spec], specs[#specs + 1] = true, spec end
+    end
   end
   if #teams == 0 then return nil end
   table.sort(teams)
