@@ -95,7 +95,7 @@ local function run_line(d, r, asked)
     return ("%s: %s (factory resume %d once that is fixed)"):format(head, tostring(r.error or "?"):gsub("\n.*", ""),
       r.id)
   end
-  local lock = d:query("SELECT owner, expires_at FROM locks WHERE name = ?", { "run:" .. r.id })[1]
+  local lock = assert(d:query("SELECT owner, expires_at FROM locks WHERE name = ?", { "run:" .. r.id }))[1]
   if lock and lock.expires_at > time.now() and engine_id.alive_here(lock.owner) ~= false then
     return ("%s, stage %d done, by process %s"):format(head, r.stage_index, lock.owner)
   end
@@ -116,29 +116,30 @@ local function show_orphans(d)
 end
 
 local function show_runs(d)
-  local counts = d:query("SELECT state, COUNT(*) AS n FROM runs GROUP BY state ORDER BY state")
+  local counts = assert(d:query("SELECT state, COUNT(*) AS n FROM runs GROUP BY state ORDER BY state"))
   if #counts == 0 then return print("runs: none") end
   local parts = {}
   for _, c in ipairs(counts) do parts[#parts + 1] = ("%d %s"):format(c.n, c.state) end
   print("runs: " .. table.concat(parts, ", "))
   local asked = {}
   for _, q in ipairs(hitl.list(d)) do asked[q.run_id] = (asked[q.run_id] or 0) + 1 end
-  local open = d:query("SELECT id, pipeline, state, stage_index, error FROM runs WHERE state IN"
-    .. " ('pending', 'running', 'waiting', 'stopped') ORDER BY id LIMIT ?", { MAX_LISTED + 1 })
+  local open = assert(d:query("SELECT id, pipeline, state, stage_index, error FROM runs WHERE state IN"
+    .. " ('pending', 'running', 'waiting', 'stopped') ORDER BY id LIMIT ?", { MAX_LISTED + 1 }))
   for i = 1, math.min(#open, MAX_LISTED) do print(run_line(d, open[i], asked)) end
   if #open > MAX_LISTED then print(("  (the first %d unfinished runs: factory runs lists them all)"):format(MAX_LISTED)) end
 end
 
 local function money(usd) return usd and ("$%.4f"):format(usd) or "-" end
 
-local function show_spending(d, router_cfg, budgets)
-  local since = router.day_start()
+-- Each team's day since since: spent = { team = { usd, tokens, calls } } (calls a
+-- budget refused, never sent, apart: refused = { "team n", ... }), and held = { team =
+-- { usd, tokens } } by calls in flight.
+local function today(d, since)
   local spent = {}
   for _, t in ipairs(records.team_spending(d, since)) do spent[t.team] = t end
-  -- A call a budget refused was never sent: counted apart.
-  local calls = d:query("SELECT team, SUM(CASE WHEN code = 'EBUDGET' THEN 0 ELSE 1 END) AS n,"
+  local calls = assert(d:query("SELECT team, SUM(CASE WHEN code = 'EBUDGET' THEN 0 ELSE 1 END) AS n,"
     .. " SUM(CASE WHEN code = 'EBUDGET' THEN 1 ELSE 0 END) AS refused FROM model_calls WHERE created_at >= ?"
-    .. " AND team IS NOT NULL GROUP BY team", { since })
+    .. " AND team IS NOT NULL GROUP BY team", { since }))
   local refused = {}
   for _, c in ipairs(calls) do
     if spent[c.team] then spent[c.team].calls = tonumber(c.n) end
@@ -146,10 +147,25 @@ local function show_spending(d, router_cfg, budgets)
   end
   table.sort(refused)
   local held = {}
-  for _, h in ipairs(d:query("SELECT team, COUNT(*) AS n, COALESCE(SUM(usd), 0) AS usd, COALESCE(SUM(tokens), 0)"
-      .. " AS tokens FROM budget_holds WHERE expires_at > ? GROUP BY team", { time.now() })) do
-    held[h.team] = { n = h.n, usd = tonumber(h.usd), tokens = tonumber(h.tokens) }
+  for _, h in ipairs(assert(d:query("SELECT team, COALESCE(SUM(usd), 0) AS usd, COALESCE(SUM(tokens), 0) AS tokens"
+      .. " FROM budget_holds WHERE expires_at > ? GROUP BY team", { time.now() }))) do
+    held[h.team] = { usd = tonumber(h.usd), tokens = tonumber(h.tokens) }
   end
+  return spent, refused, held
+end
+
+-- A team's budget and what is left of it, as the table shows them.
+local function budget_cells(b, s, h)
+  if b.usd then return money(b.usd), money(math.max(0, b.usd - s.usd - (h and h.usd or 0))) end
+  if b.tokens then
+    return commas(b.tokens) .. " tok", commas(math.max(0, b.tokens - s.tokens - (h and h.tokens or 0))) .. " tok"
+  end
+  return "-", "-"
+end
+
+local function show_spending(d, budgets)
+  local since = router.day_start()
+  local spent, refused, held = today(d, since)
   -- The teams that called today or are calling now; the others are only counted.
   local names, seen, idle = {}, {}, 0
   for _, t in ipairs({ spent, held }) do
@@ -170,14 +186,8 @@ local function show_spending(d, router_cfg, budgets)
       "BUDGET/DAY", "LEFT"))
   end
   for _, name in ipairs(names) do
-    local s, b, h = spent[name] or { usd = 0, tokens = 0 }, budgets[name] or {}, held[name]
-    local budget, left = "-", "-"
-    if b.usd then
-      budget, left = money(b.usd), money(math.max(0, b.usd - s.usd - (h and h.usd or 0)))
-    elseif b.tokens then
-      budget = commas(b.tokens) .. " tok"
-      left = commas(math.max(0, b.tokens - s.tokens - (h and h.tokens or 0))) .. " tok"
-    end
+    local s, h = spent[name] or { usd = 0, tokens = 0 }, held[name]
+    local budget, left = budget_cells(budgets[name] or {}, s, h)
     print(("  %-24s %7s %12s %11s %11s %14s %13s"):format(name, commas(s.calls or 0), commas(s.tokens), money(s.usd),
       h and money(h.usd) or "-", budget, left))
   end
@@ -205,7 +215,7 @@ function M.run(args)
     ok, err = pcall(function()
       show_runs(conn)
       show_orphans(conn)
-      show_spending(conn, router_cfg, budgets_of(opts, router_cfg))
+      show_spending(conn, budgets_of(opts, router_cfg))
     end)
   end
   conn:close()
