@@ -88,6 +88,9 @@ function M.reserve(db, o)
   local res, err, code = db:tx_aside(function(tx)
     local now = time.now()
     take_turn(tx, o.team)
+    -- Holds before spending: on PostgreSQL a call's record (which deletes its hold)
+    -- may commit between the two reads, and read in this order the call is then
+    -- counted twice, never not at all.
     local usd, tokens = held(tx, o.team, now)
     local spent = records.team_spending(tx, o.since, o.team)[1] or { usd = 0, tokens = 0 }
     local refused = refusal(o, spent, usd, tokens)
