@@ -9,6 +9,7 @@
 --   cfg.router   the table for router.configure
 --   cfg.keys     { [bearer key] = { team = NAME } }  (virtual keys of the proxy)
 --   cfg.agents   the agents section ({} when absent), for factory.agents.pool
+--   cfg.notify   the notify section, or nil (factory.notify)
 --   cfg.warnings what loaded but may not be meant: a variable env "VAR" read unset; a
 --                model of a chain without a price while a budget is in USD
 --
@@ -29,10 +30,14 @@
 --   agents { max_concurrent = 4, cooldown = SECONDS, daily_iterations = n }
 --       coding agents of pipeline build stages (factory.agents.pool): how many run at
 --       once, how long between two starts, how many agent iterations a UTC day pays for
+--   notify { command = { argv with "{message}" }, on = { "escalated", ... }, timeout =,
+--            env = { "VAR", ... } }   a command run when a run needs a human, stops or
+--       ends (factory.notify)
 --   env "VAR" -> the variable's value, or nil
 local fs = require "factory.core.fs"
 local defs = require "factory.defs"
 local pool = require "factory.agents.pool"
+local notify = require "factory.notify"
 
 local M = {}
 
@@ -43,7 +48,7 @@ local DEFAULT_URLS = {
   openrouter = "https://openrouter.ai/api/v1",
 }
 
-local SECTIONS = { "providers", "models", "prices", "budgets", "limits", "keys", "agents" }
+local SECTIONS = { "providers", "models", "prices", "budgets", "limits", "keys", "agents", "notify" }
 
 local function fail(msg) error(msg, 0) end
 
@@ -174,8 +179,13 @@ local function check_agents(t)
   if not ok then fail(err) end
 end
 
+local function check_notify(t)
+  local ok, err = notify.check(t)
+  if not ok then fail(err) end
+end
+
 local CHECKS = { providers = check_providers, prices = check_prices, budgets = check_budgets, limits = check_limits,
-                 keys = check_keys, agents = check_agents }
+                 keys = check_keys, agents = check_agents, notify = check_notify }
 
 -- The DSL of one load: one function per section, collecting into cfg.
 local function dsl(cfg)
@@ -244,6 +254,7 @@ local function result(cfg)
                budgets = cfg.budgets, limits = cfg.limits },
     keys = cfg.keys or {},
     agents = cfg.agents or {},
+    notify = cfg.notify,
   }
 end
 

@@ -27,6 +27,7 @@ local json = require "factory.json"
 local build = require "factory.agents.build"
 local agent_cli = require "factory.agents.cli"
 local orchestrator = require "factory.agents.orchestrator"
+local notify = require "factory.notify"
 local utf8_error = require("factory.core.text").utf8_error
 
 ffi.cdef "int isatty(int fd);"
@@ -336,6 +337,9 @@ end
 local function engine_for(flags, opts, on_event, redraw, pipeline_name)
   local router_cfg, agents = opts.router, opts.agents
   local engine, config_watch, project
+  -- factory.lua's notify { }: told of each event the progress shows; an edit applies
+  -- to the events after it.
+  local notifier = notify.new(nil)
   -- A budget that limits nothing (its teams' models unpriced) is said before the run
   -- spends, and again after an edit of factory.lua; for the pipeline run (resume
   -- knows it once it has read the run: e.pipeline(name)).
@@ -357,6 +361,7 @@ local function engine_for(flags, opts, on_event, redraw, pipeline_name)
       end
       for _, w in ipairs(new.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
       router_cfg = new.router
+      notifier = notify.new(new.notify)
       if engine then
         engine:set_budgets(new.router.budgets)
         warn_unpriced()
@@ -366,6 +371,7 @@ local function engine_for(flags, opts, on_event, redraw, pipeline_name)
     config_watch = watcher
     for _, w in ipairs(cfg.warnings) do io.stderr:write(("factory: warning: %s: %s\n"):format(path, w)) end
     router_cfg, agents = cfg.router, cfg.agents
+    notifier = notify.new(cfg.notify)
   end
   local function unwatch()
     if config_watch then config_watch.stop() end
@@ -390,7 +396,11 @@ local function engine_for(flags, opts, on_event, redraw, pipeline_name)
     return nil, err
   end
   local watch = project:watch()
-  engine = pipeline.engine{ db = d, project = project, on_event = on_event, budgets = router_cfg.budgets,
+  local function told(ev)
+    on_event(ev)
+    notifier.event(ev)
+  end
+  engine = pipeline.engine{ db = d, project = project, on_event = told, budgets = router_cfg.budgets,
                             agents = agents }
   return { db = d, engine = engine, redraw = redraw, pipeline = function(name)
     pipeline_name = name

@@ -545,6 +545,20 @@ describe("factory run while factory.lua changes", function()
     assert.equal(0, status.code, rest)
   end, { timeout = 30 })
 
+  it("runs factory.lua's notify command when the run needs a human, before --no-wait exits", function()
+    local cfg = assert(fs.read(dir .. "/factory.lua"))
+    assert(fs.write(dir .. "/factory.lua", cfg .. ([[
+prices { r = { input = 1, output = 1 } }
+budgets { teams = { documentation = { usd_per_day = 0 } } }
+notify { command = { "sh", "-c", 'sleep 0.5; printf "%%s\n" "$1" >> %s/told.txt', "notify", "{message}" } }
+]]):format(dir)))
+    local status, out = finish(factory{ "run", "feature", "--repo", tasks_repo, "--issue", title(7), "--no-wait" })
+    assert.equal(3, status.code, out)
+    local told = fs.read(dir .. "/told.txt") or ""
+    assert.matches("^factory: run %d+ needs a human: escalation #%d+ from documentation: BLOCKED: budget exhausted: team"
+      .. " documentation has 0%.0000 of 0%.0000 USD left[^\n]* %(factory hitl answer %d+ TEXT%)\n$", told)
+  end, { timeout = 30 })
+
   it("takes a raised budget for the objectives that start after the edit", function()
     local cfg = assert(fs.read(dir .. "/factory.lua"))
     assert(fs.write(dir .. "/factory.lua", cfg .. [[
