@@ -387,6 +387,11 @@ function M.check(dir)
     for _, w in ipairs(cfg.warnings) do warnings[#warnings + 1] = config .. ": " .. w end
     warnings[#warnings + 1] = dsl.unpriced_budgets(project, cfg.router)
     for _, w in ipairs(unknown_budget_teams(project, cfg)) do warnings[#warnings + 1] = config .. ": " .. w end
+    local told = cfg.notify and cfg.notify.command[1]
+    if told and not require("factory.proc").which(told) then
+      warnings[#warnings + 1] = ("%s: notify.command runs %s, which is not installed here (not found in PATH)")
+        :format(config, told)
+    end
   end
   return problems, warnings, { config = fs.stat(config) ~= nil,
     teams = #project.teams:names(), pipelines = #project.pipelines:names() }

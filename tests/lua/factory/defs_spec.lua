@@ -372,6 +372,16 @@ keys { ["sk-team-agents"] = { team = "agents" } }
     assert.same({}, warnings)
   end)
 
+  it("warns of a notify command that is not installed here", function()
+    write("factory.lua", 'notify { command = { "factory-test-no-such-notifier", "{message}" } }\n')
+    local problems, warnings = defs.check(dir)
+    assert.same({}, problems)
+    assert.same({ dir .. "/factory.lua: notify.command runs factory-test-no-such-notifier, which is not installed here"
+      .. " (not found in PATH)" }, warnings)
+    write("factory.lua", 'notify { command = { "sh", "-c", "true" } }\n')
+    assert.same({}, select(2, defs.check(dir)))
+  end)
+
   it("warns of a CLI agent that is not installed here: valid, but a run of its stage would fail", function()
     assert(fs.mkdir_p(dir .. "/teams"))
     write("teams/backend_engineering.lua", [[
