@@ -914,8 +914,8 @@ describe("router.stop", function()
     end
     p:close()
     assert.equal(0, status.code, table.concat(out, "\n"))
-    assert.same({ stopped = "2", records = "2", record = "cancelled|ECANCELED|the process is ending|qa|7",
+    assert.same({ stopped = "3", records = "3", record = "cancelled|ECANCELED|the process is ending|qa|7",
                   charged = "true", queued_charged = "false cancelled", first_waits = "true", later_waits = "true",
-                  upstream_requests = "1", records_after = "2" }, seen)
+                  pending_waits = "true", upstream_requests = "1", records_after = "3" }, seen)
   end)
 end)
